@@ -1,0 +1,1 @@
+"""canvaslm: run, serve and fine-tune block-diffusion language models."""

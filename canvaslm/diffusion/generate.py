@@ -1,0 +1,152 @@
+"""Block-diffusion generation: canvases written one after another, each denoised in parallel.
+
+The loop reproduces transformers' `DiffusionGemmaGenerationMixin.generate` step for step (same random draws
+in the same order from the given generator), so a seeded run gives the reference's tokens. `generate_steps`
+yields one event per denoising step (for live views and streaming); `generate` runs it to the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.sampling import (
+    DiffusionSampling,
+    entropy,
+    entropy_bound_accept,
+    random_canvas,
+    renoise,
+    sample_tokens,
+    stable_and_confident,
+    temperature_at,
+)
+from canvaslm.models.cache import KVCache
+
+
+class DiffusionModel(Protocol):
+    canvas_length: int
+    vocab_size: int
+
+    def new_cache(self, batch_size: int, device: torch.device | None = None) -> KVCache: ...
+    def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor: ...
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None) -> Tensor: ...
+
+
+@dataclass
+class DenoisingStep:
+    """One decoder pass of one canvas (all rows of the batch)."""
+    canvas: int                # index of the canvas being written (0-based)
+    step: int                  # denoising steps done on this canvas so far (1-based)
+    max_steps: int
+    draft: Tensor              # [B, C] argmax of this step's logits: the best guess so far
+    accepted: Tensor           # [B, C] bool, positions the sampler kept this step
+    finished: Tensor           # [B] bool, rows whose canvas has stopped denoising
+
+
+@dataclass
+class CanvasCommitted:
+    """A finished canvas, appended to the sequences and encoded into the cache."""
+    canvas: int
+    tokens: Tensor             # [B, C] with pad after EOS
+    finished: Tensor           # [B] bool, rows that are done with the whole generation
+
+
+@dataclass
+class DiffusionResult:
+    sequences: Tensor          # [B, L + generated] prompt (left-padded) then canvases
+    forward_passes: Tensor     # [B] decoder passes that counted for each row
+    tokens_per_forward: Tensor # [B] generated non-pad tokens / forward_passes, as the reference defines it
+
+
+def generate_steps(
+    model: DiffusionModel,
+    input_ids: Tensor,
+    valid: Tensor,
+    max_new_tokens: int,
+    settings: DiffusionSampling,
+    eos_token_ids: list[int],
+    pad_token_id: int | None,
+    generator: torch.Generator | None,
+) -> Iterator[DenoisingStep | CanvasCommitted | DiffusionResult]:
+    """Run generation, yielding every denoising step and committed canvas, and lastly the result.
+
+    Phases (numbered as in the reference):
+      1.a encode the new tokens (the prompt, then each committed canvas) into the cache
+      1.b start a canvas of uniform random tokens
+      1.c for each step N..1: decode; temperature; sample; accept by entropy bound; renoise the rest;
+          stop rows that are stable and confident; keep the logits for self-conditioning
+      1.d commit the argmax canvas; 1.e pad after EOS, stop when every row is finished
+    """
+    batch, canvas_length, device = input_ids.shape[0], model.canvas_length, input_ids.device
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    cache = model.new_cache(batch, device)
+    sequences, new_tokens, new_valid = input_ids, input_ids, valid
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    forward_passes = torch.zeros(batch, dtype=torch.long, device=device)
+    n_canvases = -(-max_new_tokens // canvas_length)
+    for canvas_index in range(n_canvases):
+        model.encode(new_tokens, cache, new_valid)                                           # 1.a
+        canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device)  # 1.b
+        draft, sc_logits = canvas, None
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
+        for steps_left in range(settings.max_denoising_steps, 0, -1):                     # 1.c
+            forward_passes += ~(stopped | done)
+            logits = model.decode(canvas, cache, sc_logits) / temperature_at(steps_left, settings)
+            proposal = sample_tokens(logits.softmax(dim=-1), generator)
+            token_entropy = entropy(logits)
+            accepted = entropy_bound_accept(token_entropy, settings.entropy_bound)
+            new_canvas = renoise(proposal, accepted, model.vocab_size, generator)
+            new_draft = logits.argmax(dim=-1)
+            if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
+                new_draft = torch.where(stopped[:, None], draft, new_draft)
+                new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
+                logits = torch.where(stopped[:, None, None], sc_logits, logits)
+            stop, history = stable_and_confident(history, new_draft, token_entropy, settings.confidence_threshold)
+            stopped |= stop
+            canvas, draft, sc_logits = new_canvas, new_draft, logits
+            yield DenoisingStep(canvas_index, settings.max_denoising_steps - steps_left + 1,
+                                settings.max_denoising_steps, draft, accepted, stopped.clone())
+            if bool(stopped.all()):
+                break
+        tokens, finished_now = _finalize_canvas(draft, eos, pad_token_id, done)                # 1.d, 1.e
+        done |= finished_now
+        if canvas_index == n_canvases - 1:
+            done[:] = True  # max length reached, as the reference's MaxLengthCriteria
+        sequences = torch.cat([sequences, tokens], dim=1)
+        yield CanvasCommitted(canvas_index, tokens, done.clone())
+        if bool(done.all()):
+            break
+        new_tokens, new_valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
+    generated = sequences[:, input_ids.shape[1]:]
+    counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
+    yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
+
+
+def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done: Tensor) -> tuple[Tensor, Tensor]:
+    """Pad a committed canvas: whole rows already finished, and every token after a row's first EOS.
+
+    Returns (tokens [B, C], rows that hit EOS in this canvas [B])."""
+    is_eos = torch.isin(tokens, eos)
+    finished_now = is_eos.any(dim=-1)
+    if pad_token_id is None:
+        return tokens, finished_now
+    eos_seen = is_eos.cumsum(dim=-1)
+    after_first_eos = (eos_seen > 0) & ~((eos_seen == 1) & is_eos)
+    pad = after_first_eos | done[:, None]
+    return tokens.masked_fill(pad, pad_token_id), finished_now
+
+
+def generate(model: DiffusionModel, input_ids: Tensor, valid: Tensor, max_new_tokens: int,
+             settings: DiffusionSampling, eos_token_ids: list[int], pad_token_id: int | None,
+             generator: torch.Generator | None) -> DiffusionResult:
+    """Run `generate_steps` to the end and return its result."""
+    for event in generate_steps(model, input_ids, valid, max_new_tokens, settings, eos_token_ids,
+                                pad_token_id, generator):
+        if isinstance(event, DiffusionResult):
+            return event
+    raise AssertionError("generate_steps ended without a result")

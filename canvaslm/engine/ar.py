@@ -1,0 +1,119 @@
+"""Autoregressive decoding: prefill the KV cache with the prompt, then one forward pass per new token.
+
+This is the baseline every diffusion speed claim is measured against, so it is the plain, honest loop of
+gpt-fast's `generate.py`: no speculation, no tricks beyond the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from canvaslm.errors import GenerationError
+from canvaslm.models.cache import KVCache
+
+
+class ARModel(Protocol):
+    eos_token_ids: list[int]
+
+    def new_cache(self, batch_size: int, device: torch.device | None = None) -> KVCache: ...
+    def __call__(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor: ...
+
+
+@dataclass
+class ARResult:
+    sequences: Tensor   # [B, L + steps] prompt (left-padded) then generated tokens, pad after EOS
+    forward_passes: int  # prefill + one pass per generated token after the first
+    new_tokens: Tensor  # [B] generated tokens per row, EOS included, pad excluded
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row [B, V]; the rest become -inf. k = 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus); p = 1 keeps all."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the top token has 0 before it, so it is always kept
+    drop = (mass_before >= p).scatter(-1, order, mass_before >= p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> Tensor:
+    """Next token [B] from logits [B, V]: argmax when temperature is 0, else filtered sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _check(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    checks = [(max_new_tokens >= 0, "max_new_tokens", "an integer >= 0", max_new_tokens),
+              (temperature >= 0.0, "temperature", "a number >= 0", temperature),
+              (0.0 < top_p <= 1.0, "top_p", "a number in (0, 1]", top_p),
+              (top_k >= 0, "top_k", "an integer >= 0", top_k)]
+    for ok, name, expected, found in checks:
+        if not ok:
+            raise GenerationError(f"{name} must be {expected}, got {found!r}")
+
+
+@torch.inference_mode()
+def ar_generate(
+    model: ARModel,
+    input_ids: Tensor,
+    valid: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
+) -> ARResult:
+    """Generate up to max_new_tokens after left-padded prompts input_ids [B, L] (valid [B, L] marks real tokens).
+
+    eos_token_ids default to the model's; pad_token_id (written after a row's EOS) defaults to the first EOS.
+    on_token, if given, receives each step's tokens [B] as they are produced (for streaming).
+    Stops early once every row has emitted an EOS."""
+    _check(max_new_tokens, temperature, top_p, top_k)
+    eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else eos_token_ids,
+                       dtype=torch.long, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else int(eos[0]) if len(eos) else 0
+    batch = input_ids.shape[0]
+    cache = model.new_cache(batch, input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    new_tokens = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+    generated: list[Tensor] = []
+    forward_passes = 0
+    if max_new_tokens > 0:
+        logits = model(input_ids, cache, valid)[:, -1]  # prefill; [B, V] for the first new token
+        forward_passes = 1
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(finished, pad, token)  # [B]
+        active = ~finished
+        new_tokens += active
+        finished = finished | torch.isin(token, eos)
+        generated.append(token)
+        if on_token is not None:
+            on_token(token)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], cache, active[:, None])[:, -1]  # a finished row's pad is not a real token
+        forward_passes += 1
+    new = torch.stack(generated, dim=1) if generated else input_ids.new_zeros(batch, 0)
+    return ARResult(torch.cat([input_ids, new], dim=1), forward_passes, new_tokens)

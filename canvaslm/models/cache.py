@@ -1,0 +1,101 @@
+"""KV cache of the committed prefix, and the attention masks that read it.
+
+Layout: per layer, keys and values [B, Hkv, T, D] for the positions encoded so far. Sliding-window layers keep
+only the last `window - 1` positions, exactly like the reference's DynamicSlidingWindowLayer, so a canvas decoded
+after a long prompt sees the same keys as in transformers. `valid` [B, length] marks real (non-pad) positions;
+positions are shared across the batch (prompts are left-padded), as in the reference `generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVCache:
+    """Encoder-written, decoder-read cache. Only `extend` + `commit` write to it; the decoder uses `read`."""
+
+    def __init__(self, windows: list[int | None], batch_size: int, device: torch.device | str = "cpu") -> None:
+        self.windows = windows
+        self.keys: list[Tensor | None] = [None] * len(windows)
+        self.values: list[Tensor | None] = [None] * len(windows)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, length]
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def kept(self, layer: int) -> int:
+        """How many of the last positions `layer` keeps (all of them for full-attention layers)."""
+        window = self.windows[layer]
+        return self.length if window is None else min(self.length, window - 1)
+
+    def read(self, layer: int) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """Cached keys, values and their validity [B, kept] for `layer`."""
+        return self.keys[layer], self.values[layer], self.valid[:, self.length - self.kept(layer):]
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new keys/values [B, Hkv, n, D]; returns cached + new for this forward pass.
+
+        The stored tensors are truncated to the window only after the pass, which is why the new chunk itself
+        still sees every key inside its own window."""
+        old_k, old_v = self.keys[layer], self.values[layer]
+        full_k = k if old_k is None else torch.cat([old_k, k], dim=2)
+        full_v = v if old_v is None else torch.cat([old_v, v], dim=2)
+        window = self.windows[layer]
+        keep = full_k.shape[2] if window is None else window - 1
+        self.keys[layer], self.values[layer] = full_k[:, :, -keep:], full_v[:, :, -keep:]
+        return full_k, full_v
+
+    def commit(self, valid: Tensor) -> None:
+        """Record that `valid.shape[1]` positions were encoded in every layer (call once per encoder pass)."""
+        self.valid = torch.cat([self.valid, valid.to(self.valid.device, torch.bool)], dim=1)
+        self.length = self.valid.shape[1]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only batch rows `rows` (an index tensor), e.g. to drop finished requests."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+        self.valid = self.valid[rows]
+
+
+def encoder_mask(cache: KVCache, layer: int, valid_new: Tensor) -> Tensor:
+    """Causal (and windowed) mask [B, 1, n, kept + n] for a chunk of n new positions appended after the cache.
+
+    A query sees keys that are real tokens, not in its future and, on sliding layers, fewer than `window`
+    positions back. A padded query also sees itself, so its (unused) row never becomes NaN."""
+    n = valid_new.shape[1]
+    kept = cache.kept(layer)
+    q_pos = torch.arange(cache.length, cache.length + n, device=valid_new.device)
+    k_pos = torch.arange(cache.length - kept, cache.length + n, device=valid_new.device)
+    k_valid = torch.cat([cache.valid[:, cache.length - kept:], valid_new.bool()], dim=1)  # [B, kept + n]
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    window = cache.windows[layer]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    mask = allowed[None] & k_valid[:, None, :]
+    mask |= (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]
+
+
+def decoder_mask(cache: KVCache, layer: int, canvas_length: int) -> Tensor | None:
+    """Bidirectional mask [B, 1, C, kept + C]: the canvas sees every real cached key and all of itself.
+
+    Returns None when nothing is padded, which lets SDPA run unmasked."""
+    k_valid = cache.valid[:, cache.length - cache.kept(layer):]
+    if bool(k_valid.all()):
+        return None
+    k_valid = F.pad(k_valid, (0, canvas_length), value=True)
+    return k_valid[:, None, None, :].expand(-1, 1, canvas_length, -1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Grouped-query attention. q [B, H, n, D], k/v [B, Hkv, T, D], boolean mask [B, 1, n, T] -> [B, n, H*D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)

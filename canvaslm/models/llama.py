@@ -1,0 +1,447 @@
+"""Llama-family decoder (Llama, Qwen2, Mistral) as an autoregressive model or as a block-diffusion model.
+
+One set of weights serves both modes. `forward` is the plain causal LM. In diffusion mode (`canvas_length` set)
+`encode` is the same causal pass writing the KV cache and `decode` denoises a canvas bidirectionally on top of
+the cache, its input embeddings nudged by a self-conditioning block fed with the previous step's logits. That
+block's output projection starts at zero, so `to_diffusion` turns an AR model into a diffusion model that
+initially computes exactly what the AR model computes.
+
+Module names mirror transformers' LlamaForCausalLM without the `model.` prefix, so tensors load by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from canvaslm.errors import CheckpointError, GenerationError
+from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+DIFFUSION_ARCHITECTURE = "LlamaForBlockDiffusion"
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# transformers' defaults for keys a config.json may omit, per model_type
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": None},
+    "qwen2": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None, "sliding_window": 4096},
+    "mistral": {"max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": 4096},
+}
+
+
+@dataclass
+class Config:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str                   # "default" or "llama3"
+    rope_scaling: dict[str, float]   # llama3 only: LLAMA3_ROPE_KEYS
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool             # q/k/v projections
+    attention_out_bias: bool         # o_proj (Llama's attention_bias covers it, Qwen2's q/k/v bias does not)
+    mlp_bias: bool
+    hidden_act: str
+    sliding_window: int | None
+    layer_types: list[str]           # per layer: "full_attention" or "sliding_attention"
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    canvas_length: int | None = None  # None: plain AR model; set: block-diffusion mode
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], path: object) -> Config:
+        """Read an HF config.json dict (model_type llama, qwen2 or mistral); unknown keys are ignored."""
+        get = _Reader(d, path)
+        model_type = get("model_type", str, "llama")
+        if model_type not in ARCHITECTURE:
+            raise CheckpointError(path, "unsupported model type", field="model_type",
+                                  expected=" or ".join(ARCHITECTURE), found=model_type)
+        defaults = DEFAULTS[model_type]
+        hidden, heads, layers = get("hidden_size", int), get("num_attention_heads", int), get("num_hidden_layers", int)
+        head_dim = get("head_dim", int, None) or hidden // heads
+        rope_theta, rope_type, rope_scaling = _rope_settings(get, d, path)
+        hidden_act = get("hidden_act", str, "silu")
+        if hidden_act not in ACTIVATIONS:
+            raise CheckpointError(path, "unsupported activation", field="hidden_act",
+                                  expected=" or ".join(ACTIVATIONS), found=hidden_act)
+        sliding_window = get("sliding_window", int, defaults["sliding_window"])
+        if model_type == "llama" or (model_type == "qwen2" and not get("use_sliding_window", bool, False)):
+            sliding_window = None
+        if sliding_window is None:
+            layer_types = ["full_attention"] * layers
+        elif model_type == "qwen2":  # Qwen2 slides only from layer max_window_layers on, unless layer_types says
+            first = get("max_window_layers", int, 28)
+            default_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+            layer_types = get("layer_types", list, None) or default_types
+        else:
+            layer_types = ["sliding_attention"] * layers
+        eos = get("eos_token_id", (int, list), defaults["eos_token_id"])
+        qkv_bias = model_type == "qwen2" or get("attention_bias", bool, False)
+        canvas_length = get("canvas_length", int, None)
+        if canvas_length is not None and canvas_length < 1:
+            raise CheckpointError(path, "bad canvas length", field="canvas_length", expected="> 0", found=canvas_length)
+        return cls(
+            model_type=model_type,
+            vocab_size=get("vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size", int),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads", int, None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            rope_theta=rope_theta,
+            rope_type=rope_type,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=get("max_position_embeddings", int, defaults["max_position_embeddings"]),
+            tie_word_embeddings=get("tie_word_embeddings", bool, False),
+            attention_bias=qkv_bias,
+            attention_out_bias=model_type != "qwen2" and qkv_bias,
+            mlp_bias=model_type != "qwen2" and get("mlp_bias", bool, False),
+            hidden_act=hidden_act,
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            bos_token_id=get("bos_token_id", int, defaults["bos_token_id"]),
+            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else eos,
+            pad_token_id=get("pad_token_id", int, None),
+            canvas_length=canvas_length,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict this config was read from (transformers 5 layout)."""
+        d: dict[str, Any] = {
+            "architectures": [DIFFUSION_ARCHITECTURE if self.canvas_length else ARCHITECTURE[self.model_type]],
+            "model_type": self.model_type,
+        }
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                     "tie_word_embeddings", "hidden_act", "bos_token_id", "pad_token_id"):
+            d[name] = getattr(self, name)
+        d["rope_theta"] = self.rope_theta
+        d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling}
+        d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["sliding_window"] = self.sliding_window
+            d["layer_types"] = list(self.layer_types)
+        else:
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = self.mlp_bias
+            if self.model_type == "mistral":
+                d["sliding_window"] = self.sliding_window
+        if self.canvas_length:
+            d["canvas_length"] = self.canvas_length
+        return d
+
+    def windows(self) -> list[int | None]:
+        """Attention window of each layer (None: full attention)."""
+        return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
+
+
+class _Reader:
+    """`get(key, type, default)`: a typed config.json lookup whose failures name the field; no default = required."""
+
+    _REQUIRED = object()
+
+    def __init__(self, d: Mapping[str, Any], path: object) -> None:
+        self.d, self.path = d, path
+
+    def __call__(self, key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        value = self.d.get(key)
+        if value is None:
+            if default is self._REQUIRED:
+                raise CheckpointError(self.path, "missing config key", field=key, expected=_name(kind), found="nothing")
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)  # JSON writes 10000.0 as 10000
+        if isinstance(value, list) and int in kinds and not all(type(v) is int for v in value):
+            ok = False  # a list of token ids
+        if not ok:
+            raise CheckpointError(self.path, "config value has the wrong type", field=key, expected=_name(kind),
+                                  found=f"{type(value).__name__} {value!r}")
+        return value
+
+
+def _name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def _rope_settings(get: _Reader, d: Mapping[str, Any], path: object) -> tuple[float, str, dict[str, float]]:
+    """(theta, type, llama3 parameters) from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+    params = get("rope_parameters", dict, None) or get("rope_scaling", dict, None) or {}
+    rope_theta = params.get("rope_theta") or get("rope_theta", float, 10000.0)
+    if not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool):
+        raise CheckpointError(path, "config value has the wrong type", field="rope_parameters.rope_theta",
+                              expected="float", found=repr(rope_theta))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(rope_theta), rope_type, {}
+    if rope_type != "llama3":
+        raise CheckpointError(path, "unsupported RoPE scaling", field="rope_type", expected="default or llama3",
+                              found=rope_type)
+    scaling = dict(params)
+    if d.get("original_max_position_embeddings") is not None:  # transformers lets the top-level key win
+        scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    scaling.setdefault("original_max_position_embeddings", get("max_position_embeddings", int, 2048))
+    missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise CheckpointError(path, "llama3 RoPE scaling is incomplete", field=f"rope_parameters.{missing[0]}",
+                              expected="a number", found=scaling.get(missing[0]))
+    return float(rope_theta), rope_type, {k: scaling[k] for k in LLAMA3_ROPE_KEYS}
+
+
+def rope_inv_freq(config: Config) -> Tensor:
+    """Inverse frequencies [head_dim / 2], float32 on CPU, computed as transformers does (incl. llama3 scaling)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    if config.rope_type != "llama3":
+        return inv_freq
+    s = config.rope_scaling
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)  # long waves: divide by factor
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # medium waves: interpolate
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, h, n, D] by cos/sin [n, D] (the rotate-half layout of HF checkpoints)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SelfConditioning(MLP):
+    """Adds down(act(gate(n)) * up(n)), n = pre_norm(soft embeddings of the previous step), to the canvas embeddings.
+
+    No post norm (unlike DiffusionGemma's): with down_proj at zero the block is an exact identity."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config, bias=False)
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, embeds: Tensor, soft_embeds: Tensor) -> Tensor:  # [B, C, H] both
+        return embeds + super().forward(self.pre_norm(soft_embeds))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = (
+            layer, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        hidden, q_out, kv_out = config.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_out, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_out, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_out, hidden, bias=config.attention_out_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
+                write: bool) -> Tensor:
+        """x [B, n, H] -> [B, n, H]. `write`: append k/v to the cache (encoder); else only read it (decoder)."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)      # [B, h, n, D]
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, hkv, n, D]
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if write:
+            k, v = cache.extend(self.layer, k, v)
+        else:
+            cached_k, cached_v, _ = cache.read(self.layer)
+            if cached_k is not None:
+                k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+        return self.o_proj(attend(q, k, v, mask, scale=self.head_dim ** -0.5))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
+                write: bool) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask, write)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    """Llama-family LM. Build with `torch.device("meta")` then `load_hf_tensors` to skip random init."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.self_conditioning = SelfConditioning(config) if config.canvas_length else None
+        # explicit CPU device: stays real even when the model is built under torch.device("meta")
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def kind(self) -> str:
+        return "diffusion" if self.config.canvas_length else "autoregressive"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def canvas_length(self) -> int | None:
+        return self.config.canvas_length
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.config.eos_token_ids
+
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
+        return KVCache(self.config.windows(), batch_size, device or self.embed_tokens.weight.device)
+
+    def _rope(self, start: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [n, D] for positions start .. start + n - 1 (shared by all rows)."""
+        positions = torch.arange(start, start + n, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor:
+        """Causal pass over input_ids [B, n] (left-padded; valid [B, n] marks real tokens) that appends them to
+        the cache. Returns the final-normed hidden states [B, n, H]."""
+        x = self.embed_tokens(input_ids)
+        rope = self._rope(cache.length, input_ids.shape[1], x.dtype)
+        masks: dict[int | None, Tensor] = {}  # the mask depends only on the layer's window
+        for i, layer in enumerate(self.layers):
+            window = cache.windows[i]
+            if window not in masks:
+                masks[window] = encoder_mask(cache, i, valid)
+            x = layer(x, rope, cache, masks[window], write=True)
+        cache.commit(valid)
+        return self.norm(x)
+
+    def forward(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor:
+        """Causal LM: float32 logits [B, n, V] for input_ids [B, n], appended to the cache."""
+        return self.logits(self.encode(input_ids, cache, valid))
+
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None) -> Tensor:
+        """Bidirectional pass over a canvas [B, C] placed after the cached prefix, which it reads but never writes.
+
+        self_conditioning_logits [B, C, V] are the previous step's logits (None on the first step).
+        Returns float32 logits [B, C, V]."""
+        if self.self_conditioning is None:
+            raise GenerationError("decode needs a diffusion model; call to_diffusion(canvas_length) first")
+        x = self.embed_tokens(canvas_ids)
+        if self_conditioning_logits is not None:
+            # None means an all-zero signal; skipping it is exact (RMSNorm(0) = 0 and the block has no biases)
+            probs = self_conditioning_logits.float().softmax(dim=-1).to(x.dtype)
+            x = self.self_conditioning(x, probs @ self.embed_tokens.weight)
+        rope = self._rope(cache.length, canvas_ids.shape[1], x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, decoder_mask(cache, i, canvas_ids.shape[1]), write=False)
+        return self.logits(self.norm(x))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden [B, n, H] -> float32 logits [B, n, V]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def to_diffusion(self, canvas_length: int) -> Model:
+        """Turn this AR model into a block-diffusion model in place; its output is unchanged until trained."""
+        self.config = dataclasses.replace(self.config, canvas_length=canvas_length)
+        if self.self_conditioning is None:
+            weight = self.embed_tokens.weight
+            block = SelfConditioning(self.config).to(weight.device, weight.dtype)
+            nn.init.zeros_(block.down_proj.weight)
+            self.self_conditioning = block
+        return self
+
+    # -- checkpoint tensors, named as in transformers' LlamaForCausalLM ------------------------------------------
+
+    def load_hf_tensors(self, tensors: Mapping[str, Tensor], path: object) -> Model:
+        """Load HF-named tensors, strictly: a missing, unexpected or misshapen tensor raises CheckpointError."""
+        expected = {_hf_name(k): v for k, v in self.state_dict().items()}
+        tensors = dict(tensors)
+        if self.lm_head is None and "lm_head.weight" in tensors:
+            # tied checkpoints may still carry the head (transformers' state_dict does); accept only a true copy
+            head = tensors.pop("lm_head.weight")
+            embed = tensors.get("model.embed_tokens.weight")
+            if embed is None or not torch.equal(head, embed):
+                raise CheckpointError(path, "lm_head.weight differs from the tied embeddings",
+                                      field="lm_head.weight", expected="no tensor or a copy of model.embed_tokens",
+                                      found=f"tensor {tuple(head.shape)}")
+        for name in expected:
+            if name not in tensors:
+                raise CheckpointError(path, "missing tensor", field=name,
+                                      expected=f"shape {tuple(expected[name].shape)}", found="nothing")
+        for name, tensor in tensors.items():
+            if name not in expected:
+                raise CheckpointError(path, "unexpected tensor", field=name, expected="no such tensor",
+                                      found=f"shape {tuple(tensor.shape)}")
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(path, "tensor has the wrong shape", field=name,
+                                      expected=tuple(expected[name].shape), found=tuple(tensor.shape))
+        dtype = tensors["model.embed_tokens.weight"].dtype  # one dtype for the whole model
+        ours = {k.removeprefix("model."): v.to(dtype) for k, v in tensors.items()}
+        self.load_state_dict(ours, strict=True, assign=True)
+        self.inv_freq = self.inv_freq.to(self.embed_tokens.weight.device)
+        return self
+
+    def hf_tensors(self) -> dict[str, Tensor]:
+        """The weights under their HF names (the inverse of load_hf_tensors)."""
+        return {_hf_name(k): v for k, v in self.state_dict().items()}
+
+
+
+def _hf_name(ours: str) -> str:
+    return ours if ours.startswith("lm_head.") else "model." + ours

@@ -1,0 +1,85 @@
+"""The sampler's pure functions on hand-made logits, with the expected numbers written beside them."""
+
+import math
+
+import pytest
+import torch
+
+from canvaslm.diffusion.sampling import (
+    DiffusionSampling,
+    entropy,
+    entropy_bound_accept,
+    renoise,
+    stable_and_confident,
+    temperature_at,
+)
+from canvaslm.errors import GenerationError
+
+
+def test_defaults_match_the_reference_generation_config():
+    s = DiffusionSampling()
+    assert (s.max_denoising_steps, s.entropy_bound, s.t_min, s.t_max) == (48, 0.1, 0.4, 0.8)
+    assert (s.stability_threshold, s.confidence_threshold) == (1, 0.005)
+
+
+@pytest.mark.parametrize("bad", [dict(max_denoising_steps=0), dict(entropy_bound=0.0), dict(t_min=-1.0),
+                                 dict(t_min=0.9), dict(stability_threshold=-1), dict(confidence_threshold=0.0),
+                                 dict(max_denoising_steps=2.5)])
+def test_out_of_range_settings_are_refused(bad):
+    with pytest.raises(GenerationError):
+        DiffusionSampling().replace(**bad)
+
+
+def test_unknown_option_names_the_known_ones():
+    with pytest.raises(GenerationError, match="entropy_bound"):
+        DiffusionSampling().replace(entropy_bund=0.2)
+
+
+def test_linear_temperature_schedule():
+    s = DiffusionSampling(max_denoising_steps=4)
+    assert [round(float(temperature_at(k, s)), 6) for k in (4, 3, 2, 1)] == [0.8, 0.7, 0.6, 0.5]
+
+
+def test_entropy_of_uniform_and_one_hot():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    h = entropy(logits)
+    assert h[0, 0].item() == pytest.approx(math.log(4), abs=1e-6)
+    assert h[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_bound_accepts_lowest_entropy_tokens_up_to_the_bound():
+    # entropies 0.30, 0.01, 0.05, 0.02: sorted 0.01, 0.02, 0.05, 0.30
+    # cumsum - current: 0.00, 0.01, 0.03, 0.08 -> bound 0.02 keeps the two most certain, 0.1 keeps all four
+    h = torch.tensor([[0.30, 0.01, 0.05, 0.02]])
+    assert entropy_bound_accept(h, 0.02).tolist() == [[False, True, False, True]]
+    assert entropy_bound_accept(h, 0.1).tolist() == [[True, True, True, True]]
+    # the most certain token is always accepted, even when all are uncertain
+    assert entropy_bound_accept(torch.tensor([[5.0, 4.0, 6.0]]), 1e-9).tolist() == [[False, True, False]]
+
+
+def test_renoise_keeps_accepted_and_redraws_the_rest():
+    canvas = torch.full((2, 64), 7)
+    accepted = torch.zeros(2, 64, dtype=torch.bool)
+    accepted[:, :10] = True
+    out = renoise(canvas, accepted, 1000, torch.Generator().manual_seed(0))
+    assert (out[:, :10] == 7).all()
+    assert (out[:, 10:] != 7).float().mean() > 0.9
+
+
+def test_stop_needs_both_stability_and_confidence():
+    history = torch.full((1, 2, 3), -1)
+    argmax = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    low = torch.full((2, 3), 1e-4)
+    stop, history = stable_and_confident(history, argmax, low, 0.005)
+    assert stop.tolist() == [False, False]  # nothing to compare with yet
+    stop, history = stable_and_confident(history, torch.tensor([[1, 2, 3], [4, 5, 0]]), low, 0.005)
+    assert stop.tolist() == [True, False]  # row 1 changed a token
+    high = torch.full((2, 3), 0.5)
+    stop, _ = stable_and_confident(history, torch.tensor([[1, 2, 3], [4, 5, 0]]), high, 0.005)
+    assert stop.tolist() == [False, False]  # stable but not confident
+
+
+def test_zero_stability_threshold_means_confidence_alone():
+    stop, _ = stable_and_confident(torch.empty(0, 1, 2, dtype=torch.long), torch.tensor([[1, 2]]),
+                                   torch.tensor([[1e-4, 1e-4]]), 0.005)
+    assert stop.tolist() == [True]

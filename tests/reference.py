@@ -1,0 +1,47 @@
+"""Tiny random DiffusionGemma checkpoints built with the transformers reference, shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=2, head_dim=8, patch_size=4,
+                   position_embedding_size=64)
+
+
+def tiny_diffusion_gemma(layer_types: list[str], canvas_length: int = 8, sliding_window: int = 8,
+                         vocab_size: int = 128, logit_gain: float = 1.0, seed: int = 0):
+    """A reference `DiffusionGemmaForBlockDiffusion` with every parameter and buffer randomised.
+
+    `logit_gain` scales the tied embedding so that the decoder is confident (peaked logits), which makes the
+    entropy-bound sampler accept many tokens per step and the stop test fire, as a trained model does."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=len(layer_types),
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+                num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                sliding_window=sliding_window, layer_types=list(layer_types), max_position_embeddings=512,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION, canvas_length=canvas_length)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision" in name:
+                continue
+            if name.endswith("norm.weight") or name.endswith("scale"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand_like(b))
+        model.model.decoder.embed_tokens.weight.mul_(logit_gain)
+    return model
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
