@@ -45,3 +45,37 @@ def tiny_diffusion_gemma(layer_types: list[str], canvas_length: int = 8, sliding
 def save(model, path: Path) -> Path:
     model.save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A small BPE tokenizer (pad 0, eos 1, bos 2) with a chat template, trained on a few sentences."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from canvaslm.checkpoints.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
+              "a canvas of tokens is denoised in parallel", "user model system 0123456789"] * 4
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    return Tokenizer(backend, source="tiny", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                     unk_token="<unk>", chat_template=CHAT_TEMPLATE, add_bos_token=True)
+
+
+def tiny_checkpoint(path: Path, layer_types=("sliding_attention", "full_attention"), canvas_length: int = 8,
+                    logit_gain: float = 4.0):
+    """Write a tiny reference DiffusionGemma plus a matching tokenizer to `path`; returns the reference model."""
+    model = tiny_diffusion_gemma(list(layer_types), canvas_length=canvas_length, sliding_window=6,
+                                 logit_gain=logit_gain)
+    model.save_pretrained(path)
+    tokenizer = tiny_tokenizer(model.config.text_config.vocab_size)
+    assert tokenizer.vocab_size <= model.config.text_config.vocab_size
+    tokenizer.to_dir(path)
+    return model

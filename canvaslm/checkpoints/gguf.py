@@ -99,8 +99,11 @@ class _Reader(gguf.GGUFReader):
 def _open(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
         raise CheckpointError(path, "no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
     if magic != b"GGUF":
         raise CheckpointError(path, "not a GGUF file", field="magic", expected="b'GGUF'", found=repr(magic))
     try:
@@ -121,38 +124,45 @@ def _decode_fields(path: Path, reader: gguf.GGUFReader) -> dict[str, Any]:
 
 
 def _llama_config(path: Path, fields: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
-    def required(key: str) -> Any:
-        if key not in fields:
+    def number(key: str, kind: type[int] | type[float], default: float | None = None) -> Any:
+        value = fields.get(key, default)
+        if value is None:
             raise CheckpointError(path, "missing required metadata", field=key)
-        return fields[key]
+        # bool is an int to Python, and per-layer lists exist for some architectures; neither is usable here
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise CheckpointError(path, "metadata value has the wrong type", field=key, expected=kind.__name__,
+                                  found=repr(value))
+        return kind(value)
 
-    hidden = int(required("llama.embedding_length"))
-    heads = int(required("llama.attention.head_count"))
-    kv_heads = int(fields.get("llama.attention.head_count_kv", heads))
-    # llama.cpp's default base when the file states none
-    rope_theta = float(fields.get("llama.rope.freq_base", 10000.0))
-    vocab_size = fields.get("llama.vocab_size")
-    if vocab_size is None:
-        vocab_size = len(required("tokenizer.ggml.tokens"))
+    hidden = number("llama.embedding_length", int)
+    heads = number("llama.attention.head_count", int)
+    kv_heads = number("llama.attention.head_count_kv", int, heads)
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise CheckpointError(path, "bad attention head counts", field="llama.attention.head_count_kv",
                               expected=f"a positive divisor of head_count {heads}", found=kv_heads)
+    rope_theta = number("llama.rope.freq_base", float, 10000.0)  # llama.cpp's default when the file states none
+    if "llama.vocab_size" in fields:
+        vocab_size = number("llama.vocab_size", int)
+    elif "tokenizer.ggml.tokens" in fields:
+        vocab_size = len(fields["tokenizer.ggml.tokens"])
+    else:
+        raise CheckpointError(path, "missing required metadata", field="llama.vocab_size")
 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(vocab_size),
+        "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(required("llama.feed_forward_length")),
-        "num_hidden_layers": int(required("llama.block_count")),
+        "intermediate_size": number("llama.feed_forward_length", int),
+        "num_hidden_layers": number("llama.block_count", int),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": int(fields.get("llama.rope.dimension_count", hidden // heads)),
+        "head_dim": number("llama.rope.dimension_count", int, hidden // heads),
         "hidden_act": "silu",
-        "rms_norm_eps": float(required("llama.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": number("llama.attention.layer_norm_rms_epsilon", float),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "max_position_embeddings": int(required("llama.context_length")),
+        "max_position_embeddings": number("llama.context_length", int),
         "attention_bias": False,
         "mlp_bias": False,
         # llama.cpp writes output.weight only when the head is not the embedding matrix
@@ -161,7 +171,7 @@ def _llama_config(path: Path, fields: dict[str, Any], tensor_names: set[str]) ->
     for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{name}" in fields:
-            config[key] = int(fields[f"tokenizer.ggml.{name}"])
+            config[key] = number(f"tokenizer.ggml.{name}", int)
     return config
 
 

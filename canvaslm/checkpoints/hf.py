@@ -123,11 +123,20 @@ def _check_safetensors(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def _read_safetensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, listed: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one file; for a shard, `listed` are the names the index puts there and must match."""
     header = _check_safetensors(path)
+    if listed is not None:
+        missing, unlisted = [n for n in listed if n not in header], sorted(set(header) - set(listed))
+        if missing:
+            raise CheckpointError(path, "tensor listed in the index is not in this shard", field=missing[0],
+                                  expected=f"in {path.name} (per {INDEX})", found="absent from the file")
+        if unlisted:
+            raise CheckpointError(path, "tensor not listed in the index for this shard", field=unlisted[0],
+                                  expected=f"listed in {INDEX}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in (header if names is None else names)}
+            return {name: f.get_tensor(name) for name in header}
     except Exception as e:  # safetensors' own checks (overlapping data, ...) raise its private error type
         raise CheckpointError(path, f"cannot read the safetensors file ({e})") from e
 
@@ -165,15 +174,6 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         if Path(shard).name != shard or not path.is_file():
             raise CheckpointError(entry, "index points to a missing shard", field=names[0], expected=shard,
                                   found="no such file in the directory")
-        present = set(_check_safetensors(path))
-        missing = [n for n in names if n not in present]
-        if missing:
-            raise CheckpointError(path, "tensor listed in the index is not in this shard", field=missing[0],
-                                  expected=f"in {shard} (per {INDEX})", found=f"{len(present)} other tensors")
-        unlisted = sorted(present - set(names))
-        if unlisted:
-            raise CheckpointError(path, "tensor not listed in the index for this shard", field=unlisted[0],
-                                  expected=f"listed in {INDEX}")
         tensors.update(_read_safetensors(path, names))
     return tensors
 

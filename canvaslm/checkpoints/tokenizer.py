@@ -68,7 +68,11 @@ _PRE_TOKENIZER_SPLITS = {
 
 
 class Tokenizer:
-    """Text <-> ids for one model, with its special tokens and chat template."""
+    """Text <-> ids for one model, with its special tokens and chat template.
+
+    The constructor takes over `backend`: it adds the named special tokens it lacks and, when the add_*_token
+    flags are given, sets its post-processor from them.
+    """
 
     def __init__(self, backend: Backend, *, source: str | PathLike[str], bos_token: str | None = None,
                  eos_token: str | None = None, unk_token: str | None = None, pad_token: str | None = None,
@@ -153,8 +157,12 @@ class Tokenizer:
             bad = next(merge for merge, pair in zip(merges, pairs) if len(pair) != 2)
             raise CheckpointError(path, "malformed merge", field="tokenizer.ggml.merges",
                                   expected="two tokens separated by one space", found=repr(bad))
-        backend = Backend(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
+        try:
+            backend = Backend(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                                  end_of_word_suffix="", fuse_unk=False))
+        except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+            raise CheckpointError(path, f"vocabulary and merges do not fit together ({exc})",
+                                  field="tokenizer.ggml.merges") from exc
         split = _PRE_TOKENIZER_SPLITS.get(fields.get("tokenizer.ggml.pre"))
         if split is None:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

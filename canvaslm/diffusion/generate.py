@@ -88,6 +88,8 @@ def generate_steps(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     forward_passes = torch.zeros(batch, dtype=torch.long, device=device)
     n_canvases = -(-max_new_tokens // canvas_length)
+    # self-conditioning logits are kept in the embedding dtype, as the reference does (bf16 on GPU)
+    sc_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
     for canvas_index in range(n_canvases):
         model.encode(new_tokens, cache, new_valid)                                           # 1.a
         canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device)  # 1.b
@@ -108,7 +110,7 @@ def generate_steps(
                 logits = torch.where(stopped[:, None, None], sc_logits, logits)
             stop, history = stable_and_confident(history, new_draft, token_entropy, settings.confidence_threshold)
             stopped |= stop
-            canvas, draft, sc_logits = new_canvas, new_draft, logits
+            canvas, draft, sc_logits = new_canvas, new_draft, logits.to(sc_dtype)
             yield DenoisingStep(canvas_index, settings.max_denoising_steps - steps_left + 1,
                                 settings.max_denoising_steps, draft, accepted, stopped.clone())
             if bool(stopped.all()):

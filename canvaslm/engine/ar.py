@@ -21,7 +21,8 @@ class ARModel(Protocol):
     eos_token_ids: list[int]
 
     def new_cache(self, batch_size: int, device: torch.device | None = None) -> KVCache: ...
-    def __call__(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor: ...
+    def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor: ...
+    def logits(self, hidden: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -99,8 +100,8 @@ def ar_generate(
     new_tokens = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
     generated: list[Tensor] = []
     forward_passes = 0
-    if max_new_tokens > 0:
-        logits = model(input_ids, cache, valid)[:, -1]  # prefill; [B, V] for the first new token
+    if max_new_tokens > 0:  # prefill; only the last position's logits [B, V] are needed
+        logits = model.logits(model.encode(input_ids, cache, valid)[:, -1])
         forward_passes = 1
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -113,7 +114,8 @@ def ar_generate(
             on_token(token)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache, active[:, None])[:, -1]  # a finished row's pad is not a real token
+        # a finished row's pad is not a real token
+        logits = model.logits(model.encode(token[:, None], cache, active[:, None])[:, -1])
         forward_passes += 1
     new = torch.stack(generated, dim=1) if generated else input_ids.new_zeros(batch, 0)
     return ARResult(torch.cat([input_ids, new], dim=1), forward_passes, new_tokens)

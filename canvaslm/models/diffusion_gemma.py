@@ -93,27 +93,7 @@ class Config:
             raise UnsupportedError(f"{path}: hidden_activation {t['hidden_activation']!r} is not supported "
                                    "(only gelu_pytorch_tanh)")
         head_dim, kv = get("head_dim", int), get("num_key_value_heads", int)
-        head_dims, kv_heads = [head_dim] * n_layers, [kv] * n_layers
-        per_layer = get("per_layer_config", dict, None)
-        if per_layer is None:  # upstream derives the full-layer overrides only when none were serialised
-            global_kv = get("num_global_key_value_heads", int, None)
-            for i, kind in enumerate(layer_types):
-                if kind == FULL:
-                    head_dims[i] = get("global_head_dim", int, 512)
-                    kv_heads[i] = kv if global_kv is None else global_kv
-        else:
-            for key, overrides in per_layer.items():
-                i = int(key) if str(key).isdigit() else -1
-                if not 0 <= i < n_layers or not isinstance(overrides, dict):
-                    raise CheckpointError(path, "bad per-layer override", field=f"text_config.per_layer_config.{key}",
-                                          expected=f"a layer index below {n_layers} -> dict", found=overrides)
-                unsupported = set(overrides) - {"head_dim", "num_key_value_heads"}
-                if unsupported:
-                    raise UnsupportedError(f"{path}: per-layer overrides of {sorted(unsupported)} are not supported")
-                head_dims[i] = _get(overrides, "head_dim", int, path, f"text_config.per_layer_config.{key}.",
-                                    head_dims[i])
-                kv_heads[i] = _get(overrides, "num_key_value_heads", int, path,
-                                   f"text_config.per_layer_config.{key}.", kv_heads[i])
+        head_dims, kv_heads = _layer_dims(t, layer_types, head_dim, kv, path)
         heads = get("num_attention_heads", int)
         if any(h <= 0 or heads % h for h in kv_heads):
             raise CheckpointError(path, "attention heads not divisible by key/value heads",
@@ -150,8 +130,8 @@ class Config:
             attention_bias=get("attention_bias", bool, False),
             max_position_embeddings=get("max_position_embeddings", int, 131_072),
             canvas_length=_get(d, "canvas_length", int, path, default=256),
-            pad_token_id=_get(d, "pad_token_id", int, path, default=get("pad_token_id", int, None)),
-            bos_token_id=_get(d, "bos_token_id", int, path, default=get("bos_token_id", int, None)),
+            pad_token_id=_token_id(d, t, "pad_token_id", 0, path),
+            bos_token_id=_token_id(d, t, "bos_token_id", 2, path),
             eos_token_ids=eos, image_token_id=_get(d, "image_token_id", int, path, default=258_880),
             use_bidirectional_attention=bidirectional,
             extra={k: v for k, v in d.items() if k not in handled})
@@ -201,7 +181,45 @@ def _get(d: Mapping[str, Any], key: str, typ: type, path: object, prefix: str = 
     return value
 
 
-def rope_tables(params: Mapping[str, Any], head_dim: int, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _layer_dims(t: Mapping[str, Any], layer_types: list[str], head_dim: int, kv: int,
+                path: object) -> tuple[list[int], list[int]]:
+    """Per-layer head dim and key/value heads: the serialised `per_layer_config` when present, else upstream's
+    derivation (global_head_dim, default 512, and num_global_key_value_heads on full layers). Upstream reads
+    `attention_k_eq_v` before setting it, so the global kv-head override always applies: the key is ignored."""
+    n = len(layer_types)
+    head_dims, kv_heads = [head_dim] * n, [kv] * n
+    per_layer = _get(t, "per_layer_config", dict, path, "text_config.", None)
+    if per_layer is None:
+        global_kv = _get(t, "num_global_key_value_heads", int, path, "text_config.", kv)
+        for i, kind in enumerate(layer_types):
+            if kind == FULL:
+                head_dims[i] = _get(t, "global_head_dim", int, path, "text_config.", 512)
+                kv_heads[i] = global_kv
+        return head_dims, kv_heads
+    for key, overrides in per_layer.items():
+        prefix = f"text_config.per_layer_config.{key}."
+        i = int(key) if str(key).isdigit() else -1
+        if not 0 <= i < n or not isinstance(overrides, dict):
+            raise CheckpointError(path, "bad per-layer override", field=prefix.rstrip("."),
+                                  expected=f"a layer index below {n} -> dict", found=overrides)
+        unsupported = set(overrides) - {"head_dim", "num_key_value_heads"}
+        if unsupported:
+            raise UnsupportedError(f"{path}: per-layer overrides of {sorted(unsupported)} are not supported")
+        head_dims[i] = _get(overrides, "head_dim", int, path, prefix, head_dim)
+        kv_heads[i] = _get(overrides, "num_key_value_heads", int, path, prefix, kv)
+    return head_dims, kv_heads
+
+
+def _token_id(d: Mapping[str, Any], text: Mapping[str, Any], key: str, default: int, path: object) -> int | None:
+    """A special token id: top level first, then text_config; upstream's default only when neither has the key."""
+    for source, prefix in ((d, ""), (text, "text_config.")):
+        if source.get(key) is not None:
+            return _get(source, key, int, path, prefix)
+    return text.get(key, default)
+
+
+def rope_tables(params: Mapping[str, Any], head_dim: int, positions: Tensor,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin [n, head_dim] for `positions` [n], as the reference computes them (float32, then cast).
 
     'proportional' RoPE (full layers) rotates only the first partial_rotary_factor of the frequency pairs and keeps
@@ -366,7 +384,7 @@ class Layer(nn.Module):
         weights, index = self.router(flat)  # routed on the residual itself, not on a normed copy
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights).view(x.shape)
         x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
-        return x * scalar
+        return (x * scalar).to(x.dtype)  # the reference scales in place: the stream keeps its dtype
 
 
 class Model(nn.Module):

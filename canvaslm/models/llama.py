@@ -70,15 +70,18 @@ class Config:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], path: object) -> Config:
         """Read an HF config.json dict (model_type llama, qwen2 or mistral); unknown keys are ignored."""
-        get = _Reader(d, path)
+        get = _reader(d, path)
         model_type = get("model_type", str, "llama")
         if model_type not in ARCHITECTURE:
             raise CheckpointError(path, "unsupported model type", field="model_type",
                                   expected=" or ".join(ARCHITECTURE), found=model_type)
         defaults = DEFAULTS[model_type]
-        hidden, heads, layers = get("hidden_size", int), get("num_attention_heads", int), get("num_hidden_layers", int)
-        head_dim = get("head_dim", int, None) or hidden // heads
-        rope_theta, rope_type, rope_scaling = _rope_settings(get, d, path)
+        sizes = {key: get(key, int) for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                 "num_hidden_layers", "num_attention_heads")}
+        for key, value in sizes.items():
+            if value < 1:
+                raise CheckpointError(path, "bad model size", field=key, expected="an integer > 0", found=value)
+        layers, heads = sizes["num_hidden_layers"], sizes["num_attention_heads"]
         hidden_act = get("hidden_act", str, "silu")
         if hidden_act not in ACTIVATIONS:
             raise CheckpointError(path, "unsupported activation", field="hidden_act",
@@ -86,37 +89,34 @@ class Config:
         sliding_window = get("sliding_window", int, defaults["sliding_window"])
         if model_type == "llama" or (model_type == "qwen2" and not get("use_sliding_window", bool, False)):
             sliding_window = None
-        if sliding_window is None:
-            layer_types = ["full_attention"] * layers
-        elif model_type == "qwen2":  # Qwen2 slides only from layer max_window_layers on, unless layer_types says
+        layer_types = ["sliding_attention" if sliding_window else "full_attention"] * layers
+        if sliding_window and model_type == "qwen2":  # Qwen2 slides from layer max_window_layers on, or as listed
             first = get("max_window_layers", int, 28)
-            default_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-            layer_types = get("layer_types", list, None) or default_types
-        else:
-            layer_types = ["sliding_attention"] * layers
+            layer_types = get("layer_types", list, None) or [layer_types[0] if i >= first else "full_attention"
+                                                              for i in range(layers)]
+            if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+                raise CheckpointError(path, "bad layer types", field="layer_types", found=layer_types,
+                                      expected=f"{layers} of full_attention / sliding_attention")
         eos = get("eos_token_id", (int, list), defaults["eos_token_id"])
-        qkv_bias = model_type == "qwen2" or get("attention_bias", bool, False)
+        llama_bias = model_type == "llama" and get("attention_bias", bool, False)  # Mistral has no biases at all
         canvas_length = get("canvas_length", int, None)
         if canvas_length is not None and canvas_length < 1:
             raise CheckpointError(path, "bad canvas length", field="canvas_length", expected="> 0", found=canvas_length)
+        rope_theta, rope_type, rope_scaling = _rope_settings(get, d, path)
         return cls(
             model_type=model_type,
-            vocab_size=get("vocab_size", int),
-            hidden_size=hidden,
-            intermediate_size=get("intermediate_size", int),
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
+            **sizes,
             num_key_value_heads=get("num_key_value_heads", int, None) or heads,
-            head_dim=head_dim,
+            head_dim=get("head_dim", int, None) or sizes["hidden_size"] // heads,
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
             rope_theta=rope_theta,
             rope_type=rope_type,
             rope_scaling=rope_scaling,
             max_position_embeddings=get("max_position_embeddings", int, defaults["max_position_embeddings"]),
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
-            attention_bias=qkv_bias,
-            attention_out_bias=model_type != "qwen2" and qkv_bias,
-            mlp_bias=model_type != "qwen2" and get("mlp_bias", bool, False),
+            attention_bias=model_type == "qwen2" or llama_bias,
+            attention_out_bias=llama_bias,
+            mlp_bias=model_type == "llama" and get("mlp_bias", bool, False),
             hidden_act=hidden_act,
             sliding_window=sliding_window,
             layer_types=layer_types,
@@ -139,15 +139,13 @@ class Config:
         d["rope_theta"] = self.rope_theta
         d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling}
         d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
-        if self.model_type == "qwen2":
-            d["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
-            d["layer_types"] = list(self.layer_types)
         else:
-            d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = self.mlp_bias
-            if self.model_type == "mistral":
-                d["sliding_window"] = self.sliding_window
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                     layer_types=list(self.layer_types))
         if self.canvas_length:
             d["canvas_length"] = self.canvas_length
         return d
@@ -157,19 +155,17 @@ class Config:
         return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
 
 
-class _Reader:
+_REQUIRED = object()
+
+
+def _reader(d: Mapping[str, Any], path: object) -> Callable[..., Any]:
     """`get(key, type, default)`: a typed config.json lookup whose failures name the field; no default = required."""
 
-    _REQUIRED = object()
-
-    def __init__(self, d: Mapping[str, Any], path: object) -> None:
-        self.d, self.path = d, path
-
-    def __call__(self, key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
-        value = self.d.get(key)
+    def get(key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        value = d.get(key)
         if value is None:
-            if default is self._REQUIRED:
-                raise CheckpointError(self.path, "missing config key", field=key, expected=_name(kind), found="nothing")
+            if default is _REQUIRED:
+                raise CheckpointError(path, "missing config key", field=key, expected=_name(kind), found="nothing")
             return default
         kinds = kind if isinstance(kind, tuple) else (kind,)
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
@@ -178,16 +174,18 @@ class _Reader:
         if isinstance(value, list) and int in kinds and not all(type(v) is int for v in value):
             ok = False  # a list of token ids
         if not ok:
-            raise CheckpointError(self.path, "config value has the wrong type", field=key, expected=_name(kind),
+            raise CheckpointError(path, "config value has the wrong type", field=key, expected=_name(kind),
                                   found=f"{type(value).__name__} {value!r}")
         return value
+
+    return get
 
 
 def _name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
-def _rope_settings(get: _Reader, d: Mapping[str, Any], path: object) -> tuple[float, str, dict[str, float]]:
+def _rope_settings(get: Callable[..., Any], d: Mapping[str, Any], path: object) -> tuple[float, str, dict[str, float]]:
     """(theta, type, llama3 parameters) from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
     params = get("rope_parameters", dict, None) or get("rope_scaling", dict, None) or {}
     rope_theta = params.get("rope_theta") or get("rope_theta", float, 10000.0)
@@ -327,8 +325,8 @@ class Model(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.self_conditioning = SelfConditioning(config) if config.canvas_length else None
-        # explicit CPU device: stays real even when the model is built under torch.device("meta")
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round it, and it stays real under meta
+        self.inv_freq = rope_inv_freq(config)  # [D / 2] float32
 
     @property
     def kind(self) -> str:
@@ -351,7 +349,10 @@ class Model(nn.Module):
 
     def _rope(self, start: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [n, D] for positions start .. start + n - 1 (shared by all rows)."""
-        positions = torch.arange(start, start + n, device=self.inv_freq.device, dtype=torch.float32)
+        device = self.embed_tokens.weight.device
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        positions = torch.arange(start, start + n, device=device, dtype=torch.float32)
         freqs = positions[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -420,27 +421,24 @@ class Model(nn.Module):
                 raise CheckpointError(path, "lm_head.weight differs from the tied embeddings",
                                       field="lm_head.weight", expected="no tensor or a copy of model.embed_tokens",
                                       found=f"tensor {tuple(head.shape)}")
-        for name in expected:
-            if name not in tensors:
-                raise CheckpointError(path, "missing tensor", field=name,
-                                      expected=f"shape {tuple(expected[name].shape)}", found="nothing")
-        for name, tensor in tensors.items():
-            if name not in expected:
-                raise CheckpointError(path, "unexpected tensor", field=name, expected="no such tensor",
-                                      found=f"shape {tuple(tensor.shape)}")
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(path, "tensor has the wrong shape", field=name,
-                                      expected=tuple(expected[name].shape), found=tuple(tensor.shape))
+        for name in sorted(expected.keys() | tensors.keys()):
+            want, got = expected.get(name), tensors.get(name)
+            if want is None or got is None or want.shape != got.shape:
+                problem = ("unexpected tensor" if want is None else "missing tensor" if got is None
+                           else "tensor has the wrong shape")
+                raise CheckpointError(path, problem, field=name, expected=_shape(want), found=_shape(got))
         dtype = tensors["model.embed_tokens.weight"].dtype  # one dtype for the whole model
         ours = {k.removeprefix("model."): v.to(dtype) for k, v in tensors.items()}
         self.load_state_dict(ours, strict=True, assign=True)
-        self.inv_freq = self.inv_freq.to(self.embed_tokens.weight.device)
         return self
 
     def hf_tensors(self) -> dict[str, Tensor]:
         """The weights under their HF names (the inverse of load_hf_tensors)."""
         return {_hf_name(k): v for k, v in self.state_dict().items()}
 
+
+def _shape(tensor: Tensor | None) -> object:
+    return "no tensor" if tensor is None else tuple(tensor.shape)
 
 
 def _hf_name(ours: str) -> str:

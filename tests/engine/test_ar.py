@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -11,6 +12,7 @@ from canvaslm.errors import GenerationError
 from canvaslm.models.llama import Config, Model
 
 VOCAB, PAD, EOS = 61, 0, 2
+
 
 
 @pytest.fixture(scope="module")

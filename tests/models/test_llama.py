@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -22,6 +23,7 @@ HF_CONFIGS = {
     "mistral-sliding": lambda: MistralConfig(**COMMON, sliding_window=4),
 }
 HF_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}
+
 
 
 def tiny_pair(name: str, seed: int = 0) -> tuple[torch.nn.Module, Model]:
@@ -190,7 +192,7 @@ def test_decode_of_fresh_block_needs_no_signal_and_learns_one(diffusion: Model) 
 
 @torch.no_grad()
 def test_diffusion_model_keeps_the_ar_forward(diffusion: Model) -> None:
-    hf, ar = tiny_pair("mistral-sliding")
+    _, ar = tiny_pair("mistral-sliding")
     ids, valid = left_padded([8, 8])
     torch.testing.assert_close(diffusion(ids, diffusion.new_cache(2), valid), ar(ids, ar.new_cache(2), valid),
                                atol=0, rtol=0)

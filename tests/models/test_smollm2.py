@@ -7,6 +7,7 @@ Ours: canvaslm.checkpoints.gguf.load_gguf -> Model. Reference: transformers' own
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -22,6 +23,7 @@ PROMPTS = [
     "movable metal type with an oil-based ink and a screw press. Within fifty years",
     "Here is a short Python function that returns the factorial of n:\n\ndef factorial(n):",
 ]
+
 
 
 @pytest.fixture(scope="module")

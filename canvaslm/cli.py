@@ -1,0 +1,166 @@
+"""The `canvaslm` command: generate, chat, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from canvaslm.errors import CanvasError
+
+DEFAULT_MODEL = "smol-ar"
+SAMPLING_FLAGS = {  # flag -> (type, help); passed to the model only when given
+    "temperature": (float, "AR: sampling temperature, 0 = greedy"),
+    "top_p": (float, "AR: nucleus sampling mass"),
+    "top_k": (int, "AR: sample among the k most likely tokens (0 = all)"),
+    "max_denoising_steps": (int, "diffusion: most decoder passes per canvas"),
+    "entropy_bound": (float, "diffusion: entropy budget of the tokens accepted per step"),
+    "t_min": (float, "diffusion: temperature at the last step"),
+    "t_max": (float, "diffusion: temperature at the first step"),
+    "stability_threshold": (int, "diffusion: steps the argmax must stay unchanged to stop"),
+    "confidence_threshold": (float, "diffusion: mean entropy under which a canvas may stop"),
+}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"HF dir, .gguf file or name (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    for name, (kind, text) in SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canvaslm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
+    gen.add_argument("--show-canvas", action="store_true", help="watch the canvas denoise, step by step")
+    chat = sub.add_parser("chat", help="interactive chat (reads stdin; /reset clears, /exit quits)")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--show-canvas", action="store_true")
+    for p in (gen, chat):
+        _model_args(p)
+        _sampling_args(p)
+    info = sub.add_parser("info", help="describe a model")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "chat": _chat, "info": _info}[args.command](args)
+    except CanvasError as error:
+        print(f"canvaslm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from canvaslm import load
+
+    return load(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+
+
+def _answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Generate after prompt_ids, optionally drawing the canvas; returns the fields of --json."""
+    import time
+
+    from canvaslm.canvas_view import show
+
+    start = time.perf_counter()
+    if args.show_canvas and lm.kind == "diffusion":
+        steps = lm.generate_steps([prompt_ids], args.max_new_tokens, args.seed, **_sampling(args))
+        result = show(steps, lambda t: lm.tokenizer.decode([t], skip_special_tokens=False), len(prompt_ids))
+    else:
+        result = lm.generate([prompt_ids], args.max_new_tokens, args.seed, **_sampling(args))
+    seconds = time.perf_counter() - start
+    ids, reason = lm.decode_new(result.sequences[0], len(prompt_ids))
+    ids = ids[: args.max_new_tokens]
+    return {"text": lm.tokenizer.decode(ids), "token_ids": ids, "finish_reason": reason,
+            "tokens_per_forward": round(float(result.tokens_per_forward[0]), 4),
+            "forward_passes": int(result.forward_passes[0]), "seconds": round(seconds, 4),
+            "tokens_per_second": round(len(ids) / seconds, 2) if seconds > 0 else None, "model": lm.source}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    lm = _load(args)
+    lm._tokenizer()  # a checkpoint without a tokenizer cannot take a text prompt
+    if args.chat:
+        prompt_ids = lm.chat_prompt_ids([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = lm.tokenizer.encode(args.prompt, add_special_tokens=True)
+    out = _answer(lm, prompt_ids, args)
+    print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    lm = _load(args)
+    lm._tokenizer()
+    interactive = sys.stdin.isatty()
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    start = len(history)
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            del history[start:]
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        out = _answer(lm, lm.chat_prompt_ids(history), args)
+        history.append({"role": "assistant", "content": out["text"]})
+        print(out["text"], flush=True)
+        if interactive:
+            print(f"[{out['tokens_per_second']} tok/s, {out['tokens_per_forward']} tok/forward]", file=sys.stderr)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from canvaslm import load
+
+    lm = load(args.model, device="cpu")
+    config = lm.config
+    facts = {
+        "model": args.model, "kind": lm.kind, "architecture": type(lm.network).__module__.rsplit(".", 1)[-1],
+        "parameters": sum(p.numel() for p in lm.network.parameters()),
+        "layers": config.num_hidden_layers, "hidden_size": config.hidden_size, "vocab_size": lm.network.vocab_size,
+        "canvas_length": lm.network.canvas_length, "max_context": lm.max_length,
+        "dtype": str(next(lm.network.parameters()).dtype).removeprefix("torch."),
+        "tokenizer": lm.tokenizer is not None,
+        "chat_template": bool(lm.tokenizer is not None and lm.tokenizer.chat_template),
+        "eos_token_ids": lm.eos_token_ids,
+        "sampling_defaults": vars(lm.diffusion_defaults) if lm.kind == "diffusion" else lm.ar_defaults,
+    }
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        width = max(map(len, facts))
+        for key, value in facts.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

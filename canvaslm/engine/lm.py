@@ -1,0 +1,246 @@
+"""The public model object: `canvaslm.load(...)` returns an `LM` that generates, chats and completes.
+
+It owns the network, the tokenizer and the sampling defaults; the loops themselves live in
+`canvaslm.diffusion.generate` (block diffusion) and `canvaslm.engine.ar` (autoregressive baseline).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from canvaslm.checkpoints import hf, registry
+from canvaslm.checkpoints.tokenizer import Tokenizer
+from canvaslm.diffusion.generate import DiffusionResult, generate_steps
+from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.engine.ar import ar_generate
+from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
+
+AR_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": 0}
+"""Autoregressive defaults (temperature 0 = greedy)."""
+
+
+@dataclass
+class GenerateResult:
+    sequences: Tensor           # [B, L + new] prompts (left-padded) then generated ids, pad after EOS
+    tokens_per_forward: Tensor  # [B] generated tokens / decoder forward passes (AR: 1 token per pass)
+    forward_passes: Tensor      # [B]
+    seconds: float
+
+
+@dataclass
+class TextResult:
+    text: str
+    token_ids: list[int]        # generated ids, up to (not including) EOS
+    tokens_per_forward: float
+    forward_passes: int
+    seconds: float
+    finish_reason: str          # "stop" (EOS) or "length" (max_new_tokens reached)
+
+
+class LM:
+    """A loaded model: `kind` is "diffusion" or "autoregressive"; `tokenizer` is None when the checkpoint has none."""
+
+    def __init__(self, network: nn.Module, tokenizer: Tokenizer | None, source: str,
+                 generation_config: Mapping[str, Any] | None = None) -> None:
+        self.network, self.tokenizer, self.source = network, tokenizer, source
+        self.kind: str = network.kind
+        self.config = network.config
+        settings = dict(generation_config or {})
+        diffusion_keys = {k: settings[k] for k in DiffusionSampling.__dataclass_fields__ if k in settings}
+        self.diffusion_defaults = DiffusionSampling().replace(**diffusion_keys)
+        self.ar_defaults = {k: settings.get(k, v) for k, v in AR_SAMPLING.items()}
+        eos = settings.get("eos_token_id", getattr(self.config, "eos_token_id", None))
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer is not None:
+            eos_ids += [i for i in tokenizer.eos_token_ids if i not in eos_ids]
+        self.eos_token_ids: list[int] = eos_ids
+        pad = settings.get("pad_token_id", getattr(self.config, "pad_token_id", None))
+        if pad is None and tokenizer is not None:
+            pad = tokenizer.pad_token_id
+        self.pad_token_id: int | None = pad
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def __repr__(self) -> str:
+        return f"LM({self.source!r}, kind={self.kind!r}, device={self.device})"
+
+    # ---- token-level API -------------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]] | Sequence[int] | Tensor, max_new_tokens: int = 256,
+                 seed: int | None = None, attention_mask: Tensor | None = None, **sampling: Any) -> GenerateResult:
+        """Generate after one prompt or a batch of prompts (lists of ids of any lengths, or a left-padded
+        tensor with `attention_mask`). Diffusion options: see `DiffusionSampling`; AR: temperature, top_p, top_k."""
+        start = time.perf_counter()
+        *_, result = self.generate_steps(prompt_ids, max_new_tokens, seed, attention_mask, **sampling)
+        return GenerateResult(result.sequences, result.tokens_per_forward, result.forward_passes,
+                              time.perf_counter() - start)
+
+    def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
+                       attention_mask: Tensor | None = None, **sampling: Any) -> Iterator[Any]:
+        """Like `generate`, yielding the loop's events (diffusion: `DenoisingStep`, `CanvasCommitted`) and last a
+        `DiffusionResult` (for AR models: only the result)."""
+        input_ids, valid = self._batch(prompt_ids, attention_mask)
+        self._check_length(input_ids.shape[1], max_new_tokens)
+        generator = torch.Generator(self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        with torch.inference_mode():
+            if self.kind == "diffusion":
+                settings = self._diffusion_settings(sampling)
+                yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
+                                          self.eos_token_ids, self.pad_token_id, generator)
+            else:
+                options = self._ar_settings(sampling)
+                out = ar_generate(self.network, input_ids, valid, max_new_tokens, eos_token_ids=self.eos_token_ids,
+                                  pad_token_id=self.pad_token_id, generator=generator, **options)
+                passes = torch.full((input_ids.shape[0],), max(out.forward_passes, 1), device=input_ids.device)
+                yield DiffusionResult(out.sequences, passes, out.new_tokens / passes)
+
+    def denoise(self, prompt_ids: Any, canvas_ids: Tensor, self_conditioning_logits: Tensor | None = None) -> Tensor:
+        """One decoder pass: float32 logits [B, canvas, vocab] for `canvas_ids` [B, canvas] after the prompts."""
+        self._require("diffusion", "denoise")
+        input_ids, valid = self._batch(prompt_ids, None)
+        with torch.inference_mode():
+            cache = self.network.new_cache(input_ids.shape[0], self.device)
+            self.network.encode(input_ids, cache, valid)
+            canvas = torch.as_tensor(canvas_ids, device=self.device).reshape(input_ids.shape[0], -1)
+            sc = None if self_conditioning_logits is None else self_conditioning_logits.to(self.device)
+            return self.network.decode(canvas, cache, sc).float()
+
+    def logits(self, input_ids: Any) -> Tensor:
+        """Causal next-token logits, float32 [B, L, vocab], for autoregressive models."""
+        self._require("autoregressive", "logits")
+        ids, valid = self._batch(input_ids, None)
+        with torch.inference_mode():
+            return self.network(ids, self.network.new_cache(ids.shape[0], self.device), valid).float()
+
+    # ---- text API ----------------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, seed: int | None = None,
+             **sampling: Any) -> TextResult:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) rendered with the model's chat template."""
+        return self._text(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling)
+
+    def complete(self, text: str, max_new_tokens: int = 256, seed: int | None = None, **sampling: Any) -> TextResult:
+        """Continue plain text."""
+        tokenizer = self._tokenizer()
+        return self._text(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling)
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        tokenizer = self._tokenizer()
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or not isinstance(message.get("content", ""), str):
+                kinds = [part.get("type") for part in message.get("content", [])
+                         if isinstance(part, Mapping)] if isinstance(message, Mapping) else []
+                if any(k in ("image", "image_url", "video", "video_url", "input_audio") for k in kinds):
+                    raise UnsupportedError(f"messages[{i}]: image/video/audio inputs are not supported yet; "
+                                           "send text content only")
+                raise GenerationError(f"messages[{i}] must be a mapping with a string 'content', got {message!r}")
+        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def decode_new(self, sequence: Tensor, prompt_length: int) -> tuple[list[int], str]:
+        """Generated ids of one row up to its first EOS, and why generation ended there."""
+        ids = sequence[prompt_length:].tolist()
+        for i, token in enumerate(ids):
+            if token in self.eos_token_ids:
+                return ids[:i], "stop"
+        return ids, "length"
+
+    def _text(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict) -> TextResult:
+        out = self.generate([prompt], max_new_tokens, seed, **sampling)
+        ids, reason = self.decode_new(out.sequences[0], len(prompt))
+        ids = ids[:max_new_tokens]
+        return TextResult(self._tokenizer().decode(ids), ids, float(out.tokens_per_forward[0]),
+                          int(out.forward_passes[0]), out.seconds, reason)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.source}: this checkpoint has no tokenizer (tokenizer.json), so the text "
+                                  "API (chat/complete) cannot be used; pass token ids to generate() instead")
+        return self.tokenizer
+
+    def _require(self, kind: str, method: str) -> None:
+        if self.kind != kind:
+            raise GenerationError(f"{method}() needs a {kind} model; {self.source} is {self.kind}")
+
+    def _diffusion_settings(self, sampling: dict[str, Any]) -> DiffusionSampling:
+        ar_only = sorted(set(sampling) & set(AR_SAMPLING))
+        if ar_only:
+            raise GenerationError(f"{ar_only} apply to autoregressive models; this diffusion model takes "
+                                  f"{sorted(DiffusionSampling.__dataclass_fields__)}")
+        return self.diffusion_defaults.replace(**sampling)
+
+    def _ar_settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(sampling) - set(AR_SAMPLING))
+        if unknown:
+            raise GenerationError(f"unknown or diffusion-only option(s) {unknown} for an autoregressive model; "
+                                  f"it takes {sorted(AR_SAMPLING)}")
+        return {**self.ar_defaults, **{k: v for k, v in sampling.items() if v is not None}}
+
+    def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if prompt_length + max_new_tokens > self.max_length:
+            raise GenerationError(f"this model's maximum context length is {self.max_length} tokens and your "
+                                  f"request has {prompt_length} input tokens plus max_new_tokens={max_new_tokens}")
+
+    def _batch(self, prompt_ids: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Left-pad a prompt or list of prompts into (ids [B, L], valid [B, L])."""
+        if isinstance(prompt_ids, Tensor):
+            ids = prompt_ids.to(self.device).long().reshape(-1, prompt_ids.shape[-1])
+            valid = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
+                     else attention_mask.to(self.device).bool().reshape(ids.shape))
+        else:
+            rows = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(r) for r in prompt_ids]
+            if not rows or any(not row or not all(isinstance(t, int) for t in row) for row in rows):
+                raise GenerationError("prompt_ids must be a non-empty list of token ids, or a list of such lists")
+            width, pad = max(map(len, rows)), self.pad_token_id or 0
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=self.device)
+        vocab = self.network.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise GenerationError(f"token ids must be in [0, {vocab}), got values in "
+                                  f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids, valid
+
+
+def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
+    """Load a model from an HF-layout directory, a .gguf file, or a registered name (`smol-ar`)."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = registry.resolve(str(source)) or Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path, device, dtype, str(source))
+    if path.is_dir():
+        _, network = hf.load_model(path, device=device, dtype=dtype)
+        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        return LM(network, tokenizer, str(source), hf.load_generation_config(path))
+    raise CheckpointError(source, "not found: expected an HF-layout directory, a .gguf file, or one of the "
+                          f"registered names {sorted(registry.NAMES)}")
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, source: str) -> LM:
+    from canvaslm.checkpoints.gguf import load_gguf
+    from canvaslm.models import llama
+
+    checkpoint = load_gguf(path)
+    config = llama.Config.from_hf(checkpoint.config, path)
+    with torch.device("meta"):
+        network = llama.Model(config)
+    tensors = {k: t.to(device=device, dtype=dtype) for k, t in checkpoint.tensors.items()}
+    network.load_hf_tensors(tensors, path)
+    return LM(network.eval(), checkpoint.tokenizer, source)

@@ -1,0 +1,141 @@
+"""The public API (`canvaslm.load`, `LM`) on a tiny DiffusionGemma checkpoint written by transformers.
+
+The end-to-end test runs *our* network inside *our* loop and compares with the reference
+`DiffusionGemmaForBlockDiffusion.generate` for the same seed: the same tokens must come out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import canvaslm
+from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
+from tests.diffusion.test_generate_loop import reference_generate
+from tests.reference import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-dg")
+    ref = tiny_checkpoint(path)
+    return path, ref
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    return canvaslm.load(checkpoint[0], device="cpu")
+
+
+def test_load_describes_the_model(lm):
+    assert lm.kind == "diffusion"
+    assert lm.tokenizer is not None and lm.network.canvas_length == 8
+    assert lm.eos_token_ids[0] == 1 and lm.pad_token_id == 0
+
+
+@pytest.mark.parametrize("settings", [{}, {"entropy_bound": 2.0, "stability_threshold": 0, "confidence_threshold": 1.0}])
+def test_every_denoising_step_of_a_reference_generate_matches(lm, checkpoint, settings):
+    """Record each decoder call of a whole reference `generate` (batched, left-padded, several canvases) and
+    replay it through our network: same logits within 1e-4 at every step. Together with the loop test (same
+    tokens for the same draws) this is the whole generate call, step by step."""
+    _, ref = checkpoint
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    calls = []
+    forward = ref.forward
+
+    def recording_forward(**kwargs):
+        out = forward(**kwargs)
+        sc = kwargs["self_conditioning_logits"]
+        calls.append((int(kwargs["decoder_position_ids"][0, 0]), kwargs["decoder_input_ids"].clone(),
+                      None if sc is None else sc.clone(), out.logits.clone()))
+        return out
+
+    ref.forward = recording_forward
+    try:
+        with torch.no_grad():
+            sequences = reference_generate(ref, ids, mask, 24, 5, [1], **dict(settings)).sequences
+    finally:
+        del ref.forward
+    assert len({start for start, *_ in calls}) == 3  # three canvases were denoised
+    net, worst = lm.network, 0.0
+    with torch.inference_mode():
+        for start, canvas, sc, expected in calls:
+            cache = net.new_cache(2)
+            prefix_valid = torch.cat([mask.bool(), torch.ones(2, start - ids.shape[1], dtype=torch.bool)], dim=1)
+            net.encode(sequences[:, :start], cache, prefix_valid)
+            worst = max(worst, (net.decode(canvas, cache, sc) - expected).abs().max().item())
+    assert worst < 1e-4
+
+
+def test_denoise_equals_reference_logits(lm, checkpoint):
+    _, ref = checkpoint
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    canvas = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(input_ids=prompt, decoder_input_ids=canvas).logits
+    got = lm.denoise(prompt, canvas)
+    assert got.dtype == torch.float32 and got.shape == (1, 8, 128)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_seeded_generation_is_reproducible_and_seeds_differ(lm):
+    a = lm.generate([5, 6, 7], max_new_tokens=16, seed=1).sequences
+    b = lm.generate([5, 6, 7], max_new_tokens=16, seed=1).sequences
+    c = lm.generate([5, 6, 7], max_new_tokens=16, seed=2).sequences
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_chat_and_complete_return_text_and_speed(lm):
+    r = lm.chat([{"role": "user", "content": "hello world"}], max_new_tokens=16, seed=0)
+    assert isinstance(r.text, str) and len(r.token_ids) <= 16
+    assert r.forward_passes >= 1 and r.tokens_per_forward > 0 and r.seconds > 0
+    assert r.finish_reason in ("stop", "length")
+    c = lm.complete("the quick brown", max_new_tokens=8, seed=0)
+    assert len(c.token_ids) <= 8
+
+
+def test_generation_config_json_sets_defaults(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint[0], tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(
+        {"max_denoising_steps": 7, "sampler_config": {"entropy_bound": 0.3, "_cls_name": "EntropyBoundSamplerConfig"},
+         "t_min": None}))
+    lm = canvaslm.load(tmp_path / "m")
+    assert lm.diffusion_defaults.max_denoising_steps == 7 and lm.diffusion_defaults.entropy_bound == 0.3
+    assert lm.diffusion_defaults.t_min == 0.4  # null in the file keeps the default
+    out = lm.generate([5, 6], max_new_tokens=8, seed=0)
+    assert int(out.forward_passes.max()) <= 7
+
+
+def test_bad_calls_raise_clear_errors(lm):
+    with pytest.raises(GenerationError, match="temperature"):
+        lm.generate([5, 6], max_new_tokens=8, temperature=0.5)
+    with pytest.raises(GenerationError, match="entropy_bund"):
+        lm.generate([5, 6], max_new_tokens=8, entropy_bund=0.5)
+    with pytest.raises(GenerationError, match=r"\[0, 128\)"):
+        lm.generate([5, 999], max_new_tokens=8)
+    with pytest.raises(GenerationError, match="maximum context length is 512 tokens"):
+        lm.generate([5] * 500, max_new_tokens=64)
+    with pytest.raises(GenerationError, match="autoregressive"):
+        lm.logits([[5, 6]])
+    with pytest.raises(UnsupportedError, match="not supported yet"):
+        lm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_text_api_without_tokenizer_is_a_clear_error(checkpoint, tmp_path):
+    import shutil
+
+    shutil.copytree(checkpoint[0], tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    lm = canvaslm.load(tmp_path / "m")
+    assert lm.tokenizer is None
+    assert lm.generate([5, 6], max_new_tokens=8, seed=0).sequences.shape == (1, 10)
+    with pytest.raises(CanvasError, match="no tokenizer"):
+        lm.chat([{"role": "user", "content": "hi"}])
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(CanvasError, match="registered names"):
+        canvaslm.load(tmp_path / "nope")

@@ -1,0 +1,66 @@
+"""The `canvaslm` command, run as a user would (a subprocess), on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.reference import tiny_checkpoint
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "canvaslm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli-model")
+    tiny_checkpoint(path)
+    return str(path)
+
+
+def test_generate_json_reports_text_ids_and_speed(model_dir):
+    out = run("generate", "hello world", "--model", model_dir, "-n", "16", "--seed", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result) >= {"text", "token_ids", "tokens_per_forward", "forward_passes", "tokens_per_second"}
+    assert len(result["token_ids"]) <= 16 and result["forward_passes"] >= 1
+    again = json.loads(run("generate", "hello world", "--model", model_dir, "-n", "16", "--seed", "0",
+                           "--json").stdout.strip().splitlines()[-1])
+    assert again["token_ids"] == result["token_ids"]  # seeded runs repeat
+
+
+def test_show_canvas_reports_each_step_when_not_a_terminal(model_dir):
+    out = run("generate", "hello", "--chat", "--model", model_dir, "-n", "8", "--seed", "0", "--show-canvas",
+              "--max-denoising-steps", "4")
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stderr.splitlines() if line.startswith("canvas 1 · step")]
+    assert 1 <= len(steps) <= 4 and "accepted" in steps[0]
+
+
+def test_chat_reads_turns_from_stdin(model_dir):
+    out = run("chat", "--model", model_dir, "-n", "8", "--seed", "0", stdin="hello\nhow are you\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) >= 2
+
+
+def test_info_json(model_dir):
+    out = run("info", model_dir, "--json")
+    facts = json.loads(out.stdout)
+    assert facts["kind"] == "diffusion" and facts["canvas_length"] == 8 and facts["tokenizer"] is True
+    assert facts["sampling_defaults"]["max_denoising_steps"] == 48
+
+
+def test_bad_model_path_is_a_one_line_error(tmp_path):
+    out = run("generate", "hi", "--model", str(tmp_path / "missing"))
+    assert out.returncode == 2
+    assert "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_sampling_option_is_a_one_line_error(model_dir):
+    out = run("generate", "hi", "--model", model_dir, "--temperature", "0.5")
+    assert out.returncode == 2 and "autoregressive" in out.stderr and "Traceback" not in out.stderr
