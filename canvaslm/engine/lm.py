@@ -126,6 +126,15 @@ class LM:
         with torch.inference_mode():
             return self.network(ids, self.network.new_cache(ids.shape[0], self.device), valid).float()
 
+    def save(self, directory: str | Path) -> None:
+        """Write an HF-layout directory (config, safetensors weights, generation config, tokenizer) that
+        `canvaslm.load` reads back."""
+        settings = vars(self.diffusion_defaults) if self.kind == "diffusion" else dict(self.ar_defaults)
+        hf.save_model(self.network, directory, {**settings, "eos_token_id": self.eos_token_ids,
+                                                "pad_token_id": self.pad_token_id})
+        if self.tokenizer is not None:
+            self.tokenizer.to_dir(directory)
+
     # ---- text API ----------------------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, seed: int | None = None,

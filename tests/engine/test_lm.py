@@ -139,3 +139,29 @@ def test_text_api_without_tokenizer_is_a_clear_error(checkpoint, tmp_path):
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(CanvasError, match="registered names"):
         canvaslm.load(tmp_path / "nope")
+
+
+def test_llama_converted_to_diffusion_saves_and_loads(tmp_path):
+    """An AR Llama checkpoint, switched to block-diffusion mode, round-trips through save/load and generates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ar")
+    ar = canvaslm.load(tmp_path / "ar")
+    assert ar.kind == "autoregressive"
+    ar.network.to_diffusion(canvas_length=8)
+    with torch.no_grad():
+        ar.network.self_conditioning.down_proj.weight.normal_()  # as if trained: the block now matters
+    converted = canvaslm.LM(ar.network, None, "converted")
+    converted.save(tmp_path / "diffusion")
+    loaded = canvaslm.load(tmp_path / "diffusion")
+    assert loaded.kind == "diffusion" and loaded.network.canvas_length == 8
+    prompt, canvas = torch.tensor([[5, 6, 7]]), torch.tensor([[9] * 8])
+    sc = torch.randn(1, 8, 128)
+    assert torch.equal(loaded.denoise(prompt, canvas, sc), converted.denoise(prompt, canvas, sc))
+    a = loaded.generate([5, 6, 7], max_new_tokens=16, seed=3)
+    b = loaded.generate([5, 6, 7], max_new_tokens=16, seed=3)
+    assert torch.equal(a.sequences, b.sequences) and a.sequences.shape == (1, 19)

