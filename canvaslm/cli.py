@@ -1,4 +1,4 @@
-"""The `canvaslm` command: generate, chat, info, bench."""
+"""The `canvaslm` command: generate, chat, info, bench, train, data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from canvaslm import bench
 from canvaslm.errors import CanvasError
+from canvaslm.train import data_cli
 
 DEFAULT_MODEL = "smol-ar"
 SAMPLING_FLAGS = {  # flag -> (type, help); passed to the model only when given
@@ -55,13 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
     bench.add_parser(sub)
+    train = sub.add_parser("train", help="train or fine-tune from a TOML config (see examples/tiny-cpu.toml)")
+    train.add_argument("config", help="the TOML config")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3")
+    data_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main}[args.command](args)
+        commands = {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main,
+                    "train": _train, "data": data_cli.run}
+        return commands[args.command](args)
     except CanvasError as error:
         print(f"canvaslm: error: {error}", file=sys.stderr)
         return 2
@@ -137,6 +144,12 @@ def _chat(args: argparse.Namespace) -> int:
         print(out["text"], flush=True)
         if interactive:
             print(f"[{out['tokens_per_second']} tok/s, {out['tokens_per_forward']} tok/forward]", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from canvaslm.train.trainer import main as train_main
+
+    return train_main(args.config, args.overrides)
 
 
 def _info(args: argparse.Namespace) -> int:

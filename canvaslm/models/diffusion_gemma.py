@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
+from canvaslm.train.batch import TrainingError
+from canvaslm.train.masks import block_diffusion_mask, causal_mask
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _DECODER = "model.decoder."                  # where transformers stores the shared weights
@@ -447,6 +449,53 @@ class Model(nn.Module):
 
         masks = {w: decoder_mask(cache, cache.windows.index(w), canvas_ids.shape[1]) for w in set(cache.windows)}
         return self.logits(self._stack(x, cache, read, masks, encoder=False))
+
+    def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
+                                self_conditioning_logits: Tensor | None,
+                                self_conditioning_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Training forward: one causal pass over the clean sequence, then one decoder pass over all its canvases.
+
+        input_ids, valid [B, S]: left-padded prompt (P = prompt_length) then R = K * canvas_length response
+        positions; noised [B, R]: the corrupted response. self_conditioning_logits [B, R, V] (None: no signal)
+        is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
+        Returns float32 softcapped (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal
+        `decode` of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why."""
+        image = self.config.image_token_id
+        if image is not None and bool((input_ids == image).any()):
+            raise UnsupportedError(f"images/video are not supported yet: the batch holds the image token {image}")
+        batch, seq = input_ids.shape
+        if noised.shape != (batch, seq - prompt_length):
+            raise TrainingError(f"noised canvases must be [{batch}, {seq - prompt_length}] (the sequence after the "
+                                f"prompt of {prompt_length}), got {list(noised.shape)}")
+        valid, weight, scale = valid.bool(), self.embed_tokens.weight, self._embed_scale()
+        windows = self.new_cache(batch).windows
+        # 1. encoder (encoder scalars) at positions 0 .. S-1, keeping every layer's keys and values
+        encoder_kv: list[tuple[Tensor, Tensor]] = []
+
+        def keep(i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            encoder_kv.append((k, v))  # _stack visits the layers in order
+            return k, v
+
+        masks = {w: causal_mask(valid, w) for w in set(windows)}
+        hidden = self._stack(F.embedding(input_ids, weight) * scale, self.new_cache(batch), keep, masks, encoder=True)
+        # 2. decoder (decoder scalars): every canvas at once, reading [clean keys ; canvas keys]
+        x = F.embedding(noised, weight) * scale
+        soft = None
+        if self_conditioning_logits is not None:
+            soft = (self_conditioning_logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype) @ weight) * scale
+            if self_conditioning_rows is not None:  # a zero signal is exactly "no self-conditioning"
+                soft = soft * self_conditioning_rows[:, None, None].to(soft.dtype)
+        x = self.self_conditioning(x, soft)
+
+        def read(i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            clean_k, clean_v = encoder_kv[i]
+            return torch.cat([clean_k, k], dim=2), torch.cat([clean_v, v], dim=2)
+
+        # _stack numbers positions from a cache's length: a key-less cache of the prompt puts canvases at P + j
+        after_prompt = self.new_cache(batch)
+        after_prompt.commit(valid[:, :prompt_length])
+        masks = {w: block_diffusion_mask(valid, prompt_length, self.canvas_length, w) for w in set(windows)}
+        return self.logits(hidden), self.logits(self._stack(x, after_prompt, read, masks, encoder=False))
 
     def _stack(self, x: Tensor, cache: KVCache, kv: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]],
                masks: dict[int | None, Tensor | None], encoder: bool) -> Tensor:

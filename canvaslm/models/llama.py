@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
+from canvaslm.train.batch import TrainingError
+from canvaslm.train.masks import block_diffusion_mask, causal_mask
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -391,6 +393,44 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, decoder_mask(cache, i, canvas_ids.shape[1]), write=False)
         return self.logits(self.norm(x))
+
+    def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
+                                self_conditioning_logits: Tensor | None,
+                                self_conditioning_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Training forward: one causal pass over the clean sequence, then one decoder pass over all its canvases.
+
+        input_ids, valid [B, S]: left-padded prompt (P = prompt_length) then R = K * canvas_length response
+        positions; noised [B, R]: the corrupted response. self_conditioning_logits [B, R, V] (None: no signal)
+        is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
+        Returns float32 (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal `decode`
+        of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why."""
+        if self.self_conditioning is None:
+            raise GenerationError("forward_block_diffusion needs a diffusion model; call to_diffusion first")
+        batch, seq = input_ids.shape
+        if noised.shape != (batch, seq - prompt_length):
+            raise TrainingError(f"noised canvases must be [{batch}, {seq - prompt_length}] (the sequence after the "
+                                f"prompt of {prompt_length}), got {list(noised.shape)}")
+        valid, windows = valid.bool(), self.config.windows()
+        # 1. encoder: a window-less cache keeps every key for the decoder; the masks do the windowing
+        cache = KVCache([None] * len(windows), batch, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        rope = self._rope(0, seq, x.dtype)
+        masks = {w: causal_mask(valid, w) for w in set(windows)}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, masks[windows[i]], write=True)
+        cache.commit(valid)
+        # 2. decoder: every canvas at once, at positions P + arange(R), reading [clean keys ; canvas keys]
+        y = self.embed_tokens(noised)
+        if self_conditioning_logits is not None:
+            soft = self_conditioning_logits.float().softmax(dim=-1).to(y.dtype) @ self.embed_tokens.weight
+            if self_conditioning_rows is not None:  # a zero signal is exactly "no self-conditioning"
+                soft = soft * self_conditioning_rows[:, None, None].to(soft.dtype)
+            y = self.self_conditioning(y, soft)
+        rope = self._rope(prompt_length, noised.shape[1], y.dtype)
+        masks = {w: block_diffusion_mask(valid, prompt_length, self.config.canvas_length, w) for w in set(windows)}
+        for i, layer in enumerate(self.layers):
+            y = layer(y, rope, cache, masks[windows[i]], write=False)
+        return self.logits(self.norm(x)), self.logits(self.norm(y))
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden [B, n, H] -> float32 logits [B, n, V]."""

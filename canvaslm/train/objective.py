@@ -1,0 +1,224 @@
+"""The block-diffusion training objective: corrupt every canvas, denoise them all in one pass, score.
+
+`block_diffusion_loss` is the whole recipe (docs/training.md derives it): one noise level t per canvas, the
+supervised tokens of that canvas corrupted at rate t, a two-pass self-conditioning draw, one training forward
+(encoder pass over the clean sequence + decoder pass over every noised canvas), then
+
+    loss = diffusion loss (kind "flat", "udlm" or "masked") + ar_weight * causal next-token loss of the encoder.
+
+The default ("flat") is the DiffusionGemma / NeMo Automodel SFT recipe: uniform-random replacement, plain mean
+cross-entropy over all supervised canvas positions, corrupted or not, with no 1/t weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from canvaslm.train.batch import DiffusionBatch, TrainingError
+
+KINDS = ("flat", "udlm", "masked")
+
+
+class BlockDiffusionModel(Protocol):
+    vocab_size: int
+    canvas_length: int
+
+    def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
+                                self_conditioning_logits: Tensor | None,
+                                self_conditioning_rows: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    kind: str = "flat"
+    """"flat": uniform replacement, mean CE over all supervised positions (DiffusionGemma); "udlm": uniform
+    replacement, UDLM's continuous-time NELBO per token; "masked": replacement by mask_token_id, CE on masked
+    positions weighted 1/t (MDLM)."""
+    ar_weight: float = 1.0
+    """Weight of the causal next-token loss on the clean sequence (the encoder pass); 0 turns it off."""
+    self_conditioning_p: float = 0.5
+    """Probability, drawn per row, that a row is trained with self-conditioning: a no-grad first pass over the
+    whole batch feeds its predictions to the second pass in those rows (the others get a zero signal)."""
+    shift: bool = False
+    """Score canvas token i with the decoder output at i - 1 (a canvas's first token with the encoder output at
+    the position before the canvas). DiffusionGemma does not shift, and `generate` does not support it yet."""
+    t_min: float = 1e-3
+    """Noise levels are drawn from U(t_min, 1), one per canvas."""
+    mask_token_id: int | None = None
+    """The absorbing token of kind "masked" (must be below the vocabulary size)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TrainingError(f"objective kind must be one of {KINDS}, got {self.kind!r}")
+        if not 0 < self.t_min < 1:
+            raise TrainingError(f"t_min must be in (0, 1), got {self.t_min!r}")
+        if not 0 <= self.self_conditioning_p <= 1:
+            raise TrainingError(f"self_conditioning_p must be in [0, 1], got {self.self_conditioning_p!r}")
+        if not self.ar_weight >= 0:
+            raise TrainingError(f"ar_weight must be >= 0, got {self.ar_weight!r}")
+        if self.kind == "masked" and self.mask_token_id is None:
+            raise TrainingError('objective kind "masked" needs mask_token_id')
+
+    @property
+    def absorbing_token(self) -> int | None:
+        """What corruption writes: the mask token for kind "masked", None (a uniform random token) otherwise."""
+        return self.mask_token_id if self.kind == "masked" else None
+
+
+def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, options: ObjectiveOptions,
+                         generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    """The training loss of one batch (a scalar with gradients) and its metrics: loss, diffusion_loss, ar_loss,
+    token_accuracy (argmax = clean token, over supervised positions) and mean_t (over canvases holding
+    supervised tokens). Random draws, in order: t per canvas, corruption, self-conditioning rows."""
+    _check(model, batch, options)
+    canvas, prompt = model.canvas_length, batch.prompt_length
+    clean = batch.input_ids[:, prompt:]                                          # [B, R]
+    blocks = (batch.input_ids.shape[0], batch.response_length // canvas)
+    device = clean.device
+    # 1. one noise level per canvas; UDLM's log-linear schedule keeps alpha_t >= t_min
+    t = options.t_min + (1 - options.t_min) * _uniform(blocks, generator, device)  # [B, K]
+    t_token = t.repeat_interleave(canvas, dim=1)                                   # [B, R]
+    rate = (1 - options.t_min) * t_token if options.kind == "udlm" else t_token
+    noised, corrupted = corrupt(clean, batch.supervised, rate, model.vocab_size, options.absorbing_token, generator)
+    # 2. self-conditioning: rows drawn with probability p get the (no-grad) first pass's predictions
+    sc_rows = _uniform((blocks[0],), generator, device) < options.self_conditioning_p
+    sc_logits = None
+    if bool(sc_rows.any()):
+        with torch.no_grad():
+            first = model.forward_block_diffusion(batch.input_ids, batch.valid, prompt, noised, None)
+            sc_logits = _predictions(*first, prompt, canvas, options.shift).detach()
+    encoder_logits, canvas_logits = model.forward_block_diffusion(
+        batch.input_ids, batch.valid, prompt, noised, sc_logits, sc_rows if sc_logits is not None else None)
+    # 3. score the canvas predictions and the encoder's next-token predictions
+    logits = _predictions(encoder_logits, canvas_logits, prompt, canvas, options.shift)  # [B, R, V]
+    if options.kind == "flat":
+        per_token = _cross_entropy(logits, clean)
+    elif options.kind == "masked":
+        per_token = _cross_entropy(logits, clean) * corrupted / t_token
+    else:
+        alpha = 1 - rate
+        per_token = udlm_nelbo(logits, clean, noised, alpha, torch.full_like(alpha, -(1 - options.t_min)))
+    supervised = batch.supervised
+    diffusion = torch.where(supervised, per_token, 0).sum() / supervised.sum()
+    ar = causal_lm_loss(encoder_logits, batch.input_ids, batch.valid)
+    loss = diffusion + options.ar_weight * ar
+    scored_canvases = supervised.view(*blocks, canvas).any(dim=-1)
+    metrics = {"loss": loss.item(), "diffusion_loss": diffusion.item(), "ar_loss": ar.item(),
+               "token_accuracy": _accuracy(logits, clean, supervised), "mean_t": t[scored_canvases].mean().item()}
+    return loss, metrics
+
+
+@torch.no_grad()
+def accuracy_at_noise(model: BlockDiffusionModel, batch: DiffusionBatch, t: float, generator: torch.Generator | None,
+                      options: ObjectiveOptions | None = None) -> float:
+    """Token accuracy over supervised positions when every canvas is corrupted at rate t, without
+    self-conditioning. `options` supplies the corruption (mask token for kind "masked") and `shift`."""
+    options = options or ObjectiveOptions()
+    if not 0 <= t <= 1:
+        raise TrainingError(f"noise level t must be in [0, 1], got {t!r}")
+    _check(model, batch, options)
+    prompt, clean = batch.prompt_length, batch.input_ids[:, batch.prompt_length:]
+    rate = torch.full(clean.shape, t, device=clean.device)
+    noised, _ = corrupt(clean, batch.supervised, rate, model.vocab_size, options.absorbing_token, generator)
+    encoder_logits, canvas_logits = model.forward_block_diffusion(batch.input_ids, batch.valid, prompt, noised, None)
+    logits = _predictions(encoder_logits, canvas_logits, prompt, model.canvas_length, options.shift)
+    return _accuracy(logits, clean, batch.supervised)
+
+
+def corrupt(clean: Tensor, supervised: Tensor, rate: Tensor, vocab_size: int, mask_token_id: int | None,
+            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Replace each supervised token of clean [B, R] with probability rate [B, R]: by a uniform random token of
+    the vocabulary (which may redraw the token itself), or by mask_token_id when given. Returns (noised [B, R],
+    replaced [B, R] bool); unsupervised positions are never touched."""
+    replaced = (_uniform(clean.shape, generator, clean.device) < rate) & supervised
+    if mask_token_id is None:
+        where = generator.device if generator is not None else clean.device
+        replacement = torch.randint(0, vocab_size, clean.shape, generator=generator, device=where).to(clean.device)
+    else:
+        replacement = torch.full_like(clean, mask_token_id)
+    return torch.where(replaced, replacement, clean), replaced
+
+
+def causal_lm_loss(logits: Tensor, input_ids: Tensor, valid: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of logits [B, S, V] over pairs of consecutive valid positions."""
+    pairs = valid[:, :-1] & valid[:, 1:]                                      # [B, S - 1]
+    per_token = _cross_entropy(logits[:, :-1], input_ids[:, 1:])
+    return (per_token * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def udlm_nelbo(logits: Tensor, clean: Tensor, noised: Tensor, alpha: Tensor, alpha_prime: Tensor) -> Tensor:
+    """UDLM's continuous-time NELBO integrand per token [B, R] (research notes §1.3), for model logits
+    [B, R, V] at noisy tokens z = noised, clean tokens x, signal alpha_t and its derivative alpha'_t [B, R]:
+
+        xbar   = K alpha e_x  + (1 - alpha) 1          xbar_th = K alpha softmax(logits) + (1 - alpha) 1
+        loss   = alpha' / (K alpha) * [ K / xbar[z] - K / xbar_th[z]
+                                        - sum_j xbar[j] / xbar[z] * log(xbar[j] xbar_th[z] / (xbar_th[j] xbar[z])) ]
+
+    >= 0, and 0 when the model predicts x with certainty. xbar takes two values (c = K alpha + 1 - alpha at
+    x, a = 1 - alpha elsewhere), so the sum over j reduces to the vocabulary sum of log xbar_th; those [B, R]
+    statistics are combined in float64 because the terms cancel to a small number."""
+    k = logits.shape[-1]
+    a = 1 - alpha
+    log_xbar_th = torch.logaddexp(torch.log(k * alpha)[..., None] + logits.float().log_softmax(dim=-1),
+                                  torch.log(a)[..., None])                                        # [B, R, V]
+    sum_log_th = log_xbar_th.sum(dim=-1).double()
+    log_th_x = log_xbar_th.gather(-1, clean[..., None])[..., 0].double()
+    log_th_z = log_xbar_th.gather(-1, noised[..., None])[..., 0].double()
+    alpha, a = alpha.double(), a.double()
+    c = k * alpha + a
+    xbar_z = torch.where(clean == noised, c, a)
+    xbar_log_xbar = (k - 1) * a * torch.log(a) + c * torch.log(c)                                 # sum_j xbar log xbar
+    log_ratio_sum = (xbar_log_xbar - a * sum_log_th - k * alpha * log_th_x
+                     + k * (log_th_z - torch.log(xbar_z))) / xbar_z
+    bracket = k / xbar_z - k * torch.exp(-log_th_z) - log_ratio_sum
+    return (alpha_prime.double() / (k * alpha) * bracket).to(logits.dtype)
+
+
+def _predictions(encoder_logits: Tensor, canvas_logits: Tensor, prompt_length: int, canvas_length: int,
+                 shift: bool) -> Tensor:
+    """Logits [B, R, V] predicting each response token: the canvas logits, or with `shift` the decoder output
+    one position earlier, a canvas's first token taking the encoder output before the canvas (the AR head)."""
+    if not shift:
+        return canvas_logits
+    response = canvas_logits.shape[1]
+    first = (torch.arange(response, device=canvas_logits.device) % canvas_length == 0)[None, :, None]
+    before = encoder_logits[:, prompt_length - 1:prompt_length - 1 + response]  # position P + i - 1
+    return torch.where(first, before, canvas_logits.roll(1, dims=1))
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-position cross-entropy [B, n] of logits [B, n, V]."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def _accuracy(logits: Tensor, targets: Tensor, scored: Tensor) -> float:
+    return (logits.argmax(dim=-1) == targets)[scored].float().mean().item()
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """U[0, 1) draws from `generator` (on its own device), moved to `device`."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
+def _check(model: BlockDiffusionModel, batch: DiffusionBatch, options: ObjectiveOptions) -> None:
+    """Fail early, with a clear message, on a batch or options the model cannot take."""
+    if not model.canvas_length:
+        raise TrainingError("block-diffusion training needs a diffusion model (canvas_length unset)")
+    if batch.response_length % model.canvas_length:
+        raise TrainingError(f"the batch's response region ({batch.response_length}) is not whole canvases of "
+                            f"{model.canvas_length}: collate with the model's canvas_length")
+    if int(batch.input_ids.max()) >= model.vocab_size or int(batch.input_ids.min()) < 0:
+        raise TrainingError(f"token ids must be in [0, {model.vocab_size}), found "
+                            f"{int(batch.input_ids.min())} .. {int(batch.input_ids.max())}")
+    if options.kind == "masked" and not 0 <= options.mask_token_id < model.vocab_size:
+        raise TrainingError(f"mask_token_id {options.mask_token_id} is not in the vocabulary [0, {model.vocab_size})")
+    if options.shift and batch.prompt_length == 0:
+        raise TrainingError("shift predicts a canvas's first token from the position before it: prompts must "
+                            "not all be empty")
+
