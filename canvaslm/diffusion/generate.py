@@ -16,6 +16,7 @@ from torch import Tensor
 
 from canvaslm.diffusion.sampling import (
     DiffusionSampling,
+    carry_over,
     entropy,
     entropy_bound_accept,
     random_canvas,
@@ -90,19 +91,27 @@ def generate_steps(
     n_canvases = -(-max_new_tokens // canvas_length)
     # self-conditioning logits are kept in the embedding dtype, as the reference does (bf16 on GPU)
     sc_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
+    # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
+    mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
     for canvas_index in range(n_canvases):
-        model.encode(new_tokens, cache, new_valid)                                           # 1.a
-        canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device)  # 1.b
+        hidden = model.encode(new_tokens, cache, new_valid)                                   # 1.a
+        before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
+        canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device, mask_id)  # 1.b
         draft, sc_logits = canvas, None
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
         for steps_left in range(settings.max_denoising_steps, 0, -1):                     # 1.c
             forward_passes += ~(stopped | done)
-            logits = model.decode(canvas, cache, sc_logits) / temperature_at(steps_left, settings)
+            logits = model.decode(canvas, cache, sc_logits)
+            if shift:  # canvas token i is read from output i - 1, token 0 from the last encoded position
+                logits = torch.cat([before, logits[:, :-1]], dim=1)
+            logits = logits / temperature_at(steps_left, settings)
+            if mask_id is not None:
+                logits = carry_over(logits, canvas, mask_id)
             proposal = sample_tokens(logits.softmax(dim=-1), generator)
             token_entropy = entropy(logits)
             accepted = entropy_bound_accept(token_entropy, settings.entropy_bound)
-            new_canvas = renoise(proposal, accepted, model.vocab_size, generator)
+            new_canvas = renoise(proposal, accepted, model.vocab_size, generator, mask_id)
             new_draft = logits.argmax(dim=-1)
             if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
                 new_draft = torch.where(stopped[:, None], draft, new_draft)

@@ -87,15 +87,26 @@ def entropy_bound_accept(token_entropy: Tensor, bound: float) -> Tensor:
 
 
 def random_canvas(batch_size: int, canvas_length: int, vocab_size: int, generator: torch.Generator | None,
-                  device: torch.device | str = "cpu") -> Tensor:
-    """A canvas of uniformly random token ids [B, C]: the diffusion prior."""
+                  device: torch.device | str = "cpu", mask_token_id: int | None = None) -> Tensor:
+    """A canvas [B, C] drawn from the diffusion prior: uniformly random ids, or all `mask_token_id` for an
+    absorbing-state (masked) model."""
+    if mask_token_id is not None:
+        return torch.full((batch_size, canvas_length), mask_token_id, device=device)
     return torch.randint(0, vocab_size, (batch_size, canvas_length), generator=generator, device=device)
 
 
-def renoise(canvas: Tensor, accepted: Tensor, vocab_size: int, generator: torch.Generator | None) -> Tensor:
-    """Replace every non-accepted position with a fresh uniformly random token."""
-    noise = random_canvas(*canvas.shape, vocab_size, generator, canvas.device)
+def renoise(canvas: Tensor, accepted: Tensor, vocab_size: int, generator: torch.Generator | None,
+            mask_token_id: int | None = None) -> Tensor:
+    """Replace every non-accepted position with fresh noise (a uniformly random token, or the mask token)."""
+    noise = random_canvas(*canvas.shape, vocab_size, generator, canvas.device, mask_token_id)
     return torch.where(accepted, canvas, noise)
+
+
+def carry_over(logits: Tensor, canvas: Tensor, mask_token_id: int) -> Tensor:
+    """Absorbing-state (masked) models: a position whose token is not the mask keeps it with certainty (MDLM's
+    SUBS parameterisation), since such models are only trained to predict masked positions. [B, C, V]."""
+    certain = torch.full_like(logits, -1e4).scatter(-1, canvas[..., None], 0.0)
+    return torch.where((canvas != mask_token_id)[..., None], certain, logits)
 
 
 def sample_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:

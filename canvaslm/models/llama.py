@@ -68,6 +68,8 @@ class Config:
     eos_token_ids: list[int]
     pad_token_id: int | None
     canvas_length: int | None = None  # None: plain AR model; set: block-diffusion mode
+    canvas_shift: bool = False        # trained with the shift trick: canvas token i read from output i - 1
+    mask_token_id: int | None = None  # absorbing-state (masked) diffusion: noise is this token, not uniform
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], path: object) -> Config:
@@ -126,6 +128,8 @@ class Config:
             eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else eos,
             pad_token_id=get("pad_token_id", int, None),
             canvas_length=canvas_length,
+            canvas_shift=get("canvas_shift", bool, False),
+            mask_token_id=get("mask_token_id", int, None),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -150,6 +154,8 @@ class Config:
                      layer_types=list(self.layer_types))
         if self.canvas_length:
             d["canvas_length"] = self.canvas_length
+            d.update({"canvas_shift": True} if self.canvas_shift else {})
+            d.update({} if self.mask_token_id is None else {"mask_token_id": self.mask_token_id})
         return d
 
     def windows(self) -> list[int | None]:
@@ -341,6 +347,14 @@ class Model(nn.Module):
     @property
     def canvas_length(self) -> int | None:
         return self.config.canvas_length
+
+    @property
+    def canvas_shift(self) -> bool:
+        return self.config.canvas_shift
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.config.mask_token_id
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -14,13 +14,13 @@ from canvaslm.checkpoints.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 WORDS = [str(d) for d in range(10)] + ["reverse", "sort", ":"]
-VOCAB = SPECIALS + WORDS
-PAD, EOS, BOS = 0, 1, 2
+VOCAB = SPECIALS + WORDS + ["<mask>"]  # <mask>: the noise token when training masked (absorbing) diffusion
+PAD, EOS, BOS, MASK = 0, 1, 2, len(VOCAB) - 1
 TASKS = ("reverse", "sort")
 
 
 def tokenizer() -> Tokenizer:
-    """A word-level tokenizer over the task's 16 tokens (pad 0, eos 1, bos 2)."""
+    """A word-level tokenizer over the task's 17 tokens (pad 0, eos 1, bos 2, mask 16)."""
     backend = Backend(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces

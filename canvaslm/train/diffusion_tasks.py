@@ -8,6 +8,7 @@ sampling with the inference loop on held-out prompts.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import generate
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.tasks import digits
-from canvaslm.train.batch import DiffusionBatch, collate
+from canvaslm.train.batch import DiffusionBatch, TrainingError, collate
 from canvaslm.train.config import ConfigError, TrainConfig, read_section
 from canvaslm.train.objective import ObjectiveOptions, accuracy_at_noise, block_diffusion_loss
 
@@ -62,8 +63,19 @@ class BlockDiffusionTask:
         loss, metrics = block_diffusion_loss(model, batch, self.options, generator)
         return loss, {**metrics, "tokens": float(batch.valid.sum())}
 
+    def _mark(self, model: nn.Module) -> None:
+        """Record in the model's config how it is trained (shift, mask noise) so that sampling matches."""
+        shift, mask_id = self.options.shift, self.options.mask_token_id if self.options.kind == "masked" else None
+        if not (shift or mask_id is not None):
+            return
+        if not hasattr(model.config, "canvas_shift"):
+            raise TrainingError(f"{type(model).__module__} models cannot sample with shift or mask noise yet; "
+                                "train them with objective.kind = 'flat' or 'udlm' and shift = false")
+        model.config = dataclasses.replace(model.config, canvas_shift=shift, mask_token_id=mask_id)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        self._mark(model)
         device = next(model.parameters()).device
         held_out = self.held_out()
         batch = collate(held_out, self.canvas_length, self.eos, self.pad).to(device)
@@ -95,6 +107,7 @@ class BlockDiffusionTask:
                 "tokens_per_forward": float(out.tokens_per_forward.mean())}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
+        self._mark(model)
         hf.save_model(model, out_dir, {"eos_token_id": [self.eos], "pad_token_id": self.pad})
         if self.tokenizer is not None:
             self.tokenizer.to_dir(out_dir)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from canvaslm.diffusion.sampling import carry_over
 from canvaslm.train.batch import DiffusionBatch, TrainingError
 
 KINDS = ("flat", "udlm", "masked")
@@ -91,11 +92,12 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
     if bool(sc_rows.any()):
         with torch.no_grad():
             first = model.forward_block_diffusion(batch.input_ids, batch.valid, prompt, noised, None)
-            sc_logits = _predictions(*first, prompt, canvas, options.shift).detach()
+            sc_logits = _carry_over(_predictions(*first, prompt, canvas, options.shift), noised, options).detach()
     encoder_logits, canvas_logits = model.forward_block_diffusion(
         batch.input_ids, batch.valid, prompt, noised, sc_logits, sc_rows if sc_logits is not None else None)
     # 3. score the canvas predictions and the encoder's next-token predictions
-    logits = _predictions(encoder_logits, canvas_logits, prompt, canvas, options.shift)  # [B, R, V]
+    logits = _carry_over(_predictions(encoder_logits, canvas_logits, prompt, canvas, options.shift), noised,
+                         options)  # [B, R, V]
     if options.kind == "flat":
         per_token = _cross_entropy(logits, clean)
     elif options.kind == "masked":
@@ -127,7 +129,7 @@ def accuracy_at_noise(model: BlockDiffusionModel, batch: DiffusionBatch, t: floa
     noised, _ = corrupt(clean, batch.supervised, rate, model.vocab_size, options.absorbing_token, generator)
     encoder_logits, canvas_logits = model.forward_block_diffusion(batch.input_ids, batch.valid, prompt, noised, None)
     logits = _predictions(encoder_logits, canvas_logits, prompt, model.canvas_length, options.shift)
-    return _accuracy(logits, clean, batch.supervised)
+    return _accuracy(_carry_over(logits, noised, options), clean, batch.supervised)
 
 
 def corrupt(clean: Tensor, supervised: Tensor, rate: Tensor, vocab_size: int, mask_token_id: int | None,
@@ -189,6 +191,11 @@ def _predictions(encoder_logits: Tensor, canvas_logits: Tensor, prompt_length: i
     first = (torch.arange(response, device=canvas_logits.device) % canvas_length == 0)[None, :, None]
     before = encoder_logits[:, prompt_length - 1:prompt_length - 1 + response]  # position P + i - 1
     return torch.where(first, before, canvas_logits.roll(1, dims=1))
+
+
+def _carry_over(logits: Tensor, noised: Tensor, options: ObjectiveOptions) -> Tensor:
+    """For kind "masked", unmasked positions keep their token (SUBS), as sampling does; a no-op otherwise."""
+    return logits if options.kind != "masked" else carry_over(logits, noised, options.mask_token_id)
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -83,3 +83,13 @@ def test_zero_stability_threshold_means_confidence_alone():
     stop, _ = stable_and_confident(torch.empty(0, 1, 2, dtype=torch.long), torch.tensor([[1, 2]]),
                                    torch.tensor([[1e-4, 1e-4]]), 0.005)
     assert stop.tolist() == [True]
+
+
+def test_carry_over_keeps_unmasked_tokens_with_certainty():
+    from canvaslm.diffusion.sampling import carry_over
+
+    logits = torch.zeros(1, 3, 5)
+    canvas = torch.tensor([[4, 2, 4]])  # 4 is the mask token
+    out = carry_over(logits, canvas, mask_token_id=4)
+    assert torch.equal(out[0, 0], logits[0, 0]) and torch.equal(out[0, 2], logits[0, 2])
+    assert out[0, 1].argmax() == 2 and entropy(out)[0, 1] < 1e-6

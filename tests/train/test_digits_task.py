@@ -72,3 +72,14 @@ def test_a_model_without_a_diffusion_head_is_refused_before_compute(tmp_path, ca
     assert main(str(bad), [f"train.out_dir={tmp_path / 'out2'}"]) == 2
     assert "autoregressive" in capsys.readouterr().err
     assert not (tmp_path / "out2" / "metrics.jsonl").exists()
+
+
+def test_missing_training_data_is_refused_before_compute(tmp_path, capsys):
+    config = tmp_path / "shards.toml"
+    text = EXAMPLE.read_text()
+    data = text[text.index("[data]"):text.index("[objective]")]
+    config.write_text(text.replace(data, f"[data]\ntask = \"shards\"\npath = \"{tmp_path / 'no-such-data'}\"\n\n"))
+    assert main(str(config), [f"train.out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-data" in err and "bad override" not in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
