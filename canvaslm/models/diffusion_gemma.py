@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
-from canvaslm.train.batch import TrainingError
-from canvaslm.train.masks import block_diffusion_mask, causal_mask
+from canvaslm.train.masks import block_diffusion_mask, causal_mask, check_training_inputs
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _DECODER = "model.decoder."                  # where transformers stores the shared weights
@@ -463,10 +462,7 @@ class Model(nn.Module):
         image = self.config.image_token_id
         if image is not None and bool((input_ids == image).any()):
             raise UnsupportedError(f"images/video are not supported yet: the batch holds the image token {image}")
-        batch, seq = input_ids.shape
-        if noised.shape != (batch, seq - prompt_length):
-            raise TrainingError(f"noised canvases must be [{batch}, {seq - prompt_length}] (the sequence after the "
-                                f"prompt of {prompt_length}), got {list(noised.shape)}")
+        batch, seq = check_training_inputs(input_ids, noised, prompt_length)
         valid, weight, scale = valid.bool(), self.embed_tokens.weight, self._embed_scale()
         windows = self.new_cache(batch).windows
         # 1. encoder (encoder scalars) at positions 0 .. S-1, keeping every layer's keys and values

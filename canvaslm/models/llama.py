@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
-from canvaslm.train.batch import TrainingError
-from canvaslm.train.masks import block_diffusion_mask, causal_mask
+from canvaslm.train.masks import block_diffusion_mask, causal_mask, check_training_inputs
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -420,10 +419,7 @@ class Model(nn.Module):
         of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why."""
         if self.self_conditioning is None:
             raise GenerationError("forward_block_diffusion needs a diffusion model; call to_diffusion first")
-        batch, seq = input_ids.shape
-        if noised.shape != (batch, seq - prompt_length):
-            raise TrainingError(f"noised canvases must be [{batch}, {seq - prompt_length}] (the sequence after the "
-                                f"prompt of {prompt_length}), got {list(noised.shape)}")
+        batch, seq = check_training_inputs(input_ids, noised, prompt_length)
         valid, windows = valid.bool(), self.config.windows()
         # 1. encoder: a window-less cache keeps every key for the decoder; the masks do the windowing
         cache = KVCache([None] * len(windows), batch, input_ids.device)

@@ -54,3 +54,12 @@ def block_diffusion_mask(valid: Tensor, prompt_length: int, canvas_length: int, 
     mask = torch.cat([encoder, canvas], dim=1)[None] & key_valid[:, None, :]
     diagonal = F.pad(torch.eye(response, dtype=torch.bool, device=valid.device), (seq, 0))
     return (mask | diagonal[None])[:, None]
+
+
+def check_training_inputs(input_ids: Tensor, noised: Tensor, prompt_length: int) -> tuple[int, int]:
+    """(B, S) of a training forward's clean sequence [B, S], after checking that `noised` holds [B, S - P]."""
+    batch, seq = input_ids.shape
+    if noised.shape != (batch, seq - prompt_length):
+        raise TrainingError(f"noised canvases must be [{batch}, {seq - prompt_length}] (the sequence after the "
+                            f"prompt of {prompt_length}), got {list(noised.shape)}")
+    return batch, seq
