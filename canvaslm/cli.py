@@ -1,4 +1,4 @@
-"""The `canvaslm` command: generate, chat, info, bench, train, data."""
+"""The `canvaslm` command: generate, chat, info, bench, train, data, quality, asset."""
 
 from __future__ import annotations
 
@@ -60,6 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the TOML config")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3")
     data_cli.add_parser(sub)
+    quality = sub.add_parser("quality", help="GenPPL, entropy, distinct-4, tokens/forward and tok/s of a diffusion "
+                             "model next to its AR judge, on held-out prompts")
+    quality.add_argument("model", help="the diffusion model (HF dir, asset folder or name)")
+    quality.add_argument("--judge", default="smol-ar", help="autoregressive judge and baseline (default smol-ar)")
+    quality.add_argument("--prompts", required=True, help="data directory (its last N prompts) or JSONL of prompts")
+    quality.add_argument("--limit", type=int, default=200, help="number of prompts (default 200)")
+    quality.add_argument("--exclude", default=None, help="training data directory: its prompts are not evaluated")
+    quality.add_argument("--max-new-tokens", type=int, default=128)
+    quality.add_argument("--batch-size", type=int, default=16)
+    quality.add_argument("--speed-prompts", type=int, default=10, help="prompts timed at batch 1 (0 = skip)")
+    quality.add_argument("--setting", action="append", default=[], metavar="K=V[,K=V]",
+                         help="a diffusion sampler setting to evaluate (repeatable; the first is the default; "
+                              "none = the model's defaults)")
+    quality.add_argument("--seed", type=int, default=0)
+    quality.add_argument("--out", required=True, help="JSON report; a PNG frontier plot is written beside it")
+    quality.add_argument("--device", default=None)
+    asset = sub.add_parser("asset", help="pack a finished LoRA run into a shippable asset folder")
+    asset_sub = asset.add_subparsers(dest="asset_command", required=True)
+    pack = asset_sub.add_parser("pack", help="adapter + diffusion fields + sampling defaults -> asset folder")
+    pack.add_argument("run", help="training out_dir (holds adapter/ and model/)")
+    pack.add_argument("--out", required=True, help="asset folder to write (e.g. canvaslm/assets/smol)")
+    pack.add_argument("--name", default="smol")
+    pack.add_argument("--base", default="smol-ar", help="registered base the adapter applies to")
+    pack.add_argument("--set", action="append", default=[], metavar="K=V", help="sampling default, e.g. "
+                      "entropy_bound=0.3 (repeatable)")
+    pack.add_argument("--training", default=None, help="JSON file summarizing the run, stored in asset.json")
     return parser
 
 
@@ -67,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main,
-                    "train": _train, "data": data_cli.run}
+                    "train": _train, "data": data_cli.run, "quality": _quality, "asset": _asset}
         return commands[args.command](args)
     except CanvasError as error:
         print(f"canvaslm: error: {error}", file=sys.stderr)
@@ -174,6 +200,61 @@ def _info(args: argparse.Namespace) -> int:
         width = max(map(len, facts))
         for key, value in facts.items():
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+
+def _key_values(text: str, flag: str) -> dict[str, Any]:
+    """`a=1,b=0.5` -> {"a": 1, "b": 0.5} (values as JSON when they parse, else strings)."""
+    result: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CanvasError(f"{flag} {text!r}: expected key=value pairs separated by commas")
+        try:
+            result[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            result[key.strip()] = value
+    return result
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from canvaslm import load
+    from canvaslm.train.quality import check_systems, plot_frontier, quality_report, read_prompts
+
+    settings = [_key_values(s, "--setting") for s in args.setting] or [{}]
+    model, judge = load(args.model, device=args.device), load(args.judge, device=args.device)
+    check_systems(model, judge)
+    prompts = read_prompts(args.prompts, args.limit, judge._tokenizer(), args.exclude)
+    report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    plotted = plot_frontier(report, out.with_suffix(".png"))
+    summary = {"report": str(out), "plot": str(out.with_suffix(".png")) if plotted else None,
+               **{k: v["value"] for k, v in report["acceptance"].items() if isinstance(v, dict)},
+               "all_passed": report["acceptance"]["all_passed"]}
+    print(json.dumps(summary))
+    return 0
+
+
+def _asset(args: argparse.Namespace) -> int:
+    from canvaslm.checkpoints.assets import pack
+
+    generation: dict[str, Any] = {}
+    for item in args.set:
+        generation.update(_key_values(item, "--set"))
+    training = None
+    if args.training:
+        try:
+            with open(args.training, encoding="utf-8") as f:
+                training = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CanvasError(f"{args.training}: cannot read the training summary ({e})") from None
+    print(pack(args.run, args.out, args.name, args.base, generation, training))
     return 0
 
 

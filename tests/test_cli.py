@@ -64,3 +64,14 @@ def test_bad_model_path_is_a_one_line_error(tmp_path):
 def test_bad_sampling_option_is_a_one_line_error(model_dir):
     out = run("generate", "hi", "--model", model_dir, "--temperature", "0.5")
     assert out.returncode == 2 and "autoregressive" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_quality_and_asset_errors_are_one_line(model_dir, tmp_path):
+    out = run("quality", model_dir, "--judge", model_dir, "--prompts", str(tmp_path / "none.jsonl"),
+              "--out", str(tmp_path / "q.json"))
+    assert out.returncode == 2 and "quality needs a diffusion model and an autoregressive judge" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run("asset", "pack", str(tmp_path), "--out", str(tmp_path / "asset"))
+    assert out.returncode == 2 and out.stderr.startswith("canvaslm: error:") and "adapter" in out.stderr
+    out = run("asset", "pack", str(tmp_path), "--out", str(tmp_path / "asset"), "--set", "entropy_bound")
+    assert out.returncode == 2 and "key=value" in out.stderr

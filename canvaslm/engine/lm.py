@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from canvaslm.checkpoints import hf, registry
+from canvaslm.checkpoints import assets, hf, registry
 from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
@@ -228,10 +228,13 @@ class LM:
 
 
 def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
-    """Load a model from an HF-layout directory, a .gguf file, or a registered name (`smol-ar`)."""
+    """Load a model from an HF-layout directory, a .gguf file, an asset folder (a delta on a registered base,
+    built once into the cache dir) or a registered name (`smol-ar`, `smol`)."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
     path = registry.resolve(str(source)) or Path(source)
+    if assets.is_asset(path):
+        path = assets.materialize(path, registry.cache_dir())
     if path.suffix == ".gguf" and path.is_file():
         return _load_gguf(path, device, dtype, str(source))
     if path.is_dir():

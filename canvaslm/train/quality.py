@@ -1,0 +1,244 @@
+"""How good and how fast a converted model is, next to its autoregressive parent (`canvaslm quality`).
+
+On held-out chat prompts, every sampler setting of the diffusion model and the AR model (temperature 0.7, our own
+loop) answer with up to `max_new_tokens` tokens; then, per system:
+
+* GenPPL: exp of the AR judge's mean NLL per response token given the chat prompt (token-weighted over all
+  responses; an emitted end-of-turn counts as a token, so ending well is scored too);
+* unigram entropy: entropy of each response's token histogram, averaged over responses (low = repetition);
+* distinct-4: unique / total token 4-grams over all responses;
+* tokens per forward (the reference's per-row metric, averaged), empty answers;
+* CPU tok/s at batch 1 on the first `speed_prompts` prompts: response tokens / wall time.
+
+`acceptance` compares the default diffusion setting with the AR model against the default-model targets, and
+`plot_frontier` draws GenPPL against tokens per forward for all settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from canvaslm.engine.lm import LM
+from canvaslm.errors import CanvasError
+
+AR_SETTING: dict[str, Any] = {"temperature": 0.7}
+TARGETS = {"genppl_ratio_max": 1.5, "entropy_ratio_min": 0.85, "tokens_per_forward_min": 4.0,
+           "empty_answers_max": 0, "cpu_speedup_min": 3.0}
+
+
+@dataclass
+class SystemReport:
+    name: str
+    setting: dict[str, Any]
+    genppl: float
+    unigram_entropy: float
+    distinct_4: float
+    tokens_per_forward: float
+    mean_response_tokens: float
+    empty_answers: int
+    tokens_per_second_batch1: float | None
+    samples: list[str]
+
+
+def read_prompts(source: str | Path, limit: int, tokenizer: Any, exclude: str | Path | None = None) -> list[list[int]]:
+    """Up to `limit` chat prompts (ids) from a `canvaslm data build` directory (its last examples) or a JSONL file
+    (`{"messages": [...]}` or `{"prompt": "..."}` per line, rendered with the chat template); prompts that occur in
+    the data directory `exclude` (the training data) are dropped."""
+    from canvaslm.train.data import Shards
+
+    seen = {tuple(Shards(exclude)[i][0].tolist()) for i in range(len(Shards(exclude)))} if exclude else set()
+    path = Path(source)
+    if path.is_dir():
+        shards = Shards(path)
+        prompts = [p for p in (shards[i][0].tolist() for i in range(len(shards))) if tuple(p) not in seen]
+        return prompts[-limit:]
+    if not path.is_file():
+        raise CanvasError(f"{path}: not found; expected a data directory or a JSONL file of prompts")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CanvasError(f"{path}:{number}: not JSON ({e.msg})") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if messages is None and isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        if not isinstance(messages, list) or not messages:
+            raise CanvasError(f"{path}:{number}: expected {{\"messages\": [...]}} or {{\"prompt\": \"...\"}}")
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if tuple(ids) not in seen:
+            prompts.append(ids)
+        if len(prompts) == limit:
+            break
+    return prompts
+
+
+def answer(lm: LM, prompts: Sequence[list[int]], setting: Mapping[str, Any], max_new_tokens: int,
+           batch_size: int, seed: int, progress: Any = None) -> tuple[list[list[int]], list[bool], float]:
+    """(response ids cut at end-of-turn and max_new_tokens, whether each ended with end-of-turn, mean tokens per
+    forward) for every prompt, generated in batches."""
+    responses, stopped, tpf = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        out = lm.generate(chunk, max_new_tokens, seed=seed + start, **setting)
+        width = max(map(len, chunk))  # prompts are left-padded to the longest
+        for row in range(len(chunk)):
+            ids, reason = lm.decode_new(out.sequences[row], width)
+            responses.append(ids[:max_new_tokens])
+            stopped.append(reason == "stop" and len(ids) <= max_new_tokens)
+        tpf.extend(out.tokens_per_forward.tolist())
+        if progress is not None:
+            progress()
+    return responses, stopped, sum(tpf) / len(tpf)
+
+
+def judge_nll(judge: LM, prompts: Sequence[list[int]], responses: Sequence[list[int]], stopped: Sequence[bool],
+              batch_size: int = 8) -> tuple[float, int]:
+    """(summed NLL, scored tokens) of the responses (plus end-of-turn where emitted) under the AR judge."""
+    eos = judge.eos_token_ids[0]
+    total, count = 0.0, 0
+    rows = [(p, r + ([eos] if s else [])) for p, r, s in zip(prompts, responses, stopped, strict=True)]
+    for start in range(0, len(rows), batch_size):
+        chunk = [(p, r) for p, r in rows[start:start + batch_size] if r]
+        if not chunk:
+            continue
+        logits = judge.logits([p + r for p, r in chunk])  # left-padded: each row ends at the same column
+        width = logits.shape[1]
+        for row, (_, response) in enumerate(chunk):
+            n = len(response)
+            predicted = logits[row, width - n - 1: width - 1].log_softmax(-1)
+            target = torch.tensor(response, device=predicted.device)
+            total -= float(predicted.gather(-1, target[:, None]).sum())
+            count += n
+    return total, count
+
+
+def unigram_entropy(ids: Sequence[int]) -> float:
+    """Entropy (nats) of the token histogram of one response."""
+    if not ids:
+        return 0.0
+    counts, n = Counter(ids), len(ids)
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def distinct_ngrams(responses: Sequence[Sequence[int]], n: int = 4) -> float:
+    grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def tokens_per_second(lm: LM, prompts: Sequence[list[int]], setting: Mapping[str, Any], max_new_tokens: int,
+                      seed: int) -> float:
+    """Response tokens per wall-clock second, one prompt at a time (batch 1), after one warm-up call."""
+    lm.generate([prompts[0]], 8, seed=seed, **setting)
+    tokens, seconds = 0, 0.0
+    for i, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        out = lm.generate([prompt], max_new_tokens, seed=seed + i, **setting)
+        seconds += time.perf_counter() - start
+        tokens += len(lm.decode_new(out.sequences[0], len(prompt))[0][:max_new_tokens])
+    return tokens / seconds if seconds else 0.0
+
+
+def evaluate_system(lm: LM, judge: LM, name: str, prompts: Sequence[list[int]], setting: Mapping[str, Any], *,
+                    max_new_tokens: int, batch_size: int, speed_prompts: int, seed: int,
+                    progress: Any = None) -> SystemReport:
+    responses, stopped, tpf = answer(lm, prompts, setting, max_new_tokens, batch_size, seed, progress)
+    nll, count = judge_nll(judge, prompts, responses, stopped)
+    tokenizer = judge.tokenizer
+    texts = [tokenizer.decode(r) for r in responses] if tokenizer is not None else []
+    speed = (tokens_per_second(lm, prompts[:speed_prompts], setting, max_new_tokens, seed)
+             if speed_prompts > 0 else None)
+    return SystemReport(
+        name=name, setting=dict(setting), genppl=math.exp(nll / count) if count else float("inf"),
+        unigram_entropy=sum(map(unigram_entropy, responses)) / len(responses),
+        distinct_4=distinct_ngrams(responses), tokens_per_forward=tpf,
+        mean_response_tokens=sum(map(len, responses)) / len(responses),
+        empty_answers=sum(not t.strip() for t in texts) if texts else sum(not r for r in responses),
+        tokens_per_second_batch1=speed, samples=texts[:5])
+
+
+def acceptance(diffusion: SystemReport, ar: SystemReport) -> dict[str, Any]:
+    """Each default-model target with the measured value and whether it holds."""
+    speedup = (diffusion.tokens_per_second_batch1 / ar.tokens_per_second_batch1
+               if diffusion.tokens_per_second_batch1 and ar.tokens_per_second_batch1 else None)
+    checks = {
+        "genppl_ratio": (diffusion.genppl / ar.genppl, lambda v: v <= TARGETS["genppl_ratio_max"]),
+        "entropy_ratio": (diffusion.unigram_entropy / ar.unigram_entropy if ar.unigram_entropy else 0.0,
+                          lambda v: v >= TARGETS["entropy_ratio_min"]),
+        "tokens_per_forward": (diffusion.tokens_per_forward, lambda v: v >= TARGETS["tokens_per_forward_min"]),
+        "empty_answers": (diffusion.empty_answers, lambda v: v <= TARGETS["empty_answers_max"]),
+        "cpu_speedup": (speedup, lambda v: v is not None and v >= TARGETS["cpu_speedup_min"]),
+    }
+    result = {name: {"value": value, "passed": bool(ok(value))} for name, (value, ok) in checks.items()}
+    result["all_passed"] = all(item["passed"] for item in result.values())
+    return result
+
+
+def check_systems(model: LM, judge: LM) -> None:
+    if model.kind != "diffusion" or judge.kind != "autoregressive":
+        raise CanvasError(f"quality needs a diffusion model and an autoregressive judge; got {model.source} "
+                          f"({model.kind}) and {judge.source} ({judge.kind})")
+
+
+def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings: Sequence[Mapping[str, Any]], *,
+                   max_new_tokens: int = 128, batch_size: int = 16, speed_prompts: int = 10, seed: int = 0,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """The whole report: one entry per diffusion setting (the first is the default, timed at batch 1), the AR
+    judge's own answers at temperature 0.7, and the acceptance checks."""
+    check_systems(model, judge)
+    if not prompts:
+        raise CanvasError("quality needs at least one prompt")
+    batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not show_progress, transient=True) as bar:
+        task = bar.add_task("answering", total=batches)
+        step = lambda: bar.advance(task)  # noqa: E731
+        ar = evaluate_system(judge, judge, "autoregressive", prompts, AR_SETTING, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, speed_prompts=speed_prompts, seed=seed, progress=step)
+        diffusion = [evaluate_system(model, judge, f"diffusion {json.dumps(s)}", prompts, s,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     speed_prompts=speed_prompts if i == 0 else 0, seed=seed, progress=step)
+                     for i, s in enumerate(settings)]
+    return {"model": model.source, "judge": judge.source, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "seed": seed, "device": str(model.device), "threads": torch.get_num_threads(),
+            "autoregressive": asdict(ar), "diffusion": [asdict(d) for d in diffusion],
+            "targets": TARGETS, "acceptance": acceptance(diffusion[0], ar)}
+
+
+def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
+    """GenPPL against tokens per forward, one point per diffusion setting, the AR model as a reference line;
+    False when matplotlib (the `train` extra) is missing."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state
+    except ImportError:
+        return False
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = figure.add_subplot()
+    points = report["diffusion"]
+    ax.plot([p["tokens_per_forward"] for p in points], [p["genppl"] for p in points], "o-", label="diffusion")
+    for p in points:
+        label = ", ".join(f"{k}={v}" for k, v in p["setting"].items()) or "defaults"
+        ax.annotate(label, (p["tokens_per_forward"], p["genppl"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ar = report["autoregressive"]
+    ax.axhline(ar["genppl"], color="grey", linestyle="--", label=f"AR, T=0.7 (GenPPL {ar['genppl']:.1f})")
+    ax.axhline(ar["genppl"] * TARGETS["genppl_ratio_max"], color="red", linestyle=":", label="1.5x AR")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per forward pass")
+    ax.set_ylabel("GenPPL (AR judge)")
+    ax.set_title(f"quality/speed frontier, {report['prompts']} prompts")
+    ax.legend(fontsize=8)
+    figure.savefig(png, dpi=120)
+    return True

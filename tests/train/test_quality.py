@@ -1,0 +1,103 @@
+"""The quality report: each metric on hand-made cases, the judge's NLL against a direct computation, the
+acceptance rules, and a whole report (with its frontier plot) on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from canvaslm.engine.lm import LM
+from canvaslm.errors import CanvasError
+from canvaslm.models import llama
+from canvaslm.train.quality import (SystemReport, acceptance, distinct_ngrams, judge_nll, plot_frontier,
+                                    quality_report, read_prompts, unigram_entropy)
+from tests.reference import tiny_tokenizer
+from tests.train.toy_config import MODEL_INIT
+
+
+def tiny_lm(diffusion: bool, seed: int = 0) -> LM:
+    torch.manual_seed(seed)
+    network = llama.Model(llama.Config.from_hf({"model_type": "llama", **MODEL_INIT}, "test"))
+    if diffusion:
+        network.to_diffusion(4)
+    return LM(network.eval(), None, "diffusion" if diffusion else "ar", {"eos_token_id": 1, "pad_token_id": 0})
+
+
+def test_unigram_entropy_and_distinct_ngrams_by_hand():
+    assert unigram_entropy([]) == 0.0 and unigram_entropy([7, 7, 7]) == 0.0
+    assert unigram_entropy([1, 2, 3, 4]) == pytest.approx(math.log(4))
+    assert unigram_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2))
+    assert distinct_ngrams([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(4 / 5)  # 1234 repeats once
+    assert distinct_ngrams([[1, 2, 3, 4], [1, 2, 3, 4]]) == pytest.approx(1 / 2)
+    assert distinct_ngrams([[1, 2, 3]]) == 0.0
+
+
+def test_judge_nll_is_the_sum_of_response_token_log_probabilities():
+    judge = tiny_lm(False)
+    prompts, responses, stopped = [[3, 4, 5], [6, 7]], [[8, 9], [10, 11, 12]], [True, False]
+    total, count = judge_nll(judge, prompts, responses, stopped, batch_size=2)
+    expected = 0.0
+    for prompt, response in [([3, 4, 5], [8, 9, 1]), ([6, 7], [10, 11, 12])]:  # EOS (1) scored where emitted
+        logp = judge.logits([prompt + response])[0].log_softmax(-1)
+        expected -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(response))
+    assert count == 6 and total == pytest.approx(expected, rel=1e-5)
+
+
+def _report(**fields) -> SystemReport:
+    base = dict(name="x", setting={}, genppl=10.0, unigram_entropy=3.0, distinct_4=0.9, tokens_per_forward=1.0,
+                mean_response_tokens=100.0, empty_answers=0, tokens_per_second_batch1=10.0, samples=[])
+    return SystemReport(**{**base, **fields})
+
+
+def test_acceptance_applies_every_target():
+    ar = _report()
+    good = acceptance(_report(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=4.5,
+                              tokens_per_second_batch1=31.0), ar)
+    assert good["all_passed"] and good["genppl_ratio"]["value"] == pytest.approx(1.49)
+    for change, failing in [({"genppl": 15.1}, "genppl_ratio"), ({"unigram_entropy": 2.5}, "entropy_ratio"),
+                            ({"tokens_per_forward": 3.9}, "tokens_per_forward"),
+                            ({"empty_answers": 1}, "empty_answers"),
+                            ({"tokens_per_second_batch1": 29.0}, "cpu_speedup")]:
+        fields = dict(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=4.5, tokens_per_second_batch1=31.0)
+        result = acceptance(_report(**{**fields, **change}), ar)
+        assert not result["all_passed"] and not result[failing]["passed"]
+        assert all(v["passed"] for k, v in result.items() if k not in (failing, "all_passed"))
+
+
+def test_a_whole_report_on_tiny_models(tmp_path):
+    model, judge = tiny_lm(True), tiny_lm(False, seed=1)
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    settings = [{}, {"entropy_bound": 5.0}]
+    report = quality_report(model, judge, prompts, settings, max_new_tokens=8, batch_size=3, speed_prompts=2,
+                            show_progress=False)
+    assert report["prompts"] == 4 and len(report["diffusion"]) == 2
+    default, loose = report["diffusion"]
+    assert default["tokens_per_second_batch1"] > 0 and loose["tokens_per_second_batch1"] is None
+    assert all(0 < d["tokens_per_forward"] <= 4 for d in (default, loose))  # at most a canvas (4) per pass
+    for system in (report["autoregressive"], default):
+        assert system["genppl"] > 1 and 0 <= system["distinct_4"] <= 1 and system["mean_response_tokens"] <= 8
+    assert report["autoregressive"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.2)
+    assert set(report["acceptance"]) == {"genppl_ratio", "entropy_ratio", "tokens_per_forward", "empty_answers",
+                                         "cpu_speedup", "all_passed"}
+    json.dumps(report)  # serializable as written
+    assert plot_frontier(report, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    with pytest.raises(CanvasError, match="diffusion model and an autoregressive judge"):
+        quality_report(judge, judge, prompts, settings)
+
+
+def test_prompts_from_jsonl_with_training_prompts_excluded(tmp_path):
+    tokenizer = tiny_tokenizer(64)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hello"}\n\n{"messages": [{"role": "user", "content": "bye"}]}\n')
+    prompts = read_prompts(path, 10, tokenizer)
+    assert len(prompts) == 2 and all(prompts)
+    assert read_prompts(path, 1, tokenizer) == prompts[:1]
+    path.write_text('{"prompt": "hello"}\n[1, 2]\n')
+    with pytest.raises(CanvasError, match=r"prompts.jsonl:2: expected"):
+        read_prompts(path, 10, tokenizer)
+    with pytest.raises(CanvasError, match="not found"):
+        read_prompts(tmp_path / "nope.jsonl", 10, tokenizer)
