@@ -3,7 +3,9 @@
 Layout: per layer, keys and values [B, Hkv, T, D] for the positions encoded so far. Sliding-window layers keep
 only the last `window - 1` positions, exactly like the reference's DynamicSlidingWindowLayer, so a canvas decoded
 after a long prompt sees the same keys as in transformers. `valid` [B, length] marks real (non-pad) positions;
-positions are shared across the batch (prompts are left-padded), as in the reference `generate`.
+positions are shared across the batch (prompts are left-padded), as in the reference `generate`, unless the cache
+was built by `KVCache.stack` from caches of different lengths (continuous batching): then each row's positions
+skip its own left padding (`offsets`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,32 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * len(windows)
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, length]
         self.length = 0
+        self.offsets: Tensor | None = None  # [B] leading slots a row does not count as positions (see `stack`)
+
+    @classmethod
+    def stack(cls, caches: list[KVCache]) -> KVCache:
+        """One batch from single-row caches of different lengths, each left-padded to the longest. A row keeps
+        its own positions: its next slot is position `len(row)`, not the batch's length (see `positions`)."""
+        length = max(c.length for c in caches)
+        out = cls(caches[0].windows, len(caches), caches[0].valid.device)
+        for layer, window in enumerate(out.windows):
+            kept = length if window is None else min(length, window - 1)
+            for name in ("keys", "values"):
+                rows = [getattr(c, name)[layer] for c in caches]
+                if any(r is None for r in rows):
+                    continue
+                getattr(out, name)[layer] = torch.cat([F.pad(r, (0, 0, kept - r.shape[2], 0)) for r in rows])
+        out.valid = torch.cat([F.pad(c.valid, (length - c.length, 0), value=False) for c in caches])
+        out.length = length
+        zero = torch.zeros(1, dtype=torch.long, device=out.valid.device)
+        own = torch.cat([zero if c.offsets is None else c.offsets for c in caches])
+        out.offsets = own + torch.tensor([length - c.length for c in caches], device=out.valid.device)
+        return out
+
+    def positions(self, n: int) -> Tensor:
+        """Positions of the next n slots: [n], shared by all rows, or [B, n] for a stacked cache."""
+        positions = torch.arange(self.length, self.length + n, device=self.valid.device)
+        return positions if self.offsets is None else positions[None, :] - self.offsets[:, None]
 
     @property
     def batch_size(self) -> int:
@@ -59,6 +87,7 @@ class KVCache:
         self.keys = [None if k is None else k[rows] for k in self.keys]
         self.values = [None if v is None else v[rows] for v in self.values]
         self.valid = self.valid[rows]
+        self.offsets = None if self.offsets is None else self.offsets[rows]
 
 
 def encoder_mask(cache: KVCache, layer: int, valid_new: Tensor) -> Tensor:

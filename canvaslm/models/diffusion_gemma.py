@@ -221,7 +221,8 @@ def _token_id(d: Mapping[str, Any], text: Mapping[str, Any], key: str, default: 
 
 def rope_tables(params: Mapping[str, Any], head_dim: int, positions: Tensor,
                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [n, head_dim] for `positions` [n], as the reference computes them (float32, then cast).
+    """cos, sin [n, head_dim] for `positions` [n] ([B, 1, n, head_dim] for per-row positions [B, n]), as the
+    reference computes them (float32, then cast).
 
     'proportional' RoPE (full layers) rotates only the first partial_rotary_factor of the frequency pairs and keeps
     head_dim in the exponent's denominator; the other pairs get frequency 0, i.e. are left unrotated."""
@@ -233,9 +234,10 @@ def rope_tables(params: Mapping[str, Any], head_dim: int, positions: Tensor,
         rotated = int(partial * head_dim // 2)
         inv_freq = 1.0 / base ** (torch.arange(0, 2 * rotated, 2, device=positions.device).float() / head_dim)
         inv_freq = F.pad(inv_freq, (0, head_dim // 2 - rotated)) / params.get("factor", 1.0)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    return (cos, sin) if positions.ndim == 1 else (cos[:, None], sin[:, None])
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -430,9 +432,11 @@ class Model(nn.Module):
         cache.commit(valid)
         return x
 
-    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None = None) -> Tensor:
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None = None,
+               self_conditioning_rows: Tensor | None = None) -> Tensor:
         """Bidirectional pass over canvas_ids [B, C] after the cached prefix (read only). Returns float32
-        softcapped logits [B, C, V]. `self_conditioning_logits` [B, C, V]: the previous step's logits, if any."""
+        softcapped logits [B, C, V]. `self_conditioning_logits` [B, C, V]: the previous step's logits, if any, used
+        only in the rows where self_conditioning_rows [B] is True when that is given."""
         if canvas_ids.shape[0] != cache.batch_size:
             raise GenerationError(f"batch of {canvas_ids.shape[0]} canvases for a cache of {cache.batch_size} rows")
         weight, scale = self.embed_tokens.weight, self._embed_scale()
@@ -440,6 +444,8 @@ class Model(nn.Module):
         soft = None
         if self_conditioning_logits is not None:  # expected embedding under the previous step's distribution
             soft = (self_conditioning_logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype) @ weight) * scale
+            if self_conditioning_rows is not None:  # a zero signal is exactly "no self-conditioning"
+                soft = soft * self_conditioning_rows[:, None, None].to(soft.dtype)
         x = self.self_conditioning(x, soft)
 
         def read(i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -496,7 +502,7 @@ class Model(nn.Module):
     def _stack(self, x: Tensor, cache: KVCache, kv: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]],
                masks: dict[int | None, Tensor | None], encoder: bool) -> Tensor:
         """All layers over x [B, n, hidden] at positions cache.length + arange(n), then the final norm."""
-        positions = torch.arange(cache.length, cache.length + x.shape[1], device=x.device)
+        positions = cache.positions(x.shape[1])
         tables: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(self.layers):
             key = (self.config.layer_types[i], layer.self_attn.head_dim)

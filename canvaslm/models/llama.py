@@ -362,21 +362,20 @@ class Model(nn.Module):
     def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         return KVCache(self.config.windows(), batch_size, device or self.embed_tokens.weight.device)
 
-    def _rope(self, start: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [n, D] for positions start .. start + n - 1 (shared by all rows)."""
-        device = self.embed_tokens.weight.device
-        if self.inv_freq.device != device:
-            self.inv_freq = self.inv_freq.to(device)
-        positions = torch.arange(start, start + n, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin for `positions`: [n, D] for positions [n] shared by all rows, [B, 1, n, D] for [B, n]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return (cos, sin) if positions.ndim == 1 else (cos[:, None], sin[:, None])
 
     def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor:
         """Causal pass over input_ids [B, n] (left-padded; valid [B, n] marks real tokens) that appends them to
         the cache. Returns the final-normed hidden states [B, n, H]."""
         x = self.embed_tokens(input_ids)
-        rope = self._rope(cache.length, input_ids.shape[1], x.dtype)
+        rope = self._rope(cache.positions(input_ids.shape[1]), x.dtype)
         masks: dict[int | None, Tensor] = {}  # the mask depends only on the layer's window
         for i, layer in enumerate(self.layers):
             window = cache.windows[i]
@@ -390,19 +389,23 @@ class Model(nn.Module):
         """Causal LM: float32 logits [B, n, V] for input_ids [B, n], appended to the cache."""
         return self.logits(self.encode(input_ids, cache, valid))
 
-    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None) -> Tensor:
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None,
+               self_conditioning_rows: Tensor | None = None) -> Tensor:
         """Bidirectional pass over a canvas [B, C] placed after the cached prefix, which it reads but never writes.
 
-        self_conditioning_logits [B, C, V] are the previous step's logits (None on the first step).
-        Returns float32 logits [B, C, V]."""
+        self_conditioning_logits [B, C, V] are the previous step's logits (None on the first step), used only in
+        the rows where self_conditioning_rows [B] is True when that is given. Returns float32 logits [B, C, V]."""
         if self.self_conditioning is None:
             raise GenerationError("decode needs a diffusion model; call to_diffusion(canvas_length) first")
         x = self.embed_tokens(canvas_ids)
         if self_conditioning_logits is not None:
             # None means an all-zero signal; skipping it is exact (RMSNorm(0) = 0 and the block has no biases)
             probs = self_conditioning_logits.float().softmax(dim=-1).to(x.dtype)
-            x = self.self_conditioning(x, probs @ self.embed_tokens.weight)
-        rope = self._rope(cache.length, canvas_ids.shape[1], x.dtype)
+            soft = probs @ self.embed_tokens.weight
+            if self_conditioning_rows is not None:
+                soft = soft * self_conditioning_rows[:, None, None].to(soft.dtype)
+            x = self.self_conditioning(x, soft)
+        rope = self._rope(cache.positions(canvas_ids.shape[1]), x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, decoder_mask(cache, i, canvas_ids.shape[1]), write=False)
         return self.logits(self.norm(x))
@@ -424,7 +427,7 @@ class Model(nn.Module):
         # 1. encoder: a window-less cache keeps every key for the decoder; the masks do the windowing
         cache = KVCache([None] * len(windows), batch, input_ids.device)
         x = self.embed_tokens(input_ids)
-        rope = self._rope(0, seq, x.dtype)
+        rope = self._rope(torch.arange(seq, device=x.device), x.dtype)
         masks = {w: causal_mask(valid, w) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, masks[windows[i]], write=True)
@@ -436,7 +439,8 @@ class Model(nn.Module):
             if self_conditioning_rows is not None:  # a zero signal is exactly "no self-conditioning"
                 soft = soft * self_conditioning_rows[:, None, None].to(soft.dtype)
             y = self.self_conditioning(y, soft)
-        rope = self._rope(prompt_length, noised.shape[1], y.dtype)
+        canvas_positions = torch.arange(prompt_length, prompt_length + noised.shape[1], device=y.device)
+        rope = self._rope(canvas_positions, y.dtype)
         masks = {w: block_diffusion_mask(valid, prompt_length, self.config.canvas_length, w) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             y = layer(y, rope, cache, masks[windows[i]], write=False)

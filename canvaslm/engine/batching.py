@@ -1,0 +1,343 @@
+"""Continuous batching for serving: the canvases of many requests, each at its own denoising step, share one
+decoder pass.
+
+Every sequence (one per choice of a request) keeps its own KV cache of its prompt and committed canvases. Each
+engine step stacks the running sequences' caches (`KVCache.stack`; rebuilt only when a sequence joins, leaves or
+commits a canvas), runs one decoder pass over all their canvases, then advances each sequence with the pure
+functions of `canvaslm.diffusion.sampling`, using its own temperature step, settings and random generator. A
+sequence's tokens therefore do not depend on its neighbours (up to float rounding), and a sequence alone draws
+exactly what `LM.generate` draws for the same seed.
+
+Streaming: after each step the longest left-to-right prefix of the canvas whose tokens are accepted and unchanged
+since the previous step is *settled*. With `pin_settled` (the server's default) it is emitted at once and pinned:
+kept in the canvas and in the committed result, so streamed text is never taken back, and a sequence can end as
+soon as an end-of-turn or its token budget has settled, before its canvas has converged. Without pinning tokens
+are emitted when their canvas is committed, and results equal `LM.generate`.
+
+Autoregressive models are served by the same engine (one token per sequence per step, batch 1 each), so that a
+diffusion model and its AR parent can be compared through one server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.sampling import (carry_over, entropy, entropy_bound_accept, random_canvas,
+                                         renoise, sample_tokens, stable_and_confident, temperature_at)
+from canvaslm.engine.ar import sample_next
+from canvaslm.engine.lm import LM
+from canvaslm.errors import CanvasError, UnsupportedError
+from canvaslm.models.cache import KVCache
+
+
+class QueueFull(CanvasError):
+    """The engine's waiting queue is at its limit; try again later (HTTP 429)."""
+
+
+class EngineDead(CanvasError):
+    """The engine thread stopped on an internal error (HTTP 503; /health reports it)."""
+
+
+@dataclass
+class Tokens:
+    ids: list[int]                 # newly final tokens of one sequence, in order
+
+
+@dataclass
+class Draft:
+    canvas: int                    # canvas index
+    step: int                      # denoising step within the canvas, from 1
+    ids: list[int]                 # the whole current argmax canvas (may still change)
+
+
+@dataclass
+class Finished:
+    reason: str                    # "stop" (end-of-turn), "length" (token budget) or "abort"
+    completion_tokens: int
+    forward_passes: int
+    tokens_per_forward: float
+
+
+Event = Tokens | Draft | Finished
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `emit` receives its events from the engine thread (it must be thread-safe)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    emit: Callable[[Event], None]
+    sampling: dict[str, Any] = field(default_factory=dict)   # diffusion or AR options, checked on submit
+    seed: int | None = None
+    drafts: bool = False            # also emit a Draft after every denoising step
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    generator: torch.Generator
+    cache: KVCache
+    settings: Any                   # DiffusionSampling, or the AR options dict
+    emitted: int = 0                # tokens sent so far
+    passes: int = 0                 # forward passes that worked on this sequence
+    canvas_index: int = 0
+    # diffusion state of the current canvas
+    canvas: Tensor | None = None    # [1, C] what the decoder sees
+    draft: Tensor | None = None     # [1, C] argmax of the last step
+    sc_logits: Tensor | None = None
+    history: Tensor | None = None
+    steps_left: int = 0
+    step: int = 0
+    pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
+    next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
+
+
+class Engine:
+    """Runs sequences from a bounded queue in one background thread, `max_batch` at a time."""
+
+    def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
+                 on_step: Callable[[int, float], None] | None = None) -> None:
+        if lm.kind == "diffusion" and getattr(lm.network, "canvas_shift", False):
+            raise UnsupportedError("serving models trained with the shift trick is not supported yet")
+        self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
+        self.on_step = on_step          # (batch size, seconds) after every forward pass, for metrics
+        self._waiting: deque[Request] = deque()
+        self._running: list[_Sequence] = []
+        self._cancelled: set[int] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._stacked: tuple[tuple[tuple[int, int], ...], KVCache] | None = None
+        self.error: BaseException | None = None
+
+    # ---- public, any thread ----------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="canvaslm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def check(self, request: Request) -> Any:
+        """The request's settings, or a CanvasError for options this model does not take."""
+        if self.lm.kind == "diffusion":
+            return self.lm._diffusion_settings(dict(request.sampling))
+        return self.lm._ar_settings(dict(request.sampling))
+
+    def submit(self, request: Request) -> None:
+        self.lm._check_length(len(request.prompt), request.max_new_tokens)
+        self.check(request)
+        with self._wake:
+            if not self.alive:
+                raise EngineDead("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request (a client went away): it leaves the batch at the next step and its cache is freed."""
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    # ---- engine thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while not (self._stopping or self._waiting or self._running or self._cancelled):
+                            self._wake.wait()
+                        if self._stopping:
+                            break
+                        self._drop_cancelled()
+                        admitted = []
+                        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                            admitted.append(self._waiting.popleft())
+                    for request in admitted:
+                        self._admit(request)
+                    if self._running:
+                        self._step()
+        except BaseException as error:  # surfaced by /health and to every open request
+            self.error = error
+            with self._wake:
+                for seq in self._running:
+                    seq.request.emit(Finished("abort", seq.emitted, seq.passes, 0.0))
+                for request in self._waiting:
+                    request.emit(Finished("abort", 0, 0, 0.0))
+                self._running.clear()
+                self._waiting.clear()
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        for seq in [s for s in self._running if s.request.id in self._cancelled]:
+            self._finish(seq, "abort")
+        for request in [r for r in self._waiting if r.id in self._cancelled]:
+            self._waiting.remove(request)
+            request.emit(Finished("abort", 0, 0, 0.0))
+        self._cancelled.clear()
+
+    def _admit(self, request: Request) -> None:
+        lm = self.lm
+        generator = torch.Generator(lm.device)
+        generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seq = _Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request))
+        prompt = torch.tensor([request.prompt], device=lm.device)
+        hidden = self._timed(1, lambda: lm.network.encode(prompt, seq.cache, torch.ones_like(prompt, dtype=torch.bool)))
+        if lm.kind == "diffusion":
+            self._new_canvas(seq)
+        else:
+            seq.next_logits, seq.passes = lm.network.logits(hidden[:, -1]), 1
+        self._running.append(seq)
+
+    def _timed(self, batch: int, work: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = work()
+        if self.on_step is not None:
+            self.on_step(batch, time.perf_counter() - start)
+        return out
+
+    def _step(self) -> None:
+        if self.lm.kind == "autoregressive":
+            for seq in list(self._running):
+                self._ar_step(seq)
+            return
+        rows = self._running
+        cache = self._batch_cache()
+        canvases = torch.cat([s.canvas for s in rows])
+        with_sc = torch.tensor([s.sc_logits is not None for s in rows], device=canvases.device)
+        sc = None
+        if bool(with_sc.any()):
+            empty = torch.zeros_like(next(s.sc_logits for s in rows if s.sc_logits is not None))
+            sc = torch.cat([s.sc_logits if s.sc_logits is not None else empty for s in rows])
+        logits = self._timed(len(rows), lambda: self.lm.network.decode(canvases, cache, sc,
+                                                                       None if bool(with_sc.all()) else with_sc))
+        for i, seq in enumerate(list(rows)):
+            self._denoise(seq, logits[i:i + 1])
+
+    def _batch_cache(self) -> KVCache:
+        """The stacked cache of the running sequences, rebuilt only when one joined, left or committed."""
+        key = tuple((s.request.id, s.cache.length) for s in self._running)
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, self._running[0].cache if len(self._running) == 1
+                             else KVCache.stack([s.cache for s in self._running]))
+        return self._stacked[1]
+
+    def _new_canvas(self, seq: _Sequence) -> None:
+        network, settings = self.lm.network, seq.settings
+        seq.canvas = random_canvas(1, network.canvas_length, network.vocab_size, seq.generator, self.lm.device,
+                                   getattr(network, "mask_token_id", None))
+        seq.draft, seq.sc_logits, seq.pinned, seq.step = seq.canvas, None, 0, 0
+        seq.history = torch.full((settings.stability_threshold, 1, network.canvas_length), -1, device=self.lm.device)
+        seq.steps_left = settings.max_denoising_steps
+
+    def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
+        """One denoising step of one sequence from its decoder logits [1, C, V] (the order of random draws is
+        `generate_steps`'s)."""
+        network, settings = self.lm.network, seq.settings
+        mask_id = getattr(network, "mask_token_id", None)
+        seq.passes += 1
+        seq.step += 1
+        logits = logits / temperature_at(seq.steps_left, settings)
+        if mask_id is not None:
+            logits = carry_over(logits, seq.canvas, mask_id)
+        proposal = sample_tokens(logits.softmax(dim=-1), seq.generator)
+        token_entropy = entropy(logits)
+        accepted = entropy_bound_accept(token_entropy, settings.entropy_bound)
+        canvas = renoise(proposal, accepted, network.vocab_size, seq.generator, mask_id)
+        draft = logits.argmax(dim=-1)
+        if seq.pinned:
+            pins = seq.draft[:, :seq.pinned]
+            canvas[:, :seq.pinned], draft[:, :seq.pinned] = pins, pins
+        settled = accepted & (draft == seq.draft)
+        stop, seq.history = stable_and_confident(seq.history, draft, token_entropy, settings.confidence_threshold)
+        seq.canvas, seq.draft, seq.sc_logits = canvas, draft, logits.to(network.embed_tokens.weight.dtype)
+        seq.steps_left -= 1
+        if seq.request.drafts:
+            seq.request.emit(Draft(seq.canvas_index, seq.step, draft[0].tolist()))
+        if bool(stop.all()) or seq.steps_left == 0:
+            self._commit(seq)
+        elif self.pin_settled:
+            settled[:, :seq.pinned] = True
+            run = int(settled[0].long().cumprod(0).sum())  # length of the settled left-to-right prefix
+            if run > seq.pinned:
+                new, seq.pinned = draft[0, seq.pinned:run].tolist(), run
+                self._emit_tokens(seq, new)
+
+    def _emit_tokens(self, seq: _Sequence, ids: list[int]) -> bool:
+        """Send ids up to an end-of-turn and the token budget; True (and the sequence is finished) when one of
+        them was reached."""
+        eos = self.lm.eos_token_ids
+        stop_at = next((i for i, t in enumerate(ids) if t in eos), None)
+        budget = seq.request.max_new_tokens - seq.emitted
+        out = ids[:stop_at][:budget] if stop_at is not None else ids[:budget]
+        if out:
+            seq.emitted += len(out)
+            seq.request.emit(Tokens(out))
+        if stop_at is not None and stop_at <= budget:
+            self._finish(seq, "stop")
+            return True
+        if seq.emitted >= seq.request.max_new_tokens:
+            self._finish(seq, "length")
+            return True
+        return False
+
+    def _commit(self, seq: _Sequence) -> None:
+        tokens = seq.draft[0].tolist()
+        if self._emit_tokens(seq, tokens[seq.pinned:]):
+            return
+        committed = seq.draft
+        self.lm.network.encode(committed, seq.cache, torch.ones_like(committed, dtype=torch.bool))
+        seq.canvas_index += 1
+        self._new_canvas(seq)
+
+    def _ar_step(self, seq: _Sequence) -> None:
+        options = seq.settings
+        token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
+                            seq.generator)
+        if self._emit_tokens(seq, [int(token)]):
+            return
+        hidden = self._timed(1, lambda: self.lm.network.encode(token[:, None], seq.cache,
+                                                              torch.ones(1, 1, dtype=torch.bool,
+                                                                         device=token.device)))
+        seq.next_logits = self.lm.network.logits(hidden[:, -1])
+        seq.passes += 1
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        self._running.remove(seq)
+        seq.cache = seq.canvas = seq.sc_logits = seq.next_logits = None  # type: ignore[assignment]
+        passes = max(seq.passes, 1)
+        seq.request.emit(Finished(reason, seq.emitted, passes, seq.emitted / passes))
+

@@ -1,0 +1,53 @@
+"""Continuous batching reads several requests' caches in one decoder pass: `KVCache.stack` left-pads single-row
+caches of different lengths (sliding windows included) and keeps each row's own positions, so a stacked decode
+equals decoding every request alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import canvaslm
+from canvaslm.models import llama
+from canvaslm.models.cache import KVCache
+from tests.reference import tiny_checkpoint
+from tests.train.toy_config import MODEL_INIT
+
+
+def _diffusion_gemma(tmp_path):
+    tiny_checkpoint(tmp_path, layer_types=("sliding_attention", "sliding_attention", "full_attention"))
+    return canvaslm.load(tmp_path, device="cpu").network
+
+
+def _llama(tmp_path):
+    torch.manual_seed(0)
+    config = llama.Config.from_hf({"model_type": "llama", **MODEL_INIT, "sliding_window": 5}, "test")
+    return llama.Model(config).to_diffusion(4).eval()
+
+
+@pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
+def test_stacked_decode_equals_decoding_each_request_alone(build, tmp_path):
+    network = build(tmp_path)
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, 30, (1, n)) for n in (3, 9, 6)]  # shorter and longer than the sliding window
+    caches = []
+    with torch.no_grad():
+        for prompt in prompts:
+            cache = network.new_cache(1, "cpu")
+            network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+            if prompt.shape[1] == 6:  # a committed canvas after the prompt, as between canvases
+                canvas = torch.randint(3, 30, (1, network.canvas_length))
+                network.encode(canvas, cache, torch.ones_like(canvas, dtype=torch.bool))
+            caches.append(cache)
+        canvases = torch.randint(3, 30, (3, network.canvas_length))
+        alone = torch.cat([network.decode(canvases[i:i + 1], caches[i], None) for i in range(3)])
+        stacked = KVCache.stack(caches)
+        assert stacked.length == max(c.length for c in caches)
+        assert stacked.positions(2).tolist() == [[c.length, c.length + 1] for c in caches]
+        together = network.decode(canvases, stacked, None)
+        assert (together - alone).abs().max().item() < 1e-4
+        sc = torch.randn(3, network.canvas_length, network.vocab_size)
+        alone = torch.cat([network.decode(canvases[i:i + 1], caches[i], sc[i:i + 1]) for i in range(3)])
+        assert (network.decode(canvases, stacked, sc) - alone).abs().max().item() < 1e-4
+        stacked.select(torch.tensor([2, 0]))
+        assert (network.decode(canvases[[2, 0]], stacked, None) - together[[2, 0]]).abs().max().item() < 1e-4
