@@ -76,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", required=True, help="JSON report; a PNG frontier plot is written beside it")
     quality.add_argument("--device", default=None)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
+    serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences per forward pass")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
+    serve.add_argument("--no-pin-settled", action="store_true", help="stream whole canvases only (results then "
+                       "equal canvaslm generate for the same seed)")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     asset = sub.add_parser("asset", help="pack a finished LoRA run into a shippable asset folder")
     asset_sub = asset.add_subparsers(dest="asset_command", required=True)
     pack = asset_sub.add_parser("pack", help="adapter + diffusion fields + sampling defaults -> asset folder")
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main,
-                    "train": _train, "data": data_cli.run, "quality": _quality, "asset": _asset}
+                    "train": _train, "data": data_cli.run, "quality": _quality, "asset": _asset,
+                    "serve": _serve}
         return commands[args.command](args)
     except CanvasError as error:
         print(f"canvaslm: error: {error}", file=sys.stderr)
@@ -255,6 +267,22 @@ def _asset(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise CanvasError(f"{args.training}: cannot read the training summary ({e})") from None
     print(pack(args.run, args.out, args.name, args.base, generation, training))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from canvaslm.server.app import build_app
+
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise CanvasError("--max-batch and --max-queue must be >= 1")
+    lm = _load(args)
+    lm._tokenizer()  # the HTTP API takes text
+    app = build_app(lm, args.served_model_name or args.model, max_batch=args.max_batch, max_queue=args.max_queue,
+                    pin_settled=not args.no_pin_settled)
+    print(f"canvaslm: serving {args.model} ({lm.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,0 +1,90 @@
+"""OpenAI request bodies as pydantic models: the fields we honour are typed and bounded (a bad value is a 400 naming
+the field); unknown fields are accepted and ignored, as OpenAI-compatible servers do.
+
+The diffusion knobs are extra top-level fields (the `openai` client sends them with `extra_body`):
+max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, and `canvas_drafts`
+(stream whole-canvas drafts in a `canvaslm` field the OpenAI client ignores)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_denoising_steps: int | None = Field(None, ge=1, le=1024)
+    entropy_bound: float | None = Field(None, gt=0)
+    t_min: float | None = Field(None, gt=0)
+    t_max: float | None = Field(None, gt=0)
+    stability_threshold: int | None = Field(None, ge=1, le=64)
+    confidence_threshold: float | None = Field(None, gt=0)
+    canvas_drafts: bool = False
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def sampling(self, diffusion: bool) -> dict[str, Any]:
+        """The options for the model: diffusion knobs for a diffusion model (temperature/top_p/top_k, which
+        OpenAI clients send by habit, do not apply to its schedule and are ignored), AR options otherwise."""
+        names = (("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                  "confidence_threshold") if diffusion else ("temperature", "top_p", "top_k"))
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+    suffix: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _budget(self) -> ChatRequest:
+        # max_completion_tokens is OpenAI's current name; max_tokens the deprecated one
+        self.max_completion_tokens = self.max_completion_tokens or self.max_tokens
+        return self

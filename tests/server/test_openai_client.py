@@ -1,0 +1,184 @@
+"""The server through the real `openai` client: chat, completions, streaming, n > 1, stop strings, seeds,
+32 concurrent streams, a client that disconnects mid-stream, and errors in OpenAI's format."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import MODEL, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, content="hello", **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_chat_completion(client):
+    r = chat(client, max_tokens=12, seed=1)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completions_from_text_and_token_ids(client):
+    r = client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=10, seed=3)
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 10
+    ids = client.completions.create(model=MODEL, prompt=[2, 40, 41, 42], max_tokens=10, seed=3)
+    assert ids.usage.prompt_tokens == 4
+
+
+def test_diffusion_knobs_travel_in_extra_body(client):
+    few = chat(client, max_tokens=16, seed=2, extra_body={"max_denoising_steps": 2, "entropy_bound": 50.0})
+    assert few.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_tokens=8, extra_body={"t_min": 0.9, "t_max": 0.5})
+    assert "t_max" in info.value.message
+
+
+def test_seeds_reproduce_and_differ(client):
+    a, b = (chat(client, max_tokens=16, seed=5).choices[0].message.content for _ in range(2))
+    others = {chat(client, max_tokens=16, seed=s).choices[0].message.content for s in range(6, 10)}
+    assert a == b and len(others | {a}) > 2
+
+
+def test_stream_equals_the_non_streamed_answer_and_reports_usage(client):
+    whole = chat(client, max_tokens=24, seed=11)
+    stream = chat(client, max_tokens=24, seed=11, stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage, roles = [], None, None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+            continue
+        delta = chunk.choices[0].delta
+        roles += [delta.role] if delta.role else []
+        pieces += [delta.content] if delta.content else []
+        finish = chunk.choices[0].finish_reason or finish
+    assert roles == ["assistant"] and "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
+    assert len(pieces) > 1  # settled tokens go out while canvases are still denoising
+
+
+def test_n_choices(client):
+    r = chat(client, max_tokens=10, seed=0, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) >= 2  # seeds 0, 1, 2
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in chat(client, max_tokens=10, seed=0, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == {c.index: c.message.content for c in r.choices}
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.completions.create(model=MODEL, prompt="hello world", max_tokens=40, seed=4)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), f"need a non-blank stop string, got {text!r}"
+    cut = client.completions.create(model=MODEL, prompt="hello world", max_tokens=40, seed=4, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert text.startswith(cut.choices[0].text)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="hello world", max_tokens=40, seed=4, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text
+
+
+def test_32_concurrent_streams_without_errors(client):
+    errors, texts = [], {}
+
+    def one(i: int) -> None:
+        try:
+            texts[i] = "".join(c.choices[0].delta.content or "" for c in chat(
+                client, f"request {i}", max_tokens=24, seed=i, stream=True) if c.choices)
+        except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == [] and len(texts) == 32
+
+
+def test_a_client_that_disconnects_is_cancelled(server, client):
+    chat(client, max_tokens=8, seed=0)  # warm: allocations made
+    baseline = server.rss_kb()
+    for _ in range(5):
+        with httpx.stream("POST", server.base_url + "/chat/completions", timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
+                "extra_body": {}, "max_denoising_steps": 48, "confidence_threshold": 1e-9, "entropy_bound": 0.01}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+        # the response is closed: the server must notice and free the request
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and httpx.get(server.url + "/health").json()["running"]:
+        time.sleep(0.2)
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+    assert chat(client, max_tokens=8, seed=0).choices[0].finish_reason in ("stop", "length")
+    assert server.rss_kb() < baseline + 50_000  # no leaked caches (each would be a few MB here)
+
+
+def test_errors_use_the_openai_envelope(client, server):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "word " * 600, max_tokens=8)
+    assert "maximum context length is 512 tokens" in info.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=[0, 99999], max_tokens=4)
+    for body, param in [({"messages": "hi"}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]},
+                                                           "messages.0.role"),
+                        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+                        ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature")]:
+        r = httpx.post(server.base_url + "/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(server.base_url + "/chat/completions", content=b"{not json", headers={"content-type":
+                                                                                          "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert httpx.get(server.url + "/nope").json()["error"]["type"] == "not_found_error"
+
+
+def test_metrics_count_requests_and_tokens(client, server):
+    chat(client, max_tokens=8, seed=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("canvaslm:request_success_total", "canvaslm:generation_tokens_total",
+                 "canvaslm:tokens_per_forward_bucket", "canvaslm:forward_pass_seconds_bucket",
+                 "canvaslm:num_requests_waiting", "canvaslm:num_requests_running",
+                 "canvaslm:time_to_first_token_seconds_count"):
+        assert name in text, name
+    assert 'canvaslm:http_requests_total{model_name="tiny-dg",route="/v1/chat/completions",status="200"}' in text
+
+
+def test_a_full_queue_answers_429(model_dir):
+    busy = start_server(model_dir, "--max-batch", "1", "--max-queue", "1")
+    try:
+        slow = {"model": MODEL, "prompt": "x", "max_tokens": 300, "max_denoising_steps": 48,
+                "confidence_threshold": 1e-9, "entropy_bound": 0.01}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            httpx.post(busy.base_url + "/completions", json=slow, timeout=120).status_code)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 429 in results and 200 in results and set(results) <= {200, 429}
+    finally:
+        stop_server(busy)
