@@ -4,6 +4,7 @@
   EOS ignored so every run writes the same number of tokens).
 * `denoise`: latency of one decoder (denoiser) pass for several canvas sizes after an encoded prompt; an
   autoregressive Llama checkpoint is timed in block-diffusion mode (same weights + self-conditioning block).
+* `serve`: throughput and latency through the HTTP server at several concurrency levels (canvaslm.server.bench).
 Each number is the median of `--repeats` timed runs after one warm-up run.
 """
 
@@ -98,6 +99,8 @@ def bench_denoise(lm: LM, canvas_sizes: list[int], prompt_tokens: int, repeats: 
 def main(args) -> int:
     from canvaslm import load
 
+    if args.what == "serve":
+        return _serve(args)
     lm = load(args.model, device=args.device)
     report: dict[str, Any] = {"model": args.model, "kind": lm.kind, "machine": machine()}
     if args.what in ("ar", "all"):
@@ -113,9 +116,26 @@ def main(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from pathlib import Path
+
+    from canvaslm.server.bench import bench_serve, plot_serve
+
+    models = [args.model] + ([args.ar] if args.ar else [])
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report = {**bench_serve(models, levels, args.requests, args.max_tokens), "machine": machine()}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        if plot_serve(report, Path(args.out).with_suffix(".png")):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
+    print(text)
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
-    p.add_argument("what", choices=["ar", "denoise", "all"], help="which benchmark")
+    p.add_argument("what", choices=["ar", "denoise", "all", "serve"], help="which benchmark")
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
     p.add_argument("--new-tokens", type=int, default=128, help="ar: tokens generated per run")
@@ -123,4 +143,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128, help="denoise: encoded prompt length")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
-    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--out", default=None, help="also write the JSON to this file (serve: and a PNG beside it)")
+    p.add_argument("--ar", default=None, help="serve: the AR base to serve and compare (e.g. smol-ar)")
+    p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
+    p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
+    p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")

@@ -80,6 +80,8 @@ class Request:
     sampling: dict[str, Any] = field(default_factory=dict)   # diffusion or AR options, checked on submit
     seed: int | None = None
     drafts: bool = False            # also emit a Draft after every denoising step
+    suffix: list[int] = field(default_factory=list)  # infill: fixed right after the max_new_tokens generated ones
+    ignore_eos: bool = False        # benchmarks: always write max_new_tokens tokens
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -100,6 +102,7 @@ class _Sequence:
     steps_left: int = 0
     step: int = 0
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
+    fixed: tuple[Tensor, Tensor] | None = None  # (positions, tokens) of the suffix inside this canvas
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
 
 
@@ -154,7 +157,10 @@ class Engine:
         return self.lm._ar_settings(dict(request.sampling))
 
     def submit(self, request: Request) -> None:
-        self.lm._check_length(len(request.prompt), request.max_new_tokens)
+        if request.suffix and self.lm.kind != "diffusion":
+            raise UnsupportedError("infill (a suffix) needs a diffusion model: an autoregressive model cannot see "
+                                   "text to the right of what it writes")
+        self.lm._check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
         self.check(request)
         with self._wake:
             if not self.alive:
@@ -259,9 +265,24 @@ class Engine:
         network, settings = self.lm.network, seq.settings
         seq.canvas = random_canvas(1, network.canvas_length, network.vocab_size, seq.generator, self.lm.device,
                                    getattr(network, "mask_token_id", None))
+        seq.fixed = self._suffix_in_canvas(seq)
+        if seq.fixed is not None:
+            seq.canvas[0, seq.fixed[0]] = seq.fixed[1]
         seq.draft, seq.sc_logits, seq.pinned, seq.step = seq.canvas, None, 0, 0
         seq.history = torch.full((settings.stability_threshold, 1, network.canvas_length), -1, device=self.lm.device)
         seq.steps_left = settings.max_denoising_steps
+
+    def _suffix_in_canvas(self, seq: _Sequence) -> tuple[Tensor, Tensor] | None:
+        """Infill: the suffix occupies generated positions max_new_tokens .. + len(suffix); those that fall in the
+        current canvas are held fixed there, so the middle is denoised seeing what follows it."""
+        suffix, length = seq.request.suffix, self.lm.network.canvas_length
+        start = seq.canvas_index * length
+        first = seq.request.max_new_tokens
+        inside = [(p - start, t) for p, t in enumerate(suffix, first) if start <= p < start + length]
+        if not inside:
+            return None
+        positions, tokens = zip(*inside, strict=True)
+        return (torch.tensor(positions, device=self.lm.device), torch.tensor(tokens, device=self.lm.device))
 
     def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
         """One denoising step of one sequence from its decoder logits [1, C, V] (the order of random draws is
@@ -281,6 +302,8 @@ class Engine:
         if seq.pinned:
             pins = seq.draft[:, :seq.pinned]
             canvas[:, :seq.pinned], draft[:, :seq.pinned] = pins, pins
+        if seq.fixed is not None:
+            canvas[0, seq.fixed[0]], draft[0, seq.fixed[0]] = seq.fixed[1], seq.fixed[1]
         settled = accepted & (draft == seq.draft)
         stop, seq.history = stable_and_confident(seq.history, draft, token_entropy, settings.confidence_threshold)
         seq.canvas, seq.draft, seq.sc_logits = canvas, draft, logits.to(network.embed_tokens.weight.dtype)
@@ -299,7 +322,7 @@ class Engine:
     def _emit_tokens(self, seq: _Sequence, ids: list[int]) -> bool:
         """Send ids up to an end-of-turn and the token budget; True (and the sequence is finished) when one of
         them was reached."""
-        eos = self.lm.eos_token_ids
+        eos = [] if seq.request.ignore_eos else self.lm.eos_token_ids
         stop_at = next((i for i, t in enumerate(ids) if t in eos), None)
         budget = seq.request.max_new_tokens - seq.emitted
         out = ids[:stop_at][:budget] if stop_at is not None else ids[:budget]

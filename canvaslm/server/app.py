@@ -89,7 +89,7 @@ class Server:
         return list(prompt)
 
     async def generate(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
-                       max_tokens: int) -> AsyncIterator[tuple[Choice, Any]]:
+                       max_tokens: int, suffix: list[int]) -> AsyncIterator[tuple[Choice, Any]]:
         """Run body.n sequences; yields (choice, event) as events arrive (Tokens already decoded into choice.text,
         Draft, Finished), cancelling everything if the client goes away or the generator is closed."""
         loop = asyncio.get_running_loop()
@@ -100,7 +100,7 @@ class Server:
             seed = None if body.seed is None else body.seed + i
             emit = lambda e, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, e))  # noqa: E731
             request = EngineRequest(prompt, max_tokens, emit, body.sampling(self.lm.kind == "diffusion"), seed,
-                                    body.canvas_drafts)
+                                    body.canvas_drafts, suffix, body.ignore_eos)
             requests.append(request)
         try:
             for request in requests:
@@ -252,10 +252,9 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
         check_model(body)
-        if body.suffix is not None:
-            raise APIError(400, "suffix (infill) is not supported yet", param="suffix")
         prompt = server.prompt_ids(body)
-        return await respond(http, body, prompt, body.max_tokens, chat=False)
+        suffix = server.tokenizer.encode(body.suffix, add_special_tokens=False) if body.suffix else []
+        return await respond(http, body, prompt, body.max_tokens, chat=False, suffix=suffix)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request) -> Any:
@@ -265,14 +264,15 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
         return await respond(http, body, prompt, budget, chat=True)
 
     async def respond(http: Request, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
-                      chat: bool) -> Any:
-        if len(prompt) + max_tokens > lm.max_length:
+                      chat: bool, suffix: list[int] | None = None) -> Any:
+        used = len(prompt) + len(suffix or [])
+        if used + max_tokens > lm.max_length:
             raise APIError(400, f"This model's maximum context length is {lm.max_length} tokens and your request "
-                           f"has {len(prompt)} input tokens plus max_tokens={max_tokens}", param="max_tokens",
+                           f"has {used} input tokens plus max_tokens={max_tokens}", param="max_tokens",
                            code="context_length_exceeded")
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        events = server.generate(http, body, prompt, max_tokens)
+        events = server.generate(http, body, prompt, max_tokens, suffix or [])
         if body.stream:
             first = await anext(events, None)  # submit errors (429, 400) surface before the stream starts
             return StreamingResponse(stream(events, first, body, ident, created, len(prompt), chat),

@@ -3,7 +3,8 @@ the field); unknown fields are accepted and ignored, as OpenAI-compatible server
 
 The diffusion knobs are extra top-level fields (the `openai` client sends them with `extra_body`):
 max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, and `canvas_drafts`
-(stream whole-canvas drafts in a `canvaslm` field the OpenAI client ignores)."""
+(stream whole-canvas drafts in a `canvaslm` field the OpenAI client ignores); `ignore_eos` (vLLM's: write
+max_tokens tokens whatever the model says, for benchmarks)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Sampling(BaseModel):
     stability_threshold: int | None = Field(None, ge=1, le=64)
     confidence_threshold: float | None = Field(None, gt=0)
     canvas_drafts: bool = False
+    ignore_eos: bool = False
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -139,3 +139,18 @@ def test_an_autoregressive_model_runs_through_the_same_engine():
     finally:
         engine.stop()
     assert tokens == expected[:12] and finished.forward_passes >= len(tokens)
+
+
+def test_infill_holds_the_suffix_fixed_after_the_middle(lm):
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        spec = dict(prompt=PROMPTS[0], max_new_tokens=5, seed=0, suffix=[50, 51, 52, 53, 54], drafts=True,
+                    sampling={"max_denoising_steps": 6})
+        tokens, finished, events = run(engine, [spec])[0]
+        drafts = [e for e in events if isinstance(e, Draft)]
+        assert drafts and all(d.ids[5:8] == [50, 51, 52] for d in drafts if d.canvas == 0)
+        assert len(tokens) <= 5 and finished.reason in ("stop", "length")
+        with pytest.raises(canvaslm.errors.GenerationError, match="maximum context length"):
+            engine.submit(Request(prompt=PROMPTS[0], max_new_tokens=500, emit=queue.Queue().put, suffix=[5] * 20))
+    finally:
+        engine.stop()

@@ -44,6 +44,17 @@ def test_completions_from_text_and_token_ids(client):
     assert ids.usage.prompt_tokens == 4
 
 
+def test_infill_with_a_suffix(client):
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):", suffix="\n    return total", max_tokens=6,
+                                  seed=1, extra_body={"canvas_drafts": False})
+    assert r.usage.completion_tokens <= 6 and "return total" not in r.choices[0].text
+    drafts = [c.model_extra.get("canvaslm") for c in client.completions.create(
+        model=MODEL, prompt="def add(a, b):", suffix=" total", max_tokens=3, seed=1, stream=True,
+        extra_body={"canvas_drafts": True})]
+    shown = [d["draft"] for d in drafts if d]
+    assert shown and all("total" in d for d in shown)  # the suffix sits in the canvas, fixed, at every step
+
+
 def test_diffusion_knobs_travel_in_extra_body(client):
     few = chat(client, max_tokens=16, seed=2, extra_body={"max_denoising_steps": 2, "entropy_bound": 50.0})
     assert few.usage.completion_tokens >= 1

@@ -1,0 +1,184 @@
+"""`canvaslm bench serve`: throughput and latency through the real HTTP server, for a diffusion model and its AR
+base side by side.
+
+For each model a `canvaslm serve` subprocess is started on a free local port; at each concurrency level, that many
+client threads send streaming chat requests (the same prompts for both models, `ignore_eos` so every request writes
+`max_tokens` tokens) until `requests` have completed. Reported per level: output tokens/s over the wall time, p50 and
+p99 request latency and time to first token. For the diffusion model the first-token time is also measured with
+whole-canvas streaming (`--no-pin-settled`), against settled-prefix streaming, at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from canvaslm.errors import CanvasError
+
+PROMPTS = ["Explain how a bicycle stays upright.", "Write a short poem about the sea.",
+           "List three uses of a paperclip.", "What is the capital of France, and why is it famous?",
+           "Describe a sunrise to someone who has never seen one.", "Give me a recipe for pancakes.",
+           "Why do cats purr?", "Summarize the plot of a detective story in three sentences."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, model: str, flags: list[str]) -> None:
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", model, "--port",
+                                         str(self.port), "--served-model-name", "bench", *flags],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise CanvasError(f"the server for {model} exited: {self.process.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.close()
+        raise CanvasError(f"the server for {model} did not start within 10 minutes")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _one_request(url: str, prompt: str, max_tokens: int, seed: int) -> dict[str, float]:
+    """One streaming chat request: latency, time to first content, completion tokens."""
+    import httpx
+
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "seed": seed, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        if response.status_code != 200:
+            raise CanvasError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - start
+    return {"latency": time.perf_counter() - start, "ttft": first if first is not None else float("nan"),
+            "tokens": tokens}
+
+
+def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    results: list[dict[str, float]] = []
+    errors: list[str] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            try:
+                results.append(_one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens, i))
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(repr(e))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies = sorted(r["latency"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
+            "tokens_per_second": round(sum(r["tokens"] for r in results) / wall, 2),
+            "latency_p50_s": round(_quantile(latencies, 0.5), 3), "latency_p99_s": round(_quantile(latencies, 0.99), 3),
+            "ttft_p50_s": round(_quantile(ttfts, 0.5), 3), "ttft_p99_s": round(_quantile(ttfts, 0.99), 3)}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 \
+        else values[0]
+
+
+def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens: int,
+                compare_streaming: bool = True) -> dict[str, Any]:
+    report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "models": {}}
+    with Progress(transient=True) as progress:
+        for model in models:
+            task = progress.add_task(f"serving {model}", total=len(levels) + 1)
+            server = _Server(model, [])
+            try:
+                kind = _kind(server.url)
+                _one_request(server.url, PROMPTS[0], 8, 0)  # warm-up
+                progress.advance(task)
+                entry: dict[str, Any] = {"kind": kind, "levels": []}
+                for level in levels:
+                    entry["levels"].append(run_level(server.url, level, max(requests, level), max_tokens))
+                    progress.advance(task)
+            finally:
+                server.close()
+            if kind == "diffusion" and compare_streaming:
+                whole = _Server(model, ["--no-pin-settled"])
+                try:
+                    _one_request(whole.url, PROMPTS[0], 8, 0)
+                    entry["whole_canvas_streaming_c1"] = run_level(whole.url, 1, requests, max_tokens)
+                finally:
+                    whole.close()
+            report["models"][model] = entry
+    return report
+
+
+def _kind(url: str) -> str:
+    import httpx
+
+    return httpx.get(url + "/v1/models").json()["data"][0].get("kind", "unknown")
+
+
+def plot_serve(report: dict[str, Any], png: str | Path) -> bool:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    throughput, latency = figure.subplots(1, 2)
+    for model, entry in report["models"].items():
+        levels = [lv["concurrency"] for lv in entry["levels"]]
+        label = f"{model} ({entry['kind']})"
+        throughput.plot(levels, [lv["tokens_per_second"] for lv in entry["levels"]], "o-", label=label)
+        latency.plot(levels, [lv["latency_p50_s"] for lv in entry["levels"]], "o-", label=f"{label} p50")
+        latency.plot(levels, [lv["latency_p99_s"] for lv in entry["levels"]], "x--", label=f"{label} p99")
+    for ax, title, unit in ((throughput, "throughput", "output tokens/s"), (latency, "request latency", "s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    figure.savefig(png, dpi=120)
+    return True
