@@ -14,8 +14,9 @@ kept in the canvas and in the committed result, so streamed text is never taken 
 soon as an end-of-turn or its token budget has settled, before its canvas has converged. Without pinning tokens
 are emitted when their canvas is committed, and results equal `LM.generate`.
 
-Autoregressive models are served by the same engine (one token per sequence per step, batch 1 each), so that a
-diffusion model and its AR parent can be compared through one server.
+Autoregressive models are served by the same engine, so that a diffusion model and its AR parent can be compared
+through one server: all running AR sequences write their next token in one pass over one stacked cache, which
+rows join (stacked in after their own prefill) and leave (selected out) as requests come and go.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stacked: tuple[tuple[tuple[int, int], ...], KVCache] | None = None
+        self._ar_cache: KVCache | None = None  # AR: the running sequences' cache, rows in `_running` order
         self.error: BaseException | None = None
 
     # ---- public, any thread ----------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ class Engine:
                     request.emit(Finished("abort", 0, 0, 0.0))
                 self._running.clear()
                 self._waiting.clear()
+                self._ar_cache = None
 
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
@@ -226,6 +229,8 @@ class Engine:
             self._new_canvas(seq)
         else:
             seq.next_logits, seq.passes = lm.network.logits(hidden[:, -1]), 1
+            self._ar_cache = seq.cache if self._ar_cache is None else KVCache.stack([self._ar_cache, seq.cache])
+            seq.cache = None  # type: ignore[assignment]  # its row lives in the shared cache now
         self._running.append(seq)
 
     def _timed(self, batch: int, work: Callable[[], Any]) -> Any:
@@ -237,8 +242,7 @@ class Engine:
 
     def _step(self) -> None:
         if self.lm.kind == "autoregressive":
-            for seq in list(self._running):
-                self._ar_step(seq)
+            self._ar_step()
             return
         rows = self._running
         cache = self._batch_cache()
@@ -346,19 +350,33 @@ class Engine:
         seq.canvas_index += 1
         self._new_canvas(seq)
 
-    def _ar_step(self, seq: _Sequence) -> None:
-        options = seq.settings
-        token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
-                            seq.generator)
-        if self._emit_tokens(seq, [int(token)]):
+    def _ar_step(self) -> None:
+        """Every running AR sequence samples its next token (own options and generator); those that go on write it
+        into the shared cache in one pass."""
+        going = []
+        for seq in list(self._running):
+            options = seq.settings
+            token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
+                                seq.generator)
+            if not self._emit_tokens(seq, [int(token)]):
+                going.append((seq, token))
+        if not going:
             return
-        hidden = self._timed(1, lambda: self.lm.network.encode(token[:, None], seq.cache,
-                                                              torch.ones(1, 1, dtype=torch.bool,
-                                                                         device=token.device)))
-        seq.next_logits = self.lm.network.logits(hidden[:, -1])
-        seq.passes += 1
+        tokens = torch.cat([token for _, token in going])[:, None]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        hidden = self._timed(len(going), lambda: self.lm.network.encode(tokens, self._ar_cache, valid))
+        logits = self.lm.network.logits(hidden[:, -1])
+        for i, (seq, _) in enumerate(going):
+            seq.next_logits = logits[i:i + 1]
+            seq.passes += 1
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
+        if self._ar_cache is not None:  # drop its row from the shared AR cache
+            index = self._running.index(seq)
+            keep = [i for i in range(len(self._running)) if i != index]
+            self._ar_cache.select(torch.tensor(keep, dtype=torch.long, device=self._ar_cache.valid.device))
+            if not keep:
+                self._ar_cache = None
         self._running.remove(seq)
         seq.cache = seq.canvas = seq.sc_logits = seq.next_logits = None  # type: ignore[assignment]
         passes = max(seq.passes, 1)

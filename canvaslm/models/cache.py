@@ -28,10 +28,11 @@ class KVCache:
 
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
-        """One batch from single-row caches of different lengths, each left-padded to the longest. A row keeps
-        its own positions: its next slot is position `len(row)`, not the batch's length (see `positions`)."""
+        """One batch from caches of different lengths (of one or more rows each), each left-padded to the longest.
+        A row keeps its own positions: its next slot is position `len(row)`, not the batch's (see `positions`)."""
         length = max(c.length for c in caches)
-        out = cls(caches[0].windows, len(caches), caches[0].valid.device)
+        device = caches[0].valid.device
+        out = cls(caches[0].windows, sum(c.batch_size for c in caches), device)
         for layer, window in enumerate(out.windows):
             kept = length if window is None else min(length, window - 1)
             for name in ("keys", "values"):
@@ -41,9 +42,8 @@ class KVCache:
                 getattr(out, name)[layer] = torch.cat([F.pad(r, (0, 0, kept - r.shape[2], 0)) for r in rows])
         out.valid = torch.cat([F.pad(c.valid, (length - c.length, 0), value=False) for c in caches])
         out.length = length
-        zero = torch.zeros(1, dtype=torch.long, device=out.valid.device)
-        own = torch.cat([zero if c.offsets is None else c.offsets for c in caches])
-        out.offsets = own + torch.tensor([length - c.length for c in caches], device=out.valid.device)
+        out.offsets = torch.cat([(torch.zeros(c.batch_size, dtype=torch.long, device=device) if c.offsets is None
+                                  else c.offsets) + (length - c.length) for c in caches])
         return out
 
     def positions(self, n: int) -> Tensor:
@@ -83,11 +83,23 @@ class KVCache:
         self.length = self.valid.shape[1]
 
     def select(self, rows: Tensor) -> None:
-        """Keep only batch rows `rows` (an index tensor), e.g. to drop finished requests."""
+        """Keep only batch rows `rows` (an index tensor), e.g. to drop finished requests. A stacked cache also
+        drops the leading slots that are padding in every remaining row."""
         self.keys = [None if k is None else k[rows] for k in self.keys]
         self.values = [None if v is None else v[rows] for v in self.values]
         self.valid = self.valid[rows]
-        self.offsets = None if self.offsets is None else self.offsets[rows]
+        if self.offsets is None:
+            return
+        self.offsets = self.offsets[rows]
+        drop = int(self.offsets.min()) if len(self.offsets) else 0
+        if drop <= 0:
+            return
+        before = [self.kept(i) for i in range(len(self.windows))]
+        self.valid, self.length, self.offsets = self.valid[:, drop:], self.length - drop, self.offsets - drop
+        for i in range(len(self.windows)):
+            cut = before[i] - self.kept(i)
+            if cut and self.keys[i] is not None:
+                self.keys[i], self.values[i] = self.keys[i][:, :, cut:], self.values[i][:, :, cut:]
 
 
 def encoder_mask(cache: KVCache, layer: int, valid_new: Tensor) -> Tensor:

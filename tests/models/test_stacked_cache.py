@@ -51,3 +51,34 @@ def test_stacked_decode_equals_decoding_each_request_alone(build, tmp_path):
         assert (network.decode(canvases, stacked, sc) - alone).abs().max().item() < 1e-4
         stacked.select(torch.tensor([2, 0]))
         assert (network.decode(canvases[[2, 0]], stacked, None) - together[[2, 0]]).abs().max().item() < 1e-4
+
+
+def test_stacking_multi_row_caches_and_dropping_rows_keeps_every_row_exact(tmp_path):
+    """The AR engine keeps one shared cache: rows join by stacking, write tokens together, and leave by `select`,
+    which also trims padding no remaining row needs; every row's logits stay those of its solo run."""
+    network = _llama(tmp_path)
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 30, (1, n)) for n in (9, 3, 6)]
+    steps = torch.randint(3, 30, (3, 4))
+    with torch.no_grad():
+        solo = []
+        for prompt, tokens in zip(prompts, steps, strict=True):
+            cache = network.new_cache(1, "cpu")
+            network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+            outs = [network(tokens[None, j:j + 1], cache, torch.ones(1, 1, dtype=torch.bool))[0, -1]
+                    for j in range(4)]
+            solo.append(torch.stack(outs))
+        caches = []
+        for prompt in prompts:
+            cache = network.new_cache(1, "cpu")
+            network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+            caches.append(cache)
+        shared = KVCache.stack([KVCache.stack(caches[:2]), caches[2]])  # a stacked cache joined by a third row
+        ones = torch.ones(3, 1, dtype=torch.bool)
+        first = network(steps[:, 0:1], shared, ones)[:, -1]
+        shared.select(torch.tensor([1, 2]))  # the longest row (9 tokens) leaves: 3 padding slots are trimmed
+        assert shared.length == 6 + 1 and shared.offsets.tolist() == [3, 0]
+        rest = [network(steps[1:, j:j + 1], shared, ones[1:])[:, -1] for j in range(1, 4)]
+    assert (first - torch.stack([s[0] for s in solo])).abs().max() < 1e-4
+    for j, out in enumerate(rest, start=1):
+        assert (out - torch.stack([solo[1][j], solo[2][j]])).abs().max() < 1e-4

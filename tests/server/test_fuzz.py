@@ -18,6 +18,19 @@ def _shrink(body: object) -> None:
                 body[key] = most
 
 
+def _fuzz(operation, mode: GenerationMode, base_url: str, examples: int) -> None:
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case) -> None:
+        _shrink(case.body)
+        response = case.call(base_url=base_url, timeout=120)
+        assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
+        if response.status_code >= 400 and operation.path.startswith("/v1/"):
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_generated_requests_never_get_a_server_error(server, mode):
     loaded = schemathesis.openapi.from_url(server.url + "/openapi.json")
@@ -26,15 +39,5 @@ def test_generated_requests_never_get_a_server_error(server, mode):
     assert {op.path for op in posts} == {"/v1/completions", "/v1/chat/completions"}
     # an operation without parameters or body (the GET routes) has no invalid form to generate
     for operation in operations if mode == GenerationMode.POSITIVE else posts:
-        @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=30 if operation in posts else 5, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def check(case, operation=operation) -> None:
-            _shrink(case.body)
-            response = case.call(base_url=server.url, timeout=120)
-            assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
-            if response.status_code >= 400 and operation.path.startswith("/v1/"):
-                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-
-        check()
+        _fuzz(operation, mode, server.url, 30 if operation in posts else 5)
     assert httpx.get(server.url + "/health").status_code == 200
