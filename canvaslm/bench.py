@@ -4,6 +4,11 @@
   EOS ignored so every run writes the same number of tokens).
 * `denoise`: latency of one decoder (denoiser) pass for several canvas sizes after an encoded prompt; an
   autoregressive Llama checkpoint is timed in block-diffusion mode (same weights + self-conditioning block).
+* `generate`: end-to-end block-diffusion generation, ours vs transformers' `DiffusionGemmaForBlockDiffusion.generate`
+  on the same checkpoint and seed, at several batch sizes: tokens/s, tokens per forward, ms per decoder pass, time
+  to the first committed canvas, peak CUDA memory. `identical_tokens` says whether both wrote the same tokens: the
+  random draws are the same, but on random weights the two networks' ~1e-6 float differences are amplified by
+  self-conditioning and may change later samples.
 * `serve`: throughput and latency through the HTTP server at several concurrency levels (canvaslm.server.bench).
 Each number is the median of `--repeats` timed runs after one warm-up run.
 """
@@ -15,6 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +28,7 @@ from rich.progress import Progress
 
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.lm import LM
+from canvaslm.errors import CanvasError
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int, progress: Progress, label: str) -> float:
@@ -96,6 +103,99 @@ def bench_denoise(lm: LM, canvas_sizes: list[int], prompt_tokens: int, repeats: 
     return {"prompt_tokens": prompt_tokens, "canvas_tokens": latencies}
 
 
+def bench_generate(lm: LM, source: str, batch_sizes: list[int], new_tokens: int, prompt_tokens: int,
+                   repeats: int) -> dict[str, Any]:
+    """Our diffusion generate vs the transformers reference on the checkpoint `source`, per batch size."""
+    if lm.kind != "diffusion":
+        raise CanvasError(f"bench generate needs a diffusion model; {lm.source} is {lm.kind}")
+    reference = _reference_diffusion(source, lm)
+    eos, pad = lm.eos_token_ids, lm.pad_token_id if lm.pad_token_id is not None else 0
+    rows = []
+    with Progress(transient=True) as progress, torch.inference_mode():
+        for batch in batch_sizes:
+            generator = torch.Generator().manual_seed(batch)
+            ids = torch.randint(3, lm.network.vocab_size, (batch, prompt_tokens), generator=generator).to(lm.device)
+            row: dict[str, Any] = {"batch": batch}
+            ours = _timed_generate(lambda: lm.generate(ids, new_tokens, seed=0), repeats, progress,
+                                   f"canvaslm, batch {batch}")
+            first = time.perf_counter()
+            for event in lm.generate_steps(ids, new_tokens, seed=0):
+                if type(event).__name__ == "CanvasCommitted":
+                    row["canvaslm_first_canvas_ms"] = round(1000 * (time.perf_counter() - first), 2)
+                    break
+            out, seconds = ours
+            row.update(_rates("canvaslm", out.sequences[:, prompt_tokens:], out.forward_passes, seconds, pad))
+            row["canvaslm_tokens_per_forward"] = round(float(out.tokens_per_forward.float().mean()), 3)
+            if reference is not None:
+                def theirs() -> Any:
+                    torch.manual_seed(0)
+                    return reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                              eos_token_id=eos, pad_token_id=pad)
+                ref_out, ref_seconds = _timed_generate(theirs, repeats, progress, f"transformers, batch {batch}")
+                ref_ids = ref_out.sequences if hasattr(ref_out, "sequences") else ref_out
+                row.update(_rates("transformers", ref_ids[:, prompt_tokens:], None, ref_seconds, pad))
+                row["identical_tokens"] = bool(torch.equal(ref_ids.to(out.sequences.device), out.sequences))
+                row["speedup"] = round(ref_seconds / seconds, 2)
+            if torch.cuda.is_available() and lm.device.type == "cuda":
+                row["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            rows.append(row)
+    return {"checkpoint": source, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "transformers": reference is not None, "batches": rows}
+
+
+def _timed_generate(run: Callable[[], Any], repeats: int, progress: Progress, label: str) -> tuple[Any, float]:
+    """(last output, median seconds) over `repeats` runs after a warm-up."""
+    task = progress.add_task(label, total=repeats + 1)
+    out = run()
+    progress.advance(task)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+        progress.advance(task)
+    return out, statistics.median(times)
+
+
+def _rates(name: str, generated: torch.Tensor, passes: torch.Tensor | None, seconds: float, pad: int) -> dict:
+    tokens = int((generated != pad).sum())
+    rates = {f"{name}_seconds": round(seconds, 4), f"{name}_tokens_per_second": round(tokens / seconds, 2)}
+    if passes is not None:
+        rates[f"{name}_ms_per_forward"] = round(1000 * seconds / max(int(passes.max()), 1), 2)
+    return rates
+
+
+def _reference_diffusion(source: str, lm: LM) -> Any:
+    """transformers' DiffusionGemmaForBlockDiffusion on the same checkpoint, or None without transformers."""
+    try:
+        from transformers import DiffusionGemmaForBlockDiffusion
+    except ImportError:
+        return None
+    dtype = next(lm.network.parameters()).dtype
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(source, dtype=dtype).to(lm.device).eval()
+
+
+def plot_generate(report: dict[str, Any], png: str) -> bool:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(6.4, 4), layout="constrained")
+    ax = figure.add_subplot()
+    batches = [r["batch"] for r in report["batches"]]
+    for name in ("canvaslm", "transformers"):
+        values = [r.get(f"{name}_tokens_per_second") for r in report["batches"]]
+        if all(v is not None for v in values):
+            ax.plot(batches, values, "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(f"block-diffusion generate, {report['new_tokens']} new tokens")
+    ax.legend()
+    figure.savefig(png, dpi=120)
+    return True
+
+
 def main(args) -> int:
     from canvaslm import load
 
@@ -108,6 +208,11 @@ def main(args) -> int:
     if args.what in ("denoise", "all"):
         sizes = [int(s) for s in args.canvas.split(",")]
         report["denoise"] = bench_denoise(lm, sizes, args.prompt_tokens, args.repeats)
+    if args.what == "generate":
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        report["generate"] = bench_generate(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
+        if args.out and plot_generate(report["generate"], str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -117,8 +222,6 @@ def main(args) -> int:
 
 
 def _serve(args) -> int:
-    from pathlib import Path
-
     from canvaslm.server.bench import bench_serve, plot_serve
 
     models = [args.model] + ([args.ar] if args.ar else [])
@@ -135,12 +238,13 @@ def _serve(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
-    p.add_argument("what", choices=["ar", "denoise", "all", "serve"], help="which benchmark")
+    p.add_argument("what", choices=["ar", "denoise", "all", "generate", "serve"], help="which benchmark")
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
-    p.add_argument("--new-tokens", type=int, default=128, help="ar: tokens generated per run")
+    p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
     p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise: encoded prompt length")
+    p.add_argument("--batch-sizes", default="1,8,64", help="generate: comma-separated batch sizes")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate: prompt length")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
     p.add_argument("--out", default=None, help="also write the JSON to this file (serve: and a PNG beside it)")

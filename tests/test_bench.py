@@ -1,0 +1,52 @@
+"""`canvaslm bench`: each benchmark runs as a user runs it and writes the JSON (and PNG) it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.reference import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-model")
+    tiny_checkpoint(path, canvas_length=8)
+    return str(path)
+
+
+def bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", *args], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_generate_against_the_transformers_reference(model_dir, tmp_path):
+    report = bench("generate", "-m", model_dir, "--batch-sizes", "1,4", "--new-tokens", "8", "--prompt-tokens", "6",
+                   "--repeats", "1", "--out", str(tmp_path / "g.json"))["generate"]
+    assert [row["batch"] for row in report["batches"]] == [1, 4] and report["transformers"]
+    for row in report["batches"]:
+        assert row["canvaslm_tokens_per_second"] > 0 and row["transformers_tokens_per_second"] > 0
+        assert row["canvaslm_ms_per_forward"] > 0 and 0 < row["canvaslm_tokens_per_forward"] <= 8
+        assert isinstance(row["identical_tokens"], bool) and row["speedup"] > 0
+    assert (tmp_path / "g.png").stat().st_size > 5_000
+    assert json.loads((tmp_path / "g.json").read_text())["generate"]["batches"] == report["batches"]
+
+
+def test_denoise_latencies(model_dir):
+    report = bench("denoise", "-m", model_dir, "--canvas", "1,8", "--prompt-tokens", "6", "--repeats", "1")
+    assert set(report["denoise"]["canvas_tokens"]) == {"1", "8"}
+
+
+def test_serve_throughput_and_latency(model_dir, tmp_path):
+    report = bench("serve", "-m", model_dir, "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8",
+                   "--out", str(tmp_path / "s.json"))
+    entry = report["models"][model_dir]
+    assert entry["kind"] == "diffusion" and [lv["concurrency"] for lv in entry["levels"]] == [1, 2]
+    assert all(lv["errors"] == 0 and lv["tokens_per_second"] > 0 for lv in entry["levels"])
+    assert entry["whole_canvas_streaming_c1"]["requests"] == 2
+    assert (tmp_path / "s.png").stat().st_size > 5_000
