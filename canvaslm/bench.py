@@ -9,6 +9,8 @@
   to the first committed canvas, peak CUDA memory. `identical_tokens` says whether both wrote the same tokens: the
   random draws are the same, but on random weights the two networks' ~1e-6 float differences are amplified by
   self-conditioning and may change later samples.
+* `prompt`: a long prompt (default 4,096 tokens): prefill time (chunked), time to the first committed canvas, the
+  request's KV-cache bytes (sliding-window layers keep only their window) and the process's peak memory.
 * `serve`: throughput and latency through the HTTP server at several concurrency levels (canvaslm.server.bench).
 Each number is the median of `--repeats` timed runs after one warm-up run.
 """
@@ -196,6 +198,44 @@ def plot_generate(report: dict[str, Any], png: str) -> bool:
     return True
 
 
+def bench_prompt(lm: LM, prompt_tokens: int, canvas_length: int) -> dict[str, Any]:
+    """Long-prompt cost for one request: prefill, first canvas, cache size, peak memory (an AR checkpoint is run in
+    block-diffusion mode with `canvas_length`, as `denoise` does)."""
+    import resource
+
+    from canvaslm.models.cache import encode_chunked
+
+    network = lm.network
+    if lm.kind != "diffusion":
+        network.to_diffusion(canvas_length)
+    if prompt_tokens + network.canvas_length > lm.max_length:
+        raise CanvasError(f"a {prompt_tokens}-token prompt plus a {network.canvas_length}-token canvas exceeds this "
+                          f"model's context of {lm.max_length} tokens")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, network.vocab_size, (1, prompt_tokens), generator=generator).to(lm.device)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        cache = network.new_cache(1, lm.device)
+        start = time.perf_counter()
+        encode_chunked(network, ids, cache, valid)
+        prefill = time.perf_counter() - start
+        cache_bytes = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values] if t is not None)
+        full_bytes = sum(2 * t.shape[1] * cache.length * t.shape[3] * t.element_size()
+                         for t in cache.keys if t is not None)
+        start = time.perf_counter()
+        for event in lm.generate_steps(ids, network.canvas_length, seed=0):
+            if type(event).__name__ == "CanvasCommitted":
+                break
+        first_canvas = time.perf_counter() - start
+    return {"prompt_tokens": prompt_tokens, "canvas_length": network.canvas_length,
+            "prefill_ms": round(1000 * prefill, 1), "prefill_tokens_per_second": round(prompt_tokens / prefill, 1),
+            "time_to_first_canvas_ms": round(1000 * first_canvas, 1),
+            "kv_cache_mb": round(cache_bytes / 2**20, 2), "kv_cache_mb_without_windows": round(full_bytes / 2**20, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1)}
+
+
 def main(args) -> int:
     from canvaslm import load
 
@@ -208,6 +248,8 @@ def main(args) -> int:
     if args.what in ("denoise", "all"):
         sizes = [int(s) for s in args.canvas.split(",")]
         report["denoise"] = bench_denoise(lm, sizes, args.prompt_tokens, args.repeats)
+    if args.what == "prompt":
+        report["prompt"] = bench_prompt(lm, args.prompt_tokens, int(args.canvas.split(",")[-1]))
     if args.what == "generate":
         batches = [int(b) for b in args.batch_sizes.split(",")]
         report["generate"] = bench_generate(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
@@ -238,13 +280,13 @@ def _serve(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
-    p.add_argument("what", choices=["ar", "denoise", "all", "generate", "serve"], help="which benchmark")
+    p.add_argument("what", choices=["ar", "denoise", "all", "generate", "prompt", "serve"], help="which benchmark")
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
     p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
     p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes")
     p.add_argument("--batch-sizes", default="1,8,64", help="generate: comma-separated batch sizes")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate: prompt length")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt: prompt length")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
     p.add_argument("--out", default=None, help="also write the JSON to this file (serve: and a PNG beside it)")

@@ -50,3 +50,10 @@ def test_serve_throughput_and_latency(model_dir, tmp_path):
     assert all(lv["errors"] == 0 and lv["tokens_per_second"] > 0 for lv in entry["levels"])
     assert entry["whole_canvas_streaming_c1"]["requests"] == 2
     assert (tmp_path / "s.png").stat().st_size > 5_000
+
+
+def test_long_prompt_cost(model_dir):
+    report = bench("prompt", "-m", model_dir, "--prompt-tokens", "300", "--canvas", "8")["prompt"]
+    assert report["prompt_tokens"] == 300 and report["time_to_first_canvas_ms"] > report["prefill_ms"] > 0
+    # the tiny model's sliding layer keeps 5 of 300 positions: its cache is smaller than a full-attention one
+    assert 0 < report["kv_cache_mb"] < report["kv_cache_mb_without_windows"]

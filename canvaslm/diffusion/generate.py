@@ -25,7 +25,7 @@ from canvaslm.diffusion.sampling import (
     stable_and_confident,
     temperature_at,
 )
-from canvaslm.models.cache import KVCache
+from canvaslm.models.cache import KVCache, encode_chunked
 
 
 class DiffusionModel(Protocol):
@@ -94,7 +94,7 @@ def generate_steps(
     # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
     mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
     for canvas_index in range(n_canvases):
-        hidden = model.encode(new_tokens, cache, new_valid)                                   # 1.a
+        hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
         canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device, mask_id)  # 1.b
         draft, sc_logits = canvas, None

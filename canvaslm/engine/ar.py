@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from canvaslm.errors import GenerationError
-from canvaslm.models.cache import KVCache
+from canvaslm.models.cache import KVCache, encode_chunked
 
 
 class ARModel(Protocol):
@@ -101,7 +101,7 @@ def ar_generate(
     generated: list[Tensor] = []
     forward_passes = 0
     if max_new_tokens > 0:  # prefill; only the last position's logits [B, V] are needed
-        logits = model.logits(model.encode(input_ids, cache, valid)[:, -1])
+        logits = model.logits(encode_chunked(model, input_ids, cache, valid)[:, -1])
         forward_passes = 1
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)

@@ -37,7 +37,7 @@ from canvaslm.diffusion.sampling import (carry_over, entropy, entropy_bound_acce
 from canvaslm.engine.ar import sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError, UnsupportedError
-from canvaslm.models.cache import KVCache
+from canvaslm.models.cache import KVCache, encode_chunked
 
 
 class QueueFull(CanvasError):
@@ -224,7 +224,8 @@ class Engine:
         generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         seq = _Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request))
         prompt = torch.tensor([request.prompt], device=lm.device)
-        hidden = self._timed(1, lambda: lm.network.encode(prompt, seq.cache, torch.ones_like(prompt, dtype=torch.bool)))
+        valid = torch.ones_like(prompt, dtype=torch.bool)
+        hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
         if lm.kind == "diffusion":
             self._new_canvas(seq)
         else:

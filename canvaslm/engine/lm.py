@@ -21,6 +21,7 @@ from canvaslm.diffusion.generate import DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.engine.ar import ar_generate
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
+from canvaslm.models.cache import encode_chunked
 
 AR_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": 0}
 """Autoregressive defaults (temperature 0 = greedy)."""
@@ -114,7 +115,7 @@ class LM:
         input_ids, valid = self._batch(prompt_ids, None)
         with torch.inference_mode():
             cache = self.network.new_cache(input_ids.shape[0], self.device)
-            self.network.encode(input_ids, cache, valid)
+            encode_chunked(self.network, input_ids, cache, valid)
             canvas = torch.as_tensor(canvas_ids, device=self.device).reshape(input_ids.shape[0], -1)
             sc = None if self_conditioning_logits is None else self_conditioning_logits.to(self.device)
             return self.network.decode(canvas, cache, sc).float()

@@ -10,6 +10,8 @@ skip its own left padding (`offsets`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -100,6 +102,24 @@ class KVCache:
             cut = before[i] - self.kept(i)
             if cut and self.keys[i] is not None:
                 self.keys[i], self.values[i] = self.keys[i][:, :, cut:], self.values[i][:, :, cut:]
+
+
+PREFILL_CHUNK = 512
+"""Prompt tokens encoded per pass: attention scores of a chunk take chunk x (cache + chunk) entries per head, so
+a long prompt is encoded in pieces instead of materialising prompt^2 of them at once."""
+
+
+def encode_chunked(model: Any, input_ids: Tensor, cache: KVCache, valid: Tensor,
+                   chunk: int = PREFILL_CHUNK) -> Tensor:
+    """`model.encode` over input_ids [B, n] in chunks of `chunk` positions (chunked prefill); the cache ends up the
+    same as after one pass (sliding layers truncate after each chunk, which every later chunk's window allows).
+    Returns the final hidden state of the last position, [B, 1, H]."""
+    hidden = None
+    for start in range(0, input_ids.shape[1], chunk):
+        hidden = model.encode(input_ids[:, start:start + chunk], cache, valid[:, start:start + chunk])
+    if hidden is None:
+        raise ValueError("encode_chunked needs at least one position")
+    return hidden[:, -1:]
 
 
 def encoder_mask(cache: KVCache, layer: int, valid_new: Tensor) -> Tensor:

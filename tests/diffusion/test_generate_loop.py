@@ -34,8 +34,8 @@ class ReferenceNetwork:
         masks = self.ref.model.encoder.create_masks_for_generate(
             config=self.ref.config, inputs_embeds=torch.empty(*input_ids.shape, 0), attention_mask=cache["mask"],
             past_key_values=cache["kv"], position_ids=positions)
-        self.ref.model.encoder(input_ids=input_ids, attention_mask=masks, past_key_values=cache["kv"],
-                               position_ids=positions)
+        return self.ref.model.encoder(input_ids=input_ids, attention_mask=masks, past_key_values=cache["kv"],
+                                      position_ids=positions).last_hidden_state
 
     def decode(self, canvas, cache, self_conditioning_logits):
         length = cache["mask"].shape[1]

@@ -9,7 +9,7 @@ import torch
 
 import canvaslm
 from canvaslm.models import llama
-from canvaslm.models.cache import KVCache
+from canvaslm.models.cache import KVCache, encode_chunked
 from tests.reference import tiny_checkpoint
 from tests.train.toy_config import MODEL_INIT
 
@@ -82,3 +82,22 @@ def test_stacking_multi_row_caches_and_dropping_rows_keeps_every_row_exact(tmp_p
     assert (first - torch.stack([s[0] for s in solo])).abs().max() < 1e-4
     for j, out in enumerate(rest, start=1):
         assert (out - torch.stack([solo[1][j], solo[2][j]])).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
+def test_chunked_prefill_equals_one_pass(build, tmp_path):
+    """A long prompt encoded in chunks (sliding windows included, a padded row too) leaves the same cache: the
+    next canvas decodes to the same logits."""
+    network = build(tmp_path)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 30, (2, 21))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :7] = False  # left padding spanning more than one chunk
+    canvas = torch.randint(3, 30, (2, network.canvas_length))
+    with torch.no_grad():
+        whole = network.new_cache(2, "cpu")
+        last = network.encode(ids, whole, valid)[:, -1:]
+        chunked = network.new_cache(2, "cpu")
+        assert (encode_chunked(network, ids, chunked, valid, chunk=4) - last).abs().max() < 1e-4
+        assert chunked.length == whole.length and torch.equal(chunked.valid, whole.valid)
+        assert (network.decode(canvas, chunked, None) - network.decode(canvas, whole, None)).abs().max() < 1e-4
