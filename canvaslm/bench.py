@@ -33,17 +33,22 @@ from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, progress: Progress, label: str) -> float:
+def _timed(fn: Callable[[], Any], repeats: int, progress: Progress, label: str) -> tuple[Any, float]:
+    """(last output, median seconds) of `repeats` runs after one warm-up run."""
     task = progress.add_task(label, total=repeats + 1)
-    fn()  # warm-up
+    out = fn()  # warm-up
     progress.advance(task)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - start)
         progress.advance(task)
-    return statistics.median(times)
+    return out, statistics.median(times)
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, progress: Progress, label: str) -> float:
+    return _timed(fn, repeats, progress, label)[1]
 
 
 def machine() -> dict[str, Any]:
@@ -118,7 +123,7 @@ def bench_generate(lm: LM, source: str, batch_sizes: list[int], new_tokens: int,
             generator = torch.Generator().manual_seed(batch)
             ids = torch.randint(3, lm.network.vocab_size, (batch, prompt_tokens), generator=generator).to(lm.device)
             row: dict[str, Any] = {"batch": batch}
-            ours = _timed_generate(lambda: lm.generate(ids, new_tokens, seed=0), repeats, progress,
+            ours = _timed(lambda: lm.generate(ids, new_tokens, seed=0), repeats, progress,
                                    f"canvaslm, batch {batch}")
             first = time.perf_counter()
             for event in lm.generate_steps(ids, new_tokens, seed=0):
@@ -133,7 +138,7 @@ def bench_generate(lm: LM, source: str, batch_sizes: list[int], new_tokens: int,
                     torch.manual_seed(0)
                     return reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                               eos_token_id=eos, pad_token_id=pad)
-                ref_out, ref_seconds = _timed_generate(theirs, repeats, progress, f"transformers, batch {batch}")
+                ref_out, ref_seconds = _timed(theirs, repeats, progress, f"transformers, batch {batch}")
                 ref_ids = ref_out.sequences if hasattr(ref_out, "sequences") else ref_out
                 row.update(_rates("transformers", ref_ids[:, prompt_tokens:], None, ref_seconds, pad))
                 row["identical_tokens"] = bool(torch.equal(ref_ids.to(out.sequences.device), out.sequences))
@@ -143,20 +148,6 @@ def bench_generate(lm: LM, source: str, batch_sizes: list[int], new_tokens: int,
             rows.append(row)
     return {"checkpoint": source, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "transformers": reference is not None, "batches": rows}
-
-
-def _timed_generate(run: Callable[[], Any], repeats: int, progress: Progress, label: str) -> tuple[Any, float]:
-    """(last output, median seconds) over `repeats` runs after a warm-up."""
-    task = progress.add_task(label, total=repeats + 1)
-    out = run()
-    progress.advance(task)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-        progress.advance(task)
-    return out, statistics.median(times)
 
 
 def _rates(name: str, generated: torch.Tensor, passes: torch.Tensor | None, seconds: float, pad: int) -> dict:

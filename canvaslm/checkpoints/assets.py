@@ -13,6 +13,7 @@ adapter merged -> HF-layout directory), with a progress bar; later loads read th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -120,8 +121,6 @@ def materialize(path: str | Path, cache: Path, show_progress: bool = True) -> Pa
 
 
 def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: Any, label: str) -> Any:
-    import dataclasses
-
     from canvaslm.diffusion.sampling import DiffusionSampling
     from canvaslm.engine.lm import LM, load
     from canvaslm.train.lora import apply_lora, hf_module_names, load_adapter, merge_lora

@@ -26,9 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from canvaslm.engine.batching import Draft, Engine, EngineDead, Finished, QueueFull
+from canvaslm.engine.batching import Draft, Engine, EngineDead, Finished, QueueFull, Tokens
 from canvaslm.engine.batching import Request as EngineRequest
-from canvaslm.engine.batching import Tokens
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
 from canvaslm.server.metrics import Metrics
@@ -142,7 +141,7 @@ class Server:
                 yield choice, event
         finally:
             for request, choice in zip(requests, choices, strict=True):
-                if choice.finish is None or choice.finish == "stop":
+                if choice.finish is None:  # the client went away: stop its sequences
                     self.engine.cancel(request.id)
             done = [c for c in choices if c.finish is not None]
             self.metrics.request_finished([c.finish for c in done], sum(len(c.ids) for c in choices),
@@ -283,7 +282,6 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
         out = []
         for i in range(body.n):
             c = choices[i]
-            server.streamable(c)
             item: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": _finish_reason(c.finish)}
             item.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
             out.append(item)

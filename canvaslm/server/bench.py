@@ -30,22 +30,24 @@ PROMPTS = ["Explain how a bicycle stays upright.", "Write a short poem about the
            "Why do cats purr?", "Summarize the plot of a detective story in three sentences."]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class _Server:
-    def __init__(self, model: str, flags: list[str]) -> None:
+class ServerProcess:
+    """`canvaslm serve MODEL` in a subprocess on a free local port, returned once /health answers 200."""
+
+    def __init__(self, model: str, flags: list[str], name: str = "bench", timeout: float = 600) -> None:
         import httpx
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", model, "--port",
-                                         str(self.port), "--served-model-name", "bench", *flags],
+        self.process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(model), "--port",
+                                         str(self.port), "--served-model-name", name, *flags],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise CanvasError(f"the server for {model} exited: {self.process.stdout.read()[-2000:]}")
@@ -53,9 +55,9 @@ class _Server:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
-                time.sleep(0.5)
+                time.sleep(0.2)
         self.close()
-        raise CanvasError(f"the server for {model} did not start within 10 minutes")
+        raise CanvasError(f"the server for {model} did not start within {timeout:.0f} s")
 
     def close(self) -> None:
         self.process.terminate()
@@ -133,7 +135,7 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
     with Progress(transient=True) as progress:
         for model in models:
             task = progress.add_task(f"serving {model}", total=len(levels) + 1)
-            server = _Server(model, [])
+            server = ServerProcess(model, [])
             try:
                 kind = _kind(server.url)
                 _one_request(server.url, PROMPTS[0], 8, 0)  # warm-up
@@ -145,7 +147,7 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
             finally:
                 server.close()
             if kind == "diffusion" and compare_streaming:
-                whole = _Server(model, ["--no-pin-settled"])
+                whole = ServerProcess(model, ["--no-pin-settled"])
                 try:
                     _one_request(whole.url, PROMPTS[0], 8, 0)
                     entry["whole_canvas_streaming_c1"] = run_level(whole.url, 1, requests, max_tokens)

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from canvaslm.server.bench import ServerProcess
 from tests.reference import tiny_checkpoint
 
 MODEL = "tiny-dg"
 
 
-@dataclass
-class LiveServer:
-    url: str
-    process: subprocess.Popen
-
+class LiveServer(ServerProcess):
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
@@ -34,37 +25,12 @@ class LiveServer:
         raise AssertionError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: Path, *flags: str) -> LiveServer:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(model_dir), "--port", str(port),
-                                "--served-model-name", MODEL, *flags], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return LiveServer(url, process)
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not become healthy")
+    return LiveServer(str(model_dir), list(flags), name=MODEL, timeout=120)
 
 
 def stop_server(server: LiveServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    server.close()
 
 
 @pytest.fixture(scope="session")
