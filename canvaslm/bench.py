@@ -12,6 +12,11 @@
 * `prompt`: a long prompt (default 4,096 tokens): prefill time (chunked), time to the first committed canvas, the
   request's KV-cache bytes (sliding-window layers keep only their window) and the process's peak memory.
 * `serve`: throughput and latency through the HTTP server at several concurrency levels (canvaslm.server.bench).
+* `compare` (the default): one run, per batch size (default 1, 8, 64), of our diffusion loop, our AR loop on the same
+  weights (the encoder used causally), our diffusion loop with the fast sampler, transformers' diffusion reference (DiffusionGemma checkpoints) and
+  transformers' `LlamaForCausalLM.generate` (Llama weights): tokens/s, tokens per forward, ms per forward pass,
+  time to first token (diffusion: the first committed canvas) and peak memory (CUDA allocator, or the process's
+  resident set on Linux CPUs); JSON and a PNG.
 Each number is the median of `--repeats` timed runs after one warm-up run.
 """
 
@@ -141,7 +146,8 @@ def bench_generate(lm: LM, source: str, batch_sizes: list[int], new_tokens: int,
                 ref_out, ref_seconds = _timed(theirs, repeats, progress, f"transformers, batch {batch}")
                 ref_ids = ref_out.sequences if hasattr(ref_out, "sequences") else ref_out
                 row.update(_rates("transformers", ref_ids[:, prompt_tokens:], None, ref_seconds, pad))
-                row["identical_tokens"] = bool(torch.equal(ref_ids.to(out.sequences.device), out.sequences))
+                exact = lm.generate(ids, new_tokens, seed=0, exact=True).sequences  # timed runs skip finished rows
+                row["identical_tokens"] = bool(torch.equal(ref_ids.to(exact.device), exact))
                 row["speedup"] = round(ref_seconds / seconds, 2)
             if torch.cuda.is_available() and lm.device.type == "cuda":
                 row["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -227,6 +233,142 @@ def bench_prompt(lm: LM, prompt_tokens: int, canvas_length: int) -> dict[str, An
             "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1)}
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), None)
+    return round(int(line.split()[1]) / 1024, 1) if line else None
+
+
+def _engine_row(run: Callable[[], Any], first: Callable[[], Any], tokens: Callable[[Any], int],
+                passes: Callable[[Any], int | None], repeats: int, progress: Progress, label: str,
+                device: torch.device) -> dict[str, Any]:
+    """Measure one engine at one batch size: `run` generates, `first` stops at the first token (or canvas)."""
+    _reset_peak_memory(device)
+    out, seconds = _timed(run, repeats, progress, label)
+    start = time.perf_counter()
+    first()
+    ttft = time.perf_counter() - start
+    n, forward = tokens(out), passes(out)
+    row = {"tokens_per_second": round(n / seconds, 2), "seconds": round(seconds, 4),
+           "time_to_first_token_ms": round(1000 * ttft, 2), "peak_memory_mb": _peak_memory_mb(device)}
+    if forward:
+        row["ms_per_forward"] = round(1000 * seconds / forward, 2)
+    return row
+
+
+def bench_compare(lm: LM, source: str, batch_sizes: list[int], new_tokens: int, prompt_tokens: int,
+                  repeats: int) -> dict[str, Any]:
+    """Our diffusion and AR loops and transformers' references on identical weights, per batch size."""
+    if lm.kind != "diffusion":
+        raise CanvasError(f"bench compare needs a diffusion model (its weights also run autoregressively); "
+                          f"{lm.source} is {lm.kind}")
+    network, device = lm.network, lm.device
+    pad = lm.pad_token_id if lm.pad_token_id is not None else 0
+    reference = _reference_diffusion(source, lm) if type(network).__module__.endswith("diffusion_gemma") else None
+    hf_ar = _transformers_twin(lm) if type(network).__module__.endswith("llama") else None
+    rows = []
+    with Progress(transient=True) as progress, torch.inference_mode():
+        for batch in batch_sizes:
+            generator = torch.Generator().manual_seed(batch)
+            ids = torch.randint(3, network.vocab_size, (batch, prompt_tokens), generator=generator).to(device)
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            row: dict[str, Any] = {"batch": batch}
+
+            def first_canvas() -> None:
+                for event in lm.generate_steps(ids, new_tokens, seed=0):
+                    if type(event).__name__ == "CanvasCommitted":
+                        return
+
+            diffusion = _engine_row(lambda: lm.generate(ids, new_tokens, seed=0), first_canvas,
+                                    lambda o: int((o.sequences[:, prompt_tokens:] != pad).sum()),
+                                    lambda o: int(o.forward_passes.max()), repeats, progress,
+                                    f"canvaslm diffusion, batch {batch}", device)
+            out = lm.generate(ids, new_tokens, seed=0)
+            diffusion["tokens_per_forward"] = round(float(out.tokens_per_forward.float().mean()), 3)
+            row["canvaslm_diffusion"] = diffusion
+            fast = _engine_row(lambda: lm.generate(ids, new_tokens, seed=0, sampler="fast"), first_canvas,
+                               lambda o: int((o.sequences[:, prompt_tokens:] != pad).sum()),
+                               lambda o: int(o.forward_passes.max()), repeats, progress,
+                               f"canvaslm diffusion (fast sampler), batch {batch}", device)
+            out = lm.generate(ids, new_tokens, seed=0, sampler="fast")
+            fast["tokens_per_forward"] = round(float(out.tokens_per_forward.float().mean()), 3)
+            row["canvaslm_diffusion_fast_sampler"] = fast
+            ar = lambda n: ar_generate(network, ids, valid, n, temperature=0.0, eos_token_ids=[])  # noqa: E731
+            row["canvaslm_ar"] = _engine_row(lambda: ar(new_tokens), lambda: ar(1), lambda o: int(o.new_tokens.sum()),
+                                             lambda o: o.forward_passes, repeats, progress,
+                                             f"canvaslm AR, batch {batch}", device)
+            row["canvaslm_ar"]["tokens_per_forward"] = float(batch)
+            if reference is not None:
+                def theirs(n: int) -> Any:
+                    torch.manual_seed(0)
+                    return reference.generate(ids, attention_mask=valid.long(), max_new_tokens=n,
+                                              eos_token_id=lm.eos_token_ids, pad_token_id=pad)
+                ref = _engine_row(lambda: theirs(new_tokens), lambda: theirs(1),
+                                  lambda o: int((getattr(o, "sequences", o)[:, prompt_tokens:] != pad).sum()),
+                                  lambda o: None, repeats, progress, f"transformers diffusion, batch {batch}",
+                                  device)
+                row["transformers_diffusion"] = ref
+            if hf_ar is not None:
+                def hf_generate(n: int) -> Any:
+                    return hf_ar.generate(ids, attention_mask=valid.long(), max_new_tokens=n, min_new_tokens=n,
+                                          do_sample=False, pad_token_id=pad)
+                row["transformers_ar"] = _engine_row(lambda: hf_generate(new_tokens), lambda: hf_generate(1),
+                                                     lambda o: batch * new_tokens, lambda o: new_tokens, repeats,
+                                                     progress, f"transformers AR, batch {batch}", device)
+            best_ar = max(row[k]["tokens_per_second"] for k in ("canvaslm_ar", "transformers_ar") if k in row)
+            ours = max(diffusion["tokens_per_second"], fast["tokens_per_second"])
+            row["diffusion_vs_best_ar"] = round(ours / best_ar, 2)
+            if "transformers_diffusion" in row:
+                row["diffusion_vs_transformers_diffusion"] = round(
+                    ours / row["transformers_diffusion"]["tokens_per_second"], 2)
+            rows.append(row)
+    return {"checkpoint": source, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "canvas_length": network.canvas_length, "batches": rows}
+
+
+ENGINES = ("canvaslm_diffusion", "canvaslm_diffusion_fast_sampler", "canvaslm_ar", "transformers_diffusion",
+           "transformers_ar")
+
+
+def plot_compare(report: dict[str, Any], png: str) -> bool:
+    """tokens/s and time to first token per engine against the batch size."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    speed, latency = figure.subplots(1, 2)
+    batches = [r["batch"] for r in report["batches"]]
+    for engine in ENGINES:
+        rows = [r[engine] for r in report["batches"] if engine in r]
+        if len(rows) == len(batches):
+            speed.plot(batches, [r["tokens_per_second"] for r in rows], "o-", label=engine.replace("_", " "))
+            latency.plot(batches, [r["time_to_first_token_ms"] for r in rows], "o-", label=engine.replace("_", " "))
+    for axes, label in ((speed, "generated tokens/s"), (latency, "time to first token (ms)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("batch size")
+        axes.set_ylabel(label)
+        axes.legend(fontsize=8)
+    speed.set_title(f"{Path(str(report['checkpoint'])).name}: {report['new_tokens']} new tokens")
+    figure.savefig(png, dpi=120)
+    return True
+
+
 def main(args) -> int:
     from canvaslm import load
 
@@ -241,6 +383,11 @@ def main(args) -> int:
         report["denoise"] = bench_denoise(lm, sizes, args.prompt_tokens, args.repeats)
     if args.what == "prompt":
         report["prompt"] = bench_prompt(lm, args.prompt_tokens, int(args.canvas.split(",")[-1]))
+    if args.what == "compare":
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        report["compare"] = bench_compare(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
+        if args.out and plot_compare(report["compare"], str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
     if args.what == "generate":
         batches = [int(b) for b in args.batch_sizes.split(",")]
         report["generate"] = bench_generate(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
@@ -271,7 +418,12 @@ def _serve(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
-    p.add_argument("what", choices=["ar", "denoise", "all", "generate", "prompt", "serve"], help="which benchmark")
+    p.add_argument("what", nargs="?", default="compare",
+                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve"],
+                   help="which benchmark (default compare)")
+    from canvaslm.cli import threads_arg
+
+    threads_arg(p)
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
     p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")

@@ -1,4 +1,4 @@
-"""The `canvaslm` command: generate, chat, info, bench, train, data, quality, asset."""
+"""The `canvaslm` command: generate, chat, info, bench, train, data, quality, asset, serve, sudoku."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from canvaslm import bench
 from canvaslm.errors import CanvasError
+from canvaslm.tasks import sudoku_cli
 from canvaslm.train import data_cli
 
 DEFAULT_MODEL = "smol-ar"
@@ -22,10 +23,22 @@ SAMPLING_FLAGS = {  # flag -> (type, help); passed to the model only when given
     "t_max": (float, "diffusion: temperature at the first step"),
     "stability_threshold": (int, "diffusion: steps the argmax must stay unchanged to stop"),
     "confidence_threshold": (float, "diffusion: mean entropy under which a canvas may stop"),
+    "acceptance": (str, "diffusion: acceptance rule: entropy_bound, threshold, top_k or adaptive"),
+    "accept_probability": (float, "diffusion, rule threshold: top probability a token needs to be kept"),
+    "accept_k": (int, "diffusion, rule top_k: tokens kept per step"),
+    "accept_factor": (float, "diffusion, rule adaptive: slack of the confidence-factor rule"),
+    "sampler": (str, "diffusion: reference (the reference's random stream) or fast (same distribution, ~2x "
+                     "less sampling time on a CPU)"),
 }
 
 
+def threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch's kernels (default: torch's choice, one per physical core)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
+    threads_arg(p)
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"HF dir, .gguf file or name (default {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -34,6 +47,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--seed", type=int, default=None)
+    _sampling_flags(p)
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
     for name, (kind, text) in SAMPLING_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
 
@@ -60,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the TOML config")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3")
     data_cli.add_parser(sub)
+    sudoku_cli.add_parser(sub, lambda p: (_sampling_flags(p), threads_arg(p)))
     quality = sub.add_parser("quality", help="GenPPL, entropy, distinct-4, tokens/forward and tok/s of a diffusion "
                              "model next to its AR judge, on held-out prompts")
     quality.add_argument("model", help="the diffusion model (HF dir, asset folder or name)")
@@ -78,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--device", default=None)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
+    threads_arg(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
@@ -103,15 +122,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _set_threads(getattr(args, "threads", None))
         commands = {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main,
                     "train": _train, "data": data_cli.run, "quality": _quality, "asset": _asset,
-                    "serve": _serve}
+                    "serve": _serve, "sudoku": lambda a: sudoku_cli.run(a, _sampling(a))}
         return commands[args.command](args)
     except CanvasError as error:
         print(f"canvaslm: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise CanvasError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _load(args: argparse.Namespace):
@@ -123,7 +153,7 @@ def _load(args: argparse.Namespace):
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
 
 
 def _answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:

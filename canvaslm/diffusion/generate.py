@@ -7,7 +7,8 @@ yields one event per denoising step (for live views and streaming); `generate` r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,16 +17,18 @@ from torch import Tensor
 
 from canvaslm.diffusion.sampling import (
     DiffusionSampling,
+    accept,
     carry_over,
-    entropy,
-    entropy_bound_accept,
+    propose,
     random_canvas,
     renoise,
-    sample_tokens,
     stable_and_confident,
     temperature_at,
 )
 from canvaslm.models.cache import KVCache, encode_chunked
+
+Constraint = Callable[[int, Tensor], Tensor]
+"""(canvas index, tempered logits [B, C, V]) -> logits: a format restriction applied inside the loop."""
 
 
 class DiffusionModel(Protocol):
@@ -72,8 +75,18 @@ def generate_steps(
     eos_token_ids: list[int],
     pad_token_id: int | None,
     generator: torch.Generator | None,
+    constrain: Constraint | None = None,
+    skip_finished: bool = False,
 ) -> Iterator[DenoisingStep | CanvasCommitted | DiffusionResult]:
     """Run generation, yielding every denoising step and committed canvas, and lastly the result.
+
+    `skip_finished` runs the decoder only on rows still denoising: rows whose canvas stopped, and rows that
+    finished the whole generation, cost nothing. A row's tokens are the reference's as long as no row of the
+    batch has finished the whole generation (the random draws do not depend on the logits' values); after that
+    the loop no longer waits for finished rows to look "stopped", so later canvases' draws can differ.
+
+    `constrain(canvas_index, logits)`, when given, edits each step's tempered logits [B, C, V] before sampling
+    (e.g. -inf for tokens a format forbids at a position); without it the loop is the reference's.
 
     Phases (numbered as in the reference):
       1.a encode the new tokens (the prompt, then each committed canvas) into the cache
@@ -98,25 +111,36 @@ def generate_steps(
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
         canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device, mask_id)  # 1.b
         draft, sc_logits = canvas, None
-        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        stopped = done.clone() if skip_finished else torch.zeros(batch, dtype=torch.bool, device=device)
         history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
+        rows, row_cache = None, cache
         for steps_left in range(settings.max_denoising_steps, 0, -1):                     # 1.c
             forward_passes += ~(stopped | done)
-            logits = model.decode(canvas, cache, sc_logits)
+            if skip_finished and bool(stopped.any()):
+                active = (~stopped).nonzero().squeeze(1)
+                if rows is None or not torch.equal(rows, active):
+                    rows, row_cache = active, copy.copy(cache)
+                    row_cache.select(rows)
+                logits = _fill(sc_logits, batch, model.vocab_size, canvas)
+                logits[rows] = model.decode(canvas[rows], row_cache,
+                                            None if sc_logits is None else sc_logits[rows]).to(logits.dtype)
+            else:
+                logits = model.decode(canvas, cache, sc_logits)
             if shift:  # canvas token i is read from output i - 1, token 0 from the last encoded position
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
             logits = logits / temperature_at(steps_left, settings)
+            if constrain is not None:
+                logits = constrain(canvas_index, logits)
             if mask_id is not None:
                 logits = carry_over(logits, canvas, mask_id)
-            proposal = sample_tokens(logits.softmax(dim=-1), generator)
-            token_entropy = entropy(logits)
-            accepted = entropy_bound_accept(token_entropy, settings.entropy_bound)
+            proposal, token_entropy = propose(logits, settings, generator)
+            accepted = accept(logits, token_entropy, settings)
             new_canvas = renoise(proposal, accepted, model.vocab_size, generator, mask_id)
             new_draft = logits.argmax(dim=-1)
             if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
                 new_draft = torch.where(stopped[:, None], draft, new_draft)
                 new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
-                logits = torch.where(stopped[:, None, None], sc_logits, logits)
+                logits = torch.where(stopped[:, None, None], _fill(sc_logits, batch, model.vocab_size, canvas), logits)
             stop, history = stable_and_confident(history, new_draft, token_entropy, settings.confidence_threshold)
             stopped |= stop
             canvas, draft, sc_logits = new_canvas, new_draft, logits.to(sc_dtype)
@@ -138,6 +162,13 @@ def generate_steps(
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
 
 
+def _fill(sc_logits: Tensor | None, batch: int, vocab_size: int, canvas: Tensor) -> Tensor:
+    """What a row that is not decoded this step holds: its last logits (float32), or zeros before any step."""
+    if sc_logits is None:
+        return torch.zeros(batch, canvas.shape[1], vocab_size, device=canvas.device)
+    return sc_logits.float().clone()
+
+
 def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done: Tensor) -> tuple[Tensor, Tensor]:
     """Pad a committed canvas: whole rows already finished, and every token after a row's first EOS.
 
@@ -154,10 +185,11 @@ def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done
 
 def generate(model: DiffusionModel, input_ids: Tensor, valid: Tensor, max_new_tokens: int,
              settings: DiffusionSampling, eos_token_ids: list[int], pad_token_id: int | None,
-             generator: torch.Generator | None) -> DiffusionResult:
+             generator: torch.Generator | None, constrain: Constraint | None = None,
+             skip_finished: bool = False) -> DiffusionResult:
     """Run `generate_steps` to the end and return its result."""
     for event in generate_steps(model, input_ids, valid, max_new_tokens, settings, eos_token_ids,
-                                pad_token_id, generator):
+                                pad_token_id, generator, constrain, skip_finished):
         if isinstance(event, DiffusionResult):
             return event
     raise AssertionError("generate_steps ended without a result")

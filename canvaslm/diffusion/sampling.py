@@ -16,6 +16,9 @@ from torch import Tensor
 
 from canvaslm.errors import GenerationError
 
+ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
+SAMPLERS = ("reference", "fast")
+
 
 @dataclass(frozen=True)
 class DiffusionSampling:
@@ -31,6 +34,18 @@ class DiffusionSampling:
     """A canvas stops once its argmax is unchanged for this many steps ..."""
     confidence_threshold: float = 0.005
     """... and its mean token entropy (nats) is below this."""
+    acceptance: str = "entropy_bound"
+    """Which tokens a step keeps (the rest are re-noised): "entropy_bound" (the reference's EB rule),
+    "threshold" (max probability >= accept_probability, as Fast-dLLM), "top_k" (the accept_k most certain),
+    "adaptive" (EB, plus every token the confidence-factor rule of Fast-dLLM v2 accepts, with factor
+    accept_factor)."""
+    accept_probability: float = 0.9
+    accept_k: int = 8
+    accept_factor: float = 1.0
+    sampler: str = "reference"
+    """How a step draws its tokens: "reference" (torch.multinomial, the reference's random stream: seeded runs
+    give its tokens) or "fast" (one uniform per position and an inverse-CDF search, sharing one log-softmax with
+    the entropy: the same distribution, a different random stream, about 4x less sampler time on a CPU)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +58,12 @@ class DiffusionSampling:
              "stability_threshold", "an integer >= 0"),
             (_is_number(self.confidence_threshold) and self.confidence_threshold > 0,
              "confidence_threshold", "a number > 0"),
+            (self.acceptance in ACCEPTANCE_RULES, "acceptance", f"one of {ACCEPTANCE_RULES}"),
+            (_is_number(self.accept_probability) and 0 < self.accept_probability <= 1, "accept_probability",
+             "a number in (0, 1]"),
+            (isinstance(self.accept_k, int) and self.accept_k > 0, "accept_k", "an integer > 0"),
+            (_is_number(self.accept_factor) and self.accept_factor > 0, "accept_factor", "a number > 0"),
+            (self.sampler in SAMPLERS, "sampler", f"one of {SAMPLERS}"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -86,6 +107,47 @@ def entropy_bound_accept(token_entropy: Tensor, bound: float) -> Tensor:
     return torch.zeros_like(selected).scatter(-1, order, selected)
 
 
+def threshold_accept(probs: Tensor, threshold: float) -> Tensor:
+    """Accept tokens whose top probability is >= threshold, and always the most confident one (Fast-dLLM).
+
+    probs [B, C, V] -> [B, C] bool."""
+    top = probs.amax(dim=-1)
+    best = torch.zeros_like(top, dtype=torch.bool).scatter(-1, top.argmax(dim=-1, keepdim=True), True)
+    return (top >= threshold) | best
+
+
+def top_k_accept(token_entropy: Tensor, k: int) -> Tensor:
+    """Accept the k lowest-entropy tokens of each row. [B, C] -> [B, C] bool."""
+    k = min(k, token_entropy.shape[-1])
+    order = token_entropy.topk(k, dim=-1, largest=False).indices
+    return torch.zeros_like(token_entropy, dtype=torch.bool).scatter(-1, order, True)
+
+
+def factor_accept(probs: Tensor, factor: float) -> Tensor:
+    """Fast-dLLM v2's factor rule: with top probabilities sorted c_1 >= c_2 >= ..., accept the longest prefix with
+    c_n >= 1 - factor / (n + 1) (the (n + 1) * eps <= 1 bound of its parallel-decoding theorem, with slack).
+
+    probs [B, C, V] -> [B, C] bool; the most confident token is always accepted."""
+    top, order = probs.amax(dim=-1).sort(dim=-1, descending=True)
+    n = torch.arange(1, top.shape[-1] + 1, device=top.device, dtype=top.dtype)
+    ok = (top >= 1 - factor / (n + 1)).cumprod(dim=-1).bool()
+    ok[..., 0] = True
+    return torch.zeros_like(ok).scatter(-1, order, ok)
+
+
+def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling) -> Tensor:
+    """The tokens one step keeps under `settings.acceptance`: [B, C, V] tempered logits -> [B, C] bool."""
+    rule = settings.acceptance
+    if rule == "entropy_bound":
+        return entropy_bound_accept(token_entropy, settings.entropy_bound)
+    if rule == "top_k":
+        return top_k_accept(token_entropy, settings.accept_k)
+    probs = logits.softmax(dim=-1)
+    if rule == "threshold":
+        return threshold_accept(probs, settings.accept_probability)
+    return entropy_bound_accept(token_entropy, settings.entropy_bound) | factor_accept(probs, settings.accept_factor)
+
+
 def random_canvas(batch_size: int, canvas_length: int, vocab_size: int, generator: torch.Generator | None,
                   device: torch.device | str = "cpu", mask_token_id: int | None = None) -> Tensor:
     """A canvas [B, C] drawn from the diffusion prior: uniformly random ids, or all `mask_token_id` for an
@@ -113,6 +175,24 @@ def sample_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One multinomial draw per position: [B, C, V] probabilities -> [B, C] ids."""
     batch, length, vocab = probs.shape
     return torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
+
+
+def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per position from [B, C, V] probabilities with a single uniform each (inverse CDF): the same
+    distribution as `sample_tokens`, a different random stream, far cheaper than V exponential draws."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(*probs.shape[:-1], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(sampled tokens [B, C], token entropy [B, C]) of one step's tempered logits, by `settings.sampler`."""
+    if settings.sampler == "reference":
+        return sample_tokens(logits.softmax(dim=-1), generator), entropy(logits)
+    log_probs = logits.log_softmax(dim=-1)
+    probs = log_probs.exp()
+    token_entropy = -(probs * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(dim=-1)
+    return sample_inverse_cdf(probs, generator), token_entropy
 
 
 def stable_and_confident(history: Tensor, argmax: Tensor, token_entropy: Tensor,

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import (carry_over, entropy, entropy_bound_accept, random_canvas,
-                                         renoise, sample_tokens, stable_and_confident, temperature_at)
+from canvaslm.diffusion.sampling import (accept, carry_over, propose, random_canvas, renoise,
+                                         stable_and_confident, temperature_at)
 from canvaslm.engine.ar import sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError, UnsupportedError
@@ -299,9 +299,8 @@ class Engine:
         logits = logits / temperature_at(seq.steps_left, settings)
         if mask_id is not None:
             logits = carry_over(logits, seq.canvas, mask_id)
-        proposal = sample_tokens(logits.softmax(dim=-1), seq.generator)
-        token_entropy = entropy(logits)
-        accepted = entropy_bound_accept(token_entropy, settings.entropy_bound)
+        proposal, token_entropy = propose(logits, settings, seq.generator)
+        accepted = accept(logits, token_entropy, settings)
         canvas = renoise(proposal, accepted, network.vocab_size, seq.generator, mask_id)
         draft = logits.argmax(dim=-1)
         if seq.pinned:

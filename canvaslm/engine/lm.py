@@ -81,16 +81,19 @@ class LM:
     # ---- token-level API -------------------------------------------------------------------------------
 
     def generate(self, prompt_ids: Sequence[Sequence[int]] | Sequence[int] | Tensor, max_new_tokens: int = 256,
-                 seed: int | None = None, attention_mask: Tensor | None = None, **sampling: Any) -> GenerateResult:
+                 seed: int | None = None, attention_mask: Tensor | None = None, exact: bool = False,
+                 **sampling: Any) -> GenerateResult:
         """Generate after one prompt or a batch of prompts (lists of ids of any lengths, or a left-padded
-        tensor with `attention_mask`). Diffusion options: see `DiffusionSampling`; AR: temperature, top_p, top_k."""
+        tensor with `attention_mask`). Diffusion options: see `DiffusionSampling`; AR: temperature, top_p, top_k.
+        Rows that finished cost no decoder work unless `exact` asks for the reference's random draws in every
+        case (see `generate_steps`'s `skip_finished`)."""
         start = time.perf_counter()
-        *_, result = self.generate_steps(prompt_ids, max_new_tokens, seed, attention_mask, **sampling)
+        *_, result = self.generate_steps(prompt_ids, max_new_tokens, seed, attention_mask, exact, **sampling)
         return GenerateResult(result.sequences, result.tokens_per_forward, result.forward_passes,
                               time.perf_counter() - start)
 
     def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
-                       attention_mask: Tensor | None = None, **sampling: Any) -> Iterator[Any]:
+                       attention_mask: Tensor | None = None, exact: bool = False, **sampling: Any) -> Iterator[Any]:
         """Like `generate`, yielding the loop's events (diffusion: `DenoisingStep`, `CanvasCommitted`) and last a
         `DiffusionResult` (for AR models: only the result)."""
         input_ids, valid = self._batch(prompt_ids, attention_mask)
@@ -101,7 +104,8 @@ class LM:
             if self.kind == "diffusion":
                 settings = self._diffusion_settings(sampling)
                 yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
-                                          self.eos_token_ids, self.pad_token_id, generator)
+                                          self.eos_token_ids, self.pad_token_id, generator,
+                                          skip_finished=not exact)
             else:
                 options = self._ar_settings(sampling)
                 out = ar_generate(self.network, input_ids, valid, max_new_tokens, eos_token_ids=self.eos_token_ids,

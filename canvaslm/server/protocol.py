@@ -2,7 +2,8 @@
 the field); unknown fields are accepted and ignored, as OpenAI-compatible servers do.
 
 The diffusion knobs are extra top-level fields (the `openai` client sends them with `extra_body`):
-max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, and `canvas_drafts`
+max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, acceptance,
+accept_probability, accept_k, accept_factor, sampler, and `canvas_drafts`
 (stream whole-canvas drafts in a `canvaslm` field the OpenAI client ignores); `ignore_eos` (vLLM's: write
 max_tokens tokens whatever the model says, for benchmarks)."""
 
@@ -40,6 +41,11 @@ class Sampling(BaseModel):
     t_max: float | None = Field(None, gt=0)
     stability_threshold: int | None = Field(None, ge=1, le=64)
     confidence_threshold: float | None = Field(None, gt=0)
+    acceptance: Literal["entropy_bound", "threshold", "top_k", "adaptive"] | None = None
+    accept_probability: float | None = Field(None, gt=0, le=1)
+    accept_k: int | None = Field(None, ge=1, le=65536)
+    accept_factor: float | None = Field(None, gt=0)
+    sampler: Literal["reference", "fast"] | None = None
     canvas_drafts: bool = False
     ignore_eos: bool = False
 
@@ -51,7 +57,8 @@ class Sampling(BaseModel):
         """The options for the model: diffusion knobs for a diffusion model (temperature/top_p/top_k, which
         OpenAI clients send by habit, do not apply to its schedule and are ignored), AR options otherwise."""
         names = (("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                  "confidence_threshold") if diffusion else ("temperature", "top_p", "top_k"))
+                  "confidence_threshold", "acceptance", "accept_probability", "accept_k", "accept_factor",
+                  "sampler") if diffusion else ("temperature", "top_p", "top_k"))
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 

@@ -233,7 +233,7 @@ def _check_init(init: dict[str, Any], source: str) -> None:
             raise ConfigError(source, f"model.init.{typos[0]}", "unknown llama config key",
                               hint=f"did you mean {e.field!r}?") from e
         raise
-    unknown = sorted(set(init) - seen.read)
+    unknown = sorted(set(init) - seen.read - {"initializer_range"})  # read by the trainer's build_model
     if unknown:
         raise ConfigError(source, f"model.init.{unknown[0]}", "unknown llama config key",
                           hint=did_you_mean(unknown[0], sorted(seen.read)))

@@ -124,8 +124,20 @@ def _shards(config: TrainConfig) -> Task:
     return ShardsTask(config)
 
 
+def _sudoku(config: TrainConfig) -> Task:
+    from canvaslm.train.sudoku_tasks import SudokuTask
+
+    return SudokuTask(config)
+
+
+def _sudoku_ar(config: TrainConfig) -> Task:
+    from canvaslm.train.sudoku_tasks import SudokuARTask
+
+    return SudokuARTask(config)
+
+
 TASKS: dict[str, Callable[[TrainConfig], Task]] = {"causal-lm-toy": CausalLMToy, "digits": _digits,
-                                                   "shards": _shards}
+                                                   "shards": _shards, "sudoku": _sudoku, "sudoku-ar": _sudoku_ar}
 
 
 def make_task(config: TrainConfig) -> Task:

@@ -106,14 +106,22 @@ def clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float) -> float
 
 
 def build_model(config: ModelConfig, source: str = "<config>") -> nn.Module:
-    """The `[model]` network on the CPU: loaded from `source`, or a random Llama from `init`; then converted to
-    block diffusion when `diffusion_canvas_length` is set."""
+    """The `[model]` network on the CPU: loaded from `source`, or a random Llama from `init` (weights drawn from
+    N(0, initializer_range), default 0.02, as Hugging Face initialises Llama); then converted to block diffusion
+    when `diffusion_canvas_length` is set."""
     dtype = getattr(torch, config.dtype)
     if config.source is not None:
         network = load(config.source, device="cpu", dtype=dtype).network
     else:
         fields = {"model_type": "llama", **(config.init or {})}
-        network = llama.Model(llama.Config.from_hf(fields, f"{source} [model.init]")).to(dtype)
+        std = float(fields.pop("initializer_range", 0.02))
+        network = llama.Model(llama.Config.from_hf(fields, f"{source} [model.init]"))
+        for module in network.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        network = network.to(dtype)
     if config.diffusion_canvas_length is not None:
         network.to_diffusion(config.diffusion_canvas_length)
     return network

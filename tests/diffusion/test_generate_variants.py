@@ -61,3 +61,51 @@ def test_masked_model_starts_from_and_renoises_to_the_mask_token():
     assert (model.seen[1] == 11).sum() == 3
     assert events[-1].sequences[0, 2:].tolist() == [3, 4, 5, 6]
     assert any(isinstance(e, DenoisingStep) for e in events)
+
+
+class Counting(torch.nn.Module):
+    """Wraps a network and records how many rows each decoder pass processed."""
+
+    def __init__(self, network) -> None:
+        super().__init__()
+        self.network, self.rows = network, []
+        self.canvas_length, self.vocab_size = network.canvas_length, network.vocab_size
+
+    def new_cache(self, *args, **kwargs):
+        return self.network.new_cache(*args, **kwargs)
+
+    def encode(self, *args):
+        return self.network.encode(*args)
+
+    def logits(self, hidden):
+        return self.network.logits(hidden)
+
+    def decode(self, canvas, cache, sc):
+        self.rows.append(canvas.shape[0])
+        return self.network.decode(canvas, cache, sc)
+
+
+def test_skipping_finished_rows_keeps_the_tokens_and_saves_decoder_rows(tmp_path):
+    import canvaslm
+    from tests.reference import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path)
+    network = canvaslm.load(tmp_path, device="cpu").network
+    canvas = network.canvas_length
+    ids = torch.randint(3, network.vocab_size, (4, 6), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :3] = False
+    # rows stop once their mean entropy is under 0.5 nats (no stability needed): at different steps
+    settings = DiffusionSampling(confidence_threshold=0.5, stability_threshold=0, max_denoising_steps=12)
+    runs = {}
+    for skip in (False, True):
+        model = Counting(network)
+        with torch.inference_mode():
+            out = generate(model, ids, valid, canvas, settings, [], 0, torch.Generator().manual_seed(5),
+                           skip_finished=skip)
+        runs[skip] = (out, model.rows)
+    (exact, exact_rows), (fast, fast_rows) = runs[False], runs[True]
+    assert torch.equal(exact.sequences, fast.sequences)
+    assert torch.equal(exact.forward_passes, fast.forward_passes)
+    assert len(set(exact.forward_passes.tolist())) > 1            # rows did stop at different steps
+    assert sum(fast_rows) == int(fast.forward_passes.sum()) < sum(exact_rows)

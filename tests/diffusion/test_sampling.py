@@ -93,3 +93,72 @@ def test_carry_over_keeps_unmasked_tokens_with_certainty():
     out = carry_over(logits, canvas, mask_token_id=4)
     assert torch.equal(out[0, 0], logits[0, 0]) and torch.equal(out[0, 2], logits[0, 2])
     assert out[0, 1].argmax() == 2 and entropy(out)[0, 1] < 1e-6
+
+
+def test_threshold_rule_keeps_confident_tokens_and_always_the_best():
+    from canvaslm.diffusion.sampling import threshold_accept
+
+    probs = torch.tensor([[[0.95, 0.05], [0.6, 0.4], [0.91, 0.09]], [[0.5, 0.5], [0.7, 0.3], [0.6, 0.4]]])
+    assert threshold_accept(probs, 0.9).tolist() == [[True, False, True], [False, True, False]]
+
+
+def test_top_k_rule_keeps_the_k_lowest_entropies():
+    from canvaslm.diffusion.sampling import top_k_accept
+
+    h = torch.tensor([[0.3, 0.1, 0.9, 0.2]])
+    assert top_k_accept(h, 2).tolist() == [[False, True, False, True]]
+    assert top_k_accept(h, 9).all()  # k larger than the canvas keeps everything
+
+
+def test_factor_rule_accepts_the_longest_prefix_under_the_parallel_decoding_bound():
+    from canvaslm.diffusion.sampling import factor_accept
+
+    # sorted top probabilities 0.99, 0.8, 0.7: n=1 needs >= 0.5, n=2 >= 2/3, n=3 >= 0.75 -> the first two
+    probs = torch.tensor([[[0.7, 0.3], [0.99, 0.01], [0.8, 0.2]]])
+    assert factor_accept(probs, 1.0).tolist() == [[False, True, True]]
+    assert factor_accept(probs, 2.0).tolist() == [[True, True, True]]  # slack 2: n=3 needs >= 0.5
+
+
+@pytest.mark.parametrize("rule", ["entropy_bound", "threshold", "top_k", "adaptive"])
+def test_every_rule_accepts_at_least_one_token_per_row(rule):
+    from canvaslm.diffusion.sampling import accept
+
+    logits = torch.randn(3, 16, 10, generator=torch.Generator().manual_seed(0))
+    settings = DiffusionSampling(acceptance=rule, accept_probability=1.0, accept_k=1, entropy_bound=1e-6)
+    kept = accept(logits, entropy(logits), settings)
+    assert kept.shape == (3, 16) and bool((kept.sum(-1) >= 1).all())
+
+
+def test_adaptive_rule_is_a_superset_of_the_entropy_bound_rule():
+    from canvaslm.diffusion.sampling import accept
+
+    logits = 4 * torch.randn(4, 32, 50, generator=torch.Generator().manual_seed(1))
+    h = entropy(logits)
+    eb = accept(logits, h, DiffusionSampling())
+    adaptive = accept(logits, h, DiffusionSampling(acceptance="adaptive"))
+    assert bool((adaptive | ~eb).all()) and int(adaptive.sum()) >= int(eb.sum())
+
+
+@pytest.mark.parametrize("bad", [dict(acceptance="greedy"), dict(accept_probability=0.0), dict(accept_k=0),
+                                 dict(accept_factor=-1.0)])
+def test_bad_acceptance_settings_are_refused(bad):
+    with pytest.raises(GenerationError):
+        DiffusionSampling().replace(**bad)
+
+
+def test_fast_sampler_draws_from_the_same_distribution_with_the_same_entropy():
+    from canvaslm.diffusion.sampling import propose
+
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, float("-inf")]]]).expand(4000, 2, 4)
+    reference = DiffusionSampling()
+    fast = reference.replace(sampler="fast")
+    tokens_ref, h_ref = propose(logits, reference, torch.Generator().manual_seed(0))
+    tokens_fast, h_fast = propose(logits, fast, torch.Generator().manual_seed(0))
+    assert torch.allclose(h_ref, h_fast, atol=1e-6)
+    probs = logits[0].softmax(-1)
+    for position in range(2):
+        frequencies = torch.bincount(tokens_fast[:, position], minlength=4).float() / 4000
+        assert torch.allclose(frequencies, probs[position], atol=0.03)
+    assert not (tokens_fast[:, 1] == 3).any()  # a forbidden (-inf) token is never drawn
+    with pytest.raises(GenerationError, match="sampler"):
+        reference.replace(sampler="gumbel")

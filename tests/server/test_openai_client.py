@@ -61,6 +61,12 @@ def test_diffusion_knobs_travel_in_extra_body(client):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, max_tokens=8, extra_body={"t_min": 0.9, "t_max": 0.5})
     assert "t_max" in info.value.message
+    fast = chat(client, max_tokens=8, seed=2, extra_body={"acceptance": "threshold", "accept_probability": 0.5,
+                                                          "sampler": "fast"})
+    assert fast.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_tokens=8, extra_body={"acceptance": "greedy"})
+    assert "acceptance" in info.value.message
 
 
 def test_seeds_reproduce_and_differ(client):

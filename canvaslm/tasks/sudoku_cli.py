@@ -1,0 +1,305 @@
+"""`canvaslm sudoku solve|eval|play|data`: solve puzzles with a trained model, score it on held-out puzzles,
+watch a grid fill in, and build puzzle sets.
+
+Puzzle files are JSON lines `{"puzzle": "<81 chars, '.' or '0' for blanks>"}`; `solve --json` writes one line
+per input line, in order: `{"solution": "<81 digits>", "forward_passes": N, "valid": true}`, or `{"error": ...}`
+for a malformed line (the others are still solved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from canvaslm.errors import CanvasError
+from canvaslm.tasks import sudoku
+
+DEFAULT_MODEL = "sudoku"
+EVAL_SEED = 1_000_000  # seed streams of `eval` puzzles; training uses streams below 1,000
+
+
+def add_parser(sub: Any, sampling_args: Any) -> None:
+    """Register `sudoku` and its commands on an argparse subparsers object; `sampling_args(parser)` adds the
+    diffusion sampling flags."""
+    parser = sub.add_parser("sudoku", help="solve, evaluate and watch Sudoku with a trained model")
+    commands = parser.add_subparsers(dest="sudoku_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", "-m", action="append", default=None,
+                       help=f"model dir or name (default {DEFAULT_MODEL}); eval takes several")
+        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+        p.add_argument("--constraints", action="store_true", help="also refuse digits a given in the same row, "
+                       "column or box holds (reported separately from the model-alone mode)")
+        p.add_argument("--seed", type=int, default=0)
+        sampling_args(p)
+
+    solve = commands.add_parser("solve", help="solve the puzzles of a JSONL file")
+    solve.add_argument("--input", "-i", required=True, help='JSONL file of {"puzzle": ...} lines ("-" = stdin)')
+    solve.add_argument("--json", action="store_true", help="one JSON object per line (default: the 81 digits)")
+    solve.add_argument("--batch-size", type=int, default=64)
+    common(solve)
+    evaluate = commands.add_parser("eval", help="solve rate and forward passes on generated held-out puzzles")
+    evaluate.add_argument("--difficulty", default="easy,medium,hard", help="comma-separated: easy, medium, hard")
+    evaluate.add_argument("--puzzles", "-n", type=int, default=200, help="puzzles per difficulty")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--out", default=None, help="write the results as JSON here (and PNGs beside it)")
+    evaluate.add_argument("--setting", action="append", default=[], metavar="K=V[,K=V]",
+                          help="a sampler setting to evaluate, e.g. acceptance=threshold,accept_probability=0.9 "
+                               "(repeatable; each model runs every setting; --out also plots the frontier)")
+    common(evaluate)
+    play = commands.add_parser("play", help="solve one puzzle, drawing the grid at every denoising step")
+    play.add_argument("--puzzle", default=None, help="81 characters (default: a new one of --difficulty)")
+    play.add_argument("--difficulty", default="hard", choices=sudoku.DIFFICULTIES)
+    play.add_argument("--show-canvas", action="store_true", help="draw every step (default: only the result)")
+    common(play)
+    data = commands.add_parser("data", help="generate puzzles with unique solutions as JSONL")
+    data.add_argument("--difficulty", default="hard", choices=sudoku.DIFFICULTIES)
+    data.add_argument("--puzzles", "-n", type=int, default=100)
+    data.add_argument("--seed", type=int, default=EVAL_SEED)
+    data.add_argument("--out", "-o", default="-", help="JSONL file (default stdout)")
+
+
+def run(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
+    """Run a parsed `sudoku` command; CanvasErrors propagate to the caller."""
+    if args.sudoku_command == "data":
+        return _data(args)
+    models = args.model or [DEFAULT_MODEL]
+    if len(models) > 1 and args.sudoku_command != "eval":
+        raise CanvasError(f"sudoku {args.sudoku_command} takes one --model, got {len(models)}")
+    if args.sudoku_command == "eval":
+        return _eval(args, models, sampling)
+    lm = _load(models[0], args.device)
+    return (_solve if args.sudoku_command == "solve" else _play)(args, lm, sampling)
+
+
+def _load(name: str, device: str | None):
+    from canvaslm import load
+    from canvaslm.tasks.sudoku_solver import check_model
+
+    lm = load(name, device=device)
+    check_model(lm)
+    return lm
+
+
+def _solve(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
+    from canvaslm.tasks.sudoku_solver import solve
+
+    lines = _read_lines(args.input)
+    results: list[dict[str, Any] | None] = [None] * len(lines)
+    parsed: list[tuple[int, list[int]]] = []
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "puzzle" not in record:
+                raise sudoku.PuzzleError('expected a JSON object with a "puzzle" field')
+            parsed.append((n, sudoku.parse(record["puzzle"])))
+        except (json.JSONDecodeError, sudoku.PuzzleError) as error:
+            results[n] = {"error": f"{args.input}: line {n + 1}: {error}"}
+    for start in range(0, len(parsed), max(args.batch_size, 1)):
+        chunk = parsed[start:start + args.batch_size]
+        answers = solve(lm, [cells for _, cells in chunk], rules=args.constraints, seed=args.seed, **sampling)
+        for (n, _), answer in zip(chunk, answers):
+            results[n] = {"solution": answer.solution, "forward_passes": answer.forward_passes,
+                          "valid": answer.solved}
+    failed = 0
+    for result in results:
+        assert result is not None
+        if "error" in result:
+            failed += 1
+            print(json.dumps(result) if args.json else f"error: {result['error']}")
+            if not args.json:
+                print(f"canvaslm: {result['error']}", file=sys.stderr)
+        else:
+            print(json.dumps(result) if args.json else result["solution"])
+    return 1 if failed else 0
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise CanvasError(f"{path}: cannot read the puzzle file: {error.strerror or error}") from error
+        except UnicodeDecodeError as error:
+            raise CanvasError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, seed: int,
+             sampling: dict[str, Any]) -> dict[str, Any]:
+    """Solve rate, forward passes per puzzle and seconds per puzzle on n held-out puzzles per difficulty."""
+    from canvaslm.tasks.sudoku_solver import solve
+
+    out: dict[str, Any] = {}
+    for index, difficulty in enumerate(difficulties):
+        pairs = list(sudoku.puzzles(difficulty, n, EVAL_SEED + index))
+        start, answers = time.perf_counter(), []
+        for first in range(0, n, batch_size):
+            cells = [sudoku.parse(p) for p, _ in pairs[first:first + batch_size]]
+            answers += solve(lm, cells, rules=rules, seed=seed + first, **sampling)
+        seconds = time.perf_counter() - start
+        out[difficulty] = {"puzzles": n, "solve_rate": sum(a.solved for a in answers) / n,
+                           "forward_passes": sum(a.forward_passes for a in answers) / n,
+                           "seconds_per_puzzle": seconds / n}
+    return out
+
+
+def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any]) -> int:
+    difficulties = [d.strip() for d in args.difficulty.split(",") if d.strip()]
+    unknown = [d for d in difficulties if d not in sudoku.DIFFICULTIES]
+    if unknown or not difficulties:
+        raise CanvasError(f"--difficulty: unknown {unknown or 'empty list'}; expected among {sudoku.DIFFICULTIES}")
+    report: dict[str, Any] = {"settings": {"puzzles_per_difficulty": args.puzzles, "constraints": args.constraints,
+                                           "seed": args.seed, **sampling}, "models": {}}
+    from canvaslm.cli import _key_values
+
+    settings = [_key_values(s, "--setting") for s in args.setting] or [{}]
+    for name in models:
+        lm = _load(name, args.device)
+        for setting in settings if lm.kind == "diffusion" else [{}]:
+            label = name + "".join(f" {k}={v}" for k, v in setting.items())
+            result = evaluate(lm, difficulties, args.puzzles, args.batch_size, args.constraints, args.seed,
+                              {**sampling, **setting})
+            report["models"][label] = {"kind": lm.kind, "setting": setting,
+                                       "parameters": sum(p.numel() for p in lm.network.parameters()), **result}
+            for difficulty, row in result.items():
+                print(f"{label}  {difficulty:6s}  solved {row['solve_rate']:.1%}  forward passes "
+                      f"{row['forward_passes']:.1f}  {row['seconds_per_puzzle'] * 1000:.1f} ms/puzzle")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        plot(report, Path(args.out).with_suffix(".png"))
+        if len(report["models"]) > 1:
+            plot_frontier(report, Path(args.out).with_name(Path(args.out).stem + "-frontier.png"), difficulties[-1])
+    return 0
+
+
+def plot_frontier(report: dict[str, Any], png: Path, difficulty: str) -> bool:
+    """Solve rate against forward passes per puzzle, one point per (model, setting), on one difficulty."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for label, row in report["models"].items():
+        point = row[difficulty]
+        axes.plot(point["forward_passes"], 100 * point["solve_rate"], "s" if row["kind"] != "diffusion" else "o")
+        axes.annotate(label.split(" ", 1)[-1] if " " in label else label,
+                      (point["forward_passes"], 100 * point["solve_rate"]), fontsize=7,
+                      xytext=(4, 3), textcoords="offset points")
+    axes.set_xlabel("forward passes per puzzle (fewer = faster)")
+    axes.set_ylabel(f"{difficulty} puzzles solved (%)")
+    axes.set_title("Sudoku: acceptance rules, speed vs solve rate")
+    figure.savefig(png, dpi=120)
+    return True
+
+
+def plot(report: dict[str, Any], png: Path) -> bool:
+    """Solve rate (bars) and forward passes per puzzle (labels) per model and difficulty; False without
+    matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    models = report["models"]
+    difficulties = [d for d in sudoku.DIFFICULTIES if any(d in row for row in models.values())]
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / max(len(models), 1)
+    for i, (name, row) in enumerate(models.items()):
+        xs = [j + i * width for j in range(len(difficulties))]
+        rates = [100 * row[d]["solve_rate"] if d in row else 0 for d in difficulties]
+        bars = axes.bar(xs, rates, width, label=f"{name} ({row['kind']})")
+        labels = [f"{row[d]['forward_passes']:.0f} fp" if d in row else "" for d in difficulties]
+        axes.bar_label(bars, labels=labels, fontsize=8)
+    axes.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(difficulties))], difficulties)
+    axes.set_ylabel("puzzles solved (%)")
+    axes.set_ylim(0, 110)
+    axes.set_title("Sudoku: solve rate (bar labels: forward passes per puzzle)")
+    axes.legend(fontsize=8)
+    figure.savefig(png, dpi=120)
+    return True
+
+
+def _play(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
+    import random
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from canvaslm.diffusion.generate import DenoisingStep
+    from canvaslm.tasks.sudoku_solver import solve_steps
+
+    puzzle = args.puzzle or sudoku.generate(args.difficulty, random.Random(args.seed))[0]
+    cells = sudoku.parse(puzzle)
+    console = Console()
+    live = Live(console=console, refresh_per_second=10) if args.show_canvas and console.is_terminal else None
+    answers: list[Any] = []
+    if live is not None:
+        live.start()
+    try:
+        for event in solve_steps(lm, [cells], rules=args.constraints, seed=args.seed, **sampling):
+            if isinstance(event, DenoisingStep) and args.show_canvas:
+                grid = sudoku.decode_cells(event.draft[0].tolist())
+                view = grid_text(cells, grid, event.accepted[0].tolist(), f"step {event.step}/{event.max_steps}")
+                if live is not None:
+                    live.update(view)
+                else:
+                    console.print(view)
+            elif isinstance(event, list):
+                answers = event
+    finally:
+        if live is not None:
+            live.stop()
+    answer = answers[0]
+    console.print(grid_text(cells, [0 if c == '.' else int(c) for c in answer.solution], [True] * 81,
+                            f"{'solved' if answer.solved else 'NOT solved'} in {answer.forward_passes} forward passes"))
+    return 0 if answer.solved else 1
+
+
+def grid_text(givens: list[int], grid: list[int], accepted: list[bool], title: str):
+    """A rich Text drawing of the grid: givens bold, accepted cells green, still-noisy cells dim."""
+    from rich.text import Text
+
+    text = Text(title + "\n", style="cyan")
+    for r in range(9):
+        if r and r % 3 == 0:
+            text.append("------+-------+------\n", style="dim")
+        for c in range(9):
+            i = 9 * r + c
+            if c and c % 3 == 0:
+                text.append("| ", style="dim")
+            style = "bold" if givens[i] else "green" if accepted[i] else "dim"
+            text.append(f"{grid[i] or '.'} ", style=style)
+        text.append("\n")
+    return text
+
+
+def _data(args: argparse.Namespace) -> int:
+    from rich.progress import track
+
+    if args.puzzles < 1:
+        raise CanvasError(f"--puzzles must be >= 1, got {args.puzzles}")
+    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        pairs = sudoku.puzzles(args.difficulty, args.puzzles, args.seed)
+        for puzzle, solution in track(pairs, total=args.puzzles, description="generating",
+                                      console=None if args.out != "-" else _stderr_console(), transient=True):
+            out.write(json.dumps({"puzzle": puzzle, "solution": solution, "difficulty": args.difficulty,
+                                  "clues": sudoku.clue_count(puzzle)}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr)

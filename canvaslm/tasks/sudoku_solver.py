@@ -1,0 +1,112 @@
+"""Solving Sudoku with a trained model: batches of puzzles in, one answer per puzzle out.
+
+The model alone solves: the givens go in the prompt, the grid is one canvas denoised by the usual loop (or, for
+the AR baseline, 81 greedy next-token steps). Inside the grid only digit tokens are legal (a format rule, like a
+JSON grammar). The optional "with constraints" mode also refuses, at each blank, the digits its row, column or
+box already hold among the givens — a sampler restriction, still no search and no solver; it is reported apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.generate import DiffusionResult, generate_steps
+from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.engine.lm import LM
+from canvaslm.errors import CanvasError
+from canvaslm.tasks import sudoku
+
+_PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 9 or
+                                              (j // 27, j % 9 // 3) == (i // 27, i % 9 // 3))] for i in range(81)]
+
+
+@dataclass
+class Answer:
+    solution: str        # 81 characters; a non-digit prediction shows as '.'
+    solved: bool         # a valid complete grid that keeps every given
+    forward_passes: int  # decoder (or AR) forward passes spent on this puzzle
+
+
+def check_model(lm: LM) -> None:
+    """Raise a clear error unless `lm` is a Sudoku model (its vocabulary is canvaslm.tasks.sudoku's)."""
+    if lm.network.vocab_size not in (len(sudoku.VOCAB) - 1, len(sudoku.VOCAB)):
+        raise CanvasError(f"{lm.source} is not a Sudoku model: its vocabulary has {lm.network.vocab_size} tokens, "
+                          f"a Sudoku model's has {len(sudoku.VOCAB)} ({len(sudoku.VOCAB) - 1} without the mask "
+                          "token; train one with examples/sudoku/*.toml)")
+    if lm.kind == "diffusion" and lm.network.canvas_length != 81:
+        raise CanvasError(f"{lm.source} is not a Sudoku model: canvas length {lm.network.canvas_length}, "
+                          "expected 81 (one canvas per grid)")
+
+
+def allowed_tokens(puzzles: Sequence[Sequence[int]], vocab_size: int, rules: bool) -> Tensor:
+    """[B, 81, V] bool: the tokens each cell may take. Always digits only; with `rules`, a given cell only its
+    digit and a blank cell no digit that a given in its row, column or box holds."""
+    allowed = torch.zeros(len(puzzles), 81, vocab_size, dtype=torch.bool)
+    allowed[:, :, sudoku.DIGIT_IDS] = True
+    if rules:
+        for row, cells in enumerate(puzzles):
+            for i, v in enumerate(cells):
+                if v:
+                    allowed[row, i, :] = False
+                    allowed[row, i, 3 + v] = True
+                    for j in _PEERS[i]:
+                        if not cells[j]:
+                            allowed[row, j, 3 + v] = False
+    return allowed
+
+
+def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0,
+                **sampling: float | str) -> Iterator[object]:
+    """Solve parsed puzzles (81 ints, 0 = blank) in one batch, yielding the diffusion loop's events (for a live
+    view) and lastly the list of `Answer`s."""
+    check_model(lm)
+    ids = torch.tensor([sudoku.encode_puzzle(sudoku.render(p)) for p in puzzles], device=lm.device)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    allowed = allowed_tokens(puzzles, lm.network.vocab_size, rules).to(lm.device)
+    generator = torch.Generator(lm.device).manual_seed(seed)
+    with torch.inference_mode():
+        if lm.kind == "diffusion":
+            settings: DiffusionSampling = lm._diffusion_settings(dict(sampling))
+            result = None
+            for event in generate_steps(lm.network, ids, valid, 81, settings, [], None, generator,
+                                        lambda _, logits: logits.masked_fill(~allowed, float("-inf")),
+                                        skip_finished=True):
+                if isinstance(event, DiffusionResult):
+                    result = event
+                else:
+                    yield event
+            assert result is not None
+            grids, passes = result.sequences[:, 82:], result.forward_passes.tolist()
+        else:
+            grids, passes = _ar_solve(lm, ids, valid, allowed)
+    answers = []
+    for cells, grid, n in zip(puzzles, grids.tolist(), passes):
+        solution = sudoku.decode_cells(grid)
+        answers.append(Answer(sudoku.render(solution), sudoku.is_solution(cells, solution), int(n)))
+    yield answers
+
+
+def solve(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0,
+          **sampling: float | str) -> list[Answer]:
+    """`solve_steps` run to the end."""
+    *_, answers = solve_steps(lm, puzzles, rules=rules, seed=seed, **sampling)
+    return answers  # type: ignore[return-value]
+
+
+def _ar_solve(lm: LM, ids: Tensor, valid: Tensor, allowed: Tensor) -> tuple[Tensor, list[int]]:
+    """Greedy left-to-right decoding under the same per-cell token restriction."""
+    network = lm.network
+    cache = network.new_cache(ids.shape[0], ids.device)
+    logits = network.logits(network.encode(ids, cache, valid)[:, -1])
+    out = []
+    for i in range(81):
+        token = logits.masked_fill(~allowed[:, i], float("-inf")).argmax(dim=-1)
+        out.append(token)
+        if i < 80:
+            logits = network.logits(network.encode(token[:, None], cache, valid[:, :1])[:, -1])
+    return torch.stack(out, dim=1), [81] * ids.shape[0]
+
