@@ -86,7 +86,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_the_model(tmp_path, capsys):
     train_rows, eval_rows = records(out), records(out, "eval")
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"} <= train_rows[0].keys()
-    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3  # from ~ln(32) at N(0, 0.02) init
     assert [r["step"] for r in eval_rows] == [6, 12] and eval_rows[-1]["loss"] == result["eval_loss"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
