@@ -19,6 +19,7 @@ from canvaslm.diffusion.sampling import (
     DiffusionSampling,
     accept,
     carry_over,
+    pin,
     propose,
     random_canvas,
     renoise,
@@ -77,6 +78,7 @@ def generate_steps(
     generator: torch.Generator | None,
     constrain: Constraint | None = None,
     skip_finished: bool = False,
+    fixed: Tensor | None = None,
 ) -> Iterator[DenoisingStep | CanvasCommitted | DiffusionResult]:
     """Run generation, yielding every denoising step and committed canvas, and lastly the result.
 
@@ -87,6 +89,10 @@ def generate_steps(
 
     `constrain(canvas_index, logits)`, when given, edits each step's tempered logits [B, C, V] before sampling
     (e.g. -inf for tokens a format forbids at a position); without it the loop is the reference's.
+
+    `fixed` [B, n] holds tokens the generated region must have at positions 0 .. n - 1 (-1 where free): they
+    are written into each new canvas and pinned in every step (`pin`), so the free positions are denoised
+    seeing them on both sides (infill, a puzzle's givens, a schema's skeleton).
 
     Phases (numbered as in the reference):
       1.a encode the new tokens (the prompt, then each committed canvas) into the cache
@@ -110,6 +116,9 @@ def generate_steps(
         hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
         canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device, mask_id)  # 1.b
+        pins = _pins(fixed, canvas_index, canvas_length)
+        if pins is not None:
+            canvas = torch.where(pins >= 0, pins, canvas)
         draft, sc_logits = canvas, None
         stopped = done.clone() if skip_finished else torch.zeros(batch, dtype=torch.bool, device=device)
         history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
@@ -131,10 +140,14 @@ def generate_steps(
             logits = logits / temperature_at(steps_left, settings)
             if constrain is not None:
                 logits = constrain(canvas_index, logits)
+            if pins is not None:
+                logits = pin(logits, pins)
             if mask_id is not None:
                 logits = carry_over(logits, canvas, mask_id)
             proposal, token_entropy = propose(logits, settings, generator)
             accepted = accept(logits, token_entropy, settings)
+            if pins is not None:  # top-k and the like may not pick every pinned position
+                accepted |= pins >= 0
             new_canvas = renoise(proposal, accepted, model.vocab_size, generator, mask_id)
             new_draft = logits.argmax(dim=-1)
             if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
@@ -162,6 +175,16 @@ def generate_steps(
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
 
 
+def _pins(fixed: Tensor | None, canvas_index: int, canvas_length: int) -> Tensor | None:
+    """The part of `fixed` that falls in canvas `canvas_index`, padded with -1 (None when nothing is fixed)."""
+    if fixed is None:
+        return None
+    pins = fixed[:, canvas_index * canvas_length:(canvas_index + 1) * canvas_length]
+    if not bool((pins >= 0).any()):
+        return None
+    return torch.nn.functional.pad(pins, (0, canvas_length - pins.shape[1]), value=-1)
+
+
 def _fill(sc_logits: Tensor | None, batch: int, vocab_size: int, canvas: Tensor) -> Tensor:
     """What a row that is not decoded this step holds: its last logits (float32), or zeros before any step."""
     if sc_logits is None:
@@ -186,10 +209,10 @@ def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done
 def generate(model: DiffusionModel, input_ids: Tensor, valid: Tensor, max_new_tokens: int,
              settings: DiffusionSampling, eos_token_ids: list[int], pad_token_id: int | None,
              generator: torch.Generator | None, constrain: Constraint | None = None,
-             skip_finished: bool = False) -> DiffusionResult:
+             skip_finished: bool = False, fixed: Tensor | None = None) -> DiffusionResult:
     """Run `generate_steps` to the end and return its result."""
     for event in generate_steps(model, input_ids, valid, max_new_tokens, settings, eos_token_ids,
-                                pad_token_id, generator, constrain, skip_finished):
+                                pad_token_id, generator, constrain, skip_finished, fixed):
         if isinstance(event, DiffusionResult):
             return event
     raise AssertionError("generate_steps ended without a result")

@@ -164,11 +164,17 @@ def renoise(canvas: Tensor, accepted: Tensor, vocab_size: int, generator: torch.
     return torch.where(accepted, canvas, noise)
 
 
+def pin(logits: Tensor, fixed: Tensor) -> Tensor:
+    """Positions with a fixed token (fixed >= 0: a given, a suffix, a format's punctuation) predict it with
+    certainty, so it is sampled, has entropy 0 and is accepted; -1 marks free positions. [B, C, V], [B, C]."""
+    certain = torch.full_like(logits, -1e4).scatter(-1, fixed.clamp(min=0)[..., None], 0.0)
+    return torch.where((fixed >= 0)[..., None], certain, logits)
+
+
 def carry_over(logits: Tensor, canvas: Tensor, mask_token_id: int) -> Tensor:
     """Absorbing-state (masked) models: a position whose token is not the mask keeps it with certainty (MDLM's
     SUBS parameterisation), since such models are only trained to predict masked positions. [B, C, V]."""
-    certain = torch.full_like(logits, -1e4).scatter(-1, canvas[..., None], 0.0)
-    return torch.where((canvas != mask_token_id)[..., None], certain, logits)
+    return pin(logits, canvas.masked_fill(canvas == mask_token_id, -1))
 
 
 def sample_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -93,9 +93,11 @@ class LM:
                               time.perf_counter() - start)
 
     def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
-                       attention_mask: Tensor | None = None, exact: bool = False, **sampling: Any) -> Iterator[Any]:
+                       attention_mask: Tensor | None = None, exact: bool = False, fixed: Tensor | None = None,
+                       **sampling: Any) -> Iterator[Any]:
         """Like `generate`, yielding the loop's events (diffusion: `DenoisingStep`, `CanvasCommitted`) and last a
-        `DiffusionResult` (for AR models: only the result)."""
+        `DiffusionResult` (for AR models: only the result). `fixed` [B, n] pins generated positions to tokens
+        (-1 where free; diffusion only, see `generate_steps`)."""
         input_ids, valid = self._batch(prompt_ids, attention_mask)
         self._check_length(input_ids.shape[1], max_new_tokens)
         generator = torch.Generator(self.device)
@@ -105,8 +107,11 @@ class LM:
                 settings = self._diffusion_settings(sampling)
                 yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
                                           self.eos_token_ids, self.pad_token_id, generator,
-                                          skip_finished=not exact)
+                                          skip_finished=not exact, fixed=fixed)
             else:
+                if fixed is not None:
+                    raise UnsupportedError(f"fixed tokens (infill) need a diffusion model; {self.source} is "
+                                           "autoregressive and cannot see what follows")
                 options = self._ar_settings(sampling)
                 out = ar_generate(self.network, input_ids, valid, max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id, generator=generator, **options)
@@ -151,6 +156,25 @@ class LM:
         """Continue plain text."""
         tokenizer = self._tokenizer()
         return self._text(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling)
+
+    def infill(self, prefix: str, suffix: str, max_new_tokens: int = 64, seed: int | None = None,
+               **sampling: Any) -> TextResult:
+        """Write the middle between `prefix` and `suffix`: `max_new_tokens` free positions, then the suffix's
+        tokens held fixed in the canvas (in whichever canvas they fall), so the middle is denoised seeing what
+        follows it. The text is the middle, up to its first EOS ("stop") or all of it ("length")."""
+        self._require("diffusion", "infill")
+        tokenizer = self._tokenizer()
+        prompt = tokenizer.encode(prefix, add_special_tokens=True)
+        tail = tokenizer.encode(suffix, add_special_tokens=False)
+        self._check_length(len(prompt) + len(tail), max_new_tokens)
+        fixed = torch.tensor([[-1] * max_new_tokens + tail], device=self.device)
+        start = time.perf_counter()
+        *_, out = self.generate_steps([prompt], max_new_tokens + len(tail), seed, fixed=fixed, **sampling)
+        ids, reason = self.decode_new(out.sequences[0], len(prompt))
+        reason = "stop" if reason == "stop" and len(ids) < max_new_tokens else "length"
+        ids, passes = ids[:max_new_tokens], int(out.forward_passes[0])
+        # tokens per forward counts the written middle, not the suffix that was given
+        return TextResult(tokenizer.decode(ids), ids, len(ids) / passes, passes, time.perf_counter() - start, reason)
 
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         tokenizer = self._tokenizer()

@@ -1,9 +1,10 @@
 """Solving Sudoku with a trained model: batches of puzzles in, one answer per puzzle out.
 
-The model alone solves: the givens go in the prompt, the grid is one canvas denoised by the usual loop (or, for
-the AR baseline, 81 greedy next-token steps). Inside the grid only digit tokens are legal (a format rule, like a
-JSON grammar). The optional "with constraints" mode also refuses, at each blank, the digits its row, column or
-box already hold among the givens — a sampler restriction, still no search and no solver; it is reported apart.
+The model alone solves: the givens go in the prompt and sit fixed in the canvas (as an infill's suffix does), the
+blanks are denoised by the usual loop (or, for the AR baseline, 81 greedy next-token steps that copy the givens).
+Inside the grid only digit tokens are legal (a format rule, like a JSON grammar). The optional "with constraints"
+mode also refuses, at each blank, the digits its row, column or box already hold among the givens — a sampler
+restriction, still no search and no solver; it is reported apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from canvaslm.tasks import sudoku
 
 _PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 9 or
                                               (j // 27, j % 9 // 3) == (i // 27, i % 9 // 3))] for i in range(81)]
+
+
+def givens(puzzles: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> Tensor:
+    """[B, 81] the canvas tokens the givens fix (-1 at blanks), for `generate_steps(fixed=...)`."""
+    cells = torch.tensor([list(p) for p in puzzles], device=device)
+    return torch.where(cells > 0, cells + 3, -1)
 
 
 @dataclass
@@ -43,16 +50,16 @@ def check_model(lm: LM) -> None:
 
 
 def allowed_tokens(puzzles: Sequence[Sequence[int]], vocab_size: int, rules: bool) -> Tensor:
-    """[B, 81, V] bool: the tokens each cell may take. Always digits only; with `rules`, a given cell only its
-    digit and a blank cell no digit that a given in its row, column or box holds."""
+    """[B, 81, V] bool: the tokens each cell may take: a given cell its digit, a blank any digit; with `rules`,
+    a blank no digit that a given in its row, column or box holds."""
     allowed = torch.zeros(len(puzzles), 81, vocab_size, dtype=torch.bool)
     allowed[:, :, sudoku.DIGIT_IDS] = True
-    if rules:
-        for row, cells in enumerate(puzzles):
-            for i, v in enumerate(cells):
-                if v:
-                    allowed[row, i, :] = False
-                    allowed[row, i, 3 + v] = True
+    for row, cells in enumerate(puzzles):
+        for i, v in enumerate(cells):
+            if v:
+                allowed[row, i, :] = False
+                allowed[row, i, 3 + v] = True
+                if rules:
                     for j in _PEERS[i]:
                         if not cells[j]:
                             allowed[row, j, 3 + v] = False
@@ -74,7 +81,7 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
             result = None
             for event in generate_steps(lm.network, ids, valid, 81, settings, [], None, generator,
                                         lambda _, logits: logits.masked_fill(~allowed, float("-inf")),
-                                        skip_finished=True):
+                                        skip_finished=True, fixed=givens(puzzles, lm.device)):
                 if isinstance(event, DiffusionResult):
                     result = event
                 else:

@@ -19,10 +19,9 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from canvaslm.checkpoints import hf
-from canvaslm.diffusion.generate import generate
-from canvaslm.diffusion.sampling import DiffusionSampling
-from canvaslm.engine.ar import ar_generate
+from canvaslm.engine.lm import LM
 from canvaslm.tasks import sudoku
+from canvaslm.tasks.sudoku_solver import solve
 from canvaslm.train.batch import DiffusionBatch, collate
 from canvaslm.train.config import ConfigError, TrainConfig, read_section
 from canvaslm.train.diffusion_tasks import BlockDiffusionTask, EvalOptions
@@ -94,7 +93,14 @@ class SudokuTask(BlockDiffusionTask):
                 for p, s in self.sudoku.train_pairs(step, micro, self.batch_size)]
 
     def batch(self, step: int, micro: int, generator: torch.Generator) -> DiffusionBatch:
-        return collate(self.examples(step, micro), 81, self.eos, self.pad, max_canvases=1)
+        return self._collate(self.examples(step, micro))
+
+    def _collate(self, examples: list[tuple[list[int], list[int]]]) -> DiffusionBatch:
+        """The givens sit fixed in the canvas at inference (`generate(fixed=...)`), so training never corrupts
+        nor scores them: every noised token and every loss term is a blank cell."""
+        batch = collate(examples, 81, self.eos, self.pad, max_canvases=1)
+        batch.supervised &= torch.tensor([[t == sudoku.BLANK for t in prompt[1:]] for prompt, _ in examples])
+        return batch
 
     def held_out(self) -> list[tuple[list[int], list[int]]]:
         return self._held_out
@@ -104,16 +110,12 @@ class SudokuTask(BlockDiffusionTask):
         self._mark(model)
         device = next(model.parameters()).device
         held_out = self.held_out()
-        result = {"loss": float(self.loss(model, collate(held_out, 81, self.eos, self.pad, 1).to(device),
+        result = {"loss": float(self.loss(model, self._collate(held_out).to(device),
                                           torch.Generator(device).manual_seed(self.seed))[0])}
         n = self.eval_options.sample_examples
         if n:
-            settings = DiffusionSampling(max_denoising_steps=self.eval_options.max_denoising_steps,
-                                         entropy_bound=self.eval_options.entropy_bound)
-            ids = torch.tensor([p for p, _ in held_out[:n]], device=device)
-            out = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), 81, settings, [self.eos], None,
-                           torch.Generator(device).manual_seed(self.seed))
-            result.update(_score(ids, out.sequences[:, 82:], out.forward_passes.float()))
+            result.update(_solve_rate(model, held_out[:n], max_denoising_steps=self.eval_options.max_denoising_steps,
+                                      entropy_bound=self.eval_options.entropy_bound))
         return result
 
 
@@ -133,9 +135,11 @@ class SudokuARTask:
     def loss(self, model: nn.Module, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         logits = model(batch, model.new_cache(batch.shape[0], batch.device), torch.ones_like(batch, dtype=torch.bool))
         predicted, targets = logits[:, 81:-1], batch[:, 82:]  # the logits that predict the 81 solution digits
-        loss = F.cross_entropy(predicted.flatten(0, 1).float(), targets.flatten())
-        accuracy = float((predicted.argmax(-1) == targets).float().mean())
-        return loss, {"token_accuracy": accuracy, "tokens": float(targets.numel())}
+        # as for diffusion, only blanks are scored: decoding copies the givens (`allowed_tokens`)
+        blank = batch[:, 1:82] == sudoku.BLANK
+        loss = F.cross_entropy(predicted[blank].float(), targets[blank])
+        accuracy = float((predicted.argmax(-1) == targets)[blank].float().mean())
+        return loss, {"token_accuracy": accuracy, "tokens": float(blank.sum())}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -145,11 +149,7 @@ class SudokuARTask:
         result = {"loss": float(self.loss(model, full, torch.Generator())[0])}
         n = self.eval_options.sample_examples
         if n:
-            ids = full[:n, :82]
-            out = ar_generate(model, ids, torch.ones_like(ids, dtype=torch.bool), 81, temperature=0.0,
-                              eos_token_ids=[sudoku.EOS], pad_token_id=sudoku.PAD)
-            passes = torch.full((ids.shape[0],), float(out.forward_passes))
-            result.update(_score(ids, out.sequences[:, 82:], passes))
+            result.update(_solve_rate(model, [(sudoku.encode_puzzle(p), []) for p, _ in self._held_out[:n]]))
         return result
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
@@ -157,10 +157,10 @@ class SudokuARTask:
         sudoku.tokenizer().to_dir(out_dir)
 
 
-def _score(prompts: Tensor, answers: Tensor, forward_passes: Tensor) -> dict[str, float]:
-    """solve_rate (valid grid keeping the givens), cell_accuracy vs the unique solution is implied by it; plus
+def _solve_rate(model: nn.Module, examples: list[tuple[list[int], list[int]]], **sampling: float) -> dict[str, float]:
+    """solve_rate (valid grids keeping the givens, by the model alone, as `canvaslm sudoku eval` solves) and the
     forward passes per puzzle."""
-    solved = 0
-    for prompt, answer in zip(prompts.tolist(), answers.tolist()):
-        solved += sudoku.is_solution(sudoku.decode_cells(prompt[1:]), sudoku.decode_cells(answer))
-    return {"solve_rate": solved / len(prompts), "forward_passes": float(forward_passes.mean())}
+    puzzles = [sudoku.decode_cells(prompt[1:]) for prompt, _ in examples]
+    answers = solve(LM(model, sudoku.tokenizer(), "the model in training"), puzzles, **sampling)
+    return {"solve_rate": sum(a.solved for a in answers) / len(answers),
+            "forward_passes": sum(a.forward_passes for a in answers) / len(answers)}

@@ -4,6 +4,7 @@ and a masked model must start from, and re-noise to, its mask token."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from canvaslm.diffusion.generate import DenoisingStep, generate, generate_steps
@@ -61,6 +62,30 @@ def test_masked_model_starts_from_and_renoises_to_the_mask_token():
     assert (model.seen[1] == 11).sum() == 3
     assert events[-1].sequences[0, 2:].tolist() == [3, 4, 5, 6]
     assert any(isinstance(e, DenoisingStep) for e in events)
+
+
+@pytest.mark.parametrize("acceptance", ["entropy_bound", "top_k"])
+def test_fixed_tokens_sit_in_every_canvas_step_and_the_result(acceptance):
+    model = Stub(mask_token_id=11)
+    # position 1 of canvas 0 and position 0 of canvas 1 are fixed; the rest is free (-1)
+    fixed = torch.tensor([[-1, 8, -1, -1, 7]])
+    settings = DiffusionSampling(acceptance=acceptance, accept_k=1, entropy_bound=1e-9)
+    events = list(generate_steps(model, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), 2 * CANVAS,
+                                 settings, [], None, torch.Generator().manual_seed(0), fixed=fixed))
+    assert model.seen[0].tolist() == [[11, 8, 11, 11]]  # written into the new canvas before the first pass
+    assert all(canvas[0, 1] == 8 for canvas in model.seen[:3])
+    steps = [e for e in events if isinstance(e, DenoisingStep)]
+    assert all(bool(e.accepted[0, 1]) for e in steps if e.canvas == 0)
+    assert events[-1].sequences[0, 2:].tolist() == [3, 8, 5, 6, 7, 4, 5, 6]
+
+
+def test_without_fixed_tokens_the_loop_is_unchanged():
+    torch.manual_seed(0)
+    free = torch.full((1, CANVAS), -1)
+    plain, pinned_nowhere = run(Stub()), generate(
+        Stub(), torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), CANVAS, DiffusionSampling(), [], None,
+        torch.Generator().manual_seed(0), fixed=free)
+    assert torch.equal(plain.sequences, pinned_nowhere.sequences)
 
 
 class Counting(torch.nn.Module):

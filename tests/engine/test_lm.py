@@ -94,6 +94,26 @@ def test_chat_and_complete_return_text_and_speed(lm):
     assert len(c.token_ids) <= 8
 
 
+@pytest.mark.parametrize("middle", [3, 13])  # the suffix in the first canvas, or across the second
+def test_infill_pins_the_suffix_after_the_middle(lm, middle):
+    suffix_ids = lm.tokenizer.encode(" brown fox", add_special_tokens=False)
+    seen = []
+    prompt = lm.tokenizer.encode("the quick", add_special_tokens=True)
+    fixed = torch.tensor([[-1] * middle + suffix_ids])
+    for event in lm.generate_steps([prompt], middle + len(suffix_ids), seed=0, fixed=fixed):
+        if hasattr(event, "draft"):
+            seen.append(event)
+    # every step's draft holds the suffix where it falls in that canvas
+    for step in seen:
+        start = step.canvas * lm.network.canvas_length
+        for offset, token in enumerate(suffix_ids, middle):
+            if start <= offset < start + lm.network.canvas_length:
+                assert int(step.draft[0, offset - start]) == token
+    r = lm.infill("the quick", " brown fox", max_new_tokens=middle, seed=0)
+    assert len(r.token_ids) <= middle and r.finish_reason in ("stop", "length") and r.forward_passes >= 1
+    assert r.tokens_per_forward == len(r.token_ids) / r.forward_passes
+
+
 def test_generation_config_json_sets_defaults(checkpoint, tmp_path):
     import json
     import shutil

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from canvaslm.tasks import sudoku
-from canvaslm.tasks.sudoku_solver import allowed_tokens
+from canvaslm.tasks.sudoku_solver import allowed_tokens, givens
 
 SOLVED = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
 
@@ -70,7 +70,9 @@ def test_encoding_puts_each_cell_82_positions_after_its_given():
 def test_solver_restriction_digits_only_and_rules_from_the_givens():
     cells = sudoku.parse("5" + "." * 80)
     plain, rules = allowed_tokens([cells], len(sudoku.VOCAB), False), allowed_tokens([cells], len(sudoku.VOCAB), True)
-    assert plain[0, :, sudoku.DIGIT_IDS].all() and not plain[0, :, :4].any()
-    assert rules[0, 0].nonzero().flatten().tolist() == [3 + 5]         # a given keeps its digit
+    assert plain[0, 1:, sudoku.DIGIT_IDS].all() and not plain[0, :, :4].any()  # blanks: any digit, nothing else
+    for allowed in (plain, rules):
+        assert allowed[0, 0].nonzero().flatten().tolist() == [3 + 5]  # a given keeps its digit
+    assert givens([cells])[0, :2].tolist() == [3 + 5, -1]             # and is pinned in the canvas
     assert not rules[0, 8, 3 + 5] and not rules[0, 72, 3 + 5] and not rules[0, 20, 3 + 5]  # row, column, box
     assert rules[0, 80, 3 + 5]                                          # not a peer
