@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from canvaslm.checkpoints import assets, hf, registry
 from canvaslm.checkpoints.tokenizer import Tokenizer
-from canvaslm.diffusion.generate import DiffusionResult, generate_steps
+from canvaslm.diffusion.generate import Constraint, DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.engine.ar import ar_generate
+from canvaslm.engine.structured import SlotGrammars, generate_json
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 from canvaslm.models.cache import encode_chunked
 
@@ -66,6 +67,7 @@ class LM:
         if pad is None and tokenizer is not None:
             pad = tokenizer.pad_token_id
         self.pad_token_id: int | None = pad
+        self._slot_grammars: SlotGrammars | None = None
 
     @property
     def device(self) -> torch.device:
@@ -94,10 +96,10 @@ class LM:
 
     def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
                        attention_mask: Tensor | None = None, exact: bool = False, fixed: Tensor | None = None,
-                       **sampling: Any) -> Iterator[Any]:
+                       constrain: Constraint | None = None, **sampling: Any) -> Iterator[Any]:
         """Like `generate`, yielding the loop's events (diffusion: `DenoisingStep`, `CanvasCommitted`) and last a
         `DiffusionResult` (for AR models: only the result). `fixed` [B, n] pins generated positions to tokens
-        (-1 where free; diffusion only, see `generate_steps`)."""
+        (-1 where free) and `constrain` edits each step's logits (diffusion only, see `generate_steps`)."""
         input_ids, valid = self._batch(prompt_ids, attention_mask)
         self._check_length(input_ids.shape[1], max_new_tokens)
         generator = torch.Generator(self.device)
@@ -107,9 +109,9 @@ class LM:
                 settings = self._diffusion_settings(sampling)
                 yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
                                           self.eos_token_ids, self.pad_token_id, generator,
-                                          skip_finished=not exact, fixed=fixed)
+                                          constrain, skip_finished=not exact, fixed=fixed)
             else:
-                if fixed is not None:
+                if fixed is not None or constrain is not None:
                     raise UnsupportedError(f"fixed tokens (infill) need a diffusion model; {self.source} is "
                                            "autoregressive and cannot see what follows")
                 options = self._ar_settings(sampling)
@@ -148,14 +150,26 @@ class LM:
     # ---- text API ----------------------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, seed: int | None = None,
-             **sampling: Any) -> TextResult:
-        """Answer a conversation ([{"role": ..., "content": ...}, ...]) rendered with the model's chat template."""
-        return self._text(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling)
+             json_schema: Mapping[str, Any] | None = None, **sampling: Any) -> TextResult:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) rendered with the model's chat template;
+        with `json_schema`, the answer is JSON that validates against it (`canvaslm.engine.structured`)."""
+        return self._text(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling, json_schema)
 
-    def complete(self, text: str, max_new_tokens: int = 256, seed: int | None = None, **sampling: Any) -> TextResult:
-        """Continue plain text."""
+    def complete(self, text: str, max_new_tokens: int = 256, seed: int | None = None,
+                 json_schema: Mapping[str, Any] | None = None, **sampling: Any) -> TextResult:
+        """Continue plain text (with `json_schema`: as JSON that validates against it)."""
         tokenizer = self._tokenizer()
-        return self._text(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling)
+        return self._text(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling,
+                          json_schema)
+
+    def slot_grammars(self) -> SlotGrammars:
+        """The token grammars of structured output for this tokenizer (built on first use: reads the vocabulary)."""
+        if self._slot_grammars is None:
+            tokenizer, vocab = self._tokenizer(), self.network.vocab_size
+            known = min(tokenizer.vocab_size, vocab)
+            anchor = tokenizer.encode("a", add_special_tokens=False)[0]
+            self._slot_grammars = SlotGrammars(tokenizer.decode, known, anchor, vocab)
+        return self._slot_grammars
 
     def infill(self, prefix: str, suffix: str, max_new_tokens: int = 64, seed: int | None = None,
                **sampling: Any) -> TextResult:
@@ -196,7 +210,17 @@ class LM:
                 return ids[:i], "stop"
         return ids, "length"
 
-    def _text(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict) -> TextResult:
+    def _text(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict,
+              json_schema: Mapping[str, Any] | None = None) -> TextResult:
+        if json_schema is not None:
+            if self.kind != "diffusion":
+                raise UnsupportedError(f"json_schema needs a diffusion model (the schema's skeleton is laid out on "
+                                       f"the canvas); {self.source} is autoregressive")
+            start = time.perf_counter()
+            answer = generate_json(self, prompt, json_schema, seed=seed, **sampling)
+            ids = self._tokenizer().encode(answer.text, add_special_tokens=False)
+            return TextResult(answer.text, ids, answer.tokens / answer.forward_passes, answer.forward_passes,
+                              time.perf_counter() - start, "stop")
         out = self.generate([prompt], max_new_tokens, seed, **sampling)
         ids, reason = self.decode_new(out.sequences[0], len(prompt))
         ids = ids[:max_new_tokens]
