@@ -32,6 +32,7 @@ KEYWORDS = {"type", "properties", "items", "minItems", "maxItems", "enum", "cons
             "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength"} | IGNORED
 SMALL_RANGE = 64   # an integer range this small becomes an enum: the grammar then enforces the bounds
 COUNTED = 64       # strings with a maxLength up to this are counted in the grammar; longer ones are checked after
+MAX_ITEMS = 256    # most items an array's minItems may ask for
 
 
 class SchemaError(CanvasError):
@@ -69,6 +70,13 @@ class Budget:
 
 def scaffold(schema: Mapping[str, Any], encode: Callable[[str], list[int]], budget: Budget = Budget()) -> Scaffold:
     """The canvas layout of an answer to `schema`: fixed skeleton tokens and a slot per value."""
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as error:
+        where = "/" + "/".join(str(p) for p in error.absolute_path)
+        raise SchemaError(f"schema at {where}: not a valid JSON schema: {error.message}") from None
     out = Scaffold()
     _write(schema, "", out, encode, budget)
     return out
@@ -116,6 +124,8 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
         low, high = schema.get("minItems", 0), schema.get("maxItems", max(budget.array_items, schema.get("minItems", 0)))
         if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high):
             raise SchemaError(f"schema at {where}: minItems/maxItems must be integers with 0 <= min <= max")
+        if low > MAX_ITEMS:
+            raise SchemaError(f"schema at {where}: minItems {low} is above the supported {MAX_ITEMS}")
         fixed("[")
         for i in range(min(max(budget.array_items, low), high)):
             if i:
@@ -127,6 +137,8 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
         low, high = schema.get("minLength", 0), schema.get("maxLength")
         if not isinstance(low, int) or not (high is None or isinstance(high, int) and low <= high):
             raise SchemaError(f"schema at {where}: minLength/maxLength must be integers with min <= max")
+        if low > COUNTED:
+            raise SchemaError(f"schema at {where}: minLength {low} is above the supported {COUNTED}")
         length = min(budget.string_tokens, high if high is not None else budget.string_tokens) + 1
         if high is not None and high <= COUNTED or low:
             top = high if high is not None and high <= COUNTED else max(COUNTED, low)
@@ -148,8 +160,11 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
 
 
 def _small_range(schema: Mapping[str, Any]) -> range | None:
-    low = schema.get("minimum", None if "exclusiveMinimum" not in schema else schema["exclusiveMinimum"] + 1)
-    high = schema.get("maximum", None if "exclusiveMaximum" not in schema else schema["exclusiveMaximum"] - 1)
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if isinstance(schema.get("exclusiveMinimum"), int):
+        low = schema["exclusiveMinimum"] + 1 if low is None else max(low, schema["exclusiveMinimum"] + 1)
+    if isinstance(schema.get("exclusiveMaximum"), int):
+        high = schema["exclusiveMaximum"] - 1 if high is None else min(high, schema["exclusiveMaximum"] - 1)
     if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < SMALL_RANGE:
         return range(low, high + 1)
     return None

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus).
 Errors use OpenAI's envelope {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON or fields
-(never FastAPI's 422) and prompts past the context, 404 unknown model or route, 429 when the queue is full, 503
+(never FastAPI's 422) and prompts past the context, 404 unknown model or route, 422 (code structured_output_failed)
+when a response_format cannot be met, 429 when the queue is full, 503
 when the engine has stopped; a 500 means a bug and carries no details.
 
 Streaming is SSE in OpenAI's chunk format. Text is sent as soon as the engine reports settled tokens; stop strings
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from canvaslm.engine.batching import Draft, Engine, EngineDead, Finished, QueueFull, Tokens
 from canvaslm.engine.batching import Request as EngineRequest
 from canvaslm.engine.lm import LM
+from canvaslm.engine.structured import SchemaError, StructuredOutputError, generate_json
 from canvaslm.errors import CanvasError
 from canvaslm.server.metrics import Metrics
 from canvaslm.server.protocol import ChatRequest, CompletionRequest, Sampling
@@ -264,6 +266,8 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
 
     async def respond(http: Request, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
                       chat: bool, suffix: list[int] | None = None) -> Any:
+        if body.response_format is not None and body.response_format.type != "text":
+            return await respond_structured(body, prompt, max_tokens, chat)
         used = len(prompt) + len(suffix or [])
         if used + max_tokens > lm.max_length:
             raise APIError(400, f"This model's maximum context length is {lm.max_length} tokens and your request "
@@ -290,6 +294,35 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
                 "model": name, "choices": out, "system_fingerprint": None,
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                           "total_tokens": len(prompt) + completion}}
+
+    async def respond_structured(body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
+                                 chat: bool) -> Any:
+        """response_format json_schema / json_object: each choice is written by `structured_answer` in a worker
+        thread (these requests do not join the continuous batch), then sent whole."""
+        if lm.kind != "diffusion" and body.response_format.type == "json_schema":  # type: ignore[union-attr]
+            raise APIError(400, "response_format json_schema needs a diffusion model (the schema's skeleton is laid "
+                           "out on the canvas)", param="response_format")
+        try:
+            texts = [await asyncio.to_thread(structured_answer, lm, body, prompt, max_tokens,
+                                             None if body.seed is None else body.seed + i) for i in range(body.n)]
+        except SchemaError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        except StructuredOutputError as e:
+            raise APIError(422, str(e), code="structured_output_failed") from None
+        except CanvasError as e:
+            raise APIError(400, str(e)) from None
+        ident, created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time())
+        completion = sum(len(server.tokenizer.encode(t)) for t in texts)
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                 "total_tokens": len(prompt) + completion}
+        if body.stream:
+            return StreamingResponse(_whole_stream(texts, ident, created, name, chat, usage, body),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = [{"index": i, "logprobs": None, "finish_reason": "stop",
+                    **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
+                   for i, t in enumerate(texts)]
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": name, "choices": choices, "system_fingerprint": None, "usage": usage}
 
     async def stream(events: AsyncIterator[tuple[Choice, Any]], first: tuple[Choice, Any] | None,
                      body: ChatRequest | CompletionRequest, ident: str, created: int, prompt_tokens: int,
@@ -339,6 +372,48 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
             await events.aclose()
 
     return app
+
+
+def structured_answer(lm: LM, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
+                      seed: int | None) -> str:
+    """One JSON answer: json_schema through the schema canvas (validates, or StructuredOutputError); json_object
+    as ordinary text that must parse as a JSON object, tried with 3 seeds, else StructuredOutputError."""
+    fmt = body.response_format
+    sampling = body.sampling(lm.kind == "diffusion")
+    schema = fmt.target_schema()  # type: ignore[union-attr]
+    if schema is not None:
+        return generate_json(lm, prompt, schema, seed=seed, **sampling).text
+    for attempt in range(3):
+        out = lm.generate([prompt], max_tokens, None if seed is None else seed + 1000 * attempt, **sampling)
+        text = lm.tokenizer.decode(lm.decode_new(out.sequences[0], len(prompt))[0][:max_tokens]).strip()  # type: ignore[union-attr]
+        text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+    raise StructuredOutputError("the model wrote no JSON object in 3 tries; response_format json_schema lays the "
+                                "object out on the canvas and always validates")
+
+
+async def _whole_stream(texts: list[str], ident: str, created: int, model: str, chat: bool, usage: dict[str, int],
+                        body: ChatRequest | CompletionRequest) -> AsyncIterator[str]:
+    """A finished answer per choice as one SSE content chunk, then its finish chunk (and usage if asked)."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    for i, text in enumerate(texts):
+        for piece, finish in ((text, None), (None, "stop")):
+            if chat:
+                delta = {"role": "assistant", "content": piece} if piece is not None else {}
+                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            payload = {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
+            yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    if body.stream_options is not None and body.stream_options.include_usage:
+        payload = {"id": ident, "object": kind, "created": created, "model": model, "choices": [], "usage": usage}
+        yield f"data: {json.dumps(payload)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

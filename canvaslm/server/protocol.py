@@ -22,6 +22,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: "text", "json_object" (any JSON object) or "json_schema" (validates)."""
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _has_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object with a "schema"')
+        return self
+
+    def target_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must validate against (json_schema only)."""
+        return self.json_schema.json_schema if self.json_schema is not None and self.type == "json_schema" else None
+
+
 class Sampling(BaseModel):
     """Fields shared by both endpoints."""
 
@@ -48,6 +72,7 @@ class Sampling(BaseModel):
     sampler: Literal["reference", "fast"] | None = None
     canvas_drafts: bool = False
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
