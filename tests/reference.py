@@ -79,3 +79,19 @@ def tiny_checkpoint(path: Path, layer_types=("sliding_attention", "full_attentio
     assert tokenizer.vocab_size <= model.config.text_config.vocab_size
     tokenizer.to_dir(path)
     return model
+
+
+def tiny_smol_diffusion(canvas_length: int, layers: int = 2, max_positions: int = 1024):
+    """A tiny random Llama in block-diffusion mode with SmolLM2's real tokenizer (49,152 ids), as a `canvaslm.LM`:
+    for features that need a real vocabulary (JSON punctuation, whitespace tokens) but not a trained model."""
+    import canvaslm
+    from canvaslm.models import llama
+
+    torch.manual_seed(0)
+    config = llama.Config.from_hf({"model_type": "llama", "vocab_size": 49152, "hidden_size": 32,
+                                   "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "max_position_embeddings": max_positions,
+                                   "pad_token_id": 2, "eos_token_id": 2, "bos_token_id": 1,
+                                   "tie_word_embeddings": True}, "test")
+    network = llama.Model(config).to_diffusion(canvas_length)
+    return canvaslm.LM(network, canvaslm.load("smol-ar").tokenizer, "tiny random diffusion model")

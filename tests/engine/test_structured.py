@@ -8,12 +8,12 @@ import json
 
 import jsonschema
 import pytest
-import torch
 
 import canvaslm
 from canvaslm.engine.structured import Budget, SchemaError, StructuredOutputError, scaffold
 from canvaslm.errors import UnsupportedError
 from canvaslm.models import llama
+from tests.reference import tiny_smol_diffusion
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
@@ -33,14 +33,8 @@ def smol_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def lm(smol_tokenizer):
-    torch.manual_seed(0)
-    config = llama.Config.from_hf({"model_type": "llama", "vocab_size": 49152, "hidden_size": 32,
-                                   "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                   "num_key_value_heads": 2, "max_position_embeddings": 1024, "pad_token_id": 2,
-                                   "eos_token_id": 2, "bos_token_id": 1, "tie_word_embeddings": True}, "test")
-    network = llama.Model(config).to_diffusion(32)
-    return canvaslm.LM(network, smol_tokenizer, "tiny random diffusion model")
+def lm():
+    return tiny_smol_diffusion(32)
 
 
 def test_scaffold_fixes_the_skeleton_and_leaves_a_slot_per_value(smol_tokenizer):

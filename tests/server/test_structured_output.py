@@ -9,10 +9,8 @@ import json
 import jsonschema
 import openai
 import pytest
-import torch
 
-import canvaslm
-from canvaslm.models import llama
+from tests.reference import tiny_smol_diffusion
 from tests.server.conftest import MODEL, start_server, stop_server
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -23,13 +21,8 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEM
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    torch.manual_seed(0)
-    config = llama.Config.from_hf({"model_type": "llama", "vocab_size": 49152, "hidden_size": 32,
-                                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                   "num_key_value_heads": 2, "max_position_embeddings": 512, "pad_token_id": 2,
-                                   "eos_token_id": 2, "bos_token_id": 1, "tie_word_embeddings": True}, "test")
     path = tmp_path_factory.mktemp("json-model")
-    canvaslm.LM(llama.Model(config).to_diffusion(16), canvaslm.load("smol-ar").tokenizer, "tiny").save(path)
+    tiny_smol_diffusion(16, layers=1, max_positions=512).save(path)
     server = start_server(path)
     yield openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
     stop_server(server)
