@@ -133,7 +133,8 @@ def _read_lines(path: str) -> list[str]:
 
 def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, seed: int,
              sampling: dict[str, Any]) -> dict[str, Any]:
-    """Solve rate, forward passes per puzzle and seconds per puzzle on n held-out puzzles per difficulty."""
+    """Solve rate, blank cells right (vs the unique solution), forward passes per puzzle and seconds per puzzle on
+    n held-out puzzles per difficulty."""
     from canvaslm.tasks.sudoku_solver import solve
 
     out: dict[str, Any] = {}
@@ -144,7 +145,10 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
             cells = [sudoku.parse(p) for p, _ in pairs[first:first + batch_size]]
             answers += solve(lm, cells, rules=rules, seed=seed + first, **sampling)
         seconds = time.perf_counter() - start
+        blanks = [(a.solution[i], solution[i]) for a, (puzzle, solution) in zip(answers, pairs, strict=True)
+                  for i in range(81) if puzzle[i] in ".0"]
         out[difficulty] = {"puzzles": n, "solve_rate": sum(a.solved for a in answers) / n,
+                           "blank_cell_accuracy": sum(x == y for x, y in blanks) / max(len(blanks), 1),
                            "forward_passes": sum(a.forward_passes for a in answers) / n,
                            "seconds_per_puzzle": seconds / n}
     return out
@@ -169,7 +173,8 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
             report["models"][label] = {"kind": lm.kind, "setting": setting,
                                        "parameters": sum(p.numel() for p in lm.network.parameters()), **result}
             for difficulty, row in result.items():
-                print(f"{label}  {difficulty:6s}  solved {row['solve_rate']:.1%}  forward passes "
+                print(f"{label}  {difficulty:6s}  solved {row['solve_rate']:.1%}  blanks right "
+                      f"{row['blank_cell_accuracy']:.1%}  forward passes "
                       f"{row['forward_passes']:.1f}  {row['seconds_per_puzzle'] * 1000:.1f} ms/puzzle")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -70,6 +70,7 @@ def test_eval_writes_json_and_plot_for_several_models(models, tmp_path, capsys):
     assert set(report["models"]) == set(models)
     row = report["models"][models[1]]["easy"]
     assert row["puzzles"] == 2 and 0 <= row["solve_rate"] <= 1 and row["forward_passes"] == 81
+    assert 0 <= row["blank_cell_accuracy"] <= 1
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
