@@ -145,7 +145,7 @@ def generate_steps(
             if mask_id is not None:
                 logits = carry_over(logits, canvas, mask_id)
             proposal, token_entropy = propose(logits, settings, generator)
-            accepted = accept(logits, token_entropy, settings)
+            accepted = accept(logits, token_entropy, settings, settings.max_denoising_steps - steps_left + 1)
             if pins is not None:  # top-k and the like may not pick every pinned position
                 accepted |= pins >= 0
             new_canvas = renoise(proposal, accepted, model.vocab_size, generator, mask_id)

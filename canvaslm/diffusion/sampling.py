@@ -36,7 +36,7 @@ class DiffusionSampling:
     """... and its mean token entropy (nats) is below this."""
     acceptance: str = "entropy_bound"
     """Which tokens a step keeps (the rest are re-noised): "entropy_bound" (the reference's EB rule),
-    "threshold" (max probability >= accept_probability, as Fast-dLLM), "top_k" (the accept_k most certain),
+    "threshold" (max probability >= accept_probability, as Fast-dLLM), "top_k" (accept_k more tokens per step: the accept_k × step most certain),
     "adaptive" (EB, plus every token the confidence-factor rule of Fast-dLLM v2 accepts, with factor
     accept_factor)."""
     accept_probability: float = 0.9
@@ -117,7 +117,8 @@ def threshold_accept(probs: Tensor, threshold: float) -> Tensor:
 
 
 def top_k_accept(token_entropy: Tensor, k: int) -> Tensor:
-    """Accept the k lowest-entropy tokens of each row. [B, C] -> [B, C] bool."""
+    """Accept the k lowest-entropy tokens of each row. [B, C] -> [B, C] bool. The loop passes k = accept_k × step:
+    every step re-proposes the whole canvas, so a fixed k would cap the canvas at k settled tokens."""
     k = min(k, token_entropy.shape[-1])
     order = token_entropy.topk(k, dim=-1, largest=False).indices
     return torch.zeros_like(token_entropy, dtype=torch.bool).scatter(-1, order, True)
@@ -135,13 +136,14 @@ def factor_accept(probs: Tensor, factor: float) -> Tensor:
     return torch.zeros_like(ok).scatter(-1, order, ok)
 
 
-def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling) -> Tensor:
-    """The tokens one step keeps under `settings.acceptance`: [B, C, V] tempered logits -> [B, C] bool."""
+def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1) -> Tensor:
+    """The tokens denoising step `step` (1-based) keeps under `settings.acceptance`: [B, C, V] tempered logits
+    -> [B, C] bool."""
     rule = settings.acceptance
     if rule == "entropy_bound":
         return entropy_bound_accept(token_entropy, settings.entropy_bound)
     if rule == "top_k":
-        return top_k_accept(token_entropy, settings.accept_k)
+        return top_k_accept(token_entropy, settings.accept_k * step)
     probs = logits.softmax(dim=-1)
     if rule == "threshold":
         return threshold_accept(probs, settings.accept_probability)

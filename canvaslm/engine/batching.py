@@ -300,7 +300,7 @@ class Engine:
         if mask_id is not None:
             logits = carry_over(logits, seq.canvas, mask_id)
         proposal, token_entropy = propose(logits, settings, seq.generator)
-        accepted = accept(logits, token_entropy, settings)
+        accepted = accept(logits, token_entropy, settings, seq.step)
         canvas = renoise(proposal, accepted, network.vocab_size, seq.generator, mask_id)
         draft = logits.argmax(dim=-1)
         if seq.pinned:

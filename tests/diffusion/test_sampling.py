@@ -110,6 +110,14 @@ def test_top_k_rule_keeps_the_k_lowest_entropies():
     assert top_k_accept(h, 9).all()  # k larger than the canvas keeps everything
 
 
+def test_top_k_grows_by_k_tokens_per_step():
+    from canvaslm.diffusion.sampling import accept
+
+    logits = torch.randn(2, 16, 10, generator=torch.Generator().manual_seed(0))
+    settings = DiffusionSampling(acceptance="top_k", accept_k=3)
+    assert [int(accept(logits, entropy(logits), settings, step).sum(-1)[0]) for step in (1, 2, 5, 6)] == [3, 6, 15, 16]
+
+
 def test_factor_rule_accepts_the_longest_prefix_under_the_parallel_decoding_bound():
     from canvaslm.diffusion.sampling import factor_accept
 
