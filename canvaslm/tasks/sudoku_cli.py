@@ -185,22 +185,25 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
 
 
 def plot_frontier(report: dict[str, Any], png: Path, difficulty: str) -> bool:
-    """Solve rate against forward passes per puzzle, one point per (model, setting), on one difficulty."""
+    """Blank cells right against forward passes per puzzle, one point per (model, setting), on one difficulty;
+    the legend gives each point's setting and solve rate."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(8, 6.5), layout="constrained")
     axes = figure.add_subplot()
+    one_model = len({label.split(" ", 1)[0] for label in report["models"]}) == 1
     for label, row in report["models"].items():
         point = row[difficulty]
-        axes.plot(point["forward_passes"], 100 * point["solve_rate"], "s" if row["kind"] != "diffusion" else "o")
-        axes.annotate(label.split(" ", 1)[-1] if " " in label else label,
-                      (point["forward_passes"], 100 * point["solve_rate"]), fontsize=7,
-                      xytext=(4, 3), textcoords="offset points")
+        name = (label.split(" ", 1)[1] if " " in label else "model defaults") if one_model else label
+        axes.plot(point["forward_passes"], 100 * point["blank_cell_accuracy"],
+                  "s" if row["kind"] != "diffusion" else "o", markersize=8,
+                  label=f"{name} — solved {100 * point['solve_rate']:.0f}%")
     axes.set_xlabel("forward passes per puzzle (fewer = faster)")
-    axes.set_ylabel(f"{difficulty} puzzles solved (%)")
-    axes.set_title("Sudoku: acceptance rules, speed vs solve rate")
+    axes.set_ylabel(f"{difficulty}: blank cells right (%)")
+    axes.set_title("Sudoku: speed vs quality per model and sampler setting")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=1)
     figure.savefig(png, dpi=120)
     return True
 
