@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from canvaslm import bench
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
     gen.add_argument("--show-canvas", action="store_true", help="watch the canvas denoise, step by step")
+    gen.add_argument("--json-schema", default=None, metavar="FILE",
+                     help="answer with JSON that validates against this JSON schema file (diffusion models; "
+                          "docs/structured.md)")
     chat = sub.add_parser("chat", help="interactive chat (reads stdin; /reset clears, /exit quits)")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--show-canvas", action="store_true")
@@ -184,9 +188,27 @@ def _generate(args: argparse.Namespace) -> int:
         prompt_ids = lm.chat_prompt_ids([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = lm.tokenizer.encode(args.prompt, add_special_tokens=True)
-    out = _answer(lm, prompt_ids, args)
+    if args.json_schema:
+        out = _schema_answer(lm, prompt_ids, args)
+    else:
+        out = _answer(lm, prompt_ids, args)
     print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
     return 0
+
+
+def _schema_answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema: read the schema file (a clear error naming it when unreadable), answer through the schema
+    canvas; the fields of --json."""
+    try:
+        schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CanvasError(f"{args.json_schema}: cannot read the schema file: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CanvasError(f"{args.json_schema}: not a JSON schema file: {error}") from None
+    result = lm._text(prompt_ids, args.max_new_tokens, args.seed, _sampling(args), schema)
+    return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+            "tokens_per_forward": round(result.tokens_per_forward, 4), "forward_passes": result.forward_passes,
+            "seconds": round(result.seconds, 4), "model": lm.source}
 
 
 def _chat(args: argparse.Namespace) -> int:

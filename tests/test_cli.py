@@ -34,6 +34,27 @@ def test_generate_json_reports_text_ids_and_speed(model_dir):
     assert again["token_ids"] == result["token_ids"]  # seeded runs repeat
 
 
+def test_generate_with_a_json_schema_file_validates_or_names_the_file(tmp_path):
+    import jsonschema
+
+    from tests.reference import tiny_smol_diffusion
+
+    tiny_smol_diffusion(16, layers=1, max_positions=512).save(tmp_path / "m")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = run("generate", "Answer:", "-m", str(tmp_path / "m"), "--json-schema", str(tmp_path / "schema.json"),
+              "--seed", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    jsonschema.validate(json.loads(result["text"]), schema)
+    assert result["forward_passes"] >= 1
+    (tmp_path / "bad.json").write_text("{not json")
+    for path, message in ((tmp_path / "missing.json", "cannot read the schema file"),
+                          (tmp_path / "bad.json", "not a JSON schema file")):
+        out = run("generate", "x", "-m", str(tmp_path / "m"), "--json-schema", str(path))
+        assert out.returncode == 2 and f"{path}: {message}" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_show_canvas_reports_each_step_when_not_a_terminal(model_dir):
     out = run("generate", "hello", "--chat", "--model", model_dir, "-n", "8", "--seed", "0", "--show-canvas",
               "--max-denoising-steps", "4")
