@@ -26,7 +26,7 @@ SAMPLING_FLAGS = {  # flag -> (type, help); passed to the model only when given
     "confidence_threshold": (float, "diffusion: mean entropy under which a canvas may stop"),
     "acceptance": (str, "diffusion: acceptance rule: entropy_bound, threshold, top_k or adaptive"),
     "accept_probability": (float, "diffusion, rule threshold: top probability a token needs to be kept"),
-    "accept_k": (int, "diffusion, rule top_k: tokens kept per step"),
+    "accept_k": (int, "diffusion, rule top_k: tokens added per step (k × step kept)"),
     "accept_factor": (float, "diffusion, rule adaptive: slack of the confidence-factor rule"),
     "sampler": (str, "diffusion: reference (the reference's random stream) or fast (same distribution, ~2x "
                      "less sampling time on a CPU)"),
