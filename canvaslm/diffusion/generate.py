@@ -153,7 +153,8 @@ def generate_steps(
             if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
                 new_draft = torch.where(stopped[:, None], draft, new_draft)
                 new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
-                logits = torch.where(stopped[:, None, None], _fill(sc_logits, batch, model.vocab_size, canvas), logits)
+                kept = sc_logits if sc_logits is not None else torch.zeros((), device=logits.device)
+                logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
             stop, history = stable_and_confident(history, new_draft, token_entropy, settings.confidence_threshold)
             stopped |= stop
             canvas, draft, sc_logits = new_canvas, new_draft, logits.to(sc_dtype)

@@ -145,8 +145,8 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
             slot(f"string:{low}:{top}", lambda texts: bounded_string(texts, low, top), max(length, low + 1))
         else:
             automaton("string", STRING, length)
-    elif kind == "integer" and _small_range(schema) is not None:
-        texts = [str(v) for v in _small_range(schema)]
+    elif kind == "integer" and (values := _small_range(schema)) is not None:
+        texts = [str(v) for v in values]
         automaton("enum:" + json.dumps(texts), literals(texts), max(len(encode(t)) for t in texts) + 1)
     elif kind in ("integer", "number"):
         automaton(kind, INTEGER if kind == "integer" else NUMBER, budget.number_tokens)
