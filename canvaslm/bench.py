@@ -11,6 +11,9 @@
   self-conditioning and may change later samples.
 * `prompt`: a long prompt (default 4,096 tokens): prefill time (chunked), time to the first committed canvas, the
   request's KV-cache bytes (sliding-window layers keep only their window) and the process's peak memory.
+* `structured`: schema-bound JSON and code infill (canvaslm.tasks.structured): validity, tokens per forward and
+  tokens/s of the diffusion scaffold vs the same weights decoding autoregressively under llguidance (`--canvas` is
+  the canvas length an AR checkpoint is converted to).
 * `serve`: throughput and latency through the HTTP server at several concurrency levels (canvaslm.server.bench).
 * `compare` (the default): one run, per batch size (default 1, 8, 64), of our diffusion loop, our AR loop on the same
   weights (the encoder used causally), our diffusion loop with the fast sampler, transformers' diffusion reference (DiffusionGemma checkpoints) and
@@ -381,6 +384,14 @@ def main(args) -> int:
     if args.what in ("denoise", "all"):
         sizes = [int(s) for s in args.canvas.split(",")]
         report["denoise"] = bench_denoise(lm, sizes, args.prompt_tokens, args.repeats)
+    if args.what == "structured":
+        from canvaslm.tasks.structured import bench_structured, plot_structured
+
+        report = bench_structured(args.model, lm, args.schema_tasks, args.infill_tasks,
+                                  int(args.canvas.split(",")[-1]), args.seed, {})
+        report["machine"] = machine()
+        if args.out and plot_structured(report, str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
     if args.what == "prompt":
         report["prompt"] = bench_prompt(lm, args.prompt_tokens, int(args.canvas.split(",")[-1]))
     if args.what == "compare":
@@ -419,7 +430,7 @@ def _serve(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
     p.add_argument("what", nargs="?", default="compare",
-                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve"],
+                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured"],
                    help="which benchmark (default compare)")
     from canvaslm.cli import threads_arg
 
@@ -427,7 +438,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
     p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
-    p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes")
+    p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes; prompt, structured: the last one")
     p.add_argument("--batch-sizes", default="1,8,64", help="generate: comma-separated batch sizes")
     p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt: prompt length")
     p.add_argument("--repeats", type=int, default=5)
@@ -437,3 +448,6 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
     p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
+    p.add_argument("--schema-tasks", type=int, default=50, help="structured: JSON-schema tasks")
+    p.add_argument("--infill-tasks", type=int, default=50, help="structured: code-infill tasks (Python stdlib)")
+    p.add_argument("--seed", type=int, default=0, help="structured: task set and sampling seed")

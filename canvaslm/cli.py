@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, ids and speed")
     gen.add_argument("--show-canvas", action="store_true", help="watch the canvas denoise, step by step")
     gen.add_argument("--json-schema", default=None, metavar="FILE",
-                     help="answer with JSON that validates against this JSON schema file (diffusion models; "
-                          "docs/structured.md)")
+                     help="answer with JSON that validates against this JSON schema file (diffusion models: the "
+                          "schema canvas; autoregressive ones: llguidance; docs/structured.md)")
     chat = sub.add_parser("chat", help="interactive chat (reads stdin; /reset clears, /exit quits)")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--show-canvas", action="store_true")
@@ -197,8 +197,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _schema_answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """--json-schema: read the schema file (a clear error naming it when unreadable), answer through the schema
-    canvas; the fields of --json."""
+    """--json-schema: read the schema file (a clear error naming it when unreadable), answer through
+    `LM.generate_json`; the fields of --json."""
     try:
         schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
     except OSError as error:

@@ -121,9 +121,17 @@ def generate_steps(
             canvas = torch.where(pins >= 0, pins, canvas)
         draft, sc_logits = canvas, None
         stopped = done.clone() if skip_finished else torch.zeros(batch, dtype=torch.bool, device=device)
+        region = min(canvas_length, max_new_tokens - canvas_index * canvas_length)
+        if pins is not None and bool((pins[:, :region] >= 0).all()):
+            # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins, no decoder pass;
+            # positions past max_new_tokens are never returned
+            draft = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0)
+            stopped[:] = True
         history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
         rows, row_cache = None, cache
         for steps_left in range(settings.max_denoising_steps, 0, -1):                     # 1.c
+            if bool(stopped.all()):
+                break
             forward_passes += ~(stopped | done)
             if skip_finished and bool(stopped.any()):
                 active = (~stopped).nonzero().squeeze(1)

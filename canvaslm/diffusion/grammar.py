@@ -31,6 +31,7 @@ class Automaton:
     start: int
     accepting: frozenset[int]
     step: Step
+    alphabet: str | None = None  # when set, tokens with another character are refused without running them
 
 
 def _string_step(state: int, char: str) -> int:
@@ -62,6 +63,91 @@ def _number_step(integer: bool) -> Step:
 STRING = Automaton(2, 0, frozenset({1}), _string_step)
 INTEGER = Automaton(7, 0, frozenset({2, 3, 6}), _number_step(True))
 NUMBER = Automaton(7, 0, frozenset({2, 3, 5, 6}), _number_step(False))
+
+
+def _compare(state: int, digit: str, bound: str, k: int) -> int:
+    """Lexicographic comparison (-1, 0, 1) of k + 1 digits with bound's first k + 1, given the first k's."""
+    if state != 0 or k >= len(bound):
+        return state if k < len(bound) else 1
+    return (digit > bound[k]) - (digit < bound[k])
+
+
+def number_range(low: int | None, high: int | None, fraction: bool = False, max_digits: int = 15) -> Automaton:
+    """JSON integers in [low, high] (None: unbounded), then filler; with `fraction`, also I.ddd where the whole
+    of [I, I + 1) lies in the range (a subset of the valid numbers, so every answer validates).
+
+    A state is a sign with its magnitude range [a, b], the digits read k, and how those digits compare with a's
+    and b's first k (-1, 0, 1): a k-digit magnitude is below a bound with more digits and above one with fewer,
+    so this decides the range exactly. Only the states reachable from the start are built."""
+    branches: dict[str, tuple[str, str]] = {}  # sign -> (a, b) as digit strings, b "" when unbounded
+    if high is None or high >= 0:
+        branches["+"] = (str(max(low, 0) if low is not None else 0), "" if high is None else str(high))
+    if low is None or low < 0:  # -m with m >= 1; m <= -low and m >= -high
+        branches["-"] = (str(max(-high, 1) if high is not None else 1), "" if low is None else str(-low))
+
+    def at_least_a(sign: str, k: int, vs_a: int) -> bool:
+        a = branches[sign][0]
+        return k > len(a) or k == len(a) and vs_a >= 0
+
+    def below_b(sign: str, k: int, vs_b: int, strictly: bool) -> bool:
+        b = branches[sign][1]
+        return not b or k < len(b) or k == len(b) and (vs_b < 0 if strictly else vs_b <= 0)
+
+    def accepts(state: tuple) -> bool:
+        kind = state[0]
+        if kind == "digits":
+            _, sign, k, vs_a, vs_b = state
+            return at_least_a(sign, k, vs_a) and below_b(sign, k, vs_b, strictly=False)
+        return kind == "fraction" or kind == "filler" or kind == "zero" and branches["+"][0] == "0"
+
+    def takes_fraction(state: tuple) -> bool:  # [I, I + 1) within the range: I >= a (or -I - 1 >= low) and I < b
+        if state[0] == "zero":  # only "+0" exists: 0.ddd needs a = 0 and b >= 1 (or unbounded)
+            return branches["+"][0] == "0" and (not branches["+"][1] or int(branches["+"][1]) >= 1)
+        _, sign, k, vs_a, vs_b = state
+        return at_least_a(sign, k, vs_a) and below_b(sign, k, vs_b, strictly=True)
+
+    def step(state: tuple, char: str) -> tuple | None:
+        kind, digit = state[0], char.isascii() and char.isdigit()
+        if char in WHITESPACE:
+            return ("filler",) if accepts(state) else None
+        if kind == "start" and char == "-" and "-" in branches:
+            return ("minus",)
+        if kind in ("start", "minus") and digit:
+            sign = "-" if kind == "minus" else "+"
+            if char == "0":
+                return ("zero",) if sign in branches and sign == "+" else None
+            if sign not in branches:
+                return None
+            state = ("digits", sign, 0, 0, 0)
+            kind = "digits"
+        if kind == "digits" and digit:
+            _, sign, k, vs_a, vs_b = state
+            a, b = branches[sign]
+            vs_a, vs_b = _compare(vs_a, char, a, k), _compare(vs_b, char, b, k) if b else -1
+            if k + 1 > max_digits or b and (k + 1 > len(b) or k + 1 == len(b) and vs_b > 0):
+                return None  # already above b
+            return ("digits", sign, k + 1, vs_a, vs_b)
+        if char == "." and fraction and kind in ("zero", "digits") and takes_fraction(state):
+            return ("point",)
+        if kind in ("point", "fraction") and digit:
+            return ("fraction",)
+        return None
+
+    alphabet = "-.0123456789" + WHITESPACE
+    ids: dict[tuple, int] = {("start",): 0}
+    edges: dict[tuple[int, str], int] = {}
+    queue = [("start",)]
+    while queue:
+        state = queue.pop()
+        for char in alphabet:
+            nxt = step(state, char)
+            if nxt is not None:
+                if nxt not in ids:
+                    ids[nxt] = len(ids)
+                    queue.append(nxt)
+                edges[ids[state], char] = ids[nxt]
+    accepting = frozenset(i for state, i in ids.items() if accepts(state))
+    return Automaton(len(ids), 0, accepting, lambda s, c: edges.get((s, c), -1), alphabet)
 
 
 def literals(options: Sequence[str]) -> Automaton:
@@ -98,18 +184,20 @@ class TokenGrammar:
 
     def __init__(self, table: Tensor, start: int, accepting: frozenset[int]) -> None:
         self.table, self.start, self.accepting = table, start, accepting
-        # the (from, to) pairs some token realises, with those tokens as a [V] mask
-        self.edges = [(s, q, table[s] == q) for s in range(table.shape[0])
+        # the (from, to) pairs some token realises, with those tokens' ids (a few for number grammars, most of the
+        # vocabulary for strings; ids rather than [V] masks keep hundreds of edges cheap)
+        self.edges = [(s, q, (table[s] == q).nonzero().squeeze(1)) for s in range(table.shape[0])
                       for q in sorted(set(table[s].tolist()) - {-1})]
 
     @classmethod
     def lift(cls, automaton: Automaton, texts: Sequence[str | None]) -> TokenGrammar:
         """Run every token's text through the automaton from every state."""
         table = torch.full((automaton.states, len(texts)), -1, dtype=torch.int16)
+        chars = set(automaton.alphabet) if automaton.alphabet is not None else None
+        candidates = [(t, text) for t, text in enumerate(texts)
+                      if text is not None and (chars is None or chars.issuperset(text))]
         for s in range(automaton.states):
-            for t, text in enumerate(texts):
-                if text is None:
-                    continue
+            for t, text in candidates:
                 state = s
                 for char in text:
                     state = automaton.step(state, char)
@@ -138,9 +226,9 @@ class TokenGrammar:
         forward, backward = self.reachable(length)
         allowed = torch.zeros(length, self.table.shape[1], dtype=torch.bool)
         for p in range(length):
-            for s, q, mask in self.edges:
+            for s, q, tokens in self.edges:
                 if s in forward[p] and q in backward[p + 1]:
-                    allowed[p] |= mask
+                    allowed[p, tokens] = True
         return allowed
 
     def project(self, log_probs: Tensor) -> list[int] | None:
@@ -154,12 +242,12 @@ class TokenGrammar:
         for p in range(length):
             new = torch.full((states,), float("-inf"))
             choice = [(-1, -1)] * states
-            for s, q, mask in self.edges:
+            for s, q, tokens in self.edges:
                 if score[s] == float("-inf"):
                     continue
-                value, token = log_probs[p].masked_fill(~mask, float("-inf")).max(dim=0)
+                value, best = log_probs[p, tokens].max(dim=0)
                 if score[s] + value > new[q]:
-                    new[q], choice[q] = score[s] + value, (s, int(token))
+                    new[q], choice[q] = score[s] + value, (s, int(tokens[best]))
             score = new
             choices.append(choice)
         ends = [s for s in self.accepting if score[s] > float("-inf")]

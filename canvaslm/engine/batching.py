@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import (accept, carry_over, propose, random_canvas, renoise,
+from canvaslm.diffusion.sampling import (accept, carry_over, pin, propose, random_canvas, renoise,
                                          stable_and_confident, temperature_at)
 from canvaslm.engine.ar import sample_next
 from canvaslm.engine.lm import LM
@@ -103,7 +103,7 @@ class _Sequence:
     steps_left: int = 0
     step: int = 0
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
-    fixed: tuple[Tensor, Tensor] | None = None  # (positions, tokens) of the suffix inside this canvas
+    fixed: Tensor | None = None  # [1, C] the suffix's tokens inside this canvas, -1 elsewhere (`pin`)
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
 
 
@@ -272,12 +272,12 @@ class Engine:
                                    getattr(network, "mask_token_id", None))
         seq.fixed = self._suffix_in_canvas(seq)
         if seq.fixed is not None:
-            seq.canvas[0, seq.fixed[0]] = seq.fixed[1]
+            seq.canvas = torch.where(seq.fixed >= 0, seq.fixed, seq.canvas)
         seq.draft, seq.sc_logits, seq.pinned, seq.step = seq.canvas, None, 0, 0
         seq.history = torch.full((settings.stability_threshold, 1, network.canvas_length), -1, device=self.lm.device)
         seq.steps_left = settings.max_denoising_steps
 
-    def _suffix_in_canvas(self, seq: _Sequence) -> tuple[Tensor, Tensor] | None:
+    def _suffix_in_canvas(self, seq: _Sequence) -> Tensor | None:
         """Infill: the suffix occupies generated positions max_new_tokens .. + len(suffix); those that fall in the
         current canvas are held fixed there, so the middle is denoised seeing what follows it."""
         suffix, length = seq.request.suffix, self.lm.network.canvas_length
@@ -286,8 +286,10 @@ class Engine:
         inside = [(p - start, t) for p, t in enumerate(suffix, first) if start <= p < start + length]
         if not inside:
             return None
-        positions, tokens = zip(*inside, strict=True)
-        return (torch.tensor(positions, device=self.lm.device), torch.tensor(tokens, device=self.lm.device))
+        pins = torch.full((1, length), -1, dtype=torch.long, device=self.lm.device)
+        for position, token in inside:
+            pins[0, position] = token
+        return pins
 
     def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
         """One denoising step of one sequence from its decoder logits [1, C, V] (the order of random draws is
@@ -297,17 +299,19 @@ class Engine:
         seq.passes += 1
         seq.step += 1
         logits = logits / temperature_at(seq.steps_left, settings)
+        if seq.fixed is not None:  # as generate_steps: the suffix is certain, so accepted and never re-noised
+            logits = pin(logits, seq.fixed)
         if mask_id is not None:
             logits = carry_over(logits, seq.canvas, mask_id)
         proposal, token_entropy = propose(logits, settings, seq.generator)
         accepted = accept(logits, token_entropy, settings, seq.step)
+        if seq.fixed is not None:
+            accepted |= seq.fixed >= 0
         canvas = renoise(proposal, accepted, network.vocab_size, seq.generator, mask_id)
         draft = logits.argmax(dim=-1)
         if seq.pinned:
             pins = seq.draft[:, :seq.pinned]
             canvas[:, :seq.pinned], draft[:, :seq.pinned] = pins, pins
-        if seq.fixed is not None:
-            canvas[0, seq.fixed[0]], draft[0, seq.fixed[0]] = seq.fixed[1], seq.fixed[1]
         settled = accepted & (draft == seq.draft)
         stop, seq.history = stable_and_confident(seq.history, draft, token_entropy, settings.confidence_threshold)
         seq.canvas, seq.draft, seq.sc_logits = canvas, draft, logits.to(network.embed_tokens.weight.dtype)

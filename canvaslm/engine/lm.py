@@ -20,7 +20,7 @@ from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import Constraint, DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.engine.ar import ar_generate
-from canvaslm.engine.structured import SlotGrammars, generate_json
+from canvaslm.engine.structured import SlotGrammars, StructuredResult, generate_json
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 from canvaslm.models.cache import encode_chunked
 
@@ -162,6 +162,18 @@ class LM:
         return self._text(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling,
                           json_schema)
 
+    def generate_json(self, prompt_ids: list[int], schema: Mapping[str, Any], max_new_tokens: int = 256,
+                      seed: int | None = None, **sampling: Any) -> StructuredResult:
+        """JSON after `prompt_ids` that validates against `schema`: a diffusion model lays the schema out on the
+        canvas (`canvaslm.engine.structured`; its size, not max_new_tokens, sets the length); an autoregressive
+        one decodes under llguidance's grammar (`canvaslm.engine.guided`, needs `pip install llguidance`)."""
+        if self.kind == "diffusion":
+            return generate_json(self, prompt_ids, schema, seed=seed, **sampling)
+        from canvaslm.engine.guided import guided_json
+
+        self._check_length(len(prompt_ids), max_new_tokens)
+        return guided_json(self, prompt_ids, schema, max_new_tokens, seed=seed, **self._ar_settings(sampling))
+
     def slot_grammars(self) -> SlotGrammars:
         """The token grammars of structured output for this tokenizer (built on first use: reads the vocabulary)."""
         if self._slot_grammars is None:
@@ -213,11 +225,8 @@ class LM:
     def _text(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict,
               json_schema: Mapping[str, Any] | None = None) -> TextResult:
         if json_schema is not None:
-            if self.kind != "diffusion":
-                raise UnsupportedError(f"json_schema needs a diffusion model (the schema's skeleton is laid out on "
-                                       f"the canvas); {self.source} is autoregressive")
             start = time.perf_counter()
-            answer = generate_json(self, prompt, json_schema, seed=seed, **sampling)
+            answer = self.generate_json(prompt, json_schema, max_new_tokens, seed, **sampling)
             ids = self._tokenizer().encode(answer.text, add_special_tokens=False)
             return TextResult(answer.text, ids, answer.tokens / answer.forward_passes, answer.forward_passes,
                               time.perf_counter() - start, "stop")

@@ -8,13 +8,15 @@
 The answer is valid JSON that validates against the schema, or a `StructuredOutputError` saying which value did
 not. Supported: objects (every listed property is written, in order), nested objects, arrays of one item schema
 (`min_items`..`max_items` long: `array_items` items, clamped), strings (`minLength`/`maxLength`), integers and
-numbers (`minimum`, `maximum`, exclusive bounds; a range of at most 64 integers becomes an enum), booleans,
+numbers (`minimum`, `maximum`, exclusive bounds, enforced by the grammar: a range of at most 64 integers becomes an
+enum, a wider one a digit automaton, and a bounded number is I or I.ddd with [I, I + 1) inside), booleans,
 `enum`, `const`, `null`. Anything else is refused up front with its JSON pointer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from canvaslm.diffusion.grammar import (INTEGER, NUMBER, STRING, Automaton, TokenGrammar, bounded_string, literals,
-                                        token_texts)
+                                        number_range, token_texts)
 from canvaslm.errors import CanvasError
 
 IGNORED = {"title", "description", "$schema", "$id", "default", "examples", "additionalProperties", "required",
@@ -70,16 +72,23 @@ class Budget:
 
 def scaffold(schema: Mapping[str, Any], encode: Callable[[str], list[int]], budget: Budget = Budget()) -> Scaffold:
     """The canvas layout of an answer to `schema`: fixed skeleton tokens and a slot per value."""
+    check_schema(schema)
+    out = Scaffold()
+    _write(schema, "", out, encode, budget)
+    return out
+
+
+def check_schema(schema: Any) -> None:
+    """SchemaError, with the JSON pointer, unless `schema` is a valid JSON schema (draft 2020-12)."""
     import jsonschema
 
+    if not isinstance(schema, Mapping):
+        raise SchemaError(f"schema at /: expected an object, found {schema!r}")
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as error:
         where = "/" + "/".join(str(p) for p in error.absolute_path)
         raise SchemaError(f"schema at {where}: not a valid JSON schema: {error.message}") from None
-    out = Scaffold()
-    _write(schema, "", out, encode, budget)
-    return out
 
 
 def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[int]], budget: Budget) -> None:
@@ -149,7 +158,14 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
         texts = [str(v) for v in values]
         automaton("enum:" + json.dumps(texts), literals(texts), max(len(encode(t)) for t in texts) + 1)
     elif kind in ("integer", "number"):
-        automaton(kind, INTEGER if kind == "integer" else NUMBER, budget.number_tokens)
+        low, high = _integer_bounds(schema)
+        empty = low is not None and high is not None and low > high
+        if empty and kind == "integer":
+            raise SchemaError(f"schema at {where}: no integer lies between its minimum and maximum")
+        if (low, high) == (None, None) or empty:  # a number range with no integer in it, e.g. [0.2, 0.8]: checked after
+            automaton(kind, INTEGER if kind == "integer" else NUMBER, budget.number_tokens)
+        else:
+            automaton(f"{kind}:{low}:{high}", number_range(low, high, fraction=kind == "number"), budget.number_tokens)
     elif kind == "boolean":
         automaton("boolean", literals(["true", "false"]), max(len(encode("false")), len(encode("true"))) + 1)
     elif kind == "null":
@@ -159,13 +175,21 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
                           "string, integer, number, boolean, null (or enum / const)")
 
 
+def _integer_bounds(schema: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The smallest and largest integers the bounds allow (None: unbounded); for numbers, the integer parts
+    written (a number is written as an integer I or I.ddd with [I, I + 1) inside the bounds)."""
+    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
+    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
+    if "exclusiveMinimum" in schema:
+        lows.append(math.floor(schema["exclusiveMinimum"]) + 1)
+    if "exclusiveMaximum" in schema:
+        highs.append(math.ceil(schema["exclusiveMaximum"]) - 1)
+    return max(lows, default=None), min(highs, default=None)
+
+
 def _small_range(schema: Mapping[str, Any]) -> range | None:
-    low, high = schema.get("minimum"), schema.get("maximum")
-    if isinstance(schema.get("exclusiveMinimum"), int):
-        low = schema["exclusiveMinimum"] + 1 if low is None else max(low, schema["exclusiveMinimum"] + 1)
-    if isinstance(schema.get("exclusiveMaximum"), int):
-        high = schema["exclusiveMaximum"] - 1 if high is None else min(high, schema["exclusiveMaximum"] - 1)
-    if isinstance(low, int) and isinstance(high, int) and 0 <= high - low < SMALL_RANGE:
+    low, high = _integer_bounds(schema)
+    if low is not None and high is not None and 0 <= high - low < SMALL_RANGE:
         return range(low, high + 1)
     return None
 
@@ -261,7 +285,9 @@ def generate_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], *, seed
         *_, result = lm.generate_steps([prompt], size, seed + attempt, fixed=torch.tensor([fixed], device=device),
                                        constrain=constrain, **sampling)
         passes += int(result.forward_passes[0])
-        log_probs = torch.cat([last[i] for i in sorted(last)])[:size].float().log_softmax(dim=-1)
+        # a canvas with nothing free was committed without a decoder pass: its positions are all pinned
+        spans = [last.get(i, allowed.new_zeros(canvas, vocab, dtype=torch.float)) for i in range(-(-size // canvas))]
+        log_probs = torch.cat(spans)[:size].float().log_softmax(dim=-1)
         # values pinned from an earlier round stay as they were; the others take their best grammatical filling
         tokens = [f if f >= 0 else t for f, t in zip(fixed, fill(layout, grammars, log_probs), strict=True)]
         text = tokenizer.decode(tokens)

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from canvaslm.engine.batching import Draft, Engine, EngineDead, Finished, QueueFull, Tokens
 from canvaslm.engine.batching import Request as EngineRequest
 from canvaslm.engine.lm import LM
-from canvaslm.engine.structured import SchemaError, StructuredOutputError, generate_json
+from canvaslm.engine.structured import SchemaError, StructuredOutputError
 from canvaslm.errors import CanvasError
 from canvaslm.server.metrics import Metrics
 from canvaslm.server.protocol import ChatRequest, CompletionRequest, Sampling
@@ -299,9 +299,6 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
                                  chat: bool) -> Any:
         """response_format json_schema / json_object: each choice is written by `structured_answer` in a worker
         thread (these requests do not join the continuous batch), then sent whole."""
-        if lm.kind != "diffusion" and body.response_format.type == "json_schema":  # type: ignore[union-attr]
-            raise APIError(400, "response_format json_schema needs a diffusion model (the schema's skeleton is laid "
-                           "out on the canvas)", param="response_format")
         try:
             texts = [await asyncio.to_thread(structured_answer, lm, body, prompt, max_tokens,
                                              None if body.seed is None else body.seed + i) for i in range(body.n)]
@@ -376,13 +373,13 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
 
 def structured_answer(lm: LM, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
                       seed: int | None) -> str:
-    """One JSON answer: json_schema through the schema canvas (validates, or StructuredOutputError); json_object
+    """One JSON answer: json_schema through `LM.generate_json` (validates, or StructuredOutputError); json_object
     as ordinary text that must parse as a JSON object, tried with 3 seeds, else StructuredOutputError."""
     fmt = body.response_format
     sampling = body.sampling(lm.kind == "diffusion")
     schema = fmt.target_schema()  # type: ignore[union-attr]
     if schema is not None:
-        return generate_json(lm, prompt, schema, seed=seed, **sampling).text
+        return lm.generate_json(prompt, schema, max_tokens, seed, **sampling).text
     for attempt in range(3):
         out = lm.generate([prompt], max_tokens, None if seed is None else seed + 1000 * attempt, **sampling)
         text = lm.tokenizer.decode(lm.decode_new(out.sequences[0], len(prompt))[0][:max_tokens]).strip()  # type: ignore[union-attr]

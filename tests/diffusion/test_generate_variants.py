@@ -79,6 +79,19 @@ def test_fixed_tokens_sit_in_every_canvas_step_and_the_result(acceptance):
     assert events[-1].sequences[0, 2:].tolist() == [3, 8, 5, 6, 7, 4, 5, 6]
 
 
+def test_a_canvas_with_nothing_free_costs_no_decoder_pass():
+    """An infill whose suffix fills the second canvas and part of the third: only the first is denoised; the
+    suffix is committed as given (positions past max_new_tokens are not generated)."""
+    model = Stub()
+    fixed = torch.tensor([[-1, -1, 9, 9, 7, 8, 7, 8, 6, 6]])
+    events = list(generate_steps(model, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), 10,
+                                 DiffusionSampling(), [], None, torch.Generator().manual_seed(0), fixed=fixed))
+    result = events[-1]
+    assert {e.canvas for e in events if isinstance(e, DenoisingStep)} == {0}
+    assert int(result.forward_passes[0]) == len(model.seen)
+    assert result.sequences[0, 4:12].tolist() == [9, 9, 7, 8, 7, 8, 6, 6]
+
+
 def test_without_fixed_tokens_the_loop_is_unchanged():
     torch.manual_seed(0)
     free = torch.full((1, CANVAS), -1)

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from canvaslm.diffusion.grammar import INTEGER, NUMBER, STRING, TokenGrammar, bounded_string, literals, token_texts
+from canvaslm.diffusion.grammar import (INTEGER, NUMBER, STRING, TokenGrammar, bounded_string, literals, number_range,
+                                      token_texts)
 
 TEXTS = ['"', "a", "b", " ", "1", "0", "-", ".", 'ab"', '"x', "12", None, "\\", 'a" ', "tr", "ue", "true"]
 
@@ -78,3 +79,52 @@ def test_token_texts_keep_leading_spaces_and_drop_specials():
     vocab = {0: "<s>", 1: "x", 2: " y", 3: "\ufffd"}
     decode = lambda ids: "".join("" if vocab[i] == "<s>" else vocab[i] for i in ids)  # noqa: E731
     assert token_texts(decode, 4, anchor=1) == [None, "x", " y", None]
+
+
+def _accepts(automaton, text: str) -> bool:
+    state = automaton.start
+    for char in text:
+        state = automaton.step(state, char)
+        if state < 0:
+            return False
+    return state in automaton.accepting
+
+
+@pytest.mark.parametrize("low, high", [(0, 120), (18, 99), (1900, 2030), (-15, 7), (-300, -20), (5, None),
+                                       (None, 42), (None, None), (0, 0), (100, 1000)])
+@pytest.mark.parametrize("fraction", [False, True])
+def test_number_range_accepts_exactly_the_integers_in_range(low, high, fraction):
+    automaton = number_range(low, high, fraction=fraction)
+    for value in range(-1100, 2200):
+        inside = (low is None or value >= low) and (high is None or value <= high)
+        assert _accepts(automaton, str(value)) == inside, value
+        assert _accepts(automaton, f"{value}  ") == inside  # filler after the value
+    for text in ("00", "-0", "01", "1-", "--1", "", "-", "1.", ".5", "1e3"):
+        assert not _accepts(automaton, text), text
+
+
+@pytest.mark.parametrize("low, high", [(0, 10), (-3, 2), (1, None), (None, -2), (0, 1), (5, 5)])
+def test_number_range_fractions_are_always_inside_the_range(low, high):
+    automaton = number_range(low, high, fraction=True)
+    accepted = 0
+    for whole in range(-20, 20):
+        for text in (f"{whole}.5", f"{whole}.05", f"{whole}.999"):
+            if _accepts(automaton, text):
+                accepted += 1
+                value = float(text)
+                assert (low is None or value >= low) and (high is None or value <= high), text
+    # [I, I + 1) inside the range is allowed: e.g. 0.5 for [0, 10], -2.5 for [-3, 2]
+    assert accepted > 0 or high == low
+    assert not _accepts(number_range(0, 10), "0.5")  # integers only without `fraction`
+
+
+def test_number_range_lifts_over_tokens_and_projects_a_value_in_range():
+    texts = [str(d) for d in range(10)] + ["-", ".", " ", "12", "99", "a", None]
+    grammar = TokenGrammar.lift(number_range(18, 99), texts)
+    assert grammar.fits(3)
+    log_probs = torch.full((3, len(texts)), -10.0)
+    log_probs[0, 1] = 0.0  # the model wants "1" then "2" (12, below the minimum)
+    log_probs[1, 2] = 0.0
+    tokens = grammar.project(log_probs)
+    value = int("".join(texts[t] for t in tokens).strip())
+    assert 18 <= value <= 99

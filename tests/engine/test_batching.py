@@ -150,6 +150,11 @@ def test_infill_holds_the_suffix_fixed_after_the_middle(lm):
         drafts = [e for e in events if isinstance(e, Draft)]
         assert drafts and all(d.ids[5:8] == [50, 51, 52] for d in drafts if d.canvas == 0)
         assert len(tokens) <= 5 and finished.reason in ("stop", "length")
+        # the same draws as generate_steps with the suffix pinned (`fixed`), so the same middle
+        *_, out = lm.generate_steps([PROMPTS[0]], 10, 0, fixed=torch.tensor([[-1] * 5 + [50, 51, 52, 53, 54]]),
+                                    max_denoising_steps=6)
+        expected, _ = lm.decode_new(out.sequences[0], len(PROMPTS[0]))
+        assert tokens == expected[:5]
         with pytest.raises(canvaslm.errors.GenerationError, match="maximum context length"):
             engine.submit(Request(prompt=PROMPTS[0], max_new_tokens=500, emit=queue.Queue().put, suffix=[5] * 20))
     finally:

@@ -11,8 +11,6 @@ import pytest
 
 import canvaslm
 from canvaslm.engine.structured import Budget, SchemaError, StructuredOutputError, scaffold
-from canvaslm.errors import UnsupportedError
-from canvaslm.models import llama
 from tests.reference import tiny_smol_diffusion
 
 PERSON = {"type": "object", "properties": {
@@ -74,19 +72,27 @@ def test_answers_always_validate(lm):
 
 
 def test_bounds_are_met_by_re_noising_or_refused_explicitly(lm):
-    """A bound the grammar cannot express (a large range) is checked by jsonschema; a failing value is re-noised
-    and denoised again. With one round and an unsatisfiable bound the answer is an explicit error."""
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10**9}}}
-    with pytest.raises(StructuredOutputError, match=r"/n: .*less than the minimum"):
-        canvaslm.engine.structured.generate_json(lm, [1, 2, 3], schema, seed=0, rounds=2,
-                                                 budget=Budget(number_tokens=2))
+    """A bound the grammar cannot express (no integer inside a number range) is checked by jsonschema; a failing
+    value is re-noised and denoised again, and an unsatisfiable one ends in an explicit error. A value that cannot
+    fit its slot is refused before any denoising."""
+    never = {"type": "object", "properties": {"x": {"type": "number", "exclusiveMinimum": 0.5, "exclusiveMaximum": 0.5}}}
+    with pytest.raises(StructuredOutputError, match=r"no answer satisfied the schema in 2 rounds: /x: "):
+        canvaslm.engine.structured.generate_json(lm, [1, 2, 3], never, seed=0, rounds=2)
+    huge = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10**9}}}
+    with pytest.raises(SchemaError, match=r"/n: the tokenizer cannot write such a value in 2 tokens"):
+        canvaslm.engine.structured.generate_json(lm, [1, 2, 3], huge, seed=0, budget=Budget(number_tokens=2))
     small = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 7}}}
     assert 3 <= json.loads(lm.complete("n:", json_schema=small, seed=0).text)["n"] <= 7  # an enum of 3..7
 
 
-def test_an_autoregressive_model_refuses_a_schema(smol_tokenizer):
-    network = llama.Model(llama.Config.from_hf({"model_type": "llama", "vocab_size": 49152, "hidden_size": 16,
-                                                "intermediate_size": 32, "num_hidden_layers": 1,
-                                                "num_attention_heads": 2, "num_key_value_heads": 1}, "test"))
-    with pytest.raises(UnsupportedError, match="json_schema needs a diffusion model"):
-        canvaslm.LM(network, smol_tokenizer, "ar").complete("x", json_schema=PERSON)
+@pytest.mark.parametrize("seed", range(3))
+def test_wide_ranges_are_enforced_by_the_grammar_in_one_round(lm, seed):
+    schema = {"type": "object", "properties": {
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "year": {"type": "integer", "minimum": 1900, "exclusiveMaximum": 2031},
+        "delta": {"type": "integer", "minimum": -500, "maximum": -100},
+        "price": {"type": "number", "minimum": 0.5, "maximum": 1000}}}
+    answer = canvaslm.engine.structured.generate_json(lm, [1, 2, 3], schema, seed=seed, rounds=1)
+    value = answer.value
+    assert 18 <= value["age"] <= 99 and 1900 <= value["year"] <= 2030 and -500 <= value["delta"] <= -100
+    assert 0.5 <= value["price"] <= 1000 and answer.rounds == 1

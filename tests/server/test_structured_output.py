@@ -55,3 +55,34 @@ def test_bad_schema_is_a_400_naming_the_sub_schema(client):
 def test_json_object_the_model_cannot_write_is_an_explicit_error(client):
     with pytest.raises(openai.UnprocessableEntityError, match="no JSON object in 3 tries"):
         ask(client, response_format={"type": "json_object"}, max_tokens=8, seed=0)
+
+
+BOUNDED = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                            "population": {"type": "integer", "minimum": 0, "maximum": 10**7},
+                                            "capital": {"type": "boolean"}},
+           "required": ["city", "population", "capital"], "additionalProperties": False}
+
+
+def test_an_autoregressive_model_answers_json_schema_through_llguidance(tmp_path):
+    import torch
+
+    import canvaslm
+    from canvaslm.models import llama
+
+    torch.manual_seed(0)
+    network = llama.Model(llama.Config.from_hf({"model_type": "llama", "vocab_size": 49152, "hidden_size": 16,
+                                                "intermediate_size": 32, "num_hidden_layers": 1,
+                                                "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                "max_position_embeddings": 512}, "test"))
+    canvaslm.LM(network.eval(), canvaslm.load("smol-ar").tokenizer, "tiny-ar").save(tmp_path)
+    server = start_server(tmp_path)
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+        fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": BOUNDED}}
+        r = ask(client, response_format=fmt, seed=0, max_tokens=200, temperature=1.0)
+        jsonschema.validate(json.loads(r.choices[0].message.content), BOUNDED)
+        with pytest.raises(openai.UnprocessableEntityError) as failed:  # 3 tokens cannot hold the object
+            ask(client, response_format=fmt, seed=0, max_tokens=3)
+        assert failed.value.code == "structured_output_failed" and "did not finish" in failed.value.message
+    finally:
+        stop_server(server)
