@@ -131,7 +131,8 @@ def guided_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], max_new_t
                           max_new_tokens, temperature, top_k, top_p, generator)
     text = lm._tokenizer().decode(out.token_ids)
     if not out.finished:
-        raise StructuredOutputError(f"the answer did not finish within max_new_tokens={max_new_tokens}: {text!r}")
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        raise StructuredOutputError(f"the answer did not finish within max_new_tokens={max_new_tokens}: {shown!r}")
     value = json.loads(text)
     problems = violations(schema, value)  # llguidance's grammar should make this empty; never return it unchecked
     if problems:

@@ -14,6 +14,7 @@ string or an incomplete UTF-8 character is held back. A client that disconnects 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import time
@@ -374,10 +375,13 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
 def structured_answer(lm: LM, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
                       seed: int | None) -> str:
     """One JSON answer: json_schema through `LM.generate_json` (validates, or StructuredOutputError); json_object
-    as ordinary text that must parse as a JSON object, tried with 3 seeds, else StructuredOutputError."""
+    as ordinary text that must parse as a JSON object, tried with 3 seeds, else StructuredOutputError (an AR model
+    with llguidance installed writes it under the grammar of any JSON object instead)."""
     fmt = body.response_format
     sampling = body.sampling(lm.kind == "diffusion")
     schema = fmt.target_schema()  # type: ignore[union-attr]
+    if schema is None and lm.kind != "diffusion" and importlib.util.find_spec("llguidance") is not None:
+        schema = {"type": "object"}  # json_object on an AR model: any object, under llguidance's grammar
     if schema is not None:
         return lm.generate_json(prompt, schema, max_tokens, seed, **sampling).text
     for attempt in range(3):

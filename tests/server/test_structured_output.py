@@ -81,6 +81,10 @@ def test_an_autoregressive_model_answers_json_schema_through_llguidance(tmp_path
         fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": BOUNDED}}
         r = ask(client, response_format=fmt, seed=0, max_tokens=200, temperature=1.0)
         jsonschema.validate(json.loads(r.choices[0].message.content), BOUNDED)
+        # json_object goes through llguidance too (any object): this random model's key never ends, so it is the
+        # grammar decoder's explicit error, not the 3 unconstrained tries
+        with pytest.raises(openai.UnprocessableEntityError, match="did not finish within max_new_tokens=20"):
+            ask(client, response_format={"type": "json_object"}, seed=1, max_tokens=20)
         with pytest.raises(openai.UnprocessableEntityError) as failed:  # 3 tokens cannot hold the object
             ask(client, response_format=fmt, seed=0, max_tokens=3)
         assert failed.value.code == "structured_output_failed" and "did not finish" in failed.value.message
