@@ -116,22 +116,20 @@ def generate_steps(
         hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
         canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device, mask_id)  # 1.b
-        pins = _pins(fixed, canvas_index, canvas_length)
+        pins = canvas_pins(fixed, canvas_index, canvas_length)
         if pins is not None:
             canvas = torch.where(pins >= 0, pins, canvas)
         draft, sc_logits = canvas, None
         stopped = done.clone() if skip_finished else torch.zeros(batch, dtype=torch.bool, device=device)
+        steps = range(settings.max_denoising_steps, 0, -1)
         region = min(canvas_length, max_new_tokens - canvas_index * canvas_length)
         if pins is not None and bool((pins[:, :region] >= 0).all()):
             # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins, no decoder pass;
             # positions past max_new_tokens are never returned
-            draft = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0)
-            stopped[:] = True
+            draft, steps = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0), range(0)
         history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
         rows, row_cache = None, cache
-        for steps_left in range(settings.max_denoising_steps, 0, -1):                     # 1.c
-            if bool(stopped.all()):
-                break
+        for steps_left in steps:                                                           # 1.c
             forward_passes += ~(stopped | done)
             if skip_finished and bool(stopped.any()):
                 active = (~stopped).nonzero().squeeze(1)
@@ -184,7 +182,7 @@ def generate_steps(
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
 
 
-def _pins(fixed: Tensor | None, canvas_index: int, canvas_length: int) -> Tensor | None:
+def canvas_pins(fixed: Tensor | None, canvas_index: int, canvas_length: int) -> Tensor | None:
     """The part of `fixed` that falls in canvas `canvas_index`, padded with -1 (None when nothing is fixed)."""
     if fixed is None:
         return None

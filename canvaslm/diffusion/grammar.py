@@ -115,7 +115,7 @@ def number_range(low: int | None, high: int | None, fraction: bool = False, max_
         if kind in ("start", "minus") and digit:
             sign = "-" if kind == "minus" else "+"
             if char == "0":
-                return ("zero",) if sign in branches and sign == "+" else None
+                return ("zero",) if sign == "+" and "+" in branches else None
             if sign not in branches:
                 return None
             state = ("digits", sign, 0, 0, 0)

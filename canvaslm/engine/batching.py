@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from canvaslm.diffusion.generate import canvas_pins
 from canvaslm.diffusion.sampling import (accept, carry_over, pin, propose, random_canvas, renoise,
                                          stable_and_confident, temperature_at)
 from canvaslm.engine.ar import sample_next
@@ -280,16 +281,10 @@ class Engine:
     def _suffix_in_canvas(self, seq: _Sequence) -> Tensor | None:
         """Infill: the suffix occupies generated positions max_new_tokens .. + len(suffix); those that fall in the
         current canvas are held fixed there, so the middle is denoised seeing what follows it."""
-        suffix, length = seq.request.suffix, self.lm.network.canvas_length
-        start = seq.canvas_index * length
-        first = seq.request.max_new_tokens
-        inside = [(p - start, t) for p, t in enumerate(suffix, first) if start <= p < start + length]
-        if not inside:
+        if not seq.request.suffix:
             return None
-        pins = torch.full((1, length), -1, dtype=torch.long, device=self.lm.device)
-        for position, token in inside:
-            pins[0, position] = token
-        return pins
+        fixed = torch.tensor([[-1] * seq.request.max_new_tokens + seq.request.suffix], device=self.lm.device)
+        return canvas_pins(fixed, seq.canvas_index, self.lm.network.canvas_length)
 
     def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
         """One denoising step of one sequence from its decoder logits [1, C, V] (the order of random draws is

@@ -41,7 +41,8 @@ class GuidedResult:
     finished: bool         # the grammar reached its end (the answer is complete)
 
 
-def _llguidance() -> Any:
+def require_llguidance() -> Any:
+    """The llguidance module, or UnsupportedError saying how to install it."""
     try:
         import llguidance
     except ImportError:
@@ -53,7 +54,7 @@ def _llguidance() -> Any:
 def llg_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
     """llguidance's view of a canvaslm `Tokenizer` (its `tokenizers` JSON), padded to the network's vocabulary;
     built once per tokenizer."""
-    llguidance = _llguidance()
+    llguidance = require_llguidance()
     if tokenizer not in _TOKENIZERS:
         _TOKENIZERS[tokenizer] = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
                                                         eos_token=tokenizer.eos_token_ids)
@@ -63,7 +64,7 @@ def llg_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
 def json_grammar(schema: Mapping[str, Any]) -> str:
     """llguidance's grammar for JSON validating against `schema` (compact: no free whitespace); SchemaError
     when the schema is invalid or llguidance cannot compile it."""
-    llguidance = _llguidance()
+    llguidance = require_llguidance()
     check_schema(schema)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
         json.dumps(schema), overrides={"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"})
@@ -74,7 +75,7 @@ def json_grammar(schema: Mapping[str, Any]) -> str:
 
 
 def regex_grammar(pattern: str) -> str:
-    return _llguidance().LLMatcher.grammar_from_regex(pattern)
+    return require_llguidance().LLMatcher.grammar_from_regex(pattern)
 
 
 def _allowed(matcher: Any, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -88,7 +89,7 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
                     generator: torch.Generator | None = None) -> GuidedResult:
     """Decode after `prompt_ids` with every token restricted to `grammar` (from `json_grammar` or
     `regex_grammar`), up to `max_new_tokens` tokens."""
-    llguidance = _llguidance()
+    llguidance = require_llguidance()
     matcher = llguidance.LLMatcher(llg_tok, grammar, log_level=0)
     if matcher.is_error():
         raise GuidedDecodingError(f"llguidance refused the grammar: {matcher.get_error()}")

@@ -23,6 +23,7 @@ import json
 import random
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from canvaslm.engine.guided import GuidedDecodingError, guided_generate, json_grammar, llg_tokenizer, regex_grammar
+from canvaslm.engine.guided import (GuidedDecodingError, guided_generate, json_grammar, llg_tokenizer,
+                                    regex_grammar, require_llguidance)
 from canvaslm.engine.lm import LM
 from canvaslm.engine.structured import StructuredOutputError, generate_json, violations
 
@@ -137,9 +139,7 @@ def infill_tasks(n: int, seed: int = 0, max_lines: int = 30) -> list[InfillTask]
 
 
 def _parses(code: str) -> bool:
-    """Whether `code` (a slice of a function: maybe indented, maybe cut before its end) is valid Python."""
-    import textwrap
-
+    """Whether `code` (a function, maybe a method's indented source) is valid Python."""
     body = textwrap.dedent(code)
     try:
         ast.parse(body if not body.startswith((" ", "\t")) else "if True:\n" + textwrap.indent(body, " "))
@@ -235,6 +235,7 @@ def _infill_row(task: InfillTask, middle: str, tokens: int, passes: int, seconds
 def bench_structured(source: str, lm: LM, schema_count: int, infill_count: int, canvas: int, seed: int,
                      sampling: dict[str, Any]) -> dict[str, Any]:
     """Both task sets on `lm`'s weights: the diffusion scaffold / infill vs llguidance-constrained AR decoding."""
+    version = require_llguidance().__version__  # UnsupportedError, saying how to install it, before any work
     ar = lm
     if lm.kind != "diffusion":
         diffusion = LM(copy.deepcopy(lm.network).to_diffusion(canvas), lm.tokenizer, source)
@@ -243,8 +244,7 @@ def bench_structured(source: str, lm: LM, schema_count: int, infill_count: int, 
     report: dict[str, Any] = {"model": source, "diffusion_trained": lm.kind == "diffusion",
                               "canvas_length": diffusion.network.canvas_length, "seed": seed,
                               "sampling": sampling, "python": sys.version.split()[0],
-                              "ar_decoder": "llguidance " + importlib.import_module("llguidance").__version__
-                              + " (bitmask + fast-forward), greedy"}
+                              "ar_decoder": f"llguidance {version} (bitmask + fast-forward), greedy"}
     with Progress() as progress, torch.inference_mode():
         if schema_count:
             report["schema"] = run_schema(diffusion, ar, schema_tasks(schema_count, seed), seed, sampling, progress)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 import textwrap
 
 import jsonschema
+import pytest
 
 from canvaslm.engine.structured import scaffold
+from canvaslm.errors import UnsupportedError
 from canvaslm.tasks.structured import _parses, bench_structured, infill_tasks, plot_structured, schema_tasks
 from tests.reference import tiny_smol_diffusion
 
@@ -50,3 +53,9 @@ def test_bench_structured_reports_both_decoders_on_both_task_sets(tmp_path):
     for row in report["schema"]["diffusion"]["rows"]:
         assert row["valid"] and json.loads(row["text"])
     assert plot_structured(report, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_bench_structured_without_llguidance_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(UnsupportedError, match="pip install llguidance"):
+        bench_structured("tiny", tiny_smol_diffusion(16, layers=1), 1, 1, canvas=16, seed=0, sampling={})
