@@ -26,7 +26,6 @@ Each number is the median of `--repeats` timed runs after one warm-up run.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -60,8 +59,11 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, progress: Progress, lab
 
 
 def machine() -> dict[str, Any]:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-            platform.machine(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    from canvaslm.hardware import cpu_name, describe
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "bf16_flags": describe()["bf16_flags"],
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def bench_ar(lm: LM, new_tokens: int, repeats: int, reference: bool) -> dict[str, Any]:
@@ -377,6 +379,10 @@ def main(args) -> int:
 
     if args.what == "serve":
         return _serve(args)
+    if args.what == "train":
+        from canvaslm.train.speed import main as bench_train
+
+        return bench_train(args)
     lm = load(args.model, device=args.device)
     report: dict[str, Any] = {"model": args.model, "kind": lm.kind, "machine": machine()}
     if args.what in ("ar", "all"):
@@ -430,7 +436,7 @@ def _serve(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
     p.add_argument("what", nargs="?", default="compare",
-                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured"],
+                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train"],
                    help="which benchmark (default compare)")
     from canvaslm.cli import threads_arg
 
@@ -440,7 +446,7 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
     p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes; prompt, structured: the last one")
     p.add_argument("--batch-sizes", default="1,8,64", help="generate: comma-separated batch sizes")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt: prompt length")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt, train: prompt length")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
     p.add_argument("--out", default=None, help="also write the JSON to this file (serve: and a PNG beside it)")
@@ -451,3 +457,9 @@ def add_parser(sub) -> None:
     p.add_argument("--schema-tasks", type=int, default=50, help="structured: JSON-schema tasks")
     p.add_argument("--infill-tasks", type=int, default=50, help="structured: code-infill tasks (Python stdlib)")
     p.add_argument("--seed", type=int, default=0, help="structured: task set and sampling seed")
+    p.add_argument("--steps", type=int, default=4, help="train: timed optimizer steps per path")
+    p.add_argument("--warmup", type=int, default=1, help="train: untimed optimizer steps first")
+    p.add_argument("--batch-size", type=int, default=8, help="train: examples per step")
+    p.add_argument("--train-canvas", type=int, default=16, help="train: canvas length the model is converted to")
+    p.add_argument("--response-tokens", type=int, default=128, help="train: response tokens per example")
+    p.add_argument("--lora-rank", type=int, default=64, help="train: LoRA rank")

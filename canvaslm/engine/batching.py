@@ -106,6 +106,8 @@ class _Sequence:
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
     fixed: Tensor | None = None  # [1, C] the suffix's tokens inside this canvas, -1 elsewhere (`pin`)
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
+    before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
+                                    # the prediction of the canvas's first token
 
 
 class Engine:
@@ -113,8 +115,6 @@ class Engine:
 
     def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
                  on_step: Callable[[int, float], None] | None = None) -> None:
-        if lm.kind == "diffusion" and getattr(lm.network, "canvas_shift", False):
-            raise UnsupportedError("serving models trained with the shift trick is not supported yet")
         self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
         self.on_step = on_step          # (batch size, seconds) after every forward pass, for metrics
         self._waiting: deque[Request] = deque()
@@ -228,6 +228,7 @@ class Engine:
         valid = torch.ones_like(prompt, dtype=torch.bool)
         hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
         if lm.kind == "diffusion":
+            self._keep_before(seq, hidden)
             self._new_canvas(seq)
         else:
             seq.next_logits, seq.passes = lm.network.logits(hidden[:, -1]), 1
@@ -257,7 +258,15 @@ class Engine:
         logits = self._timed(len(rows), lambda: self.lm.network.decode(canvases, cache, sc,
                                                                        None if bool(with_sc.all()) else with_sc))
         for i, seq in enumerate(list(rows)):
-            self._denoise(seq, logits[i:i + 1])
+            row = logits[i:i + 1]
+            if seq.before is not None:  # as generate_steps: canvas token i is read from output i - 1
+                row = torch.cat([seq.before, row[:, :-1]], dim=1)
+            self._denoise(seq, row)
+
+    def _keep_before(self, seq: _Sequence, hidden: Tensor) -> None:
+        """Shift-trained models predict a canvas's first token from the last encoded position."""
+        if getattr(self.lm.network, "canvas_shift", False):
+            seq.before = self.lm.network.logits(hidden[:, -1:])
 
     def _batch_cache(self) -> KVCache:
         """The stacked cache of the running sequences, rebuilt only when one joined, left or committed."""
@@ -345,7 +354,8 @@ class Engine:
         if self._emit_tokens(seq, tokens[seq.pinned:]):
             return
         committed = seq.draft
-        self.lm.network.encode(committed, seq.cache, torch.ones_like(committed, dtype=torch.bool))
+        hidden = self.lm.network.encode(committed, seq.cache, torch.ones_like(committed, dtype=torch.bool))
+        self._keep_before(seq, hidden)
         seq.canvas_index += 1
         self._new_canvas(seq)
 

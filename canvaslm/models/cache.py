@@ -154,9 +154,19 @@ def decoder_mask(cache: KVCache, layer: int, canvas_length: int) -> Tensor | Non
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """Grouped-query attention. q [B, H, n, D], k/v [B, Hkv, T, D], boolean mask [B, 1, n, T] -> [B, n, H*D]."""
-    groups = q.shape[1] // k.shape[1]
+    batch, heads, n, dim = q.shape
+    groups = heads // k.shape[1]
+    if n == 1:
+        # one query (an AR step): plain matmuls over the grouped heads, no repeated k/v. torch's CPU flash kernel
+        # costs 5-7x more here in bfloat16 (4.9 vs 0.7 ms for 64 rows x 60 keys on a 2-core EPYC)
+        grouped = q.view(batch, k.shape[1], groups, dim)                       # [B, Hkv, G, D]
+        scores = (grouped @ k.transpose(-1, -2)).float() * scale               # [B, Hkv, G, T]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))
+        out = scores.softmax(dim=-1).to(v.dtype) @ v                          # [B, Hkv, G, D]
+        return out.reshape(batch, 1, heads * dim)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    return out.transpose(1, 2).reshape(batch, n, -1)

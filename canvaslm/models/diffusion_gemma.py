@@ -457,11 +457,13 @@ class Model(nn.Module):
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,
-                                self_conditioning_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                self_conditioning_rows: Tensor | None = None,
+                                hidden_states: bool = False) -> tuple[Tensor, Tensor]:
         """Training forward: one causal pass over the clean sequence, then one decoder pass over all its canvases.
 
+        `hidden_states` returns the final-normed hidden states (to `logits` later) instead of logits.
         input_ids, valid [B, S]: left-padded prompt (P = prompt_length) then R = K * canvas_length response
-        positions; noised [B, R]: the corrupted response. self_conditioning_logits [B, R, V] (None: no signal)
+        positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass). self_conditioning_logits [B, R, V] (None: no signal)
         is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
         Returns float32 softcapped (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal
         `decode` of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why."""
@@ -480,6 +482,10 @@ class Model(nn.Module):
 
         masks = {w: causal_mask(valid, w) for w in set(windows)}
         hidden = self._stack(F.embedding(input_ids, weight) * scale, self.new_cache(batch), keep, masks, encoder=True)
+        copies = noised.shape[0] // batch
+        if copies > 1:  # several corrupted copies of each row read the one encoder pass
+            encoder_kv = [(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1)) for k, v in encoder_kv]
+            valid, batch = valid.repeat(copies, 1), batch * copies
         # 2. decoder (decoder scalars): every canvas at once, reading [clean keys ; canvas keys]
         x = F.embedding(noised, weight) * scale
         soft = None
@@ -497,7 +503,8 @@ class Model(nn.Module):
         after_prompt = self.new_cache(batch)
         after_prompt.commit(valid[:, :prompt_length])
         masks = {w: block_diffusion_mask(valid, prompt_length, self.canvas_length, w) for w in set(windows)}
-        return self.logits(hidden), self.logits(self._stack(x, after_prompt, read, masks, encoder=False))
+        canvas = self._stack(x, after_prompt, read, masks, encoder=False)
+        return (hidden, canvas) if hidden_states else (self.logits(hidden), self.logits(canvas))
 
     def _stack(self, x: Tensor, cache: KVCache, kv: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]],
                masks: dict[int | None, Tensor | None], encoder: bool) -> Tensor:

@@ -11,6 +11,7 @@ Module names mirror transformers' LlamaForCausalLM without the `model.` prefix, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
+from canvaslm.models.lora import set_canvas_pass
 from canvaslm.train.masks import block_diffusion_mask, causal_mask, check_training_inputs
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -69,6 +71,7 @@ class Config:
     canvas_length: int | None = None  # None: plain AR model; set: block-diffusion mode
     canvas_shift: bool = False        # trained with the shift trick: canvas token i read from output i - 1
     mask_token_id: int | None = None  # absorbing-state (masked) diffusion: noise is this token, not uniform
+    canvas_adapters: bool = False     # LoRA adapters act in the canvas pass only: the causal pass is the AR parent
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], path: object) -> Config:
@@ -129,6 +132,7 @@ class Config:
             canvas_length=canvas_length,
             canvas_shift=get("canvas_shift", bool, False),
             mask_token_id=get("mask_token_id", int, None),
+            canvas_adapters=get("canvas_adapters", bool, False),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -155,6 +159,7 @@ class Config:
             d["canvas_length"] = self.canvas_length
             d.update({"canvas_shift": True} if self.canvas_shift else {})
             d.update({} if self.mask_token_id is None else {"mask_token_id": self.mask_token_id})
+            d.update({"canvas_adapters": True} if self.canvas_adapters else {})
         return d
 
     def windows(self) -> list[int | None]:
@@ -374,6 +379,7 @@ class Model(nn.Module):
     def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor:
         """Causal pass over input_ids [B, n] (left-padded; valid [B, n] marks real tokens) that appends them to
         the cache. Returns the final-normed hidden states [B, n, H]."""
+        self._pass(canvas=False)
         x = self.embed_tokens(input_ids)
         rope = self._rope(cache.positions(input_ids.shape[1]), x.dtype)
         masks: dict[int | None, Tensor] = {}  # the mask depends only on the layer's window
@@ -397,6 +403,7 @@ class Model(nn.Module):
         the rows where self_conditioning_rows [B] is True when that is given. Returns float32 logits [B, C, V]."""
         if self.self_conditioning is None:
             raise GenerationError("decode needs a diffusion model; call to_diffusion(canvas_length) first")
+        self._pass(canvas=True)
         x = self.embed_tokens(canvas_ids)
         if self_conditioning_logits is not None:
             # None means an all-zero signal; skipping it is exact (RMSNorm(0) = 0 and the block has no biases)
@@ -412,26 +419,37 @@ class Model(nn.Module):
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,
-                                self_conditioning_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                self_conditioning_rows: Tensor | None = None,
+                                hidden_states: bool = False) -> tuple[Tensor, Tensor]:
         """Training forward: one causal pass over the clean sequence, then one decoder pass over all its canvases.
 
         input_ids, valid [B, S]: left-padded prompt (P = prompt_length) then R = K * canvas_length response
-        positions; noised [B, R]: the corrupted response. self_conditioning_logits [B, R, V] (None: no signal)
+        positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass). self_conditioning_logits [B, R, V] (None: no signal)
         is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
         Returns float32 (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal `decode`
-        of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why."""
+        of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why.
+        `hidden_states` returns the final-normed hidden states [B, S, H], [B, R, H] instead of logits (a loss
+        that scores a few positions computes their logits alone). With canvas-only adapters the causal pass is
+        the frozen parent: it runs without autograd."""
         if self.self_conditioning is None:
             raise GenerationError("forward_block_diffusion needs a diffusion model; call to_diffusion first")
         batch, seq = check_training_inputs(input_ids, noised, prompt_length)
         valid, windows = valid.bool(), self.config.windows()
         # 1. encoder: a window-less cache keeps every key for the decoder; the masks do the windowing
         cache = KVCache([None] * len(windows), batch, input_ids.device)
-        x = self.embed_tokens(input_ids)
-        rope = self._rope(torch.arange(seq, device=x.device), x.dtype)
-        masks = {w: causal_mask(valid, w) for w in set(windows)}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, masks[windows[i]], write=True)
-        cache.commit(valid)
+        self._pass(canvas=False)
+        with torch.no_grad() if self.config.canvas_adapters else contextlib.nullcontext():
+            x = self.embed_tokens(input_ids)
+            rope = self._rope(torch.arange(seq, device=x.device), x.dtype)
+            masks = {w: causal_mask(valid, w) for w in set(windows)}
+            for i, layer in enumerate(self.layers):
+                x = layer(x, rope, cache, masks[windows[i]], write=True)
+            cache.commit(valid)
+        copies = noised.shape[0] // batch
+        if copies > 1:  # several corrupted copies of each row read the one encoder pass
+            cache.select(torch.arange(batch, device=valid.device).repeat(copies))
+            valid = valid.repeat(copies, 1)
+        self._pass(canvas=True)
         # 2. decoder: every canvas at once, at positions P + arange(R), reading [clean keys ; canvas keys]
         y = self.embed_tokens(noised)
         if self_conditioning_logits is not None:
@@ -444,7 +462,14 @@ class Model(nn.Module):
         masks = {w: block_diffusion_mask(valid, prompt_length, self.config.canvas_length, w) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             y = layer(y, rope, cache, masks[windows[i]], write=False)
+        if hidden_states:
+            return self.norm(x), self.norm(y)
         return self.logits(self.norm(x)), self.logits(self.norm(y))
+
+    def _pass(self, canvas: bool) -> None:
+        """With canvas-only adapters, switch them on for the canvas pass and off for the causal pass."""
+        if self.config.canvas_adapters:
+            set_canvas_pass(self, canvas)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden [B, n, H] -> float32 logits [B, n, V]."""

@@ -81,6 +81,10 @@ class LoraConfig:
     dropout: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a value in [0, 1)"))
     targets: str | list[str] = "all-linear"      # "all-linear" (every nn.Linear but lm_head) or module-name suffixes
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full (e.g. a new head)
+    # "all": the adapters act everywhere; "canvas": only in the canvas pass of a block-diffusion model, whose causal
+    # pass stays the AR parent (no backward through it; the model still decodes autoregressively as the parent)
+    scope: str = field(default="all", metadata={"choices": ("all", "canvas")})
+    init: str | None = None                      # an adapter folder (PEFT layout) to start from, e.g. a shipped asset's
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ class RunConfig:
     out_dir: str
     seed: int = 0
     device: str = "auto"                         # auto (cuda when available) | cpu | cuda | cuda:N
-    bf16: bool = True                            # bfloat16 autocast on CUDA; CPU always computes in float32
+    # bfloat16 autocast: "auto" where it is fast (CUDA; CPUs with AMX or AVX-512 BF16), true always, false never
+    bf16: bool | str = field(default="auto", metadata=_check(lambda v: v in (True, False, "auto"),
+                                                             'true, false or "auto"'))
     compile: bool = False                        # torch.compile the model
     save_every: int = field(default=0, metadata=NON_NEGATIVE)  # steps between checkpoints; 0 = only at the end
     eval_every: int = field(default=0, metadata=NON_NEGATIVE)  # steps between evaluations; 0 = only at the end

@@ -15,6 +15,8 @@ trainer cuts responses into canvases itself, so an example is exactly a prompt a
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import difflib
 import glob
 import hashlib
@@ -52,6 +54,7 @@ FORMAT = "canvaslm-examples"
 FORMAT_VERSION = 1
 TOKENS_FILE, INDEX_FILE, MANIFEST_FILE = "tokens.bin", "index.npy", "manifest.json"
 TOKEN_DTYPE = np.dtype("<u4")
+PART_PREFIX = "part-"
 
 Example = tuple[list[int], list[int]]
 """(prompt ids, response ids)"""
@@ -118,6 +121,60 @@ class Shards(Sequence[tuple[np.ndarray, np.ndarray]]):
 
     def __repr__(self) -> str:
         return f"Shards({str(self.path)!r}, examples={len(self)}, tokens={len(self.tokens)})"
+
+
+class PartedShards(Sequence[tuple[np.ndarray, np.ndarray]]):
+    """The finished parts of a `build_parts` directory read as one dataset, in part order. `refresh()` picks up
+    parts finished since (a trainer reading data that is still being built); example i stays example i."""
+
+    def __init__(self, path: str | os.PathLike[str], tokenizer: Tokenizer | None = None) -> None:
+        self.path, self.tokenizer = Path(path), tokenizer
+        self.parts: list[Shards] = []
+        self._ends: list[int] = []
+        self.refresh()
+        if not self.parts:
+            raise CanvasError(f"{self.path}: no finished part (no {PART_PREFIX}*/{MANIFEST_FILE}) yet")
+
+    def refresh(self) -> int:
+        """Open parts finished since the last call (only those after the last open one); returns how many."""
+        known = {p.path.name for p in self.parts}
+        found = sorted(d for d in self.path.glob(f"{PART_PREFIX}*") if d.name not in known and _is_data_dir(d))
+        found = [d for d in found if not self.parts or d.name > self.parts[-1].path.name]
+        for directory in found:
+            part = Shards(directory, self.tokenizer)
+            if self.parts and part.manifest["tokenizer"]["vocab_sha256"] != self.manifest["tokenizer"]["vocab_sha256"]:
+                raise CanvasError(f"{directory}: built with another tokenizer than {self.parts[0].path}")
+            self.parts.append(part)
+            self._ends.append((self._ends[-1] if self._ends else 0) + len(part))
+        return len(found)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The first part's manifest (tokenizer, format) with the totals of all open parts."""
+        totals = {k: sum(p.manifest[k] for p in self.parts)
+                  for k in ("examples", "tokens", "prompt_tokens", "response_tokens")}
+        return {**self.parts[0].manifest, **totals, "parts": [p.path.name for p in self.parts]}
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} out of range for {len(self)} examples in {self.path}")
+        i %= len(self)
+        k = bisect.bisect_right(self._ends, i)
+        return self.parts[k][i - (self._ends[k - 1] if k else 0)]
+
+    def __repr__(self) -> str:
+        return f"PartedShards({str(self.path)!r}, parts={len(self.parts)}, examples={len(self)})"
+
+
+def open_shards(path: str | os.PathLike[str], tokenizer: Tokenizer | None = None) -> Shards | PartedShards:
+    """A data directory, or a directory of parts (`build_parts`), for reading."""
+    path = Path(path)
+    if path.is_dir() and not (path / MANIFEST_FILE).exists() and any(path.glob(f"{PART_PREFIX}*")):
+        return PartedShards(path, tokenizer)
+    return Shards(path, tokenizer)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -190,7 +247,7 @@ def _chat_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) ->
 
 def magpie(lm: LM, n: int, max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0,
            temperature: float = 1.0, top_p: float = 0.95, *, answer_temperature: float | None = 0.7,
-           max_question_tokens: int = 64, system: str | None = None, keep_truncated: bool = False,
+           answer_top_p: float | None = None, max_question_tokens: int = 64, system: str | None = None, keep_truncated: bool = False,
            max_attempts: int | None = None, stats: Counter[str] | None = None,
            progress: Progress | None = None) -> Iterator[Example]:
     """Magpie self-instruct (Xu et al. 2024): the AR teacher `lm` continues the chat template's user-turn
@@ -200,7 +257,9 @@ def magpie(lm: LM, n: int, max_new_tokens: int = 256, batch_size: int = 8, seed:
     end-of-turn id. An answer cut by `max_new_tokens` is dropped, or with `keep_truncated` kept without the
     end-of-turn id (a true prefix, so no training target claims the answer ended there). Empty, too short,
     repetitive, truncated and repeated questions and answers are dropped and counted in `stats`; after
-    `max_attempts` questions (default 4n) it stops with what it has. `answer_temperature` None = `temperature`.
+    `max_attempts` questions (default 4n) it stops with what it has. `answer_temperature` None = `temperature`,
+    `answer_top_p` None = `top_p` (answers at temperature 1 and top_p 1 are samples of the teacher's own
+    distribution: what a student distilled from them should match).
     """
     if lm.kind != "autoregressive":
         raise CanvasError(f"magpie needs an autoregressive teacher; {lm.source} is a {lm.kind} model")
@@ -236,7 +295,8 @@ def magpie(lm: LM, n: int, max_new_tokens: int = 256, batch_size: int = 8, seed:
             continue
         prompts = [_chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
         answers = _sample(lm, prompts, max_new_tokens, temperature if answer_temperature is None
-                          else answer_temperature, top_p, generator, progress, task, "answers")
+                          else answer_temperature, top_p if answer_top_p is None else answer_top_p, generator,
+                          progress, task, "answers")
         for prompt, (ids, stopped) in zip(prompts, answers):  # at most n - made of them
             problem = ("special_token" if special.intersection(ids)
                        else _degenerate(tokenizer.decode(ids).strip(), ids, min_words=1)
@@ -519,6 +579,9 @@ class TokenizerConfig:
     """`[tokenizer]`: the model whose tokenizer encodes everything, and the Magpie teacher."""
     model: str = "smol-ar"
     device: str | None = None
+    dtype: str = "auto"
+    """The teacher's weights: "auto" = bfloat16 where it is fast (CUDA, CPUs with AMX / AVX-512 BF16), else
+    float32; or "float32" / "bfloat16"."""
 
 
 @dataclass
@@ -544,6 +607,7 @@ class MagpieSource:
     temperature: float = 1.0
     top_p: float = 0.95
     answer_temperature: float | None = 0.7
+    answer_top_p: float | None = None
     max_question_tokens: int = 64
     system: str | None = None
     keep_truncated: bool = False
@@ -578,7 +642,7 @@ _SOURCE_KINDS: dict[str, type] = {cls.kind: cls for cls in (MagpieSource, FilesS
 # Numeric options must be >= 0, these >= 1, and these in (0, 1].
 _POSITIVE = {"n", "max_new_tokens", "batch_size", "max_question_tokens", "max_attempts", "context_tokens",
              "response_tokens", "max_examples", "max_file_bytes"}
-_FRACTIONS = {"top_p", "near_dedup_threshold"}
+_FRACTIONS = {"top_p", "answer_top_p", "near_dedup_threshold"}
 
 
 @dataclass
@@ -727,7 +791,7 @@ def build(config: BuildConfig | Mapping[str, Any] | str | os.PathLike[str], out_
                 if not _resolve(p, config.base_dir).is_file():
                     raise CanvasError(f"{_resolve(p, config.base_dir)}: jsonl source file not found")
     if lm is None:
-        lm = canvaslm.load(config.tokenizer.model, device=config.tokenizer.device)
+        lm = load_teacher(config.tokenizer)
     if lm.tokenizer is None:
         raise CanvasError(f"{lm.source}: has no tokenizer; [tokenizer] model must name a model with one")
 
@@ -765,6 +829,54 @@ def build(config: BuildConfig | Mapping[str, Any] | str | os.PathLike[str], out_
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def load_teacher(config: TokenizerConfig) -> LM:
+    """The `[tokenizer]` model, in the dtype its `dtype` asks for on its device."""
+    from canvaslm.hardware import resolve_dtype
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dtype = resolve_dtype(config.dtype, device)
+    except ValueError as exc:
+        raise CanvasError(f"[tokenizer] dtype: {exc}") from None
+    return canvaslm.load(config.model, device=device, dtype=dtype)
+
+
+def build_parts(config: BuildConfig | str | os.PathLike[str], out_dir: str | os.PathLike[str], parts: int, *,
+                first: int = 0, progress: bool = True, lm: LM | None = None) -> list[dict[str, Any]]:
+    """Build data in parts `out_dir/part-<i>` for i = first .. first + parts - 1, each a whole data directory
+    written atomically; part i runs every seeded source with its seed + i (the jsonl sources only in part 0).
+    Parts that already exist are kept, so a build cut off (by the end of a session) resumes where it stopped,
+    losing at most the part in progress; `open_shards(out_dir)` reads all finished parts as one dataset, and a
+    trainer can read them while later parts are still being written. Returns the manifests of the new parts."""
+    if isinstance(config, (str, os.PathLike)):
+        config_path: str | None = str(config)
+        config = load_config(config)
+    else:
+        config_path = None
+    if parts < 1 or first < 0:
+        raise CanvasError(f"--parts must be >= 1 and --first-part >= 0, got {parts} and {first}")
+    out = Path(out_dir)
+    if out.exists() and (_is_data_dir(out) or not out.is_dir()):
+        raise CanvasError(f"{out}: is a single data directory (or a file), not a directory of parts")
+    manifests = []
+    for i in range(first, first + parts):
+        part = out / f"{PART_PREFIX}{i:05d}"
+        if _is_data_dir(part):
+            continue
+        sources = [dataclasses.replace(s, seed=s.seed + i) if getattr(s, "seed", None) is not None else s
+                   for s in config.sources if i == 0 or not isinstance(s, JsonlSource)]
+        if lm is None:
+            lm = load_teacher(config.tokenizer)
+        manifest = build(dataclasses.replace(config, sources=sources), part, overwrite=True, progress=progress,
+                         lm=lm)
+        manifest["build"]["config_path"] = config_path
+        manifest["build"]["part"] = i
+        (part / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+        manifests.append(manifest)
+    return manifests
 
 
 def _is_data_dir(path: Path) -> bool:

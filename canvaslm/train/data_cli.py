@@ -23,6 +23,10 @@ def add_parser(sub: Any) -> None:
     build.add_argument("--out", "-o", required=True, help="data directory to create")
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument("--parts", type=int, default=None, metavar="N",
+                       help="build N parts --out/part-<i> (seeds + i), skipping finished ones: a cut-off build "
+                            "resumes; the trainer reads the finished parts as one dataset")
+    build.add_argument("--first-part", type=int, default=0, metavar="K", help="with --parts: start at part K")
     info = commands.add_parser("info", help="summarize a data directory's manifest")
     info.add_argument("dir", help="data directory")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
@@ -32,11 +36,16 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed `data` command; CanvasErrors propagate to the caller."""
     from canvaslm.train import data
 
-    if args.data_command == "build":
+    if args.data_command == "build" and args.parts is not None:
+        for manifest in data.build_parts(args.config, args.out, args.parts, first=args.first_part,
+                                         progress=not args.no_progress):
+            print(summary(manifest, manifest["build"]["out_dir"]), flush=True)
+        print(summary(data.open_shards(args.out).manifest, args.out))
+    elif args.data_command == "build":
         manifest = data.build(args.config, args.out, overwrite=args.force, progress=not args.no_progress)
         print(summary(manifest, args.out))
     else:
-        manifest = data.Shards(args.dir).manifest
+        manifest = data.open_shards(args.dir).manifest
         print(json.dumps(manifest, indent=2, ensure_ascii=False) if args.json else summary(manifest, args.dir))
     return 0
 

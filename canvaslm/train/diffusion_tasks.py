@@ -27,6 +27,7 @@ from canvaslm.train.config import ConfigError, TrainConfig, read_section
 from canvaslm.train.objective import ObjectiveOptions, accuracy_at_noise, block_diffusion_loss
 
 Example = tuple[Sequence[int], Sequence[int]]
+PARTS_REFRESH_STEPS = 20  # steps between looks for newly finished data parts
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ class ShardsData:
     task: str
     path: str
     held_out: int = 64
-    """The last `held_out` examples of the shards are kept out of training."""
+    """The last `held_out` examples of the shards (of the first part, for a directory of parts) are kept out of
+    training."""
     max_canvases: int = 4
 
 
@@ -151,11 +153,13 @@ class ShardsTask(BlockDiffusionTask):
     """Examples from `canvaslm data build` shards, in a seeded order that is a function of the step."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from canvaslm.train.data import Shards
+        from canvaslm.train.data import open_shards
 
         self.data = read_section(ShardsData, config.data, config.source, "data")
-        self.shards = Shards(self.data.path)
-        if len(self.shards) <= self.data.held_out:
+        self.shards = open_shards(self.data.path)
+        first = self.shards.parts[0] if hasattr(self.shards, "parts") else self.shards
+        self.held_out_start = len(first) - self.data.held_out  # stable while later parts arrive
+        if len(first) <= self.data.held_out:
             raise ConfigError(config.source, "data.path", "too few examples", expected=f"more than "
                               f"data.held_out={self.data.held_out}", found=len(self.shards))
         tokenizer = _shards_tokenizer(self.shards)
@@ -168,16 +172,21 @@ class ShardsTask(BlockDiffusionTask):
         return prompt.tolist(), response.tolist()
 
     def examples(self, step: int, micro: int) -> list[Example]:
+        if hasattr(self.shards, "refresh") and micro == 0 and step % PARTS_REFRESH_STEPS == 0:
+            # data still being built (`data build --parts`): later steps also draw from parts finished since.
+            # The draw is then a function of (seed, step, micro, parts seen), so a resumed run may differ.
+            self.shards.refresh()
         train = len(self.shards) - self.data.held_out
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + micro)
-        return [self._example(int(i)) for i in torch.randint(0, train, (self.batch_size,), generator=generator)]
+        picks = torch.randint(0, train, (self.batch_size,), generator=generator)
+        return [self._example(int(i) if i < self.held_out_start else int(i) + self.data.held_out) for i in picks]
 
     def batch(self, step: int, micro: int, generator: torch.Generator) -> DiffusionBatch:
         return collate(self.examples(step, micro), self.canvas_length, self.eos, self.pad, self.data.max_canvases)
 
     def held_out(self) -> list[Example]:
-        n = len(self.shards)
-        return [self._example(i) for i in range(n - self.data.held_out, n)][: self.eval_options.examples]
+        end = self.held_out_start + self.data.held_out
+        return [self._example(i) for i in range(self.held_out_start, end)][: self.eval_options.examples]
 
 
 def _canvas_length(config: TrainConfig) -> int:

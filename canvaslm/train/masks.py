@@ -57,9 +57,11 @@ def block_diffusion_mask(valid: Tensor, prompt_length: int, canvas_length: int, 
 
 
 def check_training_inputs(input_ids: Tensor, noised: Tensor, prompt_length: int) -> tuple[int, int]:
-    """(B, S) of a training forward's clean sequence [B, S], after checking that `noised` holds [B, S - P]."""
+    """(B, S) of a training forward's clean sequence [B, S], after checking that `noised` holds [k * B, S - P]:
+    k corrupted copies of the batch (copy j = rows j * B .. (j + 1) * B - 1), all reading one encoder pass."""
     batch, seq = input_ids.shape
-    if noised.shape != (batch, seq - prompt_length):
-        raise TrainingError(f"noised canvases must be [{batch}, {seq - prompt_length}] (the sequence after the "
-                            f"prompt of {prompt_length}), got {list(noised.shape)}")
+    rows, width = noised.shape
+    if width != seq - prompt_length or rows % batch or not rows:
+        raise TrainingError(f"noised canvases must be [k * {batch}, {seq - prompt_length}] (k copies of the "
+                            f"sequence after the prompt of {prompt_length}), got {list(noised.shape)}")
     return batch, seq

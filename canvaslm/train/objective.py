@@ -31,7 +31,9 @@ class BlockDiffusionModel(Protocol):
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,
-                                self_conditioning_rows: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+                                self_conditioning_rows: Tensor | None = None,
+                                hidden_states: bool = False) -> tuple[Tensor, Tensor]: ...
+    def logits(self, hidden: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ class ObjectiveOptions:
     the position before the canvas). DiffusionGemma does not shift, and `generate` does not support it yet."""
     t_min: float = 1e-3
     """Noise levels are drawn from U(t_min, 1), one per canvas."""
+    full_mask_p: float = 0.0
+    """Probability that a canvas is corrupted entirely (t = 1): the first denoising step of inference, which a
+    uniform t rarely trains (Fast-dLLM v2, research notes §6)."""
+    complementary: bool = False
+    """Score every example twice, the second copy corrupted exactly where the first is not (noise level 1 - t):
+    each supervised token is predicted once from its context (Fast-dLLM v2's complementary masks)."""
     mask_token_id: int | None = None
     """The absorbing token of kind "masked" (must be below the vocabulary size)."""
 
@@ -62,6 +70,8 @@ class ObjectiveOptions:
             raise TrainingError(f"self_conditioning_p must be in [0, 1], got {self.self_conditioning_p!r}")
         if not self.ar_weight >= 0:
             raise TrainingError(f"ar_weight must be >= 0, got {self.ar_weight!r}")
+        if not 0 <= self.full_mask_p <= 1:
+            raise TrainingError(f"full_mask_p must be in [0, 1], got {self.full_mask_p!r}")
         if self.kind == "masked" and self.mask_token_id is None:
             raise TrainingError('objective kind "masked" needs mask_token_id')
 
@@ -73,9 +83,13 @@ class ObjectiveOptions:
 
 def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, options: ObjectiveOptions,
                          generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
-    """The training loss of one batch (a scalar with gradients) and its metrics: loss, diffusion_loss, ar_loss,
-    token_accuracy (argmax = clean token, over supervised positions) and mean_t (over canvases holding
-    supervised tokens). Random draws, in order: t per canvas, corruption, self-conditioning rows."""
+    """The training loss of one batch (a scalar with gradients) and its metrics: loss, diffusion_loss, ar_loss
+    (when it is trained), token_accuracy (argmax = clean token, over the scored positions) and mean_t (over
+    canvases holding supervised tokens). Random draws, in order: t per canvas, full-mask canvases (when
+    full_mask_p > 0), corruption, complementary corruption (when on), self-conditioning rows.
+
+    Logits are computed only where they are scored (every supervised position; for kind "masked" the corrupted
+    ones), from the model's hidden states: with a 49k vocabulary the head is a fifth of the forward's FLOPs."""
     _check(model, batch, options)
     canvas, prompt = model.canvas_length, batch.prompt_length
     clean = batch.input_ids[:, prompt:]                                          # [B, R]
@@ -83,9 +97,18 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
     device = clean.device
     # 1. one noise level per canvas; UDLM's log-linear schedule keeps alpha_t >= t_min
     t = options.t_min + (1 - options.t_min) * _uniform(blocks, generator, device)  # [B, K]
+    if options.full_mask_p > 0:
+        t = torch.where(_uniform(blocks, generator, device) < options.full_mask_p, 1.0, t)
     t_token = t.repeat_interleave(canvas, dim=1)                                   # [B, R]
     rate = (1 - options.t_min) * t_token if options.kind == "udlm" else t_token
     noised, corrupted = corrupt(clean, batch.supervised, rate, model.vocab_size, options.absorbing_token, generator)
+    if options.complementary:  # the same rows again, corrupted exactly where the first copy is clean
+        flipped = batch.supervised & ~corrupted
+        again, _ = corrupt(clean, flipped, flipped.float(), model.vocab_size, options.absorbing_token, generator)
+        # both copies go to the model as noised [2B, R]: it runs one encoder pass for them
+        clean, noised, corrupted = clean.repeat(2, 1), torch.cat([noised, again]), torch.cat([corrupted, flipped])
+        t, t_token, rate = torch.cat([t, 1 - t]), torch.cat([t_token, 1 - t_token]), torch.cat([rate, 1 - rate])
+        blocks = (2 * blocks[0], blocks[1])
     # 2. self-conditioning: rows drawn with probability p get the (no-grad) first pass's predictions
     sc_rows = _uniform((blocks[0],), generator, device) < options.self_conditioning_p
     sc_logits = None
@@ -93,26 +116,38 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
         with torch.no_grad():
             first = model.forward_block_diffusion(batch.input_ids, batch.valid, prompt, noised, None)
             sc_logits = _carry_over(_predictions(*first, prompt, canvas, options.shift), noised, options).detach()
-    encoder_logits, canvas_logits = model.forward_block_diffusion(
-        batch.input_ids, batch.valid, prompt, noised, sc_logits, sc_rows if sc_logits is not None else None)
-    # 3. score the canvas predictions and the encoder's next-token predictions
-    logits = _carry_over(_predictions(encoder_logits, canvas_logits, prompt, canvas, options.shift), noised,
-                         options)  # [B, R, V]
+    encoder_hidden, canvas_hidden = model.forward_block_diffusion(
+        batch.input_ids, batch.valid, prompt, noised, sc_logits, sc_rows if sc_logits is not None else None,
+        hidden_states=True)
+    # 3. score the predictions where they count, and the encoder's next-token predictions when trained
+    copies = noised.shape[0] // batch.input_ids.shape[0]
+    supervised = batch.supervised.repeat(copies, 1)
+    scored = supervised & corrupted if options.kind == "masked" else supervised                     # [B, R]
+    hidden = _predictions(encoder_hidden, canvas_hidden, prompt, canvas, options.shift)[scored]      # [N, H]
+    logits, targets = model.logits(hidden), clean[scored]                                            # [N, V]
     if options.kind == "flat":
-        per_token = _cross_entropy(logits, clean)
-    elif options.kind == "masked":
-        per_token = _cross_entropy(logits, clean) * corrupted / t_token
+        per_token = _cross_entropy(logits, targets)
+    elif options.kind == "masked":  # unmasked positions keep their token (SUBS): nothing to score there
+        per_token = _cross_entropy(logits, targets) / t_token[scored]
     else:
-        alpha = 1 - rate
-        per_token = udlm_nelbo(logits, clean, noised, alpha, torch.full_like(alpha, -(1 - options.t_min)))
-    supervised = batch.supervised
-    diffusion = torch.where(supervised, per_token, 0).sum() / supervised.sum()
-    ar = causal_lm_loss(encoder_logits, batch.input_ids, batch.valid)
-    loss = diffusion + options.ar_weight * ar
+        alpha = 1 - rate[scored]
+        per_token = udlm_nelbo(logits, targets, noised[scored], alpha,
+                               torch.full_like(alpha, -(1 - options.t_min)))
+    diffusion = per_token.sum() / supervised.sum()
+    loss, metrics = diffusion, {}
+    if options.ar_weight > 0 and not _causal_pass_frozen(model):
+        ar = causal_lm_loss(model.logits(encoder_hidden), batch.input_ids, batch.valid)
+        loss, metrics = diffusion + options.ar_weight * ar, {"ar_loss": ar.item()}
     scored_canvases = supervised.view(*blocks, canvas).any(dim=-1)
-    metrics = {"loss": loss.item(), "diffusion_loss": diffusion.item(), "ar_loss": ar.item(),
-               "token_accuracy": _accuracy(logits, clean, supervised), "mean_t": t[scored_canvases].mean().item()}
+    metrics = {"loss": loss.item(), "diffusion_loss": diffusion.item(), **metrics,
+               "token_accuracy": (logits.argmax(dim=-1) == targets).float().mean().item() if len(targets) else 0.0,
+               "mean_t": t[scored_canvases].mean().item()}
     return loss, metrics
+
+
+def _causal_pass_frozen(model: BlockDiffusionModel) -> bool:
+    """Canvas-only adapters: the causal pass is the frozen parent, so its AR loss trains nothing."""
+    return bool(getattr(getattr(model, "config", None), "canvas_adapters", False))
 
 
 @torch.no_grad()
@@ -187,6 +222,8 @@ def _predictions(encoder_logits: Tensor, canvas_logits: Tensor, prompt_length: i
     one position earlier, a canvas's first token taking the encoder output before the canvas (the AR head)."""
     if not shift:
         return canvas_logits
+    if encoder_logits.shape[0] != canvas_logits.shape[0]:  # k corrupted copies of each row
+        encoder_logits = encoder_logits.repeat(canvas_logits.shape[0] // encoder_logits.shape[0], 1, 1)
     response = canvas_logits.shape[1]
     first = (torch.arange(response, device=canvas_logits.device) % canvas_length == 0)[None, :, None]
     before = encoder_logits[:, prompt_length - 1:prompt_length - 1 + response]  # position P + i - 1
@@ -199,8 +236,8 @@ def _carry_over(logits: Tensor, noised: Tensor, options: ObjectiveOptions) -> Te
 
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-position cross-entropy [B, n] of logits [B, n, V]."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    """Per-position cross-entropy [...] of logits [..., V] (float32 math whatever the logits' dtype)."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def _accuracy(logits: Tensor, targets: Tensor, scored: Tensor) -> float:

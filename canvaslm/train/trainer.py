@@ -3,7 +3,8 @@
 One optimizer step (steps 0 .. max_steps - 1):
   1. set the learning rate (`lr_at`: linear warmup, then cosine decay to lr * min_lr_ratio)
   2. for each of grad_accum micro-batches: reseed the micro-batch generators from (seed, step, micro), build the
-     batch, compute the task's loss (bf16 autocast on CUDA) and backward loss / grad_accum; gradients are
+     batch, compute the task's loss (bf16 autocast where it is fast: CUDA, CPUs with AMX / AVX-512 BF16) and
+     backward loss / grad_accum; gradients are
      synchronised between ranks on the last micro-batch only
   3. clip the global gradient norm; AdamW step (skipped when the norm is not finite)
   4. average the loss and task metrics over micro-batches and ranks; log, evaluate and checkpoint on schedule
@@ -18,6 +19,7 @@ Outputs in out_dir: metrics.jsonl, loss.png, checkpoint-<step>/, model/ (the exp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,12 +46,13 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from canvaslm.engine.lm import load
+from canvaslm.hardware import bf16_is_fast
 from canvaslm.errors import CanvasError
 from canvaslm.models import llama
 from canvaslm.train.checkpoint import (checkpoint_steps, load_checkpoint, remove_partial, resolve_resume,
                                        save_checkpoint)
 from canvaslm.train.config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_config
-from canvaslm.train.lora import apply_lora, hf_module_names, merge_lora, save_adapter
+from canvaslm.models.lora import apply_lora, hf_module_names, load_adapter, merge_lora, save_adapter
 from canvaslm.train.tasks import Task, make_task
 
 __all__ = ["Task", "build_model", "clip_gradients", "lr_at", "main", "plot_metrics", "train"]
@@ -280,6 +283,11 @@ class _Run:
                  "batch_size": self.config.optim.batch_size, "config": self.config.to_json()}
         save_checkpoint(self.out_dir, step, self.objective, self.optimizer, state, prefix=PREFIX,
                         trainable_only=self.config.lora.enabled, sharded=self.sharded)
+        if self.config.lora.enabled and self.config.lora.scope == "canvas":
+            # canvas-only adapters export without touching the weights: adapter/ and model/ always hold the
+            # latest, so `canvaslm asset pack` can ship a run that is still going (or is cut off)
+            self._export()
+            self.objective.train()
 
     def _restore(self) -> dict[str, Any]:
         """Load the checkpoint to resume from, or seed a fresh run; returns {"step", "elapsed"}."""
@@ -332,7 +340,8 @@ class _Run:
             save_adapter(model, self.out_dir / "adapter", rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                          modules_to_save=lora.modules_to_save, base_model=self.config.model.source,
                          hf_names=self.hf_names)
-            merge_lora(model)
+            if lora.scope == "all":  # canvas-only adapters stay apart: the model writes them beside the parent
+                merge_lora(model)
         model.eval()
         self.task.export(model, self.out_dir / "model")
         return self.out_dir / "model"
@@ -386,8 +395,20 @@ def _prepare_model(config: TrainConfig, task: Task, device: torch.device) -> tup
     model = builder(config) if builder is not None else build_model(config.model, config.source)
     hf_names = hf_module_names(model)
     lora = config.lora
+    if lora.scope == "canvas":
+        if not lora.enabled or not getattr(model, "canvas_length", None) or not hasattr(model.config,
+                                                                                        "canvas_adapters"):
+            raise ConfigError(config.source, "lora.scope", "canvas-only adapters need lora.enabled = true and a "
+                              "Llama-family block-diffusion model (model.diffusion_canvas_length)",
+                              found=repr(lora.scope))
+        model.config = dataclasses.replace(model.config, canvas_adapters=True)
     if lora.enabled:
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.modules_to_save)
+        if lora.init is not None:  # continue a run from its last shipped adapter
+            load_adapter(model, lora.init, hf_names)
+        for p in model.parameters():  # trained tensors stay float32 (AdamW's master copy) whatever the base is
+            if p.requires_grad:
+                p.data = p.data.float()
     return model.to(device), hf_names
 
 
@@ -441,9 +462,15 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def uses_bf16(config: RunConfig, device: torch.device) -> bool:
+    """train.bf16: "auto" = where bfloat16 matmuls are fast on `device`; true / false as given."""
+    return bf16_is_fast(device) if config.bf16 == "auto" else bool(config.bf16)
+
+
 def _autocast(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and config.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast for the forward (matmuls and attention in bf16, reductions in float32)."""
+    if uses_bf16(config, device) and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

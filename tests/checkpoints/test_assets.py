@@ -13,7 +13,7 @@ import canvaslm
 from canvaslm.checkpoints import assets, hf
 from canvaslm.checkpoints.registry import smollm2_gguf
 from canvaslm.errors import CheckpointError
-from canvaslm.train.lora import LoRALinear, apply_lora, hf_module_names, merge_lora, save_adapter
+from canvaslm.models.lora import LoRALinear, apply_lora, hf_module_names, merge_lora, save_adapter
 
 CANVAS = 8
 
@@ -121,3 +121,39 @@ def test_the_default_name_explains_when_its_asset_is_not_bundled(monkeypatch, tm
     monkeypatch.setattr(assets, "BUNDLED", tmp_path)
     with pytest.raises(CheckpointError, match="not bundled in this build"):
         canvaslm.load("smol", device="cpu")
+
+
+def test_a_canvas_adapter_asset_keeps_the_parent_for_the_causal_pass(tmp_path, monkeypatch):
+    """The default model's layout: the adapter acts in the canvas pass only, so the materialized model encodes
+    prompts exactly as smol-ar does (and still decodes autoregressively as the parent)."""
+    import dataclasses
+
+    monkeypatch.setenv("CANVASLM_HOME", str(tmp_path / "home"))
+    parent = canvaslm.load("smol-ar", device="cpu").network
+    network = canvaslm.load("smol-ar", device="cpu").network.to_diffusion(CANVAS)
+    network.config = dataclasses.replace(network.config, canvas_shift=True, mask_token_id=4, canvas_adapters=True)
+    names = hf_module_names(network)
+    torch.manual_seed(1)
+    apply_lora(network, rank=2, alpha=4, targets=["q_proj", "down_proj"])
+    with torch.no_grad():
+        for p in network.parameters():
+            if p.requires_grad:
+                p.copy_((torch.randn_like(p) * 0.02).to(torch.bfloat16).float())
+    run = tmp_path / "run"
+    save_adapter(network, run / "adapter", rank=2, alpha=4, dropout=0.0, base_model="smol-ar", hf_names=names)
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text(json.dumps(network.config.to_hf()))
+    asset = assets.pack(run, tmp_path / "asset", "smol", "smol-ar")
+    assert json.loads((asset / "asset.json").read_text())["model_config"] == {
+        "canvas_length": CANVAS, "canvas_shift": True, "mask_token_id": 4, "canvas_adapters": True}
+    lm = canvaslm.load(asset, device="cpu")
+    assert lm.network.config.canvas_adapters and lm.network.canvas_shift
+    ids = torch.tensor([[1, 9690, 198, 504, 3209, 28]])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        ours_cache, parent_cache = lm.network.new_cache(1), parent.new_cache(1)
+        assert torch.equal(lm.network.encode(ids, ours_cache, valid), parent.encode(ids, parent_cache, valid))
+        canvas = torch.full((1, CANVAS), 4)
+        network.eval()
+        expected = network.decode(canvas, parent_cache, None)  # the in-memory adapter on the parent's cache
+        torch.testing.assert_close(lm.network.decode(canvas, ours_cache, None), expected, atol=1e-4, rtol=0)

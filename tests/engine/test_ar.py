@@ -105,3 +105,18 @@ def test_bad_arguments(pair: tuple[LlamaForCausalLM, Model], kwargs: dict) -> No
     ids, valid = prompts()
     with pytest.raises(GenerationError):
         ar_generate(ours, ids, valid, 4, **kwargs)
+
+
+def test_sampling_draws_from_the_filtered_distribution() -> None:
+    """The inverse-CDF draw has the softmax's distribution: 40,000 draws per row land within 4 sigma."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [0.05, 0.05, 0.1, 0.2, 0.6]])
+    logits = probs.clamp(min=1e-12).log().repeat_interleave(20_000, dim=0)
+    draws = sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0)).view(2, 20_000)
+    for row in range(2):
+        counts = torch.bincount(draws[row], minlength=5).float()
+        expected = probs[row] * 20_000
+        sigma = (expected * (1 - probs[row])).sqrt().clamp(min=1.0)
+        assert ((counts - expected).abs() <= 4 * sigma).all(), (counts, expected)
+    assert not (draws[0] == 4).any()  # a zero-probability token is never drawn
+    top2 = sample_next(logits[:20_000], 1.0, 2, 1.0, torch.Generator().manual_seed(1))
+    assert set(top2.tolist()) == {0, 1}

@@ -58,6 +58,32 @@ def test_a_request_alone_equals_generate(lm):
         engine.stop()
 
 
+def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes():
+    """The default model's layout (masked noise, shift, canvas-only adapters) through the engine: a request alone
+    draws exactly LM.generate's tokens, the canvas's first token coming from the last encoded position."""
+    import dataclasses
+
+    from canvaslm.models.lora import LoRALinear, apply_lora
+
+    torch.manual_seed(0)
+    config = llama.Config.from_hf({"model_type": "llama", **MODEL_INIT, "eos_token_id": 1, "pad_token_id": 0}, "t")
+    network = llama.Model(config).to_diffusion(4)
+    network.config = dataclasses.replace(network.config, canvas_shift=True, mask_token_id=3, canvas_adapters=True)
+    apply_lora(network, rank=2, alpha=4.0)
+    for module in network.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=0.2)
+    shifted = LM(network.eval(), None, "shift")
+    engine = Engine(shifted, pin_settled=False).start()
+    try:
+        for prompt, seed in [(PROMPTS[0], 0), (PROMPTS[1], 5)]:
+            expected, _ = shifted.decode_new(shifted.generate([prompt], 12, seed=seed).sequences[0], len(prompt))
+            tokens, _, _ = run(engine, [dict(prompt=prompt, max_new_tokens=12, seed=seed)])[0]
+            assert tokens == expected[:12]
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("pin", [False, True])
 def test_batched_requests_get_their_solo_tokens(lm, pin):
     # Batched and solo decoder passes agree to ~1e-5, not bitwise; this random model's self-conditioning loop

@@ -327,3 +327,41 @@ def test_degenerate_generations_are_named():
     loop = [5, 6, 7, 8] * 10
     assert data._degenerate("la " * 40, loop, min_words=1) == "repetitive"
     assert data._degenerate("A fine question about rivers?", list(range(40)), min_words=3) is None
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+
+def test_a_build_in_parts_resumes_and_reads_as_one_dataset(smol, tmp_path):
+    write_jsonl(tmp_path / "chats.jsonl", [chat(f"Question {i}?", f"Answer number {i}.") for i in range(3)])
+    for n in range(8):
+        (tmp_path / f"code{n}.py").write_text("".join(f"def f{n}_{i}(x):\n    return x * {i}\n" for i in range(60)))
+    cfg = data.parse_config(config({"kind": "jsonl", "paths": [str(tmp_path / "chats.jsonl")]},
+                                   {"kind": "files", "globs": [str(tmp_path / "*.py")], "context_tokens": 16,
+                                    "response_tokens": 8, "max_examples": 4, "seed": 0}), base_dir=str(tmp_path))
+    out = tmp_path / "parts"
+    first = data.build_parts(cfg, out, 2, progress=False, lm=smol)
+    assert [m["build"]["part"] for m in first] == [0, 1]
+    assert first[0]["sources"][0]["kept"] == 3 and len(first[1]["sources"]) == 1  # jsonl only in part 0
+    windows = [data.Shards(out / f"part-0000{i}")[-1][0].tolist() for i in (0, 1)]
+    assert windows[0] != windows[1]  # part i draws with seed + i
+    before = (out / "part-00000" / "tokens.bin").stat().st_mtime_ns
+    again = data.build_parts(cfg, out, 3, progress=False, lm=smol)  # resumes: parts 0 and 1 are kept
+    assert [m["build"]["part"] for m in again] == [2]
+    assert (out / "part-00000" / "tokens.bin").stat().st_mtime_ns == before
+    shards = data.open_shards(out)
+    assert isinstance(shards, data.PartedShards) and len(shards) == (3 + 4) + 4 + 4
+    assert shards.manifest["examples"] == 15 and shards.manifest["parts"] == ["part-00000", "part-00001",
+                                                                                "part-00002"]
+    assert shards[3][0].tolist() == data.Shards(out / "part-00000")[3][0].tolist()
+    assert shards[11][1].tolist() == data.Shards(out / "part-00002")[0][1].tolist()
+    with pytest.raises(IndexError):
+        shards[15]
+    # a part finished while a reader is open is picked up by refresh
+    data.build_parts(cfg, out, 1, first=3, progress=False, lm=smol)
+    assert shards.refresh() == 1 and len(shards) == 19
+
+
+def test_parts_refuse_a_single_data_directory(smol, built):
+    with pytest.raises(CanvasError, match="not a directory of parts"):
+        data.build_parts(config({"kind": "jsonl", "paths": ["x.jsonl"]}), built, 1, progress=False, lm=smol)

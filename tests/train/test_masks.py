@@ -146,3 +146,18 @@ def test_training_forward_refuses_mismatched_canvases(model):
     noised = torch.zeros(3, batch.response_length - 1, dtype=torch.long)
     with pytest.raises(TrainingError, match="noised canvases"):
         model.forward_block_diffusion(batch.input_ids, batch.valid, batch.prompt_length, noised, None)
+
+
+@torch.no_grad()
+def test_corrupted_copies_share_one_encoder_pass(model):
+    """noised [2B, R] (complementary masks) reads one encoder pass: the same as two separate forwards."""
+    batch = collate(EXAMPLES, CANVAS, eos_token_id=1, pad_token_id=0, max_canvases=3)
+    ids, valid, prompt = batch.input_ids, batch.valid, batch.prompt_length
+    g = torch.Generator().manual_seed(3)
+    first, second = (torch.randint(0, model.vocab_size, (ids.shape[0], batch.response_length), generator=g)
+                     for _ in range(2))
+    encoder, both = model.forward_block_diffusion(ids, valid, prompt, torch.cat([first, second]), None)
+    assert encoder.shape[0] == ids.shape[0] and both.shape[0] == 2 * ids.shape[0]
+    alone = torch.cat([model.forward_block_diffusion(ids, valid, prompt, n, None)[1] for n in (first, second)])
+    real = batch.supervised.repeat(2, 1)
+    torch.testing.assert_close(both[real], alone[real], atol=1e-5, rtol=0)

@@ -25,10 +25,14 @@ class Stub:
         self.calls: list[dict] = []
 
     def forward_block_diffusion(self, input_ids, valid, prompt_length, noised, self_conditioning_logits,
-                                self_conditioning_rows=None):
+                                self_conditioning_rows=None, hidden_states=False):
         self.calls.append(dict(input_ids=input_ids.clone(), noised=noised.clone(), sc=self_conditioning_logits,
                                rows=self_conditioning_rows, grad=torch.is_grad_enabled()))
-        return self.encoder_logits, self.canvas_logits
+        copies = noised.shape[0] // self.canvas_logits.shape[0]  # complementary copies of each row
+        return self.encoder_logits, self.canvas_logits.repeat(copies, 1, 1)  # "hidden states" = the logits
+
+    def logits(self, hidden):
+        return hidden
 
 
 # -- collate ------------------------------------------------------------------------------------------------------
@@ -127,6 +131,20 @@ def test_masked_loss_scores_masked_positions_weighted_by_one_over_t():
     assert 0 < masked < 8
     t = metrics["mean_t"]  # one canvas, one noise level
     assert loss.item() == pytest.approx(masked * math.log(5) / t / 8, rel=1e-5)
+
+
+def test_complementary_copies_corrupt_each_supervised_token_exactly_once():
+    batch = collate([([2, 3], [2, 3, 2, 3, 2, 3, 2]), ([3], [2, 2])], canvas_length=4, eos_token_id=EOS,
+                    pad_token_id=PAD)
+    stub = Stub(torch.zeros(2, 10, 5), torch.zeros(2, 8, 5), canvas_length=4)
+    options = ObjectiveOptions(kind="masked", mask_token_id=4, self_conditioning_p=0.0, ar_weight=0.0,
+                               complementary=True, full_mask_p=0.5)
+    loss, metrics = block_diffusion_loss(stub, batch, options, torch.Generator().manual_seed(0))
+    noised = stub.calls[0]["noised"]
+    assert stub.calls[0]["input_ids"].shape[0] == 2 and noised.shape[0] == 4  # one encoder pass, two copies
+    first, second = noised[:2] == 4, noised[2:] == 4
+    assert torch.equal(first ^ second, batch.supervised) and not (first & second).any()
+    assert math.isfinite(loss.item()) and loss.item() > 0
 
 
 def test_masked_kind_needs_a_mask_token_in_the_vocabulary():
@@ -228,7 +246,7 @@ def test_gradients_reach_the_encoder_pass_through_the_decoder(model):
         loss.backward()
     finally:
         hook.remove()
-    assert set(metrics) == {"loss", "diffusion_loss", "ar_loss", "token_accuracy", "mean_t"}
+    assert set(metrics) == {"loss", "diffusion_loss", "token_accuracy", "mean_t"}  # ar_weight 0: no AR head pass
     encoder_out, decoder_out = outputs
     assert encoder_out.shape[1] == batch.input_ids.shape[1] and decoder_out.shape[1] == batch.response_length
     assert encoder_out.grad.abs().sum() > 0 and decoder_out.grad.abs().sum() > 0

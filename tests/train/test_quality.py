@@ -54,17 +54,21 @@ def _report(**fields) -> SystemReport:
 
 def test_acceptance_applies_every_target():
     ar = _report()
-    good = acceptance(_report(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=4.5,
-                              tokens_per_second_batch1=31.0), ar)
+    good = acceptance(_report(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=3.1,
+                              tokens_per_second_batch1=21.0), ar)
     assert good["all_passed"] and good["genppl_ratio"]["value"] == pytest.approx(1.49)
+    assert good["stretch"] == {"tokens_per_forward": False, "cpu_speedup": False}  # beyond: >= 4, >= 3x
     for change, failing in [({"genppl": 15.1}, "genppl_ratio"), ({"unigram_entropy": 2.5}, "entropy_ratio"),
-                            ({"tokens_per_forward": 3.9}, "tokens_per_forward"),
+                            ({"tokens_per_forward": 2.9}, "tokens_per_forward"),
                             ({"empty_answers": 1}, "empty_answers"),
-                            ({"tokens_per_second_batch1": 29.0}, "cpu_speedup")]:
-        fields = dict(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=4.5, tokens_per_second_batch1=31.0)
+                            ({"tokens_per_second_batch1": 19.0}, "cpu_speedup")]:
+        fields = dict(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=3.1, tokens_per_second_batch1=21.0)
         result = acceptance(_report(**{**fields, **change}), ar)
         assert not result["all_passed"] and not result[failing]["passed"]
-        assert all(v["passed"] for k, v in result.items() if k not in (failing, "all_passed"))
+        assert all(v["passed"] for k, v in result.items() if k not in (failing, "all_passed", "stretch"))
+    best = acceptance(_report(genppl=14.9, unigram_entropy=2.6, tokens_per_forward=4.0,
+                              tokens_per_second_batch1=30.0), ar)
+    assert best["stretch"] == {"tokens_per_forward": True, "cpu_speedup": True}
 
 
 def test_a_whole_report_on_tiny_models(tmp_path):
@@ -79,9 +83,9 @@ def test_a_whole_report_on_tiny_models(tmp_path):
     assert all(0 < d["tokens_per_forward"] <= 4 for d in (default, loose))  # at most a canvas (4) per pass
     for system in (report["autoregressive"], default):
         assert system["genppl"] > 1 and 0 <= system["distinct_4"] <= 1 and system["mean_response_tokens"] <= 8
-    assert report["autoregressive"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.2)
+    assert 0 < report["autoregressive"]["tokens_per_forward"] <= 1.0  # one token per pass at most (early EOS: less)
     assert set(report["acceptance"]) == {"genppl_ratio", "entropy_ratio", "tokens_per_forward", "empty_answers",
-                                         "cpu_speedup", "all_passed"}
+                                         "cpu_speedup", "all_passed", "stretch"}
     json.dumps(report)  # serializable as written
     assert plot_frontier(report, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 10_000

@@ -19,7 +19,7 @@ from safetensors import safe_open
 import canvaslm
 from canvaslm.errors import CheckpointError
 from canvaslm.train import trainer
-from canvaslm.train.config import OptimConfig
+from canvaslm.train.config import ConfigError, OptimConfig
 from canvaslm.train.tasks import CausalLMToy, make_task
 from tests.train.toy_config import to_toml, toy_config, toy_raw
 
@@ -180,3 +180,16 @@ def test_resuming_with_another_model_shape_is_a_clear_error(tmp_path):
         config = toy_config(tmp_path, optim={"max_steps": 4}, lora=changed, train={"resume": True})
         with pytest.raises(CheckpointError, match=message):
             trainer.train(config, make_task(config))
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch, tmp_path):
+    from canvaslm.train import trainer
+
+    config = toy_config(tmp_path, train={"bf16": "auto"}).train
+    monkeypatch.setattr(trainer, "bf16_is_fast", lambda device: True)
+    assert trainer.uses_bf16(config, torch.device("cpu"))
+    monkeypatch.setattr(trainer, "bf16_is_fast", lambda device: False)
+    assert not trainer.uses_bf16(config, torch.device("cpu"))
+    assert trainer.uses_bf16(toy_config(tmp_path, train={"bf16": True}).train, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.bf16"):
+        toy_config(tmp_path, train={"bf16": "yes"})

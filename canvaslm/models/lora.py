@@ -1,7 +1,13 @@
 """LoRA: low-rank adapters on a model's nn.Linear layers, written in the PEFT file layout.
 
 `apply_lora` swaps each targeted nn.Linear for a `LoRALinear` computing base(x) + scale * B(A(dropout(x))) with
-B = 0 at the start (so the model is unchanged until trained) and freezes every other weight. `merge_lora` bakes the
+B = 0 at the start (so the model is unchanged until trained) and freezes every other weight.
+
+Canvas-only adapters (`set_canvas_pass`): a block-diffusion model converted from an AR parent may keep its causal
+pass exactly the parent and adapt only the canvas pass. Each `LoRALinear` then follows the pass the model is in
+(`canvas_pass`); the prompt cache is the parent's, the causal pass needs no backward in training, and the same
+weights still decode autoregressively. For inference `cache_canvas_weights` keeps base + delta merged beside the
+base weight, so the canvas pass costs what a merged model costs. `merge_lora` bakes the
 adapters back into plain nn.Linear layers for export. `save_adapter` / `load_adapter` write and read
 adapter_model.safetensors + adapter_config.json with PEFT's tensor names and keys.
 (Our own small module: peft itself pulls in transformers.)
@@ -9,9 +15,10 @@ adapter_model.safetensors + adapter_config.json with PEFT's tensor names and key
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +47,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init for A; B = 0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.canvas_pass = True          # False: act as the base layer (the causal pass of canvas-only adapters)
+        self.canvas_weight: Tensor | None = None  # base + delta, kept by `cache_canvas_weights` for inference
 
     @property
     def weight(self) -> Tensor:
@@ -47,12 +56,32 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.canvas_pass:
+            return self.base(x)
+        if self.canvas_weight is not None and not torch.is_grad_enabled():
+            return nn.functional.linear(x, self.canvas_weight, self.base.bias)
         update = nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)
         return self.base(x) + update * self.scaling
 
     def delta(self) -> Tensor:
         """scale * B @ A, the weight update the adapter stands for (computed in float32)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+
+def set_canvas_pass(model: nn.Module, canvas: bool) -> None:
+    """Put every adapter of `model` in the canvas pass (adapters on) or the causal pass (adapters off)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.canvas_pass = canvas
+
+
+def cache_canvas_weights(model: nn.Module) -> None:
+    """Keep each adapter's merged weight (base + delta, in the base dtype) for no-grad canvas passes: inference
+    then runs one matmul per layer, not three. Call again after the adapters change."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            weight = module.base.weight
+            module.canvas_weight = (weight.float() + module.delta()).to(weight.dtype).detach()
 
 
 def lora_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
@@ -145,6 +174,39 @@ def load_adapter(model: nn.Module, directory: str | Path, hf_names: Mapping[str,
                 raise CheckpointError(path, "adapter tensor has the wrong shape", field=peft_name,
                                       expected=tuple(target.shape), found=tuple(tensor.shape))
             target.copy_(tensor)
+
+
+def attach_adapter(model: nn.Module, directory: str | Path, hf_names: Mapping[str, str] | None = None) -> None:
+    """Wrap `model` as the adapter in `directory` describes (its adapter_config.json: r, lora_alpha,
+    target_modules, modules_to_save) and load the adapter's tensors; the model stays unmerged and frozen.
+    `hf_names` (from `hf_module_names`, taken before wrapping) maps our module names to the file's."""
+    file = Path(directory) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+        rank, alpha, targets = int(config["r"]), float(config["lora_alpha"]), config["target_modules"]
+    except FileNotFoundError:
+        raise CheckpointError(file, "adapter config is missing", expected=ADAPTER_CONFIG) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(file, f"not a LoRA adapter config ({e})", expected="r, lora_alpha, target_modules")
+    reverse = {theirs: ours for ours, theirs in (hf_names or {}).items()}
+    to_save = [reverse.get(m, m) for m in config.get("modules_to_save") or []]
+    apply_lora(model, rank, alpha, 0.0, targets, to_save)
+    load_adapter(model, directory, hf_names)
+    model.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def without_adapters(model: nn.Module) -> Iterator[list[tuple[str, LoRALinear]]]:
+    """Put the base layers back in place of the adapters for the duration (to read or write the base weights
+    under their own names); yields the (name, adapter) pairs taken out, and restores them afterwards."""
+    adapters = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, module in adapters:
+        _set_module(model, name, module.base)
+    try:
+        yield adapters
+    finally:
+        for name, module in adapters:
+            _set_module(model, name, module)
 
 
 def hf_module_names(model: nn.Module) -> dict[str, str]:

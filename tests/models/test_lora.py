@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from canvaslm.errors import CheckpointError
 from canvaslm.models import llama
-from canvaslm.train.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, hf_module_names,
+from canvaslm.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, hf_module_names,
                                  load_adapter, merge_lora, save_adapter)
 from tests.train.toy_config import MODEL_INIT
 

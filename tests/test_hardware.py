@@ -1,0 +1,26 @@
+"""canvaslm.hardware: bfloat16 where the machine has it, float32 elsewhere, and a clear error for a bad name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm import hardware
+
+
+def test_auto_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert hardware.bf16_is_fast("cpu") and hardware.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not hardware.bf16_is_fast("cpu") and hardware.resolve_dtype("auto", "cpu") == torch.float32
+    assert hardware.resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice is kept
+
+
+def test_a_bad_dtype_name_is_refused():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        hardware.resolve_dtype("fp8")
+
+
+def test_describe_names_the_machine():
+    info = hardware.describe()
+    assert info["cpu"] and info["torch"] == torch.__version__ and set(info["bf16_flags"]) <= set(hardware.BF16_FLAGS)
