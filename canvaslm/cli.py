@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", required=True, help="JSON report; a PNG frontier plot is written beside it")
     quality.add_argument("--device", default=None)
+    quality.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                         help="weights of the model and of the AR judge/baseline (auto: bfloat16 where the hardware "
+                              "has it); both run in the same dtype, so the speed comparison is fair")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
     threads_arg(serve)
@@ -288,11 +291,15 @@ def _key_values(text: str, flag: str) -> dict[str, Any]:
 def _quality(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from canvaslm import load
+    from canvaslm.hardware import resolve_dtype
     from canvaslm.train.quality import check_systems, plot_frontier, quality_report, read_prompts
 
     settings = [_key_values(s, "--setting") for s in args.setting] or [{}]
-    model, judge = load(args.model, device=args.device), load(args.judge, device=args.device)
+    dtype = resolve_dtype(args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, judge = load(args.model, device=args.device, dtype=dtype), load(args.judge, device=args.device, dtype=dtype)
     check_systems(model, judge)
     prompts = read_prompts(args.prompts, args.limit, judge._tokenizer(), args.exclude)
     report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
@@ -302,7 +309,7 @@ def _quality(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     plotted = plot_frontier(report, out.with_suffix(".png"))
     summary = {"report": str(out), "plot": str(out.with_suffix(".png")) if plotted else None,
-               **{k: v["value"] for k, v in report["acceptance"].items() if isinstance(v, dict)},
+               **{k: v["value"] for k, v in report["acceptance"].items() if isinstance(v, dict) and "value" in v},
                "all_passed": report["acceptance"]["all_passed"]}
     print(json.dumps(summary))
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
 
@@ -100,7 +101,8 @@ def materialize(path: str | Path, cache: Path, show_progress: bool = True) -> Pa
     steps = ["checking the base", "loading the base", "applying the adapter", "writing"]
     columns = (TextColumn("materializing " + asset["name"] + ": {task.description}"), BarColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+    # on stderr: stdout stays clean for --json, even on the first use that builds the model
+    with Progress(*columns, console=Console(stderr=True), disable=not show_progress, transient=True) as progress:
         task = progress.add_task(steps[0], total=len(steps))
         found = sha256(base_file)
         if found != asset["base_sha256"]:

@@ -81,9 +81,9 @@ def resolve(name: str) -> Path | None:
 
         folder = assets.BUNDLED / "smol"
         if not assets.is_asset(folder):
-            raise CheckpointError(folder, "the converted default model is not bundled in this build: its asset is "
-                                  "made by examples/smol/convert.sh on a GPU (see docs/default-model.md); use "
-                                  "'smol-ar' (the autoregressive SmolLM2) meanwhile")
+            raise CheckpointError(folder, "the converted default model is not bundled in this build yet: its "
+                                  "asset is being trained on a CPU with examples/smol/train-cpu.toml (see "
+                                  "docs/default-model.md); use 'smol-ar' (the autoregressive SmolLM2) meanwhile")
         return assets.materialize(folder, cache_dir())
     if name == "sudoku":
         from canvaslm.checkpoints import assets
