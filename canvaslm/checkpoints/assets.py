@@ -125,7 +125,7 @@ def materialize(path: str | Path, cache: Path, show_progress: bool = True) -> Pa
 def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: Any, label: str) -> Any:
     from canvaslm.diffusion.sampling import DiffusionSampling
     from canvaslm.engine.lm import LM, load
-    from canvaslm.models.lora import attach_adapter, cache_canvas_weights, hf_module_names, merge_lora
+    from canvaslm.models.lora import attach_adapter, hf_module_names, merge_lora
 
     base = load(base_file, device="cpu", dtype=torch.float32)
     network = base.network
@@ -134,9 +134,7 @@ def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: A
     network.config = dataclasses.replace(network.config, **{k: v for k, v in fields.items() if k != "canvas_length"})
     step(label)
     attach_adapter(network, adapter_dir, hf_module_names(network))
-    if fields.get("canvas_adapters"):  # the causal pass stays the parent: the adapter is kept apart
-        cache_canvas_weights(network)
-    else:
+    if not fields.get("canvas_adapters"):  # canvas-only adapters stay apart: saved beside the parent's weights
         merge_lora(network)
     settings = asset["generation_config"]
     try:

@@ -228,7 +228,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, generation_config
         if adapters and not getattr(model.config, "canvas_adapters", False):
             raise CheckpointError(path, "the model holds unmerged LoRA adapters; merge them (merge_lora) first")
         tensors = {k: t.detach().to("cpu").contiguous() for k, t in model.hf_tensors().items()}
-        names = hf_module_names(model)
+        names = hf_module_names(model) if adapters else None
     shutil.rmtree(path / CANVAS_ADAPTER, ignore_errors=True)
     if adapters:
         first = adapters[0][1]

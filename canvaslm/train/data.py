@@ -110,6 +110,15 @@ class Shards(Sequence[tuple[np.ndarray, np.ndarray]]):
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
+    @property
+    def parts(self) -> list[Shards]:
+        """One data directory is a dataset of one part (see `PartedShards`)."""
+        return [self]
+
+    def refresh(self) -> int:
+        """A single data directory never grows: no new part (see `PartedShards.refresh`)."""
+        return 0
+
     def __len__(self) -> int:
         return len(self.index)
 

@@ -157,7 +157,7 @@ class ShardsTask(BlockDiffusionTask):
 
         self.data = read_section(ShardsData, config.data, config.source, "data")
         self.shards = open_shards(self.data.path)
-        first = self.shards.parts[0] if hasattr(self.shards, "parts") else self.shards
+        first = self.shards.parts[0]
         self.held_out_start = len(first) - self.data.held_out  # stable while later parts arrive
         if len(first) <= self.data.held_out:
             raise ConfigError(config.source, "data.path", "too few examples", expected=f"more than "
@@ -172,7 +172,7 @@ class ShardsTask(BlockDiffusionTask):
         return prompt.tolist(), response.tolist()
 
     def examples(self, step: int, micro: int) -> list[Example]:
-        if hasattr(self.shards, "refresh") and micro == 0 and step % PARTS_REFRESH_STEPS == 0:
+        if micro == 0 and step % PARTS_REFRESH_STEPS == 0:
             # data still being built (`data build --parts`): later steps also draw from parts finished since.
             # The draw is then a function of (seed, step, micro, parts seen), so a resumed run may differ.
             self.shards.refresh()

@@ -46,13 +46,13 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from canvaslm.engine.lm import load
-from canvaslm.hardware import bf16_is_fast
 from canvaslm.errors import CanvasError
+from canvaslm.hardware import bf16_is_fast
 from canvaslm.models import llama
+from canvaslm.models.lora import apply_lora, hf_module_names, load_adapter, merge_lora, save_adapter
 from canvaslm.train.checkpoint import (checkpoint_steps, load_checkpoint, remove_partial, resolve_resume,
                                        save_checkpoint)
 from canvaslm.train.config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_config
-from canvaslm.models.lora import apply_lora, hf_module_names, load_adapter, merge_lora, save_adapter
 from canvaslm.train.tasks import Task, make_task
 
 __all__ = ["Task", "build_model", "clip_gradients", "lr_at", "main", "plot_metrics", "train"]

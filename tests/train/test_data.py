@@ -365,3 +365,9 @@ def test_a_build_in_parts_resumes_and_reads_as_one_dataset(smol, tmp_path):
 def test_parts_refuse_a_single_data_directory(smol, built):
     with pytest.raises(CanvasError, match="not a directory of parts"):
         data.build_parts(config({"kind": "jsonl", "paths": ["x.jsonl"]}), built, 1, progress=False, lm=smol)
+
+
+def test_bad_part_counts_are_refused(no_model_load, tmp_path):
+    with pytest.raises(CanvasError, match="--parts must be >= 1"):
+        data.build_parts(data.parse_config(config({"kind": "jsonl", "paths": ["x.jsonl"]})), tmp_path / "p", 0,
+                         progress=False)

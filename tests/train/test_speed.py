@@ -35,3 +35,12 @@ def test_bench_train_runs_both_paths_on_one_config(tmp_path):
     assert fp32["tokens_per_s"] > 0 and fast["tokens_per_s"] > 0
     assert report["speedup"] == round(fast["tokens_per_s"] / fp32["tokens_per_s"], 2)
     assert report["machine"]["cpu"] and report["objective"]["kind"] == "masked"
+
+
+def test_bench_train_refuses_bad_step_counts():
+    import pytest
+
+    from canvaslm.errors import CanvasError
+
+    with pytest.raises(CanvasError, match="steps >= 1"):
+        bench_train("smol-ar", steps=0, progress=False)

@@ -193,3 +193,13 @@ def test_bf16_auto_follows_the_hardware(monkeypatch, tmp_path):
     assert trainer.uses_bf16(toy_config(tmp_path, train={"bf16": True}).train, torch.device("cpu"))
     with pytest.raises(ConfigError, match="train.bf16"):
         toy_config(tmp_path, train={"bf16": "yes"})
+
+
+def test_canvas_only_adapters_need_lora_and_a_diffusion_model(tmp_path):
+    for sections in ({"lora": {"scope": "canvas"}},                          # LoRA off
+                     {"lora": {"scope": "canvas", "enabled": True}}):        # an AR model (no canvas)
+        config = toy_config(tmp_path, **sections)
+        with pytest.raises(ConfigError, match="lora.scope.*canvas-only adapters need"):
+            trainer.train(config, make_task(config))
+    with pytest.raises(ConfigError, match="lora.scope"):
+        toy_config(tmp_path, lora={"scope": "decoder"})
