@@ -438,7 +438,7 @@ def add_parser(sub) -> None:
     p.add_argument("what", nargs="?", default="compare",
                    choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train"],
                    help="which benchmark (default compare)")
-    from canvaslm.cli import threads_arg
+    from canvaslm.cli_args import threads_arg
 
     threads_arg(p)
     p.add_argument("--model", "-m", default="smol-ar")

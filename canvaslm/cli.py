@@ -9,33 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from canvaslm import bench
+from canvaslm.cli_args import key_values, set_threads, threads_arg
 from canvaslm.errors import CanvasError
+from canvaslm.knobs import KNOBS
 from canvaslm.tasks import sudoku_cli
 from canvaslm.train import data_cli
 
 DEFAULT_MODEL = "smol-ar"
-SAMPLING_FLAGS = {  # flag -> (type, help); passed to the model only when given
-    "temperature": (float, "AR: sampling temperature, 0 = greedy"),
-    "top_p": (float, "AR: nucleus sampling mass"),
-    "top_k": (int, "AR: sample among the k most likely tokens (0 = all)"),
-    "max_denoising_steps": (int, "diffusion: most decoder passes per canvas"),
-    "entropy_bound": (float, "diffusion: entropy budget of the tokens accepted per step"),
-    "t_min": (float, "diffusion: temperature at the last step"),
-    "t_max": (float, "diffusion: temperature at the first step"),
-    "stability_threshold": (int, "diffusion: steps the argmax must stay unchanged to stop"),
-    "confidence_threshold": (float, "diffusion: mean entropy under which a canvas may stop"),
-    "acceptance": (str, "diffusion: acceptance rule: entropy_bound, threshold, top_k or adaptive"),
-    "accept_probability": (float, "diffusion, rule threshold: top probability a token needs to be kept"),
-    "accept_k": (int, "diffusion, rule top_k: tokens added per step (k × step kept)"),
-    "accept_factor": (float, "diffusion, rule adaptive: slack of the confidence-factor rule"),
-    "sampler": (str, "diffusion: reference (the reference's random stream) or fast (same distribution, ~2x "
-                     "less sampling time on a CPU)"),
-}
-
-
-def threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch's kernels (default: torch's choice, one per physical core)")
+SAMPLING_FLAGS = {k.name: k for k in KNOBS}  # passed to the model only when given
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -52,8 +33,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    for name, (kind, text) in SAMPLING_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    for name, knob in SAMPLING_FLAGS.items():
+        mode = "AR" if knob.mode == "ar" else "diffusion"
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=knob.kind, default=None,
+                       choices=knob.choices or None,
+                       help=f"{mode}: {knob.help} (default: the model's, else {knob.default})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _set_threads(getattr(args, "threads", None))
+        set_threads(getattr(args, "threads", None))
         commands = {"generate": _generate, "chat": _chat, "info": _info, "bench": bench.main,
                     "train": _train, "data": data_cli.run, "quality": _quality, "asset": _asset,
                     "serve": _serve, "sudoku": lambda a: sudoku_cli.run(a, _sampling(a))}
@@ -139,16 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is None:
-        return
-    if threads < 1:
-        raise CanvasError(f"--threads must be >= 1, got {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _load(args: argparse.Namespace):
@@ -189,7 +163,7 @@ def _answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, An
 
 def _generate(args: argparse.Namespace) -> int:
     lm = _load(args)
-    lm._tokenizer()  # a checkpoint without a tokenizer cannot take a text prompt
+    lm.require_tokenizer()  # a checkpoint without a tokenizer cannot take a text prompt
     if args.chat:
         prompt_ids = lm.chat_prompt_ids([{"role": "user", "content": args.prompt}])
     else:
@@ -211,7 +185,7 @@ def _schema_answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[
         raise CanvasError(f"{args.json_schema}: cannot read the schema file: {error.strerror or error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CanvasError(f"{args.json_schema}: not a JSON schema file: {error}") from None
-    result = lm._text(prompt_ids, args.max_new_tokens, args.seed, _sampling(args), schema)
+    result = lm.answer(prompt_ids, args.max_new_tokens, args.seed, _sampling(args), schema)
     return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "tokens_per_forward": round(result.tokens_per_forward, 4), "forward_passes": result.forward_passes,
             "seconds": round(result.seconds, 4), "model": lm.source}
@@ -219,7 +193,7 @@ def _schema_answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[
 
 def _chat(args: argparse.Namespace) -> int:
     lm = _load(args)
-    lm._tokenizer()
+    lm.require_tokenizer()
     interactive = sys.stdin.isatty()
     history = [{"role": "system", "content": args.system}] if args.system else []
     start = len(history)
@@ -274,20 +248,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 
-def _key_values(text: str, flag: str) -> dict[str, Any]:
-    """`a=1,b=0.5` -> {"a": 1, "b": 0.5} (values as JSON when they parse, else strings)."""
-    result: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CanvasError(f"{flag} {text!r}: expected key=value pairs separated by commas")
-        try:
-            result[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            result[key.strip()] = value
-    return result
-
-
 def _quality(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -297,11 +257,11 @@ def _quality(args: argparse.Namespace) -> int:
     from canvaslm.hardware import resolve_dtype
     from canvaslm.train.quality import check_systems, plot_frontier, quality_report, read_prompts
 
-    settings = [_key_values(s, "--setting") for s in args.setting] or [{}]
+    settings = [key_values(s, "--setting") for s in args.setting] or [{}]
     dtype = resolve_dtype(args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, judge = load(args.model, device=args.device, dtype=dtype), load(args.judge, device=args.device, dtype=dtype)
     check_systems(model, judge)
-    prompts = read_prompts(args.prompts, args.limit, judge._tokenizer(), args.exclude)
+    prompts = read_prompts(args.prompts, args.limit, judge.require_tokenizer(), args.exclude)
     report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed)
     out = Path(args.out)
@@ -316,11 +276,11 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _asset(args: argparse.Namespace) -> int:
-    from canvaslm.checkpoints.assets import pack
+    from canvaslm.loading.assets import pack
 
     generation: dict[str, Any] = {}
     for item in args.set:
-        generation.update(_key_values(item, "--set"))
+        generation.update(key_values(item, "--set"))
     training = None
     if args.training:
         try:
@@ -340,7 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_batch < 1 or args.max_queue < 1:
         raise CanvasError("--max-batch and --max-queue must be >= 1")
     lm = _load(args)
-    lm._tokenizer()  # the HTTP API takes text
+    lm.require_tokenizer()  # the HTTP API takes text
     app = build_app(lm, args.served_model_name or args.model, max_batch=args.max_batch, max_queue=args.max_queue,
                     pin_settled=not args.no_pin_settled)
     print(f"canvaslm: serving {args.model} ({lm.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)

@@ -29,3 +29,7 @@ class UnsupportedError(CanvasError):
 
 class GenerationError(CanvasError):
     """Invalid generation arguments (unknown sampling key, out-of-range value, wrong model kind)."""
+
+
+class TrainingError(CanvasError):
+    """Invalid training input: a malformed batch, mismatched shapes or bad objective options."""

@@ -8,6 +8,7 @@ yields one event per denoising step (for live views and streaming); `generate` r
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,17 +16,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import (
-    DiffusionSampling,
-    accept,
-    carry_over,
-    pin,
-    propose,
-    random_canvas,
-    renoise,
-    stable_and_confident,
-    temperature_at,
-)
+from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.diffusion.step import denoise_step, self_conditioning_dtype, start_canvas
 from canvaslm.models.cache import KVCache, encode_chunked
 
 Constraint = Callable[[int, Tensor], Tensor]
@@ -97,8 +89,8 @@ def generate_steps(
     Phases (numbered as in the reference):
       1.a encode the new tokens (the prompt, then each committed canvas) into the cache
       1.b start a canvas of uniform random tokens
-      1.c for each step N..1: decode; temperature; sample; accept by entropy bound; renoise the rest;
-          stop rows that are stable and confident; keep the logits for self-conditioning
+      1.c for each step N..1: decode, then `denoise_step`: temperature; sample; accept by entropy bound;
+          renoise the rest; stop rows that are stable and confident; keep the logits for self-conditioning
       1.d commit the argmax canvas; 1.e pad after EOS, stop when every row is finished
     """
     batch, canvas_length, device = input_ids.shape[0], model.canvas_length, input_ids.device
@@ -108,65 +100,43 @@ def generate_steps(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     forward_passes = torch.zeros(batch, dtype=torch.long, device=device)
     n_canvases = -(-max_new_tokens // canvas_length)
-    # self-conditioning logits are kept in the embedding dtype, as the reference does (bf16 on GPU)
-    sc_dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
+    sc_dtype = self_conditioning_dtype(model)
     # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
     mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
     for canvas_index in range(n_canvases):
         hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
-        canvas = random_canvas(batch, canvas_length, model.vocab_size, generator, device, mask_id)  # 1.b
         pins = canvas_pins(fixed, canvas_index, canvas_length)
-        if pins is not None:
-            canvas = torch.where(pins >= 0, pins, canvas)
-        draft, sc_logits = canvas, None
-        stopped = done.clone() if skip_finished else torch.zeros(batch, dtype=torch.bool, device=device)
-        steps = range(settings.max_denoising_steps, 0, -1)
+        state = start_canvas(batch, canvas_length, model.vocab_size, settings, generator, device, mask_id, pins,
+                             done if skip_finished else None)                                 # 1.b
+        draft, steps = state.draft, settings.max_denoising_steps
         region = min(canvas_length, max_new_tokens - canvas_index * canvas_length)
         if pins is not None and bool((pins[:, :region] >= 0).all()):
             # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins, no decoder pass;
             # positions past max_new_tokens are never returned
-            draft, steps = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0), range(0)
-        history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
+            draft, steps = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0), 0
+        constraint = None if constrain is None else functools.partial(constrain, canvas_index)
         rows, row_cache = None, cache
-        for steps_left in steps:                                                           # 1.c
-            forward_passes += ~(stopped | done)
-            if skip_finished and bool(stopped.any()):
-                active = (~stopped).nonzero().squeeze(1)
+        for _ in range(steps):                                                                # 1.c
+            forward_passes += ~(state.stopped | done)
+            if skip_finished and bool(state.stopped.any()):
+                active = (~state.stopped).nonzero().squeeze(1)
                 if rows is None or not torch.equal(rows, active):
                     rows, row_cache = active, copy.copy(cache)
                     row_cache.select(rows)
-                logits = _fill(sc_logits, batch, model.vocab_size, canvas)
-                logits[rows] = model.decode(canvas[rows], row_cache,
-                                            None if sc_logits is None else sc_logits[rows]).to(logits.dtype)
+                logits = _fill(state.sc_logits, batch, model.vocab_size, state.canvas)
+                sc = None if state.sc_logits is None else state.sc_logits[rows]
+                logits[rows] = model.decode(state.canvas[rows], row_cache, sc).to(logits.dtype)
             else:
-                logits = model.decode(canvas, cache, sc_logits)
+                logits = model.decode(state.canvas, cache, state.sc_logits)
             if shift:  # canvas token i is read from output i - 1, token 0 from the last encoded position
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
-            logits = logits / temperature_at(steps_left, settings)
-            if constrain is not None:
-                logits = constrain(canvas_index, logits)
-            if pins is not None:
-                logits = pin(logits, pins)
-            if mask_id is not None:
-                logits = carry_over(logits, canvas, mask_id)
-            proposal, token_entropy = propose(logits, settings, generator)
-            accepted = accept(logits, token_entropy, settings, settings.max_denoising_steps - steps_left + 1)
-            if pins is not None:  # top-k and the like may not pick every pinned position
-                accepted |= pins >= 0
-            new_canvas = renoise(proposal, accepted, model.vocab_size, generator, mask_id)
-            new_draft = logits.argmax(dim=-1)
-            if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
-                new_draft = torch.where(stopped[:, None], draft, new_draft)
-                new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
-                kept = sc_logits if sc_logits is not None else torch.zeros((), device=logits.device)
-                logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
-            stop, history = stable_and_confident(history, new_draft, token_entropy, settings.confidence_threshold)
-            stopped |= stop
-            canvas, draft, sc_logits = new_canvas, new_draft, logits.to(sc_dtype)
-            yield DenoisingStep(canvas_index, settings.max_denoising_steps - steps_left + 1,
-                                settings.max_denoising_steps, draft, accepted, stopped.clone())
-            if bool(stopped.all()):
+            outcome = denoise_step(state, logits, settings, generator, vocab_size=model.vocab_size,
+                                   mask_token_id=mask_id, constrain=constraint, sc_dtype=sc_dtype)
+            state, draft = outcome.state, outcome.state.draft
+            yield DenoisingStep(canvas_index, state.step, settings.max_denoising_steps, draft, outcome.accepted,
+                                state.stopped.clone())
+            if bool(state.stopped.all()):
                 break
         tokens, finished_now = _finalize_canvas(draft, eos, pad_token_id, done)                # 1.d, 1.e
         done |= finished_now

@@ -1,6 +1,7 @@
 """Sampling settings and the pure tensor functions one denoising step is made of.
 
-Defaults and names are those of transformers' `DiffusionGemmaGenerationConfig`; the functions reproduce its
+`DiffusionSampling` is built from the diffusion knobs of `canvaslm.knobs` (names and defaults are those of
+transformers' `DiffusionGemmaGenerationConfig`); the functions reproduce its
 `LinearTemperatureScheduleLogitsProcessor`, `EntropyBoundSampler` and `StableAndConfidentStoppingCriteria`
 numerically, as small functions instead of stateful classes.
 """
@@ -8,80 +9,39 @@ numerically, as small functions instead of stateful classes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from canvaslm.errors import GenerationError
+from canvaslm.knobs import knobs
 
-ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
-SAMPLERS = ("reference", "fast")
-
-
-@dataclass(frozen=True)
-class DiffusionSampling:
-    max_denoising_steps: int = 48
-    """Most decoder passes spent on one canvas."""
-    entropy_bound: float = 0.1
-    """Accept the k most certain tokens whose summed entropy, minus the largest, stays under this (nats)."""
-    t_min: float = 0.4
-    """Temperature at the last denoising step."""
-    t_max: float = 0.8
-    """Temperature at the first denoising step (linear schedule in between)."""
-    stability_threshold: int = 1
-    """A canvas stops once its argmax is unchanged for this many steps ..."""
-    confidence_threshold: float = 0.005
-    """... and its mean token entropy (nats) is below this."""
-    acceptance: str = "entropy_bound"
-    """Which tokens a step keeps (the rest are re-noised): "entropy_bound" (the reference's EB rule),
-    "threshold" (max probability >= accept_probability, as Fast-dLLM), "top_k" (accept_k more tokens per step: the accept_k × step most certain),
-    "adaptive" (EB, plus every token the confidence-factor rule of Fast-dLLM v2 accepts, with factor
-    accept_factor)."""
-    accept_probability: float = 0.9
-    accept_k: int = 8
-    accept_factor: float = 1.0
-    sampler: str = "reference"
-    """How a step draws its tokens: "reference" (torch.multinomial, the reference's random stream: seeded runs
-    give its tokens) or "fast" (one uniform per position and an inverse-CDF search, sharing one log-softmax with
-    the entropy: the same distribution, a different random stream, about 4x less sampler time on a CPU)."""
+class _Settings:
+    """What DiffusionSampling adds to its fields: the knobs' checks and `replace`."""
 
     def __post_init__(self) -> None:
-        checks = [
-            (isinstance(self.max_denoising_steps, int) and self.max_denoising_steps > 0,
-             "max_denoising_steps", "an integer > 0"),
-            (_is_number(self.entropy_bound) and self.entropy_bound > 0, "entropy_bound", "a number > 0"),
-            (_is_number(self.t_min) and self.t_min >= 0, "t_min", "a number >= 0"),
-            (_is_number(self.t_max) and self.t_max >= 0, "t_max", "a number >= 0"),
-            (isinstance(self.stability_threshold, int) and self.stability_threshold >= 0,
-             "stability_threshold", "an integer >= 0"),
-            (_is_number(self.confidence_threshold) and self.confidence_threshold > 0,
-             "confidence_threshold", "a number > 0"),
-            (self.acceptance in ACCEPTANCE_RULES, "acceptance", f"one of {ACCEPTANCE_RULES}"),
-            (_is_number(self.accept_probability) and 0 < self.accept_probability <= 1, "accept_probability",
-             "a number in (0, 1]"),
-            (isinstance(self.accept_k, int) and self.accept_k > 0, "accept_k", "an integer > 0"),
-            (_is_number(self.accept_factor) and self.accept_factor > 0, "accept_factor", "a number > 0"),
-            (self.sampler in SAMPLERS, "sampler", f"one of {SAMPLERS}"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise GenerationError(f"{name} must be {expected}, got {getattr(self, name)!r}")
-        if self.t_max <= self.t_min:
-            raise GenerationError(f"t_max must be > t_min, got t_max={self.t_max!r} <= t_min={self.t_min!r}")
+        for knob in knobs("diffusion"):
+            knob.check(getattr(self, knob.name))
+        if self.t_max <= self.t_min:  # type: ignore[attr-defined]
+            raise GenerationError(f"t_max must be > t_min, got t_max={self.t_max!r} <= "  # type: ignore[attr-defined]
+                                  f"t_min={self.t_min!r}")  # type: ignore[attr-defined]
 
     def replace(self, **overrides: Any) -> DiffusionSampling:
         """A copy with `overrides` applied; None values leave a field as it is, unknown names are an error."""
-        names = {f.name for f in dataclasses.fields(self)}
+        names = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise GenerationError(f"unknown diffusion sampling option(s) {unknown}; known: {sorted(names)}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+# the diffusion knobs of canvaslm.knobs as a frozen dataclass: field = knob, default = the knob's default
+DiffusionSampling = dataclasses.make_dataclass(
+    "DiffusionSampling", [(k.name, k.kind, dataclasses.field(default=k.default)) for k in knobs("diffusion")],
+    bases=(_Settings,), frozen=True, namespace={"__module__": __name__})
+DiffusionSampling.__doc__ = "How a canvas is denoised:\n\n" + "\n".join(
+    f"* {k.name} ({k.kind.__name__}, default {k.default!r}): {k.help}" for k in knobs("diffusion"))
 
 
 def temperature_at(step: int, settings: DiffusionSampling) -> Tensor:

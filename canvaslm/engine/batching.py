@@ -3,10 +3,10 @@ decoder pass.
 
 Every sequence (one per choice of a request) keeps its own KV cache of its prompt and committed canvases. Each
 engine step stacks the running sequences' caches (`KVCache.stack`; rebuilt only when a sequence joins, leaves or
-commits a canvas), runs one decoder pass over all their canvases, then advances each sequence with the pure
-functions of `canvaslm.diffusion.sampling`, using its own temperature step, settings and random generator. A
-sequence's tokens therefore do not depend on its neighbours (up to float rounding), and a sequence alone draws
-exactly what `LM.generate` draws for the same seed.
+commits a canvas), runs one decoder pass over all their canvases, then advances each sequence with
+`canvaslm.diffusion.step.denoise_step`, the step `generate_steps` takes, with its own temperature step, settings
+and random generator. A sequence's tokens therefore do not depend on its neighbours (up to float rounding), and a
+sequence alone draws exactly what `LM.generate` draws for the same seed.
 
 Streaming: after each step the longest left-to-right prefix of the canvas whose tokens are accepted and unchanged
 since the previous step is *settled*. With `pin_settled` (the server's default) it is emitted at once and pinned:
@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 
 from canvaslm.diffusion.generate import canvas_pins
-from canvaslm.diffusion.sampling import (accept, carry_over, pin, propose, random_canvas, renoise,
-                                         stable_and_confident, temperature_at)
-from canvaslm.engine.ar import sample_next
+from canvaslm.diffusion.step import CanvasState, denoise_step, self_conditioning_dtype, start_canvas
+from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError, UnsupportedError
 from canvaslm.models.cache import KVCache, encode_chunked
@@ -96,15 +95,8 @@ class _Sequence:
     emitted: int = 0                # tokens sent so far
     passes: int = 0                 # forward passes that worked on this sequence
     canvas_index: int = 0
-    # diffusion state of the current canvas
-    canvas: Tensor | None = None    # [1, C] what the decoder sees
-    draft: Tensor | None = None     # [1, C] argmax of the last step
-    sc_logits: Tensor | None = None
-    history: Tensor | None = None
-    steps_left: int = 0
-    step: int = 0
+    state: CanvasState | None = None  # diffusion: the current canvas (the suffix's tokens in it are its pins)
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
-    fixed: Tensor | None = None  # [1, C] the suffix's tokens inside this canvas, -1 elsewhere (`pin`)
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
     before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
                                     # the prediction of the canvas's first token
@@ -155,15 +147,13 @@ class Engine:
 
     def check(self, request: Request) -> Any:
         """The request's settings, or a CanvasError for options this model does not take."""
-        if self.lm.kind == "diffusion":
-            return self.lm._diffusion_settings(dict(request.sampling))
-        return self.lm._ar_settings(dict(request.sampling))
+        return self.lm.resolve_sampling(dict(request.sampling))
 
     def submit(self, request: Request) -> None:
         if request.suffix and self.lm.kind != "diffusion":
             raise UnsupportedError("infill (a suffix) needs a diffusion model: an autoregressive model cannot see "
                                    "text to the right of what it writes")
-        self.lm._check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
+        self.lm.check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
         self.check(request)
         with self._wake:
             if not self.alive:
@@ -249,12 +239,12 @@ class Engine:
             return
         rows = self._running
         cache = self._batch_cache()
-        canvases = torch.cat([s.canvas for s in rows])
-        with_sc = torch.tensor([s.sc_logits is not None for s in rows], device=canvases.device)
+        canvases = torch.cat([s.state.canvas for s in rows])
+        with_sc = torch.tensor([s.state.sc_logits is not None for s in rows], device=canvases.device)
         sc = None
         if bool(with_sc.any()):
-            empty = torch.zeros_like(next(s.sc_logits for s in rows if s.sc_logits is not None))
-            sc = torch.cat([s.sc_logits if s.sc_logits is not None else empty for s in rows])
+            empty = torch.zeros_like(next(s.state.sc_logits for s in rows if s.state.sc_logits is not None))
+            sc = torch.cat([s.state.sc_logits if s.state.sc_logits is not None else empty for s in rows])
         logits = self._timed(len(rows), lambda: self.lm.network.decode(canvases, cache, sc,
                                                                        None if bool(with_sc.all()) else with_sc))
         for i, seq in enumerate(list(rows)):
@@ -277,15 +267,10 @@ class Engine:
         return self._stacked[1]
 
     def _new_canvas(self, seq: _Sequence) -> None:
-        network, settings = self.lm.network, seq.settings
-        seq.canvas = random_canvas(1, network.canvas_length, network.vocab_size, seq.generator, self.lm.device,
-                                   getattr(network, "mask_token_id", None))
-        seq.fixed = self._suffix_in_canvas(seq)
-        if seq.fixed is not None:
-            seq.canvas = torch.where(seq.fixed >= 0, seq.fixed, seq.canvas)
-        seq.draft, seq.sc_logits, seq.pinned, seq.step = seq.canvas, None, 0, 0
-        seq.history = torch.full((settings.stability_threshold, 1, network.canvas_length), -1, device=self.lm.device)
-        seq.steps_left = settings.max_denoising_steps
+        network = self.lm.network
+        seq.state = start_canvas(1, network.canvas_length, network.vocab_size, seq.settings, seq.generator,
+                                 self.lm.device, getattr(network, "mask_token_id", None), self._suffix_in_canvas(seq))
+        seq.pinned = 0
 
     def _suffix_in_canvas(self, seq: _Sequence) -> Tensor | None:
         """Infill: the suffix occupies generated positions max_new_tokens .. + len(suffix); those that fall in the
@@ -296,35 +281,25 @@ class Engine:
         return canvas_pins(fixed, seq.canvas_index, self.lm.network.canvas_length)
 
     def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
-        """One denoising step of one sequence from its decoder logits [1, C, V] (the order of random draws is
-        `generate_steps`'s)."""
-        network, settings = self.lm.network, seq.settings
-        mask_id = getattr(network, "mask_token_id", None)
+        """One denoising step of one sequence from its decoder logits [1, C, V] (`denoise_step`, as
+        `generate_steps` takes it); the settled prefix already streamed is held."""
+        network, settings, before = self.lm.network, seq.settings, seq.state
         seq.passes += 1
-        seq.step += 1
-        logits = logits / temperature_at(seq.steps_left, settings)
-        if seq.fixed is not None:  # as generate_steps: the suffix is certain, so accepted and never re-noised
-            logits = pin(logits, seq.fixed)
-        if mask_id is not None:
-            logits = carry_over(logits, seq.canvas, mask_id)
-        proposal, token_entropy = propose(logits, settings, seq.generator)
-        accepted = accept(logits, token_entropy, settings, seq.step)
-        if seq.fixed is not None:
-            accepted |= seq.fixed >= 0
-        canvas = renoise(proposal, accepted, network.vocab_size, seq.generator, mask_id)
-        draft = logits.argmax(dim=-1)
+        hold = None
         if seq.pinned:
-            pins = seq.draft[:, :seq.pinned]
-            canvas[:, :seq.pinned], draft[:, :seq.pinned] = pins, pins
-        settled = accepted & (draft == seq.draft)
-        stop, seq.history = stable_and_confident(seq.history, draft, token_entropy, settings.confidence_threshold)
-        seq.canvas, seq.draft, seq.sc_logits = canvas, draft, logits.to(network.embed_tokens.weight.dtype)
-        seq.steps_left -= 1
+            hold = torch.zeros_like(before.canvas, dtype=torch.bool)
+            hold[:, :seq.pinned] = True
+        outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
+                               mask_token_id=getattr(network, "mask_token_id", None), hold=hold,
+                               sc_dtype=self_conditioning_dtype(network))
+        seq.state = state = outcome.state
+        draft = state.draft
         if seq.request.drafts:
-            seq.request.emit(Draft(seq.canvas_index, seq.step, draft[0].tolist()))
-        if bool(stop.all()) or seq.steps_left == 0:
+            seq.request.emit(Draft(seq.canvas_index, state.step, draft[0].tolist()))
+        if bool(state.stopped.all()) or state.step == settings.max_denoising_steps:
             self._commit(seq)
         elif self.pin_settled:
+            settled = outcome.accepted & (draft == before.draft)
             settled[:, :seq.pinned] = True
             run = int(settled[0].long().cumprod(0).sum())  # length of the settled left-to-right prefix
             if run > seq.pinned:
@@ -350,10 +325,10 @@ class Engine:
         return False
 
     def _commit(self, seq: _Sequence) -> None:
-        tokens = seq.draft[0].tolist()
+        tokens = seq.state.draft[0].tolist()
         if self._emit_tokens(seq, tokens[seq.pinned:]):
             return
-        committed = seq.draft
+        committed = seq.state.draft
         hidden = self.lm.network.encode(committed, seq.cache, torch.ones_like(committed, dtype=torch.bool))
         self._keep_before(seq, hidden)
         seq.canvas_index += 1
@@ -372,9 +347,7 @@ class Engine:
         if not going:
             return
         tokens = torch.cat([token for _, token in going])[:, None]
-        valid = torch.ones_like(tokens, dtype=torch.bool)
-        hidden = self._timed(len(going), lambda: self.lm.network.encode(tokens, self._ar_cache, valid))
-        logits = self.lm.network.logits(hidden[:, -1])
+        logits = self._timed(len(going), lambda: advance(self.lm.network, self._ar_cache, tokens))
         for i, (seq, _) in enumerate(going):
             seq.next_logits = logits[i:i + 1]
             seq.passes += 1
@@ -387,7 +360,7 @@ class Engine:
             if not keep:
                 self._ar_cache = None
         self._running.remove(seq)
-        seq.cache = seq.canvas = seq.sc_logits = seq.next_logits = None  # type: ignore[assignment]
+        seq.cache = seq.state = seq.next_logits = None  # type: ignore[assignment]
         passes = max(seq.passes, 1)
         seq.request.emit(Finished(reason, seq.emitted, passes, seq.emitted / passes))
 

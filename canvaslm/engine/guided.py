@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from canvaslm.engine.ar import sample_next
+from canvaslm.engine.ar import advance, prefill, sample_next
 from canvaslm.engine.structured import SchemaError, StructuredOutputError, StructuredResult, check_schema, violations
 from canvaslm.errors import CanvasError, UnsupportedError
-from canvaslm.models.cache import encode_chunked
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Tokenizer -> LLTokenizer (~0.5 s to build)
 
@@ -96,13 +95,13 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
     device, vocab = network.embed_tokens.weight.device, network.vocab_size
     cache = network.new_cache(1, device)
     prompt = torch.tensor([prompt_ids], device=device)
-    logits = network.logits(encode_chunked(network, prompt, cache, torch.ones_like(prompt, dtype=torch.bool))[:, -1])
+    logits = prefill(network, prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
     out: list[int] = []
     passes, forced = 1, 0
     eos = set(llg_tok.eos_tokens)
     while len(out) < max_new_tokens and not matcher.is_stopped():
         allowed = _allowed(matcher, vocab, device)
-        token = int(sample_next(logits.masked_fill(~allowed, float("-inf")), temperature, top_k, top_p, generator))
+        token = int(sample_next(logits, temperature, top_k, top_p, generator, allowed))
         if not matcher.consume_token(token):
             raise GuidedDecodingError(f"llguidance rejected token {token}: {matcher.get_error()}")
         if token in eos:
@@ -114,8 +113,7 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
         out.extend(step)
         if len(out) >= max_new_tokens or matcher.is_stopped():
             break
-        new = torch.tensor([step], device=device)
-        logits = network.logits(network.encode(new, cache, torch.ones_like(new, dtype=torch.bool))[:, -1])
+        logits = advance(network, cache, torch.tensor([step], device=device))
         passes += 1
     finished = matcher.is_stopped() or matcher.is_accepting()
     return GuidedResult(out[:max_new_tokens], passes, forced, finished)
@@ -128,9 +126,9 @@ def guided_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], max_new_t
     did not finish within `max_new_tokens`."""
     grammar = json_grammar(schema)
     generator = torch.Generator(lm.device).manual_seed(seed) if seed is not None else None
-    out = guided_generate(lm.network, llg_tokenizer(lm._tokenizer(), lm.network.vocab_size), prompt, grammar,
+    out = guided_generate(lm.network, llg_tokenizer(lm.require_tokenizer(), lm.network.vocab_size), prompt, grammar,
                           max_new_tokens, temperature, top_k, top_p, generator)
-    text = lm._tokenizer().decode(out.token_ids)
+    text = lm.require_tokenizer().decode(out.token_ids)
     if not out.finished:
         shown = text if len(text) <= 200 else text[:200] + "..."
         raise StructuredOutputError(f"the answer did not finish within max_new_tokens={max_new_tokens}: {shown!r}")

@@ -15,17 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from canvaslm.checkpoints import assets, hf, registry
+from canvaslm.checkpoints import hf
 from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import Constraint, DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.structured import SlotGrammars, StructuredResult, generate_json
-from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
+from canvaslm.errors import GenerationError, UnsupportedError
+from canvaslm.knobs import defaults
 from canvaslm.models.cache import encode_chunked
 
-AR_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": 0}
-"""Autoregressive defaults (temperature 0 = greedy)."""
+AR_SAMPLING = defaults("ar")
+"""Autoregressive defaults (temperature 0 = greedy), from canvaslm.knobs."""
 
 
 @dataclass
@@ -101,12 +102,12 @@ class LM:
         `DiffusionResult` (for AR models: only the result). `fixed` [B, n] pins generated positions to tokens
         (-1 where free) and `constrain` edits each step's logits (diffusion only, see `generate_steps`)."""
         input_ids, valid = self._batch(prompt_ids, attention_mask)
-        self._check_length(input_ids.shape[1], max_new_tokens)
+        self.check_length(input_ids.shape[1], max_new_tokens)
         generator = torch.Generator(self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         with torch.inference_mode():
             if self.kind == "diffusion":
-                settings = self._diffusion_settings(sampling)
+                settings = self.diffusion_settings(sampling)
                 yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
                                           self.eos_token_ids, self.pad_token_id, generator,
                                           constrain, skip_finished=not exact, fixed=fixed)
@@ -114,7 +115,7 @@ class LM:
                 if fixed is not None or constrain is not None:
                     raise UnsupportedError(f"fixed tokens (infill) need a diffusion model; {self.source} is "
                                            "autoregressive and cannot see what follows")
-                options = self._ar_settings(sampling)
+                options = self.ar_settings(sampling)
                 out = ar_generate(self.network, input_ids, valid, max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id, generator=generator, **options)
                 passes = torch.full((input_ids.shape[0],), max(out.forward_passes, 1), device=input_ids.device)
@@ -153,13 +154,13 @@ class LM:
              json_schema: Mapping[str, Any] | None = None, **sampling: Any) -> TextResult:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) rendered with the model's chat template;
         with `json_schema`, the answer is JSON that validates against it (`canvaslm.engine.structured`)."""
-        return self._text(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling, json_schema)
+        return self.answer(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling, json_schema)
 
     def complete(self, text: str, max_new_tokens: int = 256, seed: int | None = None,
                  json_schema: Mapping[str, Any] | None = None, **sampling: Any) -> TextResult:
         """Continue plain text (with `json_schema`: as JSON that validates against it)."""
-        tokenizer = self._tokenizer()
-        return self._text(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling,
+        tokenizer = self.require_tokenizer()
+        return self.answer(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling,
                           json_schema)
 
     def generate_json(self, prompt_ids: list[int], schema: Mapping[str, Any], max_new_tokens: int = 256,
@@ -171,13 +172,13 @@ class LM:
             return generate_json(self, prompt_ids, schema, seed=seed, **sampling)
         from canvaslm.engine.guided import guided_json
 
-        self._check_length(len(prompt_ids), max_new_tokens)
-        return guided_json(self, prompt_ids, schema, max_new_tokens, seed=seed, **self._ar_settings(sampling))
+        self.check_length(len(prompt_ids), max_new_tokens)
+        return guided_json(self, prompt_ids, schema, max_new_tokens, seed=seed, **self.ar_settings(sampling))
 
     def slot_grammars(self) -> SlotGrammars:
         """The token grammars of structured output for this tokenizer (built on first use: reads the vocabulary)."""
         if self._slot_grammars is None:
-            tokenizer, vocab = self._tokenizer(), self.network.vocab_size
+            tokenizer, vocab = self.require_tokenizer(), self.network.vocab_size
             known = min(tokenizer.vocab_size, vocab)
             anchor = tokenizer.encode("a", add_special_tokens=False)[0]
             self._slot_grammars = SlotGrammars(tokenizer.decode, known, anchor, vocab)
@@ -189,10 +190,10 @@ class LM:
         tokens held fixed in the canvas (in whichever canvas they fall), so the middle is denoised seeing what
         follows it. The text is the middle, up to its first EOS ("stop") or all of it ("length")."""
         self._require("diffusion", "infill")
-        tokenizer = self._tokenizer()
+        tokenizer = self.require_tokenizer()
         prompt = tokenizer.encode(prefix, add_special_tokens=True)
         tail = tokenizer.encode(suffix, add_special_tokens=False)
-        self._check_length(len(prompt) + len(tail), max_new_tokens)
+        self.check_length(len(prompt) + len(tail), max_new_tokens)
         fixed = torch.tensor([[-1] * max_new_tokens + tail], device=self.device)
         start = time.perf_counter()
         *_, out = self.generate_steps([prompt], max_new_tokens + len(tail), seed, fixed=fixed, **sampling)
@@ -203,7 +204,7 @@ class LM:
         return TextResult(tokenizer.decode(ids), ids, len(ids) / passes, passes, time.perf_counter() - start, reason)
 
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        tokenizer = self._tokenizer()
+        tokenizer = self.require_tokenizer()
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("content", ""), str):
                 kinds = [part.get("type") for part in message.get("content", [])
@@ -222,23 +223,26 @@ class LM:
                 return ids[:i], "stop"
         return ids, "length"
 
-    def _text(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict,
-              json_schema: Mapping[str, Any] | None = None) -> TextResult:
+    def answer(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict,
+               json_schema: Mapping[str, Any] | None = None) -> TextResult:
+        """One answer after prompt ids, as text (the CLI's generate and chat): JSON valid against `json_schema`
+        when one is given."""
         if json_schema is not None:
             start = time.perf_counter()
-            answer = self.generate_json(prompt, json_schema, max_new_tokens, seed, **sampling)
-            ids = self._tokenizer().encode(answer.text, add_special_tokens=False)
-            return TextResult(answer.text, ids, answer.tokens / answer.forward_passes, answer.forward_passes,
-                              time.perf_counter() - start, "stop")
+            structured = self.generate_json(prompt, json_schema, max_new_tokens, seed, **sampling)
+            ids = self.require_tokenizer().encode(structured.text, add_special_tokens=False)
+            return TextResult(structured.text, ids, structured.tokens / structured.forward_passes,
+                              structured.forward_passes, time.perf_counter() - start, "stop")
         out = self.generate([prompt], max_new_tokens, seed, **sampling)
         ids, reason = self.decode_new(out.sequences[0], len(prompt))
         ids = ids[:max_new_tokens]
-        return TextResult(self._tokenizer().decode(ids), ids, float(out.tokens_per_forward[0]),
+        return TextResult(self.require_tokenizer().decode(ids), ids, float(out.tokens_per_forward[0]),
                           int(out.forward_passes[0]), out.seconds, reason)
 
     # ---- helpers -------------------------------------------------------------------------------------------
 
-    def _tokenizer(self) -> Tokenizer:
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a GenerationError saying this checkpoint has none (the text API needs one)."""
         if self.tokenizer is None:
             raise GenerationError(f"{self.source}: this checkpoint has no tokenizer (tokenizer.json), so the text "
                                   "API (chat/complete) cannot be used; pass token ids to generate() instead")
@@ -248,21 +252,27 @@ class LM:
         if self.kind != kind:
             raise GenerationError(f"{method}() needs a {kind} model; {self.source} is {self.kind}")
 
-    def _diffusion_settings(self, sampling: dict[str, Any]) -> DiffusionSampling:
+    def resolve_sampling(self, sampling: dict[str, Any]) -> DiffusionSampling | dict[str, Any]:
+        """The settings a call runs with: this model's defaults overridden by `sampling` (a GenerationError names
+        options this kind of model does not take)."""
+        return self.diffusion_settings(sampling) if self.kind == "diffusion" else self.ar_settings(sampling)
+
+    def diffusion_settings(self, sampling: dict[str, Any]) -> DiffusionSampling:
         ar_only = sorted(set(sampling) & set(AR_SAMPLING))
         if ar_only:
             raise GenerationError(f"{ar_only} apply to autoregressive models; this diffusion model takes "
                                   f"{sorted(DiffusionSampling.__dataclass_fields__)}")
         return self.diffusion_defaults.replace(**sampling)
 
-    def _ar_settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
+    def ar_settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(sampling) - set(AR_SAMPLING))
         if unknown:
             raise GenerationError(f"unknown or diffusion-only option(s) {unknown} for an autoregressive model; "
                                   f"it takes {sorted(AR_SAMPLING)}")
         return {**self.ar_defaults, **{k: v for k, v in sampling.items() if v is not None}}
 
-    def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        """A GenerationError when max_new_tokens is not >= 1 or the request does not fit the context."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if prompt_length + max_new_tokens > self.max_length:
@@ -287,34 +297,3 @@ class LM:
             raise GenerationError(f"token ids must be in [0, {vocab}), got values in "
                                   f"[{int(ids.min())}, {int(ids.max())}]")
         return ids, valid
-
-
-def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
-    """Load a model from an HF-layout directory, a .gguf file, an asset folder (a delta on a registered base,
-    built once into the cache dir) or a registered name (`smol-ar`, `smol`)."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = registry.resolve(str(source)) or Path(source)
-    if assets.is_asset(path):
-        path = assets.materialize(path, registry.cache_dir())
-    if path.suffix == ".gguf" and path.is_file():
-        return _load_gguf(path, device, dtype, str(source))
-    if path.is_dir():
-        _, network = hf.load_model(path, device=device, dtype=dtype)
-        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-        return LM(network, tokenizer, str(source), hf.load_generation_config(path))
-    raise CheckpointError(source, "not found: expected an HF-layout directory, a .gguf file, or one of the "
-                          f"registered names {sorted(registry.NAMES)}")
-
-
-def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, source: str) -> LM:
-    from canvaslm.checkpoints.gguf import load_gguf
-    from canvaslm.models import llama
-
-    checkpoint = load_gguf(path)
-    config = llama.Config.from_hf(checkpoint.config, path)
-    with torch.device("meta"):
-        network = llama.Model(config)
-    tensors = {k: t.to(device=device, dtype=dtype) for k, t in checkpoint.tensors.items()}
-    network.load_hf_tensors(tensors, path)
-    return LM(network.eval(), checkpoint.tokenizer, source)

@@ -262,9 +262,9 @@ def generate_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], *, seed
                   budget: Budget = Budget(), **sampling: Any) -> StructuredResult:
     """Answer `prompt` with JSON that validates against `schema` (see the module docstring), or raise
     `StructuredOutputError` after `rounds` denoising rounds."""
-    tokenizer = lm._tokenizer()
+    tokenizer = lm.require_tokenizer()
     layout = scaffold(schema, lambda text: tokenizer.encode(text, add_special_tokens=False), budget)
-    lm._check_length(len(prompt), len(layout.fixed))
+    lm.check_length(len(prompt), len(layout.fixed))
     grammars = lm.slot_grammars()
     vocab, canvas, device = lm.network.vocab_size, lm.network.canvas_length, lm.device
     allowed = allowed_mask(layout, grammars, vocab).to(device)

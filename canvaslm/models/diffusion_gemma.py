@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
-from canvaslm.train.masks import block_diffusion_mask, causal_mask, check_training_inputs
+from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _DECODER = "model.decoder."                  # where transformers stores the shared weights
@@ -466,7 +466,7 @@ class Model(nn.Module):
         positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass). self_conditioning_logits [B, R, V] (None: no signal)
         is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
         Returns float32 softcapped (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal
-        `decode` of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why."""
+        `decode` of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.models.masks says why."""
         image = self.config.image_token_id
         if image is not None and bool((input_ids == image).any()):
             raise UnsupportedError(f"images/video are not supported yet: the batch holds the image token {image}")

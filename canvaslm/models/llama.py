@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
 from canvaslm.models.lora import set_canvas_pass
-from canvaslm.train.masks import block_diffusion_mask, causal_mask, check_training_inputs
+from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -427,7 +427,7 @@ class Model(nn.Module):
         positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass). self_conditioning_logits [B, R, V] (None: no signal)
         is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
         Returns float32 (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal `decode`
-        of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.train.masks says why.
+        of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.models.masks says why.
         `hidden_states` returns the final-normed hidden states [B, S, H], [B, R, H] instead of logits (a loss
         that scores a few positions computes their logits alone). With canvas-only adapters the causal pass is
         the frozen parent: it runs without autograd."""

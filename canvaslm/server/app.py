@@ -70,7 +70,7 @@ class Choice:
 class Server:
     def __init__(self, lm: LM, name: str, engine: Engine, metrics: Metrics) -> None:
         self.lm, self.name, self.engine, self.metrics = lm, name, engine, metrics
-        self.tokenizer = lm._tokenizer()
+        self.tokenizer = lm.require_tokenizer()
 
     # ---- requests ------------------------------------------------------------------------------------------
 

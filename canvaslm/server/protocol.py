@@ -1,9 +1,8 @@
 """OpenAI request bodies as pydantic models: the fields we honour are typed and bounded (a bad value is a 400 naming
 the field); unknown fields are accepted and ignored, as OpenAI-compatible servers do.
 
-The diffusion knobs are extra top-level fields (the `openai` client sends them with `extra_body`):
-max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, acceptance,
-accept_probability, accept_k, accept_factor, sampler, and `canvas_drafts`
+The diffusion knobs (every one of `canvaslm.knobs`, with its range) are extra top-level fields (the `openai` client
+sends them with `extra_body`), and `canvas_drafts`
 (stream whole-canvas drafts in a `canvaslm` field the OpenAI client ignores); `ignore_eos` (vLLM's: write
 max_tokens tokens whatever the model says, for benchmarks)."""
 
@@ -11,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from canvaslm.knobs import KNOBS, Knob, knobs
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
@@ -46,30 +47,31 @@ class ResponseFormat(BaseModel):
         return self.json_schema.json_schema if self.json_schema is not None and self.type == "json_schema" else None
 
 
-class Sampling(BaseModel):
+def _knob_field(knob: Knob) -> tuple[Any, Any]:
+    """The request field of a knob: optional (None = the model's default), with the knob's range."""
+    bounds: dict[str, Any] = {}
+    if knob.low is not None:
+        bounds["gt" if knob.low_open else "ge"] = knob.low
+    if knob.high is not None:
+        bounds["le"] = knob.high
+    kind = Literal[knob.choices] if knob.choices else knob.kind  # type: ignore[valid-type]
+    return kind | None, Field(None, description=knob.help, **bounds)
+
+
+# every sampling knob of canvaslm.knobs, as a request field
+Knobs = create_model("Knobs", __config__=ConfigDict(extra="allow"), **{k.name: _knob_field(k) for k in KNOBS})
+
+
+class Sampling(Knobs):  # type: ignore[valid-type, misc]
     """Fields shared by both endpoints."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    max_denoising_steps: int | None = Field(None, ge=1, le=1024)
-    entropy_bound: float | None = Field(None, gt=0)
-    t_min: float | None = Field(None, gt=0)
-    t_max: float | None = Field(None, gt=0)
-    stability_threshold: int | None = Field(None, ge=1, le=64)
-    confidence_threshold: float | None = Field(None, gt=0)
-    acceptance: Literal["entropy_bound", "threshold", "top_k", "adaptive"] | None = None
-    accept_probability: float | None = Field(None, gt=0, le=1)
-    accept_k: int | None = Field(None, ge=1, le=65536)
-    accept_factor: float | None = Field(None, gt=0)
-    sampler: Literal["reference", "fast"] | None = None
     canvas_drafts: bool = False
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
@@ -81,9 +83,7 @@ class Sampling(BaseModel):
     def sampling(self, diffusion: bool) -> dict[str, Any]:
         """The options for the model: diffusion knobs for a diffusion model (temperature/top_p/top_k, which
         OpenAI clients send by habit, do not apply to its schedule and are ignored), AR options otherwise."""
-        names = (("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                  "confidence_threshold", "acceptance", "accept_probability", "accept_k", "accept_factor",
-                  "sampler") if diffusion else ("temperature", "top_p", "top_k"))
+        names = [k.name for k in knobs("diffusion" if diffusion else "ar")]
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 

@@ -161,7 +161,7 @@ def _summary(rows: list[dict[str, Any]], valid_key: str) -> dict[str, Any]:
 
 def run_schema(diffusion: LM, ar: LM, tasks: list[SchemaTask], seed: int, sampling: dict[str, Any],
                progress: Progress) -> dict[str, Any]:
-    tokenizer = diffusion._tokenizer()
+    tokenizer = diffusion.require_tokenizer()
     llg = llg_tokenizer(tokenizer, ar.network.vocab_size)
     rows: dict[str, list[dict[str, Any]]] = {"diffusion": [], "ar_guided": []}
     job = progress.add_task("schema tasks", total=len(tasks))
@@ -200,7 +200,7 @@ def _schema_row(task: SchemaTask, text: str, passes: int, seconds: float, tokeni
 
 def run_infill(diffusion: LM, ar: LM, tasks: list[InfillTask], seed: int, sampling: dict[str, Any],
                progress: Progress) -> dict[str, Any]:
-    tokenizer = diffusion._tokenizer()
+    tokenizer = diffusion.require_tokenizer()
     llg = llg_tokenizer(tokenizer, ar.network.vocab_size)
     # one line that can start a Python statement (the cut-out line is one), so no blank line or code fence
     one_line = regex_grammar(r"[ \t]*[A-Za-z_0-9(\[{'\"@*~.\-][^\n]*\n")

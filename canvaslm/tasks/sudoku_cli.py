@@ -161,9 +161,9 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
         raise CanvasError(f"--difficulty: unknown {unknown or 'empty list'}; expected among {sudoku.DIFFICULTIES}")
     report: dict[str, Any] = {"settings": {"puzzles_per_difficulty": args.puzzles, "constraints": args.constraints,
                                            "seed": args.seed, **sampling}, "models": {}}
-    from canvaslm.cli import _key_values
+    from canvaslm.cli_args import key_values
 
-    settings = [_key_values(s, "--setting") for s in args.setting] or [{}]
+    settings = [key_values(s, "--setting") for s in args.setting] or [{}]
     for name in models:
         lm = _load(name, args.device)
         for setting in settings if lm.kind == "diffusion" else [{}]:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from canvaslm.diffusion.generate import DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.engine.ar import advance, prefill, sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
 from canvaslm.tasks import sudoku
@@ -77,7 +78,7 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
     generator = torch.Generator(lm.device).manual_seed(seed)
     with torch.inference_mode():
         if lm.kind == "diffusion":
-            settings: DiffusionSampling = lm._diffusion_settings(dict(sampling))
+            settings: DiffusionSampling = lm.diffusion_settings(dict(sampling))
             result = None
             for event in generate_steps(lm.network, ids, valid, 81, settings, [], None, generator,
                                         lambda _, logits: logits.masked_fill(~allowed, float("-inf")),
@@ -108,12 +109,12 @@ def _ar_solve(lm: LM, ids: Tensor, valid: Tensor, allowed: Tensor) -> tuple[Tens
     """Greedy left-to-right decoding under the same per-cell token restriction."""
     network = lm.network
     cache = network.new_cache(ids.shape[0], ids.device)
-    logits = network.logits(network.encode(ids, cache, valid)[:, -1])
+    logits = prefill(network, ids, cache, valid)
     out = []
     for i in range(81):
-        token = logits.masked_fill(~allowed[:, i], float("-inf")).argmax(dim=-1)
+        token = sample_next(logits, 0.0, 0, 1.0, None, allowed[:, i])
         out.append(token)
         if i < 80:
-            logits = network.logits(network.encode(token[:, None], cache, valid[:, :1])[:, -1])
+            logits = advance(network, cache, token[:, None])
     return torch.stack(out, dim=1), [81] * ids.shape[0]
 

@@ -20,11 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from canvaslm.errors import CanvasError
-
-
-class TrainingError(CanvasError):
-    """Invalid training input: a malformed batch, mismatched shapes or bad objective options."""
+from canvaslm.errors import TrainingError
 
 
 @dataclass

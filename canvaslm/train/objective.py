@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from canvaslm.diffusion.sampling import carry_over
-from canvaslm.train.batch import DiffusionBatch, TrainingError
+from canvaslm.errors import TrainingError
+from canvaslm.train.batch import DiffusionBatch
 
 KINDS = ("flat", "udlm", "masked")
 

@@ -45,7 +45,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from canvaslm.engine.lm import load
+from canvaslm.loading import load
 from canvaslm.errors import CanvasError
 from canvaslm.hardware import bf16_is_fast
 from canvaslm.models import llama

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from canvaslm.checkpoints.gguf import GGUFCheckpoint, load_gguf, load_gguf_tokenizer
-from canvaslm.checkpoints.registry import smollm2_gguf
+from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.errors import CanvasError, CheckpointError
 
 Q = gguf.GGMLQuantizationType

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import WordLevel
 
 from canvaslm.checkpoints.gguf import load_gguf_tokenizer
-from canvaslm.checkpoints.registry import smollm2_gguf
+from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 

@@ -106,3 +106,32 @@ def test_adapter_files_use_peft_names_and_load_back(tmp_path):
     apply_lora(wrong, rank=2, alpha=8)
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_adapter(wrong, tmp_path, hf_names=hf_names)
+
+
+def test_under_autocast_the_frozen_base_is_cast_once_and_gives_autocasts_result():
+    """The bf16 copy a LoRALinear keeps of its frozen base gives exactly what autocast's own cast gives (outputs and
+    gradients), and a changed base weight is cast again."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 16), rank=4, alpha=8, dropout=0.0)
+    for p in layer.base.parameters():
+        p.requires_grad_(False)
+    layer.lora_B.data.normal_(0, 0.1)
+    x = torch.randn(3, 32, requires_grad=True)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:  # autocast casting the fp32 weight itself
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.lora_A), layer.lora_B)
+        return torch.nn.functional.linear(x, layer.base.weight, layer.base.bias) + update * layer.scaling
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = layer(x), reference(x)
+        kept = layer._autocast_base[1]
+        assert kept.dtype == torch.bfloat16 and layer(x) is not None and layer._autocast_base[1] is kept  # once
+    assert torch.equal(ours, theirs)
+    ours_grad = torch.autograd.grad(ours.float().sum(), (x, layer.lora_A))
+    theirs_grad = torch.autograd.grad(theirs.float().sum(), (x, layer.lora_A))
+    assert all(torch.equal(a, b) for a, b in zip(ours_grad, theirs_grad, strict=True))
+    with torch.no_grad():
+        layer.base.weight.mul_(2)  # a changed base weight is cast again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), reference(x))
+    assert torch.equal(layer(x), reference(x))  # without autocast: the float32 base itself

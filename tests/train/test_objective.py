@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from canvaslm.train.batch import DiffusionBatch, TrainingError, collate
+from canvaslm.errors import TrainingError
+from canvaslm.train.batch import DiffusionBatch, collate
 from canvaslm.train.objective import ObjectiveOptions, accuracy_at_noise, block_diffusion_loss, corrupt, udlm_nelbo
-from tests.train.test_masks import tiny_gemma, tiny_llama
+from tests.models.test_masks import tiny_gemma, tiny_llama
 
 EOS, PAD = 1, 0
 

@@ -26,14 +26,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
 
+from canvaslm.checkpoints import hf
+from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.engine.lm import LM
 from canvaslm.errors import CheckpointError, GenerationError
+from canvaslm.loading import registry
+from canvaslm.loading.files import load_path
+from canvaslm.models.lora import attach_adapter, hf_module_names, merge_lora
 
 FORMAT = "canvaslm-asset"
 ASSET_FILE = "asset.json"
 ADAPTER_DIR = "adapter"
 MAX_ASSET_BYTES = 64 << 20
 DIFFUSION_FIELDS = ("canvas_length", "canvas_shift", "mask_token_id", "canvas_adapters")
-BUNDLED = Path(__file__).resolve().parent.parent / "assets"
 
 
 def is_asset(path: str | Path) -> bool:
@@ -87,8 +92,6 @@ def _asset_digest(path: Path) -> str:
 
 def materialize(path: str | Path, cache: Path, show_progress: bool = True) -> Path:
     """The HF-layout directory of the full model an asset describes, built into `cache` on first use."""
-    from canvaslm.checkpoints import registry
-
     path = Path(path)
     asset = read_asset(path)
     target = cache / "models" / f"{asset['name']}-{_asset_digest(path)}"
@@ -123,11 +126,7 @@ def materialize(path: str | Path, cache: Path, show_progress: bool = True) -> Pa
 
 
 def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: Any, label: str) -> Any:
-    from canvaslm.diffusion.sampling import DiffusionSampling
-    from canvaslm.engine.lm import LM, load
-    from canvaslm.models.lora import attach_adapter, hf_module_names, merge_lora
-
-    base = load(base_file, device="cpu", dtype=torch.float32)
+    base = load_path(base_file, device=torch.device("cpu"), dtype=torch.float32)
     network = base.network
     fields = asset["model_config"]
     network.to_diffusion(fields["canvas_length"])
@@ -149,8 +148,6 @@ def _build(asset: Mapping[str, Any], base_file: Path, adapter_dir: Path, step: A
 def pack(run_dir: str | Path, out_dir: str | Path, name: str, base: str,
          generation_config: Mapping[str, Any] | None = None, training: Mapping[str, Any] | None = None) -> Path:
     """An asset folder from a finished LoRA run (`run_dir/adapter`, `run_dir/model/config.json`)."""
-    from canvaslm.checkpoints import hf, registry
-
     run, out = Path(run_dir), Path(out_dir)
     adapter = run / ADAPTER_DIR
     if not (adapter / "adapter_model.safetensors").is_file():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from canvaslm.errors import TrainingError
 from canvaslm.models import diffusion_gemma as dg
 from canvaslm.models import llama
-from canvaslm.train.batch import TrainingError, collate
-from canvaslm.train.masks import block_diffusion_mask, causal_mask
+from canvaslm.models.masks import block_diffusion_mask, causal_mask
+from canvaslm.train.batch import collate
 from tests.reference import tiny_diffusion_gemma
 
 

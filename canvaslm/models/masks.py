@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from canvaslm.models.cache import KVCache, encoder_mask
-from canvaslm.train.batch import TrainingError
+from canvaslm.errors import TrainingError
 
 
 def causal_mask(valid: Tensor, window: int | None) -> Tensor:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import canvaslm
-from canvaslm.checkpoints import assets, hf
-from canvaslm.checkpoints.registry import smollm2_gguf
+from canvaslm.checkpoints import hf
+from canvaslm.loading import assets, registry
+from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.errors import CheckpointError
 from canvaslm.models.lora import LoRALinear, apply_lora, hf_module_names, merge_lora, save_adapter
 
@@ -118,7 +119,7 @@ def test_missing_adapter_file_and_bad_json(run_dir, tmp_path):
 
 
 def test_the_default_name_explains_when_its_asset_is_not_bundled(monkeypatch, tmp_path):
-    monkeypatch.setattr(assets, "BUNDLED", tmp_path)
+    monkeypatch.setattr(registry, "BUNDLED", tmp_path)
     with pytest.raises(CheckpointError, match="not bundled in this build"):
         canvaslm.load("smol", device="cpu")
 

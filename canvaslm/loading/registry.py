@@ -27,6 +27,17 @@ NAMES = {
 }
 
 
+BUNDLED = Path(__file__).resolve().parent.parent / "assets"  # models shipped inside the package
+# bundled name -> (the file that must be there, what to tell the user when it is not)
+BUNDLED_NAMES = {
+    "smol": ("asset.json", "the converted default model is not bundled in this build yet: its asset is being "
+             "trained on a CPU with examples/smol/train-cpu.toml (see docs/default-model.md); use 'smol-ar' (the "
+             "autoregressive SmolLM2) meanwhile"),
+    "sudoku": ("config.json", "the Sudoku model is not bundled in this build; train one with "
+               "examples/sudoku/diffusion.toml and pass its model/ folder with --model"),
+}
+
+
 def cache_dir() -> Path:
     """$CANVASLM_HOME, default ~/.cache/canvaslm."""
     return Path(os.environ.get("CANVASLM_HOME", Path.home() / ".cache" / "canvaslm"))
@@ -73,24 +84,14 @@ def _download_smollm2(target: Path) -> Path:
 
 
 def resolve(name: str) -> Path | None:
-    """The file a registered name stands for, or None when `name` is not registered."""
+    """The file or folder a registered name stands for (a GGUF, an asset folder, an HF-layout folder), or None
+    when `name` is not registered. Assets are returned as they are: `canvaslm.loading.load` materializes them."""
     if name == "smol-ar":
         return smollm2_gguf()
-    if name == "smol":
-        from canvaslm.checkpoints import assets
-
-        folder = assets.BUNDLED / "smol"
-        if not assets.is_asset(folder):
-            raise CheckpointError(folder, "the converted default model is not bundled in this build yet: its "
-                                  "asset is being trained on a CPU with examples/smol/train-cpu.toml (see "
-                                  "docs/default-model.md); use 'smol-ar' (the autoregressive SmolLM2) meanwhile")
-        return assets.materialize(folder, cache_dir())
-    if name == "sudoku":
-        from canvaslm.checkpoints import assets
-
-        folder = assets.BUNDLED / "sudoku"
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(folder, "the Sudoku model is not bundled in this build; train one with "
-                                  "examples/sudoku/diffusion.toml and pass its model/ folder with --model")
+    if name in BUNDLED_NAMES:
+        needed, missing = BUNDLED_NAMES[name]
+        folder = BUNDLED / name
+        if not (folder / needed).is_file():
+            raise CheckpointError(folder, missing)
         return folder
     return None

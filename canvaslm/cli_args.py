@@ -1,0 +1,39 @@
+"""Argument helpers shared by the command-line entry points (`canvaslm`, `canvaslm bench`, `canvaslm sudoku`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from canvaslm.errors import CanvasError
+
+
+def threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch's kernels (default: torch's choice, one per physical core)")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads (None: leave torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CanvasError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def key_values(text: str, flag: str) -> dict[str, Any]:
+    """`a=1,b=0.5` -> {"a": 1, "b": 0.5} (values as JSON when they parse, else strings)."""
+    result: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CanvasError(f"{flag} {text!r}: expected key=value pairs separated by commas")
+        try:
+            result[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            result[key.strip()] = value
+    return result

@@ -1,0 +1,108 @@
+"""One denoising step: a canvas's decoder logits -> the canvas the next decoder pass reads.
+
+`generate_steps` (every row of a batch at the same step) and the serving engine (each sequence at its own step)
+both advance a canvas with `denoise_step`, so they draw the same random numbers in the same order and cannot drift:
+
+    temperature -> constraint -> pins -> carry-over -> propose -> accept -> re-noise -> argmax -> hold -> stop test
+
+The pieces are the pure functions of `canvaslm.diffusion.sampling`; this module only composes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.sampling import (
+    DiffusionSampling,
+    accept,
+    carry_over,
+    pin,
+    propose,
+    random_canvas,
+    renoise,
+    stable_and_confident,
+    temperature_at,
+)
+
+LogitsConstraint = Callable[[Tensor], Tensor]
+"""tempered logits [B, C, V] -> logits: a format restriction (e.g. -inf for tokens a grammar forbids)."""
+
+
+@dataclass
+class CanvasState:
+    """A canvas being denoised (all rows of a batch, or one sequence)."""
+    canvas: Tensor                   # [B, C] the tokens the next decoder pass reads
+    draft: Tensor                    # [B, C] argmax of the last step: the best guess so far
+    history: Tensor                  # [S, B, C] the last S drafts, for the stability test
+    stopped: Tensor                  # [B] bool: rows that stopped denoising keep their state
+    pins: Tensor | None = None       # [B, C] tokens the canvas must hold (-1 where free): certain, never re-noised
+    sc_logits: Tensor | None = None  # the last step's tempered logits, fed back as self-conditioning
+    step: int = 0                    # denoising steps done
+
+
+@dataclass
+class StepOutcome:
+    state: CanvasState               # the canvas after this step
+    accepted: Tensor                 # [B, C] bool: positions the sampler kept this step
+    entropy: Tensor                  # [B, C] the tempered distributions' entropy
+
+
+def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: DiffusionSampling,
+                 generator: torch.Generator | None, device: torch.device, mask_token_id: int | None = None,
+                 pins: Tensor | None = None, stopped: Tensor | None = None) -> CanvasState:
+    """A canvas drawn from the prior (uniform tokens, or all mask tokens), with `pins` written in."""
+    canvas = random_canvas(batch, canvas_length, vocab_size, generator, device, mask_token_id)
+    if pins is not None:
+        canvas = torch.where(pins >= 0, pins, canvas)
+    history = torch.full((settings.stability_threshold, batch, canvas_length), -1, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device) if stopped is None else stopped.clone()
+    return CanvasState(canvas, canvas, history, stopped, pins)
+
+
+def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling,
+                 generator: torch.Generator | None, *, vocab_size: int, mask_token_id: int | None = None,
+                 constrain: LogitsConstraint | None = None, hold: Tensor | None = None,
+                 sc_dtype: torch.dtype = torch.float32) -> StepOutcome:
+    """Advance `state` by one step from the decoder's logits [B, C, V] for its canvas (already shifted for
+    shift-trained models).
+
+    `hold` [B, C] bool marks positions whose last draft token stays in the canvas and the draft whatever the
+    logits say (the serving engine's settled, already streamed prefix). Rows in `state.stopped` keep their
+    whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does)."""
+    step = state.step + 1
+    logits = logits / temperature_at(settings.max_denoising_steps - state.step, settings)
+    if constrain is not None:
+        logits = constrain(logits)
+    if state.pins is not None:
+        logits = pin(logits, state.pins)
+    if mask_token_id is not None:
+        logits = carry_over(logits, state.canvas, mask_token_id)
+    proposal, token_entropy = propose(logits, settings, generator)
+    accepted = accept(logits, token_entropy, settings, step)
+    if state.pins is not None:  # top-k and the like may not pick every pinned position
+        accepted |= state.pins >= 0
+    canvas = renoise(proposal, accepted, vocab_size, generator, mask_token_id)
+    draft = logits.argmax(dim=-1)
+    if hold is not None and bool(hold.any()):
+        canvas, draft = torch.where(hold, state.draft, canvas), torch.where(hold, state.draft, draft)
+    stopped = state.stopped
+    if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
+        draft = torch.where(stopped[:, None], state.draft, draft)
+        canvas = torch.where(stopped[:, None], state.canvas, canvas)
+        kept = state.sc_logits if state.sc_logits is not None else torch.zeros((), device=logits.device)
+        logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
+    stop, history = stable_and_confident(state.history, draft, token_entropy, settings.confidence_threshold)
+    new = dataclasses.replace(state, canvas=canvas, draft=draft, history=history, stopped=stopped | stop,
+                              sc_logits=logits.to(sc_dtype), step=step)
+    return StepOutcome(new, accepted, token_entropy)
+
+
+def self_conditioning_dtype(model: object) -> torch.dtype:
+    """The dtype self-conditioning logits are kept in: the token embedding's (bf16 on GPU), as the reference."""
+    embed = getattr(model, "embed_tokens", None)
+    return embed.weight.dtype if isinstance(embed, torch.nn.Module) else torch.float32

@@ -1,0 +1,100 @@
+"""The sampling options, declared once: name, type, range, default and help of every knob.
+
+Everything else is derived from this list, so adding an option touches one place:
+
+* `canvaslm.diffusion.sampling.DiffusionSampling` (the diffusion knobs, their defaults and checks) and the AR
+  defaults of `LM` (`defaults("ar")`);
+* the command line's flags (`canvaslm generate --entropy-bound ...`);
+* the server's request fields (`canvaslm.server.protocol.Sampling`), with the same bounds.
+
+tests/test_knobs.py proves the three surfaces agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from canvaslm.errors import GenerationError
+
+ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
+SAMPLERS = ("reference", "fast")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    kind: type                    # int, float or str
+    default: Any
+    help: str
+    mode: str                     # "ar" (autoregressive models) or "diffusion"
+    low: float | None = None      # smallest value (excluded when low_open)
+    low_open: bool = False
+    high: float | None = None     # largest value (included)
+    choices: tuple[str, ...] = ()
+
+    @property
+    def expected(self) -> str:
+        """What a value must be, in words ("an integer >= 1", "a number in (0, 1]")."""
+        if self.choices:
+            return f"one of {self.choices}"
+        what = "an integer" if self.kind is int else "a number"
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is None:
+            return f"{what} {low}" if low else what
+        left = "(" if self.low_open else "["
+        return f"{what} in {left}{self.low:g}, {self.high:g}]"
+
+    def valid(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def check(self, value: Any) -> None:
+        if not self.valid(value):
+            raise GenerationError(f"{self.name} must be {self.expected}, got {value!r}")
+
+
+KNOBS: tuple[Knob, ...] = (
+    # autoregressive models
+    Knob("temperature", float, 0.7, "sampling temperature, 0 = greedy", "ar", low=0, high=2),
+    Knob("top_p", float, 1.0, "nucleus sampling mass", "ar", low=0, low_open=True, high=1),
+    Knob("top_k", int, 0, "sample among the k most likely tokens (0 = all)", "ar", low=0),
+    # block-diffusion models (defaults and names of transformers' DiffusionGemmaGenerationConfig)
+    Knob("max_denoising_steps", int, 48, "most decoder passes spent on one canvas", "diffusion", low=1, high=1024),
+    Knob("entropy_bound", float, 0.1, "accept the k most certain tokens whose summed entropy, minus the largest, "
+         "stays under this (nats)", "diffusion", low=0, low_open=True),
+    Knob("t_min", float, 0.4, "temperature at the last denoising step", "diffusion", low=0),
+    Knob("t_max", float, 0.8, "temperature at the first denoising step (linear schedule in between)", "diffusion",
+         low=0),
+    Knob("stability_threshold", int, 1, "a canvas stops once its argmax is unchanged for this many steps (and is "
+         "confident)", "diffusion", low=0, high=64),
+    Knob("confidence_threshold", float, 0.005, "... and its mean token entropy (nats) is below this", "diffusion",
+         low=0, low_open=True),
+    Knob("acceptance", str, "entropy_bound", "which tokens a step keeps (the rest are re-noised): entropy_bound "
+         "(the reference's rule), threshold (top probability >= accept_probability, as Fast-dLLM), top_k "
+         "(accept_k more tokens per step), adaptive (entropy_bound plus Fast-dLLM v2's confidence-factor rule)",
+         "diffusion", choices=ACCEPTANCE_RULES),
+    Knob("accept_probability", float, 0.9, "rule threshold: top probability a token needs to be kept", "diffusion",
+         low=0, low_open=True, high=1),
+    Knob("accept_k", int, 8, "rule top_k: tokens added per step (k x step kept)", "diffusion", low=1, high=65536),
+    Knob("accept_factor", float, 1.0, "rule adaptive: slack of the confidence-factor rule", "diffusion", low=0,
+         low_open=True),
+    Knob("sampler", str, "reference", "how a step draws its tokens: reference (torch.multinomial, the reference's "
+         "random stream) or fast (one uniform per position and an inverse-CDF search: the same distribution, "
+         "~4x less sampler time on a CPU)", "diffusion", choices=SAMPLERS),
+)
+BY_NAME = {knob.name: knob for knob in KNOBS}
+
+
+def knobs(mode: str) -> tuple[Knob, ...]:
+    """The knobs of "ar" or "diffusion" models."""
+    return tuple(knob for knob in KNOBS if knob.mode == mode)
+
+
+def defaults(mode: str) -> dict[str, Any]:
+    return {knob.name: knob.default for knob in knobs(mode)}
