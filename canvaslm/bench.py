@@ -38,6 +38,7 @@ from rich.progress import Progress
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
+from canvaslm.plotting import new_figure, save
 
 
 def _timed(fn: Callable[[], Any], repeats: int, progress: Progress, label: str) -> tuple[Any, float]:
@@ -180,11 +181,9 @@ def _reference_diffusion(source: str, lm: LM) -> Any:
 
 
 def plot_generate(report: dict[str, Any], png: str) -> bool:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    figure = new_figure(6.4, 4)
+    if figure is None:
         return False
-    figure = Figure(figsize=(6.4, 4), layout="constrained")
     ax = figure.add_subplot()
     batches = [r["batch"] for r in report["batches"]]
     for name in ("canvaslm", "transformers"):
@@ -196,8 +195,7 @@ def plot_generate(report: dict[str, Any], png: str) -> bool:
     ax.set_ylabel("generated tokens/s")
     ax.set_title(f"block-diffusion generate, {report['new_tokens']} new tokens")
     ax.legend()
-    figure.savefig(png, dpi=120)
-    return True
+    return save(figure, png)
 
 
 def bench_prompt(lm: LM, prompt_tokens: int, canvas_length: int) -> dict[str, Any]:
@@ -352,11 +350,9 @@ ENGINES = ("canvaslm_diffusion", "canvaslm_diffusion_fast_sampler", "canvaslm_ar
 
 def plot_compare(report: dict[str, Any], png: str) -> bool:
     """tokens/s and time to first token per engine against the batch size."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    figure = new_figure(10, 4)
+    if figure is None:
         return False
-    figure = Figure(figsize=(10, 4), layout="constrained")
     speed, latency = figure.subplots(1, 2)
     batches = [r["batch"] for r in report["batches"]]
     for engine in ENGINES:
@@ -370,8 +366,7 @@ def plot_compare(report: dict[str, Any], png: str) -> bool:
         axes.set_ylabel(label)
         axes.legend(fontsize=8)
     speed.set_title(f"{Path(str(report['checkpoint'])).name}: {report['new_tokens']} new tokens")
-    figure.savefig(png, dpi=120)
-    return True
+    return save(figure, png)
 
 
 def main(args) -> int:
@@ -423,7 +418,10 @@ def _serve(args) -> int:
 
     models = [args.model] + ([args.ar] if args.ar else [])
     levels = [int(c) for c in args.concurrency.split(",")]
-    report = {**bench_serve(models, levels, args.requests, args.max_tokens), "machine": machine()}
+    if not 0 <= args.structured_share <= 1:
+        raise CanvasError(f"--structured-share must be in [0, 1], got {args.structured_share}")
+    report = {**bench_serve(models, levels, args.requests, args.max_tokens,
+                            structured_share=args.structured_share), "machine": machine()}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -454,6 +452,9 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
     p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
+    p.add_argument("--structured-share", type=float, default=0.0,
+                   help="serve: share of the diffusion model's requests that ask for JSON (response_format "
+                        "json_schema); they run in the batch, and each level reports passes by batch size")
     p.add_argument("--schema-tasks", type=int, default=50, help="structured: JSON-schema tasks")
     p.add_argument("--infill-tasks", type=int, default=50, help="structured: code-infill tasks (Python stdlib)")
     p.add_argument("--seed", type=int, default=0, help="structured: task set and sampling seed")

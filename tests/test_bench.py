@@ -94,3 +94,18 @@ def test_bad_thread_count_is_a_one_line_error():
     out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "--threads", "0"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--threads must be >= 1" in out.stderr
+
+
+def test_serve_with_structured_requests_shares_decoder_passes(tmp_path):
+    """A mix of plain and json_schema requests: the JSON ones run inside the continuous batch, so the level's
+    passes include batches of more than one sequence, and every request succeeds."""
+    from tests.reference import tiny_smol_diffusion
+
+    path = tmp_path / "json-model"
+    tiny_smol_diffusion(16, layers=1, max_positions=512).save(path)
+    report = bench("serve", "-m", str(path), "--concurrency", "2", "--requests", "4", "--max-tokens", "48",
+                   "--structured-share", "0.5")
+    level = report["models"][str(path)]["levels"][0]
+    assert level["errors"] == 0 and level["requests"] == 4 and level["structured_requests"] == 2
+    passes = level["passes_by_batch_size"]
+    assert sum(passes.values()) > 0 and any(size != "1" for size in passes), passes

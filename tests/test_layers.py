@@ -11,7 +11,7 @@ import canvaslm
 PACKAGE = Path(canvaslm.__file__).parent
 # bottom to top; a module may import modules of its own floor or of a lower one
 FLOORS = [
-    {"errors", "hardware", "knobs", "cli_args"},
+    {"errors", "hardware", "knobs", "cli_args", "plotting"},
     {"models"},
     {"checkpoints", "diffusion"},
     {"engine"},

@@ -8,8 +8,7 @@ yields one event per denoising step (for live views and streaming); `generate` r
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,12 +16,8 @@ import torch
 from torch import Tensor
 
 from canvaslm.diffusion.sampling import DiffusionSampling
-from canvaslm.diffusion.step import denoise_step, self_conditioning_dtype, start_canvas
+from canvaslm.diffusion.step import Constraint, denoise_step, self_conditioning_dtype, start_canvas
 from canvaslm.models.cache import KVCache, encode_chunked
-
-Constraint = Callable[[int, Tensor], Tensor]
-"""(canvas index, tempered logits [B, C, V]) -> logits: a format restriction applied inside the loop."""
-
 
 class DiffusionModel(Protocol):
     canvas_length: int
@@ -50,6 +45,8 @@ class CanvasCommitted:
     canvas: int
     tokens: Tensor             # [B, C] with pad after EOS
     finished: Tensor           # [B] bool, rows that are done with the whole generation
+    logits: Tensor | None = None  # [B, C, V] the last step's constrained logits (`Constraint.keep_logits`; None
+                                  # when not asked for, or when the canvas was all pins and needed no pass)
 
 
 @dataclass
@@ -68,9 +65,8 @@ def generate_steps(
     eos_token_ids: list[int],
     pad_token_id: int | None,
     generator: torch.Generator | None,
-    constrain: Constraint | None = None,
+    constraint: Constraint | None = None,
     skip_finished: bool = False,
-    fixed: Tensor | None = None,
 ) -> Iterator[DenoisingStep | CanvasCommitted | DiffusionResult]:
     """Run generation, yielding every denoising step and committed canvas, and lastly the result.
 
@@ -79,12 +75,10 @@ def generate_steps(
     batch has finished the whole generation (the random draws do not depend on the logits' values); after that
     the loop no longer waits for finished rows to look "stopped", so later canvases' draws can differ.
 
-    `constrain(canvas_index, logits)`, when given, edits each step's tempered logits [B, C, V] before sampling
-    (e.g. -inf for tokens a format forbids at a position); without it the loop is the reference's.
-
-    `fixed` [B, n] holds tokens the generated region must have at positions 0 .. n - 1 (-1 where free): they
-    are written into each new canvas and pinned in every step (`pin`), so the free positions are denoised
-    seeing them on both sides (infill, a puzzle's givens, a schema's skeleton).
+    `constraint` (`canvaslm.diffusion.step.Constraint`) restricts the generated region: its pins are written
+    into each new canvas and held certain in every step, so the free positions are denoised seeing them on both
+    sides (infill, a puzzle's givens, a schema's skeleton); its allowed-token masks put -inf on the tempered
+    logits of tokens a format forbids. Without it the loop is the reference's.
 
     Phases (numbered as in the reference):
       1.a encode the new tokens (the prompt, then each committed canvas) into the cache
@@ -94,6 +88,8 @@ def generate_steps(
       1.d commit the argmax canvas; 1.e pad after EOS, stop when every row is finished
     """
     batch, canvas_length, device = input_ids.shape[0], model.canvas_length, input_ids.device
+    if constraint is not None:
+        constraint.check(batch, model.vocab_size)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     cache = model.new_cache(batch, device)
     sequences, new_tokens, new_valid = input_ids, input_ids, valid
@@ -106,7 +102,7 @@ def generate_steps(
     for canvas_index in range(n_canvases):
         hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
-        pins = canvas_pins(fixed, canvas_index, canvas_length)
+        pins, allowed = (None, None) if constraint is None else constraint.for_canvas(canvas_index, canvas_length)
         state = start_canvas(batch, canvas_length, model.vocab_size, settings, generator, device, mask_id, pins,
                              done if skip_finished else None)                                 # 1.b
         draft, steps = state.draft, settings.max_denoising_steps
@@ -115,8 +111,7 @@ def generate_steps(
             # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins, no decoder pass;
             # positions past max_new_tokens are never returned
             draft, steps = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0), 0
-        constraint = None if constrain is None else functools.partial(constrain, canvas_index)
-        rows, row_cache = None, cache
+        rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
             forward_passes += ~(state.stopped | done)
             if skip_finished and bool(state.stopped.any()):
@@ -132,8 +127,10 @@ def generate_steps(
             if shift:  # canvas token i is read from output i - 1, token 0 from the last encoded position
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
             outcome = denoise_step(state, logits, settings, generator, vocab_size=model.vocab_size,
-                                   mask_token_id=mask_id, constrain=constraint, sc_dtype=sc_dtype)
+                                   mask_token_id=mask_id, allowed=allowed, sc_dtype=sc_dtype)
             state, draft = outcome.state, outcome.state.draft
+            if constraint is not None and constraint.keep_logits:
+                last_logits = outcome.logits
             yield DenoisingStep(canvas_index, state.step, settings.max_denoising_steps, draft, outcome.accepted,
                                 state.stopped.clone())
             if bool(state.stopped.all()):
@@ -143,23 +140,13 @@ def generate_steps(
         if canvas_index == n_canvases - 1:
             done[:] = True  # max length reached, as the reference's MaxLengthCriteria
         sequences = torch.cat([sequences, tokens], dim=1)
-        yield CanvasCommitted(canvas_index, tokens, done.clone())
+        yield CanvasCommitted(canvas_index, tokens, done.clone(), last_logits)
         if bool(done.all()):
             break
         new_tokens, new_valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
     generated = sequences[:, input_ids.shape[1]:]
     counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
-
-
-def canvas_pins(fixed: Tensor | None, canvas_index: int, canvas_length: int) -> Tensor | None:
-    """The part of `fixed` that falls in canvas `canvas_index`, padded with -1 (None when nothing is fixed)."""
-    if fixed is None:
-        return None
-    pins = fixed[:, canvas_index * canvas_length:(canvas_index + 1) * canvas_length]
-    if not bool((pins >= 0).any()):
-        return None
-    return torch.nn.functional.pad(pins, (0, canvas_length - pins.shape[1]), value=-1)
 
 
 def _fill(sc_logits: Tensor | None, batch: int, vocab_size: int, canvas: Tensor) -> Tensor:
@@ -185,11 +172,11 @@ def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done
 
 def generate(model: DiffusionModel, input_ids: Tensor, valid: Tensor, max_new_tokens: int,
              settings: DiffusionSampling, eos_token_ids: list[int], pad_token_id: int | None,
-             generator: torch.Generator | None, constrain: Constraint | None = None,
-             skip_finished: bool = False, fixed: Tensor | None = None) -> DiffusionResult:
+             generator: torch.Generator | None, constraint: Constraint | None = None,
+             skip_finished: bool = False) -> DiffusionResult:
     """Run `generate_steps` to the end and return its result."""
     for event in generate_steps(model, input_ids, valid, max_new_tokens, settings, eos_token_ids,
-                                pad_token_id, generator, constrain, skip_finished, fixed):
+                                pad_token_id, generator, constraint, skip_finished):
         if isinstance(event, DiffusionResult):
             return event
     raise AssertionError("generate_steps ended without a result")

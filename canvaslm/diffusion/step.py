@@ -3,7 +3,7 @@
 `generate_steps` (every row of a batch at the same step) and the serving engine (each sequence at its own step)
 both advance a canvas with `denoise_step`, so they draw the same random numbers in the same order and cannot drift:
 
-    temperature -> constraint -> pins -> carry-over -> propose -> accept -> re-noise -> argmax -> hold -> stop test
+    temperature -> allowed tokens -> pins -> carry-over -> propose -> accept -> re-noise -> argmax -> hold -> stop test
 
 The pieces are the pure functions of `canvaslm.diffusion.sampling`; this module only composes them.
 """
@@ -11,7 +11,6 @@ The pieces are the pure functions of `canvaslm.diffusion.sampling`; this module 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +27,47 @@ from canvaslm.diffusion.sampling import (
     stable_and_confident,
     temperature_at,
 )
+from canvaslm.errors import GenerationError
 
-LogitsConstraint = Callable[[Tensor], Tensor]
-"""tempered logits [B, C, V] -> logits: a format restriction (e.g. -inf for tokens a grammar forbids)."""
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the generated region must hold, position by position: pinned tokens and allowed-token sets.
+
+    One type for every restriction: an infill's suffix, a puzzle's givens and a JSON schema's skeleton are pins
+    (written into each canvas, certain, never re-noised, so the free positions are denoised seeing them on both
+    sides); digit-only cells and a value's grammar are allowed-token masks (-inf elsewhere, before sampling)."""
+    pins: Tensor | None = None      # [B, n] the token position i must hold, -1 where free
+    allowed: Tensor | None = None   # [B, n, V] bool: the tokens position i may take (past n: any)
+    keep_logits: bool = False       # hand each canvas's last-step logits to the caller (`CanvasCommitted.logits`)
+
+    def check(self, batch: int, vocab_size: int) -> None:
+        """A GenerationError unless pins are [batch, n] token ids (or -1) and allowed is [batch, n, vocab] bool."""
+        if self.pins is not None:
+            pins = self.pins
+            if not isinstance(pins, Tensor) or pins.dim() != 2 or pins.shape[0] != batch or pins.is_floating_point():
+                raise GenerationError(f"constraint pins must be an integer tensor [{batch}, n], got "
+                                      f"{getattr(pins, 'shape', type(pins).__name__)}")
+            if pins.numel() and (int(pins.min()) < -1 or int(pins.max()) >= vocab_size):
+                raise GenerationError(f"constraint pins must be token ids in [0, {vocab_size}) or -1 (free)")
+        if self.allowed is not None:
+            allowed = self.allowed
+            if not isinstance(allowed, Tensor) or allowed.dtype != torch.bool or allowed.dim() != 3 \
+                    or allowed.shape[0] != batch or allowed.shape[2] != vocab_size:
+                raise GenerationError(f"constraint allowed must be a bool tensor [{batch}, n, {vocab_size}], got "
+                                      f"{getattr(allowed, 'shape', type(allowed).__name__)}")
+
+    def for_canvas(self, index: int, length: int) -> tuple[Tensor | None, Tensor | None]:
+        """(pins [B, C], allowed [B, C, V]) of canvas `index` of `length` positions; None where nothing applies."""
+        start, stop = index * length, (index + 1) * length
+        pins = allowed = None
+        if self.pins is not None and bool((self.pins[:, start:stop] >= 0).any()):
+            part = self.pins[:, start:stop]
+            pins = torch.nn.functional.pad(part, (0, length - part.shape[1]), value=-1)
+        if self.allowed is not None and start < self.allowed.shape[1]:
+            part = self.allowed[:, start:stop]
+            allowed = torch.nn.functional.pad(part, (0, 0, 0, length - part.shape[1]), value=True)
+        return pins, allowed
 
 
 @dataclass
@@ -50,6 +87,7 @@ class StepOutcome:
     state: CanvasState               # the canvas after this step
     accepted: Tensor                 # [B, C] bool: positions the sampler kept this step
     entropy: Tensor                  # [B, C] the tempered distributions' entropy
+    logits: Tensor                   # [B, C, V] this step's tempered logits under the allowed mask (before pins)
 
 
 def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: DiffusionSampling,
@@ -66,18 +104,20 @@ def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: Diff
 
 def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling,
                  generator: torch.Generator | None, *, vocab_size: int, mask_token_id: int | None = None,
-                 constrain: LogitsConstraint | None = None, hold: Tensor | None = None,
+                 allowed: Tensor | None = None, hold: Tensor | None = None,
                  sc_dtype: torch.dtype = torch.float32) -> StepOutcome:
     """Advance `state` by one step from the decoder's logits [B, C, V] for its canvas (already shifted for
     shift-trained models).
 
+    `allowed` [B, C, V] bool restricts each position to its tokens (a `Constraint`'s mask for this canvas).
     `hold` [B, C] bool marks positions whose last draft token stays in the canvas and the draft whatever the
     logits say (the serving engine's settled, already streamed prefix). Rows in `state.stopped` keep their
     whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does)."""
     step = state.step + 1
     logits = logits / temperature_at(settings.max_denoising_steps - state.step, settings)
-    if constrain is not None:
-        logits = constrain(logits)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    constrained = logits
     if state.pins is not None:
         logits = pin(logits, state.pins)
     if mask_token_id is not None:
@@ -99,7 +139,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     stop, history = stable_and_confident(state.history, draft, token_entropy, settings.confidence_threshold)
     new = dataclasses.replace(state, canvas=canvas, draft=draft, history=history, stopped=stopped | stop,
                               sc_logits=logits.to(sc_dtype), step=step)
-    return StepOutcome(new, accepted, token_entropy)
+    return StepOutcome(new, accepted, token_entropy, constrained)
 
 
 def self_conditioning_dtype(model: object) -> torch.dtype:

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.generate import canvas_pins
-from canvaslm.diffusion.step import CanvasState, denoise_step, self_conditioning_dtype, start_canvas
+from canvaslm.diffusion.step import CanvasState, Constraint, denoise_step, self_conditioning_dtype, start_canvas
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.lm import LM
-from canvaslm.errors import CanvasError, UnsupportedError
+from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
 from canvaslm.models.cache import KVCache, encode_chunked
 
 
@@ -68,7 +67,13 @@ class Finished:
     tokens_per_forward: float
 
 
-Event = Tokens | Draft | Finished
+@dataclass
+class CanvasLogits:
+    canvas: int                    # canvas index
+    logits: Tensor                 # [C, V] its last step's logits under the constraint's allowed tokens
+
+
+Event = Tokens | Draft | Finished | CanvasLogits
 
 
 @dataclass
@@ -83,6 +88,9 @@ class Request:
     drafts: bool = False            # also emit a Draft after every denoising step
     suffix: list[int] = field(default_factory=list)  # infill: fixed right after the max_new_tokens generated ones
     ignore_eos: bool = False        # benchmarks: always write max_new_tokens tokens
+    constraint: Constraint | None = None  # pins / allowed tokens over the generated region (batch of one row);
+                                          # with keep_logits, a CanvasLogits event before each canvas's tokens
+    pin_settled: bool | None = None  # stream and hold settled prefixes (None: the engine's setting)
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -95,7 +103,10 @@ class _Sequence:
     emitted: int = 0                # tokens sent so far
     passes: int = 0                 # forward passes that worked on this sequence
     canvas_index: int = 0
-    state: CanvasState | None = None  # diffusion: the current canvas (the suffix's tokens in it are its pins)
+    constraint: Constraint | None = None  # the request's, with the suffix as pins
+    state: CanvasState | None = None  # diffusion: the current canvas
+    allowed: Tensor | None = None   # [1, C, V] the constraint's allowed tokens in the current canvas
+    last_logits: Tensor | None = None  # [C, V] the current canvas's last step logits (constraint.keep_logits)
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
     before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
@@ -150,10 +161,15 @@ class Engine:
         return self.lm.resolve_sampling(dict(request.sampling))
 
     def submit(self, request: Request) -> None:
-        if request.suffix and self.lm.kind != "diffusion":
-            raise UnsupportedError("infill (a suffix) needs a diffusion model: an autoregressive model cannot see "
-                                   "text to the right of what it writes")
+        if (request.suffix or request.constraint is not None) and self.lm.kind != "diffusion":
+            raise UnsupportedError("infill (a suffix) and canvas constraints need a diffusion model: an "
+                                   "autoregressive model cannot see text to the right of what it writes")
         self.lm.check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
+        if request.constraint is not None:
+            if not isinstance(request.constraint, Constraint):
+                raise GenerationError(f"a request's constraint must be a Constraint, got "
+                                      f"{type(request.constraint).__name__}")
+            request.constraint.check(1, self.lm.network.vocab_size)
         self.check(request)
         with self._wake:
             if not self.alive:
@@ -213,18 +229,20 @@ class Engine:
         lm = self.lm
         generator = torch.Generator(lm.device)
         generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seq = _Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request))
+        seq = _Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request),
+                        constraint=self._constraint(request))
         prompt = torch.tensor([request.prompt], device=lm.device)
         valid = torch.ones_like(prompt, dtype=torch.bool)
         hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
         if lm.kind == "diffusion":
+            self._running.append(seq)  # first: a first canvas that is all pins commits (and may finish) at once
             self._keep_before(seq, hidden)
             self._new_canvas(seq)
         else:
             seq.next_logits, seq.passes = lm.network.logits(hidden[:, -1]), 1
             self._ar_cache = seq.cache if self._ar_cache is None else KVCache.stack([self._ar_cache, seq.cache])
             seq.cache = None  # type: ignore[assignment]  # its row lives in the shared cache now
-        self._running.append(seq)
+            self._running.append(seq)
 
     def _timed(self, batch: int, work: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -268,17 +286,34 @@ class Engine:
 
     def _new_canvas(self, seq: _Sequence) -> None:
         network = self.lm.network
+        pins, seq.allowed = (None, None) if seq.constraint is None else \
+            seq.constraint.for_canvas(seq.canvas_index, network.canvas_length)
         seq.state = start_canvas(1, network.canvas_length, network.vocab_size, seq.settings, seq.generator,
-                                 self.lm.device, getattr(network, "mask_token_id", None), self._suffix_in_canvas(seq))
-        seq.pinned = 0
+                                 self.lm.device, getattr(network, "mask_token_id", None), pins)
+        seq.pinned, seq.last_logits = 0, None
+        total = seq.request.max_new_tokens + len(seq.request.suffix)
+        region = min(network.canvas_length, total - seq.canvas_index * network.canvas_length)
+        if pins is not None and bool((pins[:, :region] >= 0).all()):
+            # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins without a pass,
+            # as generate_steps does, so both draw the same random numbers for the canvases that follow
+            filler = self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0
+            seq.state.draft = torch.where(pins >= 0, pins, filler)
+            self._commit(seq)
 
-    def _suffix_in_canvas(self, seq: _Sequence) -> Tensor | None:
-        """Infill: the suffix occupies generated positions max_new_tokens .. + len(suffix); those that fall in the
-        current canvas are held fixed there, so the middle is denoised seeing what follows it."""
-        if not seq.request.suffix:
-            return None
-        fixed = torch.tensor([[-1] * seq.request.max_new_tokens + seq.request.suffix], device=self.lm.device)
-        return canvas_pins(fixed, seq.canvas_index, self.lm.network.canvas_length)
+    def _constraint(self, request: Request) -> Constraint | None:
+        """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..
+        + len(suffix): the middle is denoised seeing what follows it."""
+        if not request.suffix:
+            return request.constraint
+        suffix = torch.tensor([[-1] * request.max_new_tokens + request.suffix], device=self.lm.device)
+        if request.constraint is None or request.constraint.pins is None:
+            pins = suffix
+        else:
+            pins = torch.nn.functional.pad(request.constraint.pins.to(self.lm.device),
+                                           (0, suffix.shape[1] - request.constraint.pins.shape[1]), value=-1)
+            pins = torch.where(suffix >= 0, suffix, pins)
+        allowed = None if request.constraint is None else request.constraint.allowed
+        return Constraint(pins, allowed)
 
     def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
         """One denoising step of one sequence from its decoder logits [1, C, V] (`denoise_step`, as
@@ -290,15 +325,17 @@ class Engine:
             hold = torch.zeros_like(before.canvas, dtype=torch.bool)
             hold[:, :seq.pinned] = True
         outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
-                               mask_token_id=getattr(network, "mask_token_id", None), hold=hold,
+                               mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed, hold=hold,
                                sc_dtype=self_conditioning_dtype(network))
         seq.state = state = outcome.state
         draft = state.draft
+        if seq.constraint is not None and seq.constraint.keep_logits:
+            seq.last_logits = outcome.logits[0]
         if seq.request.drafts:
             seq.request.emit(Draft(seq.canvas_index, state.step, draft[0].tolist()))
         if bool(state.stopped.all()) or state.step == settings.max_denoising_steps:
             self._commit(seq)
-        elif self.pin_settled:
+        elif self.pin_settled if seq.request.pin_settled is None else seq.request.pin_settled:
             settled = outcome.accepted & (draft == before.draft)
             settled[:, :seq.pinned] = True
             run = int(settled[0].long().cumprod(0).sum())  # length of the settled left-to-right prefix
@@ -325,6 +362,8 @@ class Engine:
         return False
 
     def _commit(self, seq: _Sequence) -> None:
+        if seq.last_logits is not None:
+            seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
         tokens = seq.state.draft[0].tolist()
         if self._emit_tokens(seq, tokens[seq.pinned:]):
             return
@@ -360,7 +399,7 @@ class Engine:
             if not keep:
                 self._ar_cache = None
         self._running.remove(seq)
-        seq.cache = seq.state = seq.next_logits = None  # type: ignore[assignment]
+        seq.cache = seq.state = seq.allowed = seq.next_logits = None  # type: ignore[assignment]
         passes = max(seq.passes, 1)
         seq.request.emit(Finished(reason, seq.emitted, passes, seq.emitted / passes))
 

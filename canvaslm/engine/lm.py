@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from canvaslm.checkpoints import hf
 from canvaslm.checkpoints.tokenizer import Tokenizer
-from canvaslm.diffusion.generate import Constraint, DiffusionResult, generate_steps
+from canvaslm.diffusion.generate import DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.structured import SlotGrammars, StructuredResult, generate_json
 from canvaslm.errors import GenerationError, UnsupportedError
@@ -96,11 +97,11 @@ class LM:
                               time.perf_counter() - start)
 
     def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
-                       attention_mask: Tensor | None = None, exact: bool = False, fixed: Tensor | None = None,
-                       constrain: Constraint | None = None, **sampling: Any) -> Iterator[Any]:
+                       attention_mask: Tensor | None = None, exact: bool = False,
+                       constraint: Constraint | None = None, **sampling: Any) -> Iterator[Any]:
         """Like `generate`, yielding the loop's events (diffusion: `DenoisingStep`, `CanvasCommitted`) and last a
-        `DiffusionResult` (for AR models: only the result). `fixed` [B, n] pins generated positions to tokens
-        (-1 where free) and `constrain` edits each step's logits (diffusion only, see `generate_steps`)."""
+        `DiffusionResult` (for AR models: only the result). `constraint` pins generated positions to tokens and
+        restricts the tokens others may take (diffusion only, see `canvaslm.diffusion.step.Constraint`)."""
         input_ids, valid = self._batch(prompt_ids, attention_mask)
         self.check_length(input_ids.shape[1], max_new_tokens)
         generator = torch.Generator(self.device)
@@ -110,9 +111,9 @@ class LM:
                 settings = self.diffusion_settings(sampling)
                 yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
                                           self.eos_token_ids, self.pad_token_id, generator,
-                                          constrain, skip_finished=not exact, fixed=fixed)
+                                          constraint, skip_finished=not exact)
             else:
-                if fixed is not None or constrain is not None:
+                if constraint is not None:
                     raise UnsupportedError(f"fixed tokens (infill) need a diffusion model; {self.source} is "
                                            "autoregressive and cannot see what follows")
                 options = self.ar_settings(sampling)
@@ -194,9 +195,10 @@ class LM:
         prompt = tokenizer.encode(prefix, add_special_tokens=True)
         tail = tokenizer.encode(suffix, add_special_tokens=False)
         self.check_length(len(prompt) + len(tail), max_new_tokens)
-        fixed = torch.tensor([[-1] * max_new_tokens + tail], device=self.device)
+        pins = torch.tensor([[-1] * max_new_tokens + tail], device=self.device)
         start = time.perf_counter()
-        *_, out = self.generate_steps([prompt], max_new_tokens + len(tail), seed, fixed=fixed, **sampling)
+        *_, out = self.generate_steps([prompt], max_new_tokens + len(tail), seed, constraint=Constraint(pins),
+                                      **sampling)
         ids, reason = self.decode_new(out.sequences[0], len(prompt))
         reason = "stop" if reason == "stop" and len(ids) < max_new_tokens else "length"
         ids, passes = ids[:max_new_tokens], int(out.forward_passes[0])

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from canvaslm.diffusion.generate import CanvasCommitted
 from canvaslm.diffusion.grammar import (INTEGER, NUMBER, STRING, Automaton, TokenGrammar, bounded_string, literals,
                                         number_range, token_texts)
+from canvaslm.diffusion.step import Constraint
 from canvaslm.errors import CanvasError
 
 IGNORED = {"title", "description", "$schema", "$id", "default", "examples", "additionalProperties", "required",
@@ -35,6 +37,7 @@ KEYWORDS = {"type", "properties", "items", "minItems", "maxItems", "enum", "cons
 SMALL_RANGE = 64   # an integer range this small becomes an enum: the grammar then enforces the bounds
 COUNTED = 64       # strings with a maxLength up to this are counted in the grammar; longer ones are checked after
 MAX_ITEMS = 256    # most items an array's minItems may ask for
+ROUNDS = 3         # denoising rounds before a schema answer is given up
 
 
 class SchemaError(CanvasError):
@@ -258,47 +261,75 @@ class StructuredResult:
     tokens: int               # tokens in the canvas region the schema occupies
 
 
-def generate_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], *, seed: int | None = None, rounds: int = 3,
-                  budget: Budget = Budget(), **sampling: Any) -> StructuredResult:
-    """Answer `prompt` with JSON that validates against `schema` (see the module docstring), or raise
-    `StructuredOutputError` after `rounds` denoising rounds."""
-    tokenizer = lm.require_tokenizer()
-    layout = scaffold(schema, lambda text: tokenizer.encode(text, add_special_tokens=False), budget)
-    lm.check_length(len(prompt), len(layout.fixed))
-    grammars = lm.slot_grammars()
-    vocab, canvas, device = lm.network.vocab_size, lm.network.canvas_length, lm.device
-    allowed = allowed_mask(layout, grammars, vocab).to(device)
-    size = len(layout.fixed)
-    allowed = torch.cat([allowed, allowed.new_ones(-size % canvas, vocab)])  # whole canvases
-    fixed, passes = list(layout.fixed), 0
-    seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
-    problems: list[str] = []
-    last: dict[int, Tensor] = {}  # per canvas, the last step's logits: the slots are projected from them
+class JsonPlan:
+    """One schema answer in rounds: the scaffold, the slots' grammars and masks, and what is pinned so far.
 
-    def constrain(index: int, logits: Tensor) -> Tensor:
-        logits = logits.masked_fill(~allowed[index * canvas:(index + 1) * canvas], float("-inf"))
-        last[index] = logits[0]
-        return logits
+    A round denoises the region under `constraint()` (by `LM.generate_steps` in `generate_json`, or as a request
+    of the serving engine's batch), and `judge` turns its canvases' last logits into an answer or into the pins of
+    the next round (the values that broke the schema are freed, the others kept)."""
 
-    for attempt in range(rounds):
-        last.clear()
-        *_, result = lm.generate_steps([prompt], size, seed + attempt, fixed=torch.tensor([fixed], device=device),
-                                       constrain=constrain, **sampling)
-        passes += int(result.forward_passes[0])
+    def __init__(self, lm: Any, prompt: list[int], schema: Mapping[str, Any], budget: Budget = Budget()) -> None:
+        self.schema, self.tokenizer = schema, lm.require_tokenizer()
+        self.layout = scaffold(schema, lambda text: self.tokenizer.encode(text, add_special_tokens=False), budget)
+        lm.check_length(len(prompt), len(self.layout.fixed))
+        self.grammars = lm.slot_grammars()
+        self.vocab, self.canvas, self.device = lm.network.vocab_size, lm.network.canvas_length, lm.device
+        self.size = len(self.layout.fixed)               # tokens of the region the schema occupies
+        allowed = allowed_mask(self.layout, self.grammars, self.vocab).to(self.device)
+        self.allowed = torch.cat([allowed, allowed.new_ones(-self.size % self.canvas, self.vocab)])  # whole canvases
+        self.fixed = list(self.layout.fixed)
+        self.problems: list[str] = []
+        self.value: Any = None
+
+    def constraint(self) -> Constraint:
+        return Constraint(torch.tensor([self.fixed], device=self.device), self.allowed[None], keep_logits=True)
+
+    def judge(self, last: Mapping[int, Tensor]) -> bool:
+        """Read a round's answer from each canvas's last-step logits [C, V] (by canvas index): True when it
+        validates (it is then `value`), False when a value broke the schema (`problems` says which; those values
+        are free in the next round)."""
         # a canvas with nothing free was committed without a decoder pass: its positions are all pinned
-        spans = [last.get(i, allowed.new_zeros(canvas, vocab, dtype=torch.float)) for i in range(-(-size // canvas))]
-        log_probs = torch.cat(spans)[:size].float().log_softmax(dim=-1)
+        count = -(-self.size // self.canvas)
+        spans = [last.get(i, self.allowed.new_zeros(self.canvas, self.vocab, dtype=torch.float)) for i in range(count)]
+        log_probs = torch.cat(spans)[:self.size].float().log_softmax(dim=-1)
         # values pinned from an earlier round stay as they were; the others take their best grammatical filling
-        tokens = [f if f >= 0 else t for f, t in zip(fixed, fill(layout, grammars, log_probs), strict=True)]
-        text = tokenizer.decode(tokens)
+        filled = fill(self.layout, self.grammars, log_probs)
+        tokens = [f if f >= 0 else t for f, t in zip(self.fixed, filled, strict=True)]
+        text = self.tokenizer.decode(tokens)
         try:
             value = json.loads(text)
         except json.JSONDecodeError as error:
             raise StructuredOutputError(f"the scaffold decoded to invalid JSON ({error}): {text!r}") from None
-        problems = violations(schema, value)
-        if not problems:
-            return StructuredResult(value, json.dumps(value, ensure_ascii=False), passes, attempt + 1, size)
-        fixed = list(tokens)
-        for slot in failing_slots(layout, problems):
-            fixed[slot.start:slot.start + slot.length] = [-1] * slot.length
-    raise StructuredOutputError(f"no answer satisfied the schema in {rounds} rounds: " + "; ".join(problems))
+        self.problems = violations(self.schema, value)
+        if not self.problems:
+            self.value = value
+            return True
+        self.fixed = list(tokens)
+        for slot in failing_slots(self.layout, self.problems):
+            self.fixed[slot.start:slot.start + slot.length] = [-1] * slot.length
+        return False
+
+    def failed(self, rounds: int) -> StructuredOutputError:
+        return StructuredOutputError(f"no answer satisfied the schema in {rounds} rounds: " + "; ".join(self.problems))
+
+    def result(self, passes: int, rounds: int) -> StructuredResult:
+        return StructuredResult(self.value, json.dumps(self.value, ensure_ascii=False), passes, rounds, self.size)
+
+
+def generate_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], *, seed: int | None = None,
+                  rounds: int = ROUNDS, budget: Budget = Budget(), **sampling: Any) -> StructuredResult:
+    """Answer `prompt` with JSON that validates against `schema` (see the module docstring), or raise
+    `StructuredOutputError` after `rounds` denoising rounds."""
+    plan = JsonPlan(lm, prompt, schema, budget)
+    seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+    passes = 0
+    for attempt in range(rounds):
+        last: dict[int, Tensor] = {}  # per canvas, the last step's logits: the slots are projected from them
+        for event in lm.generate_steps([prompt], plan.size, seed + attempt, constraint=plan.constraint(), **sampling):
+            if isinstance(event, CanvasCommitted) and event.logits is not None:
+                last[event.canvas] = event.logits[0]
+            result = event
+        passes += int(result.forward_passes[0])
+        if plan.judge(last):
+            return plan.result(passes, attempt + 1)
+    raise plan.failed(rounds)

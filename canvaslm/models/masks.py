@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from canvaslm.models.cache import KVCache, encoder_mask
 from canvaslm.errors import TrainingError
+from canvaslm.models.cache import KVCache, encoder_mask
 
 
 def causal_mask(valid: Tensor, window: int | None) -> Tensor:

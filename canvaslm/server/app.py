@@ -23,15 +23,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from canvaslm.engine.batching import Draft, Engine, EngineDead, Finished, QueueFull, Tokens
+from canvaslm.engine.batching import CanvasLogits, Draft, Engine, EngineDead, Finished, QueueFull, Tokens
 from canvaslm.engine.batching import Request as EngineRequest
 from canvaslm.engine.lm import LM
-from canvaslm.engine.structured import SchemaError, StructuredOutputError
+from canvaslm.engine.structured import ROUNDS, JsonPlan, SchemaError, StructuredOutputError
 from canvaslm.errors import CanvasError
 from canvaslm.server.metrics import Metrics
 from canvaslm.server.protocol import ChatRequest, CompletionRequest, Sampling
@@ -101,22 +102,10 @@ class Server:
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             emit = lambda e, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, e))  # noqa: E731
-            request = EngineRequest(prompt, max_tokens, emit, body.sampling(self.lm.kind == "diffusion"), seed,
-                                    body.canvas_drafts, suffix, body.ignore_eos)
+            request = EngineRequest(prompt, max_tokens, emit, body.sampling(self.lm.kind == "diffusion"), seed=seed,
+                                    drafts=body.canvas_drafts, suffix=suffix, ignore_eos=body.ignore_eos)
             requests.append(request)
-        try:
-            for request in requests:
-                self.engine.submit(request)
-        except QueueFull as e:
-            for request in requests:
-                self.engine.cancel(request.id)
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
-        except EngineDead as e:
-            raise APIError(503, str(e), "server_error", code="engine_dead") from None
-        except CanvasError as e:
-            for request in requests:
-                self.engine.cancel(request.id)
-            raise APIError(400, str(e)) from None
+        self._submit(requests)
         self.metrics.request_started(len(prompt))
         started, first_token = time.monotonic(), None
         open_choices = body.n
@@ -151,6 +140,61 @@ class Server:
                                           [c.tokens_per_forward for c in done if c.passes],
                                           None if first_token is None else first_token - started,
                                           time.monotonic() - started)
+
+    def _submit(self, requests: Sequence[EngineRequest]) -> None:
+        """Queue requests in the engine, or none of them: a full queue is a 429, a dead engine a 503, options the
+        model does not take a 400."""
+        try:
+            for request in requests:
+                self.engine.submit(request)
+        except QueueFull as e:
+            for request in requests:
+                self.engine.cancel(request.id)
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except EngineDead as e:
+            raise APIError(503, str(e), "server_error", code="engine_dead") from None
+        except CanvasError as e:
+            for request in requests:
+                self.engine.cancel(request.id)
+            raise APIError(400, str(e)) from None
+
+    async def json_in_batch(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                            seed: int | None) -> str:
+        """response_format json_schema on a diffusion model, inside the continuous batch: each round of
+        `JsonPlan` (denoise the scaffold, project the slots, validate) is one engine request that shares decoder
+        passes with every other request; the same answer as `LM.generate_json` for the same seed."""
+        schema = body.response_format.target_schema()  # type: ignore[union-attr]
+        plan = await asyncio.to_thread(JsonPlan, self.lm, prompt, schema)  # the first builds the slot grammars
+        seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        loop = asyncio.get_running_loop()
+        for attempt in range(ROUNDS):
+            inbox: asyncio.Queue[Any] = asyncio.Queue()
+            request = EngineRequest(prompt, plan.size, lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e),
+                                    body.sampling(True), seed=seed + attempt, ignore_eos=True,
+                                    constraint=plan.constraint(), pin_settled=False)
+            self._submit([request])
+            last: dict[int, Any] = {}
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    except TimeoutError:
+                        if await http.is_disconnected():
+                            self.engine.cancel(request.id)
+                            raise APIError(499, "the client went away") from None
+                        continue
+                    if isinstance(event, CanvasLogits):
+                        last[event.canvas] = event.logits
+                    elif isinstance(event, Finished):
+                        break
+            except asyncio.CancelledError:
+                self.engine.cancel(request.id)
+                raise
+            if event.reason == "abort":
+                raise APIError(503, "the engine stopped this request", "server_error", code="engine_dead")
+            if await asyncio.to_thread(plan.judge, last):
+                return json.dumps(plan.value, ensure_ascii=False)
+        raise plan.failed(ROUNDS)
 
     def _add_tokens(self, choice: Choice, ids: list[int]) -> None:
         choice.ids.extend(ids)
@@ -268,7 +312,7 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
     async def respond(http: Request, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
                       chat: bool, suffix: list[int] | None = None) -> Any:
         if body.response_format is not None and body.response_format.type != "text":
-            return await respond_structured(body, prompt, max_tokens, chat)
+            return await respond_structured(http, body, prompt, max_tokens, chat)
         used = len(prompt) + len(suffix or [])
         if used + max_tokens > lm.max_length:
             raise APIError(400, f"This model's maximum context length is {lm.max_length} tokens and your request "
@@ -296,13 +340,23 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                           "total_tokens": len(prompt) + completion}}
 
-    async def respond_structured(body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
-                                 chat: bool) -> Any:
-        """response_format json_schema / json_object: each choice is written by `structured_answer` in a worker
-        thread (these requests do not join the continuous batch), then sent whole."""
+    async def respond_structured(http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                                 max_tokens: int, chat: bool) -> Any:
+        """response_format json_schema / json_object, sent whole. json_schema on a diffusion model runs inside the
+        continuous batch (`Server.json_in_batch`); the rest (json_object, AR models under llguidance) is written by
+        `structured_answer` in a worker thread."""
+        seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
         try:
-            texts = [await asyncio.to_thread(structured_answer, lm, body, prompt, max_tokens,
-                                             None if body.seed is None else body.seed + i) for i in range(body.n)]
+            if lm.kind == "diffusion" and body.response_format.target_schema() is not None:  # type: ignore[union-attr]
+                tasks = [asyncio.create_task(server.json_in_batch(http, body, prompt, s)) for s in seeds]
+                try:
+                    texts = list(await asyncio.gather(*tasks))
+                except BaseException:  # one choice failed: stop the others' engine requests too
+                    for task in tasks:
+                        task.cancel()
+                    raise
+            else:
+                texts = [await asyncio.to_thread(structured_answer, lm, body, prompt, max_tokens, s) for s in seeds]
         except SchemaError as e:
             raise APIError(400, str(e), param="response_format") from None
         except StructuredOutputError as e:

@@ -6,6 +6,10 @@ client threads send streaming chat requests (the same prompts for both models, `
 `max_tokens` tokens) until `requests` have completed. Reported per level: output tokens/s over the wall time, p50 and
 p99 request latency and time to first token. For the diffusion model the first-token time is also measured with
 whole-canvas streaming (`--no-pin-settled`), against settled-prefix streaming, at concurrency 1.
+
+`structured_share` > 0 makes that share of the requests ask for JSON (`response_format` json_schema, `SCHEMA`): on a
+diffusion model they run inside the continuous batch, and each level reports the histogram of sequences per decoder
+pass (from the server's /metrics) to show that they share passes with the plain requests.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ from typing import Any
 from rich.progress import Progress
 
 from canvaslm.errors import CanvasError
+from canvaslm.plotting import new_figure, save
 
 PROMPTS = ["Explain how a bicycle stays upright.", "Write a short poem about the sea.",
            "List three uses of a paperclip.", "What is the capital of France, and why is it famous?",
            "Describe a sunrise to someone who has never seen one.", "Give me a recipe for pancakes.",
            "Why do cats purr?", "Summarize the plot of a detective story in three sentences."]
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                           "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}}}}
 
 
 def free_port() -> int:
@@ -67,12 +77,15 @@ class ServerProcess:
             self.process.kill()
 
 
-def _one_request(url: str, prompt: str, max_tokens: int, seed: int) -> dict[str, float]:
-    """One streaming chat request: latency, time to first content, completion tokens."""
+def _one_request(url: str, prompt: str, max_tokens: int, seed: int, structured: bool = False) -> dict[str, float]:
+    """One streaming chat request (JSON under `SCHEMA` when `structured`): latency, time to first content,
+    completion tokens."""
     import httpx
 
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "seed": seed, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if structured:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
     start = time.perf_counter()
     first, tokens = None, 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -87,10 +100,37 @@ def _one_request(url: str, prompt: str, max_tokens: int, seed: int) -> dict[str,
             elif first is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
                 first = time.perf_counter() - start
     return {"latency": time.perf_counter() - start, "ttft": first if first is not None else float("nan"),
-            "tokens": tokens}
+            "tokens": tokens, "structured": structured}
 
 
-def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
+def batch_histogram(url: str) -> dict[str, float]:
+    """Decoder passes by sequences in the pass so far: the server's forward batch-size histogram (cumulative
+    Prometheus buckets "le" -> count)."""
+    import httpx
+
+    counts: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("canvaslm:forward_batch_size_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[le] = counts.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _passes_by_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Passes of one level per batch-size bucket ("1", "2", "3-4", ...), from two cumulative snapshots."""
+    out, below, low = {}, 0.0, 1
+    for le in sorted((k for k in after if k != "+Inf"), key=float):
+        count = after[le] - before.get(le, 0.0)
+        high = int(float(le))
+        out[str(high) if high == low else f"{low}-{high}"] = int(count - below)
+        below, low = count, high + 1
+    if "+Inf" in after:
+        out[f">{low - 1}"] = int(after["+Inf"] - before.get("+Inf", 0.0) - below)
+    return {k: v for k, v in out.items() if v}
+
+
+def run_level(url: str, concurrency: int, requests: int, max_tokens: int,
+              structured_share: float = 0.0) -> dict[str, Any]:
     results: list[dict[str, float]] = []
     errors: list[str] = []
     counter = iter(range(requests))
@@ -102,11 +142,13 @@ def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dic
                 i = next(counter, None)
             if i is None:
                 return
+            structured = int((i + 1) * structured_share) > int(i * structured_share)
             try:
-                results.append(_one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens, i))
+                results.append(_one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens, i, structured))
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(repr(e))
 
+    histogram = batch_histogram(url)
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -116,10 +158,19 @@ def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dic
     wall = time.perf_counter() - start
     latencies = sorted(r["latency"] for r in results)
     ttfts = sorted(r["ttft"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
-            "tokens_per_second": round(sum(r["tokens"] for r in results) / wall, 2),
-            "latency_p50_s": round(_quantile(latencies, 0.5), 3), "latency_p99_s": round(_quantile(latencies, 0.99), 3),
-            "ttft_p50_s": round(_quantile(ttfts, 0.5), 3), "ttft_p99_s": round(_quantile(ttfts, 0.99), 3)}
+    level = {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
+             "tokens_per_second": round(sum(r["tokens"] for r in results) / wall, 2),
+             "latency_p50_s": round(_quantile(latencies, 0.5), 3),
+             "latency_p99_s": round(_quantile(latencies, 0.99), 3),
+             "ttft_p50_s": round(_quantile(ttfts, 0.5), 3), "ttft_p99_s": round(_quantile(ttfts, 0.99), 3),
+             "passes_by_batch_size": _passes_by_batch(histogram, batch_histogram(url))}
+    if structured_share > 0:
+        level["structured_requests"] = sum(r["structured"] for r in results)
+        json_latencies = sorted(r["latency"] for r in results if r["structured"])
+        level["structured_latency_p50_s"] = round(_quantile(json_latencies, 0.5), 3)
+    if errors:
+        level["first_error"] = errors[0][:300]
+    return level
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -130,8 +181,9 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens: int,
-                compare_streaming: bool = True) -> dict[str, Any]:
-    report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "models": {}}
+                compare_streaming: bool = True, structured_share: float = 0.0) -> dict[str, Any]:
+    report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "structured_share": structured_share,
+                              "models": {}}
     with Progress(transient=True) as progress:
         for model in models:
             task = progress.add_task(f"serving {model}", total=len(levels) + 1)
@@ -142,7 +194,8 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
                 progress.advance(task)
                 entry: dict[str, Any] = {"kind": kind, "levels": []}
                 for level in levels:
-                    entry["levels"].append(run_level(server.url, level, max(requests, level), max_tokens))
+                    entry["levels"].append(run_level(server.url, level, max(requests, level), max_tokens,
+                                                     structured_share if kind == "diffusion" else 0.0))
                     progress.advance(task)
             finally:
                 server.close()
@@ -164,11 +217,9 @@ def _kind(url: str) -> str:
 
 
 def plot_serve(report: dict[str, Any], png: str | Path) -> bool:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    figure = new_figure(10, 4)
+    if figure is None:
         return False
-    figure = Figure(figsize=(10, 4), layout="constrained")
     throughput, latency = figure.subplots(1, 2)
     for model, entry in report["models"].items():
         levels = [lv["concurrency"] for lv in entry["levels"]]
@@ -182,5 +233,4 @@ def plot_serve(report: dict[str, Any], png: str | Path) -> bool:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.legend(fontsize=7)
-    figure.savefig(png, dpi=120)
-    return True
+    return save(figure, png)

@@ -37,6 +37,7 @@ from canvaslm.engine.guided import (GuidedDecodingError, guided_generate, json_g
                                     regex_grammar, require_llguidance)
 from canvaslm.engine.lm import LM
 from canvaslm.engine.structured import StructuredOutputError, generate_json, violations
+from canvaslm.plotting import new_figure, save
 
 FIELDS: dict[str, dict[str, Any]] = {
     "name": {"type": "string", "minLength": 1, "maxLength": 40},
@@ -255,12 +256,10 @@ def bench_structured(source: str, lm: LM, schema_count: int, infill_count: int, 
 
 def plot_structured(report: dict[str, Any], png: str) -> bool:
     """Validity, tokens per forward and tokens/s of both decoders on both task sets, as grouped bars."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
     sets = [name for name in ("schema", "infill") if name in report]
-    figure = Figure(figsize=(11, 3.6), layout="constrained")
+    figure = new_figure(11, 3.6)
+    if figure is None:
+        return False
     metrics = [("valid_rate", "valid (schema) / parses (infill)"), ("tokens_per_forward", "tokens per forward"),
                ("tokens_per_second", "tokens/s")]
     for axes, (key, label) in zip(figure.subplots(1, 3), metrics, strict=True):
@@ -273,5 +272,4 @@ def plot_structured(report: dict[str, Any], png: str) -> bool:
     figure.axes[0].legend(fontsize=7)
     trained = "" if report["diffusion_trained"] else ", not trained for diffusion"
     figure.suptitle(f"{Path(str(report['model'])).name}{trained}: canvas {report['canvas_length']}", fontsize=10)
-    figure.savefig(png, dpi=120)
-    return True
+    return save(figure, png)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from canvaslm.errors import CanvasError
+from canvaslm.plotting import new_figure, save
 from canvaslm.tasks import sudoku
 
 DEFAULT_MODEL = "sudoku"
@@ -187,11 +188,9 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
 def plot_frontier(report: dict[str, Any], png: Path, difficulty: str) -> bool:
     """Blank cells right against forward passes per puzzle, one point per (model, setting), on one difficulty;
     the legend gives each point's setting and solve rate."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    figure = new_figure(8, 6.5)
+    if figure is None:
         return False
-    figure = Figure(figsize=(8, 6.5), layout="constrained")
     axes = figure.add_subplot()
     one_model = len({label.split(" ", 1)[0] for label in report["models"]}) == 1
     for label, row in report["models"].items():
@@ -204,20 +203,17 @@ def plot_frontier(report: dict[str, Any], png: Path, difficulty: str) -> bool:
     axes.set_ylabel(f"{difficulty}: blank cells right (%)")
     axes.set_title("Sudoku: speed vs quality per model and sampler setting")
     axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=1)
-    figure.savefig(png, dpi=120)
-    return True
+    return save(figure, png)
 
 
 def plot(report: dict[str, Any], png: Path) -> bool:
     """Solve rate (bars) and forward passes per puzzle (labels) per model and difficulty; False without
     matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
     models = report["models"]
     difficulties = [d for d in sudoku.DIFFICULTIES if any(d in row for row in models.values())]
-    figure = Figure(figsize=(7, 4), layout="constrained")
+    figure = new_figure(7, 4)
+    if figure is None:
+        return False
     axes = figure.add_subplot()
     width = 0.8 / max(len(models), 1)
     for i, (name, row) in enumerate(models.items()):
@@ -231,8 +227,7 @@ def plot(report: dict[str, Any], png: Path) -> bool:
     axes.set_ylim(0, 110)
     axes.set_title("Sudoku: solve rate (bar labels: forward passes per puzzle)")
     axes.legend(fontsize=8)
-    figure.savefig(png, dpi=120)
-    return True
+    return save(figure, png)
 
 
 def _play(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:

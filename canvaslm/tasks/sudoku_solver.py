@@ -17,6 +17,7 @@ from torch import Tensor
 
 from canvaslm.diffusion.generate import DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.ar import advance, prefill, sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
@@ -27,7 +28,7 @@ _PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 
 
 
 def givens(puzzles: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> Tensor:
-    """[B, 81] the canvas tokens the givens fix (-1 at blanks), for `generate_steps(fixed=...)`."""
+    """[B, 81] the canvas tokens the givens fix (-1 at blanks): a `Constraint`'s pins."""
     cells = torch.tensor([list(p) for p in puzzles], device=device)
     return torch.where(cells > 0, cells + 3, -1)
 
@@ -80,9 +81,9 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
         if lm.kind == "diffusion":
             settings: DiffusionSampling = lm.diffusion_settings(dict(sampling))
             result = None
-            for event in generate_steps(lm.network, ids, valid, 81, settings, [], None, generator,
-                                        lambda _, logits: logits.masked_fill(~allowed, float("-inf")),
-                                        skip_finished=True, fixed=givens(puzzles, lm.device)):
+            constraint = Constraint(givens(puzzles, lm.device), allowed)
+            for event in generate_steps(lm.network, ids, valid, 81, settings, [], None, generator, constraint,
+                                        skip_finished=True):
                 if isinstance(event, DiffusionResult):
                     result = event
                 else:

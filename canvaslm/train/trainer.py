@@ -45,11 +45,12 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from canvaslm.loading import load
 from canvaslm.errors import CanvasError
 from canvaslm.hardware import bf16_is_fast
+from canvaslm.loading import load
 from canvaslm.models import llama
 from canvaslm.models.lora import apply_lora, hf_module_names, load_adapter, merge_lora, save_adapter
+from canvaslm.plotting import new_figure, save
 from canvaslm.train.checkpoint import (checkpoint_steps, load_checkpoint, remove_partial, resolve_resume,
                                        save_checkpoint)
 from canvaslm.train.config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_config
@@ -132,12 +133,10 @@ def build_model(config: ModelConfig, source: str = "<config>") -> nn.Module:
 
 def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
     """Draw the train loss (and eval loss, when logged) against the step; False when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure  # the `train` extra; Figure alone needs no pyplot/global backend
-    except ImportError:
-        return False
     records = [json.loads(line) for line in Path(jsonl).read_text(encoding="utf-8").splitlines() if line.strip()]
-    figure = Figure(figsize=(7, 4), layout="constrained")
+    figure = new_figure(7, 4)
+    if figure is None:
+        return False
     axes = figure.add_subplot()
     for split, style in (("train", "-"), ("eval", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r.get("split") == split and "loss" in r]
@@ -147,8 +146,7 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> bool:
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.savefig(png, dpi=100)
-    return True
+    return save(figure, png, dpi=100)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------

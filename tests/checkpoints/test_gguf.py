@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from canvaslm.checkpoints.gguf import GGUFCheckpoint, load_gguf, load_gguf_tokenizer
-from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.errors import CanvasError, CheckpointError
+from canvaslm.loading.registry import smollm2_gguf
 
 Q = gguf.GGMLQuantizationType
 

@@ -10,9 +10,9 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import WordLevel
 
 from canvaslm.checkpoints.gguf import load_gguf_tokenizer
-from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
+from canvaslm.loading.registry import smollm2_gguf
 
 TEXTS = {
     "prose": "The quick brown fox doesn't jump over the lazy dog; it's 12345 meters away, isn't it? I'll see.",

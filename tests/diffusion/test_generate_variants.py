@@ -9,6 +9,7 @@ import torch
 
 from canvaslm.diffusion.generate import DenoisingStep, generate, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.diffusion.step import Constraint
 from canvaslm.models.cache import KVCache
 
 VOCAB, CANVAS = 12, 4
@@ -71,7 +72,7 @@ def test_fixed_tokens_sit_in_every_canvas_step_and_the_result(acceptance):
     fixed = torch.tensor([[-1, 8, -1, -1, 7]])
     settings = DiffusionSampling(acceptance=acceptance, accept_k=1, entropy_bound=1e-9)
     events = list(generate_steps(model, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), 2 * CANVAS,
-                                 settings, [], None, torch.Generator().manual_seed(0), fixed=fixed))
+                                 settings, [], None, torch.Generator().manual_seed(0), Constraint(fixed)))
     assert model.seen[0].tolist() == [[11, 8, 11, 11]]  # written into the new canvas before the first pass
     assert all(canvas[0, 1] == 8 for canvas in model.seen[:3])
     steps = [e for e in events if isinstance(e, DenoisingStep)]
@@ -85,7 +86,7 @@ def test_a_canvas_with_nothing_free_costs_no_decoder_pass():
     model = Stub()
     fixed = torch.tensor([[-1, -1, 9, 9, 7, 8, 7, 8, 6, 6]])
     events = list(generate_steps(model, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), 10,
-                                 DiffusionSampling(), [], None, torch.Generator().manual_seed(0), fixed=fixed))
+                                 DiffusionSampling(), [], None, torch.Generator().manual_seed(0), Constraint(fixed)))
     result = events[-1]
     assert {e.canvas for e in events if isinstance(e, DenoisingStep)} == {0}
     assert int(result.forward_passes[0]) == len(model.seen)
@@ -97,7 +98,7 @@ def test_without_fixed_tokens_the_loop_is_unchanged():
     free = torch.full((1, CANVAS), -1)
     plain, pinned_nowhere = run(Stub()), generate(
         Stub(), torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), CANVAS, DiffusionSampling(), [], None,
-        torch.Generator().manual_seed(0), fixed=free)
+        torch.Generator().manual_seed(0), Constraint(free))
     assert torch.equal(plain.sequences, pinned_nowhere.sequences)
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import canvaslm
-from canvaslm.engine.batching import Draft, Engine, Finished, QueueFull, Request, Tokens
+from canvaslm.diffusion.step import Constraint
+from canvaslm.engine.batching import CanvasLogits, Draft, Engine, Finished, QueueFull, Request, Tokens
 from canvaslm.engine.lm import LM
 from canvaslm.models import llama
 from tests.reference import tiny_checkpoint
@@ -167,6 +168,83 @@ def test_an_autoregressive_model_runs_through_the_same_engine():
     assert tokens == expected[:12] and finished.forward_passes >= len(tokens)
 
 
+def test_a_constrained_request_writes_only_allowed_tokens_and_equals_generate(lm):
+    """One constraint type through the engine: pins and allowed-token masks over the generated region give the
+    tokens generate_steps gives under the same Constraint, sharing decoder passes with a free request."""
+    vocab, n = lm.network.vocab_size, 12
+    allowed = torch.zeros(1, n, vocab, dtype=torch.bool)
+    allowed[:, :, 40:48] = True                  # only ids 40..47 anywhere ...
+    pins = torch.full((1, n), -1)
+    pins[0, 3], pins[0, 9] = 44, 47              # ... and two positions pinned
+    constraint = Constraint(pins, allowed)
+    options = {"max_denoising_steps": 6}
+    *_, out = lm.generate_steps([PROMPTS[1]], n, 2, constraint=constraint, **options)
+    expected, _ = lm.decode_new(out.sequences[0], len(PROMPTS[1]))
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        (tokens, _, _), (free, _, _) = run(engine, [
+            dict(prompt=PROMPTS[1], max_new_tokens=n, seed=2, sampling=options, constraint=constraint, ignore_eos=True),
+            dict(prompt=PROMPTS[0], max_new_tokens=n, seed=1, sampling=options, ignore_eos=True)])
+    finally:
+        engine.stop()
+    assert tokens == expected[:n] and len(tokens) == n
+    assert all(40 <= t < 48 for t in tokens) and tokens[3] == 44 and tokens[9] == 47
+    assert not all(40 <= t < 48 for t in free)  # the neighbour in the same passes is not constrained
+
+
+def test_kept_logits_come_before_each_canvas_and_all_pin_canvases_cost_no_pass(lm):
+    """keep_logits hands each denoised canvas's last logits to the caller before its tokens; a canvas that is all
+    pins is committed without a decoder pass, as generate_steps does, so both give the same tokens and passes."""
+    vocab, n = lm.network.vocab_size, 24                     # canvas 8: canvases 0 and 2 free, canvas 1 all pins
+    pins = torch.full((1, n), -1)
+    pins[0, 8:16] = torch.arange(60, 68)
+    constraint = Constraint(pins, keep_logits=True)
+    options = {"max_denoising_steps": 5}
+    events = list(lm.generate_steps([PROMPTS[2]], n, 4, constraint=constraint, **options))
+    expected, _ = lm.decode_new(events[-1].sequences[0], len(PROMPTS[2]))
+    kept = {e.canvas: e.logits for e in events if type(e).__name__ == "CanvasCommitted"}
+    engine = Engine(lm).start()
+    try:
+        tokens, finished, got = run(engine, [dict(prompt=PROMPTS[2], max_new_tokens=n, seed=4, sampling=options,
+                                                  constraint=constraint, ignore_eos=True, pin_settled=False)])[0]
+    finally:
+        engine.stop()
+    assert tokens == expected[:n] and tokens[8:16] == list(range(60, 68))
+    assert finished.forward_passes == int(events[-1].forward_passes[0])
+    logits = [e for e in got if isinstance(e, CanvasLogits)]
+    assert [e.canvas for e in logits] == [0, 2] and kept[1] is None  # no pass, no logits for the pinned canvas
+    for event in logits:
+        assert event.logits.shape == (8, vocab) and torch.allclose(event.logits, kept[event.canvas][0])
+        first_tokens_after = got.index(event) + 1
+        assert isinstance(got[first_tokens_after], (Tokens, Finished))  # logits, then that canvas's tokens
+
+
+def test_a_malformed_constraint_is_refused_at_submit_and_the_engine_stays_up(lm):
+    engine = Engine(lm).start()
+    try:
+        vocab = lm.network.vocab_size
+        for bad, match in [(False, "must be a Constraint"), (Constraint(torch.tensor([[1.5]])), "integer tensor"),
+                           (Constraint(torch.tensor([[vocab]])), "token ids"),
+                           (Constraint(allowed=torch.ones(1, 3, vocab - 1, dtype=torch.bool)), "bool tensor")]:
+            with pytest.raises(canvaslm.errors.GenerationError, match=match):
+                engine.submit(Request(prompt=PROMPTS[0], max_new_tokens=4, emit=queue.Queue().put, constraint=bad))
+        tokens, finished, _ = run(engine, [dict(prompt=PROMPTS[0], max_new_tokens=4, seed=0)])[0]
+        assert engine.alive and finished.reason in ("stop", "length")
+    finally:
+        engine.stop()
+
+
+def test_a_constraint_slices_into_canvases():
+    pins = torch.tensor([[-1, 5, -1, -1, 7]])
+    allowed = torch.zeros(1, 5, 10, dtype=torch.bool)
+    allowed[0, 4, 7] = True
+    first, second, third = (Constraint(pins, allowed).for_canvas(i, 4) for i in range(3))
+    assert first[0].tolist() == [[-1, 5, -1, -1]] and not bool(first[1].any())
+    assert second[0].tolist() == [[7, -1, -1, -1]]  # padded with "free" past the region
+    assert second[1][0, 0].nonzero().tolist() == [[7]] and bool(second[1][0, 1:].all())  # past n: any token
+    assert third == (None, None)
+
+
 def test_infill_holds_the_suffix_fixed_after_the_middle(lm):
     engine = Engine(lm, pin_settled=False).start()
     try:
@@ -176,9 +254,9 @@ def test_infill_holds_the_suffix_fixed_after_the_middle(lm):
         drafts = [e for e in events if isinstance(e, Draft)]
         assert drafts and all(d.ids[5:8] == [50, 51, 52] for d in drafts if d.canvas == 0)
         assert len(tokens) <= 5 and finished.reason in ("stop", "length")
-        # the same draws as generate_steps with the suffix pinned (`fixed`), so the same middle
-        *_, out = lm.generate_steps([PROMPTS[0]], 10, 0, fixed=torch.tensor([[-1] * 5 + [50, 51, 52, 53, 54]]),
-                                    max_denoising_steps=6)
+        # the same draws as generate_steps with the suffix pinned, so the same middle
+        pins = torch.tensor([[-1] * 5 + [50, 51, 52, 53, 54]])
+        *_, out = lm.generate_steps([PROMPTS[0]], 10, 0, constraint=Constraint(pins), max_denoising_steps=6)
         expected, _ = lm.decode_new(out.sequences[0], len(PROMPTS[0]))
         assert tokens == expected[:5]
         with pytest.raises(canvaslm.errors.GenerationError, match="maximum context length"):

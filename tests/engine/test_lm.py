@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import canvaslm
+from canvaslm.diffusion.step import Constraint
 from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
 from tests.diffusion.test_generate_loop import reference_generate
 from tests.reference import tiny_checkpoint
@@ -100,7 +101,7 @@ def test_infill_pins_the_suffix_after_the_middle(lm, middle):
     seen = []
     prompt = lm.tokenizer.encode("the quick", add_special_tokens=True)
     fixed = torch.tensor([[-1] * middle + suffix_ids])
-    for event in lm.generate_steps([prompt], middle + len(suffix_ids), seed=0, fixed=fixed):
+    for event in lm.generate_steps([prompt], middle + len(suffix_ids), seed=0, constraint=Constraint(fixed)):
         if hasattr(event, "draft"):
             seen.append(event)
     # every step's draft holds the suffix where it falls in that canvas

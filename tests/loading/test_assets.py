@@ -11,9 +11,9 @@ import torch
 
 import canvaslm
 from canvaslm.checkpoints import hf
+from canvaslm.errors import CheckpointError
 from canvaslm.loading import assets, registry
 from canvaslm.loading.registry import smollm2_gguf
-from canvaslm.errors import CheckpointError
 from canvaslm.models.lora import LoRALinear, apply_lora, hf_module_names, merge_lora, save_adapter
 
 CANVAS = 8

@@ -14,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from canvaslm.checkpoints.gguf import load_gguf
-from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.engine.ar import ar_generate
+from canvaslm.loading.registry import smollm2_gguf
 from canvaslm.models.llama import Config, Model
 
 PROMPTS = [

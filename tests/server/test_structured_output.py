@@ -20,12 +20,17 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEM
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def served(tmp_path_factory):
     path = tmp_path_factory.mktemp("json-model")
     tiny_smol_diffusion(16, layers=1, max_positions=512).save(path)
     server = start_server(path)
-    yield openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+    yield path, server
     stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[1].base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 def ask(client, **kw):
@@ -41,6 +46,36 @@ def test_json_schema_answers_validate_whole_and_streamed(client):
     chunks = list(ask(client, response_format=FORMAT, seed=0, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == r.choices[0].message.content  # same seed, same answer
+
+
+def _passes_with_company(metrics: str) -> float:
+    """Decoder passes that held more than one sequence, from the forward batch-size histogram."""
+    def bucket(le: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("canvaslm:forward_batch_size_bucket") and f'le="{le}"' in line)
+    return bucket("+Inf") - bucket("1.0")
+
+
+def test_a_json_schema_answer_joins_the_batch_and_equals_generate_json(served, client):
+    """json_schema requests run inside the continuous batch: the answer is LM.generate_json's for the same seed,
+    and it shares decoder passes with a plain request sent at the same time."""
+    import threading
+
+    import httpx
+
+    import canvaslm
+
+    path, server = served
+    lm = canvaslm.load(path, device="cpu")
+    expected = lm.generate_json(lm.chat_prompt_ids([{"role": "user", "content": "A city?"}]), SCHEMA, seed=7)
+    before = _passes_with_company(httpx.get(server.url + "/metrics").text)
+    plain = threading.Thread(target=ask, args=(client,), kwargs={"max_tokens": 160, "seed": 1, "extra_body": {
+        "ignore_eos": True, "max_denoising_steps": 24, "stability_threshold": 64}})
+    plain.start()
+    r = ask(client, response_format=FORMAT, seed=7)
+    plain.join()
+    assert r.choices[0].message.content == expected.text
+    assert _passes_with_company(httpx.get(server.url + "/metrics").text) > before
 
 
 def test_bad_schema_is_a_400_naming_the_sub_schema(client):
