@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from canvaslm import bench
+from canvaslm.bench import cli as bench
 from canvaslm.cli_args import key_values, set_threads, threads_arg
 from canvaslm.errors import CanvasError
 from canvaslm.knobs import KNOBS
-from canvaslm.tasks import sudoku_cli
+from canvaslm.sudoku import cli as sudoku_cli
 from canvaslm.train import data_cli
 
 DEFAULT_MODEL = "smol-ar"
@@ -255,7 +255,7 @@ def _quality(args: argparse.Namespace) -> int:
 
     from canvaslm import load
     from canvaslm.hardware import resolve_dtype
-    from canvaslm.train.quality import check_systems, plot_frontier, quality_report, read_prompts
+    from canvaslm.bench.quality import check_systems, plot_frontier, quality_report, read_prompts
 
     settings = [key_values(s, "--setting") for s in args.setting] or [{}]
     dtype = resolve_dtype(args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -16,7 +16,7 @@ FLOORS = [
     {"checkpoints", "diffusion"},
     {"engine"},
     {"loading", "canvas_view", ""},  # "" is the package face: canvaslm.load and LM
-    {"server", "tasks"},
+    {"server", "sudoku"},
     {"train"},
     {"bench"},
     {"cli"},

@@ -22,7 +22,7 @@ from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import generate
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.errors import TrainingError
-from canvaslm.tasks import digits
+from canvaslm.train import digits
 from canvaslm.train.batch import DiffusionBatch, collate
 from canvaslm.train.config import ConfigError, TrainConfig, read_section
 from canvaslm.train.objective import ObjectiveOptions, accuracy_at_noise, block_diffusion_loss

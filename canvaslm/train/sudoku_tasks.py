@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from canvaslm.checkpoints import hf
 from canvaslm.engine.lm import LM
-from canvaslm.tasks import sudoku
-from canvaslm.tasks.sudoku_solver import solve
+from canvaslm.sudoku import board as sudoku
+from canvaslm.sudoku.solver import solve
 from canvaslm.train.batch import DiffusionBatch, collate
 from canvaslm.train.config import ConfigError, TrainConfig, read_section
 from canvaslm.train.diffusion_tasks import BlockDiffusionTask, EvalOptions

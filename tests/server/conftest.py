@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from canvaslm.server.bench import ServerProcess
+from canvaslm.bench.serve import ServerProcess
 from tests.reference import tiny_checkpoint
 
 MODEL = "tiny-dg"

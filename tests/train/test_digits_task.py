@@ -43,7 +43,7 @@ def test_accuracy_rises_far_above_chance_and_sampling_works(short_run):
 
 def test_exported_model_loads_and_answers(short_run):
     import canvaslm
-    from canvaslm.tasks import digits
+    from canvaslm.train import digits
 
     out, _ = short_run
     lm = canvaslm.load(out / "model")

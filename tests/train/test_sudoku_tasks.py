@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import canvaslm
-from canvaslm.tasks import sudoku
-from canvaslm.tasks.sudoku_solver import solve
+from canvaslm.sudoku import board as sudoku
+from canvaslm.sudoku.solver import solve
 from canvaslm.train.config import load_config
 from canvaslm.train.tasks import make_task
 from canvaslm.train.trainer import train

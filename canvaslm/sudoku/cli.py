@@ -17,7 +17,7 @@ from typing import Any
 
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
-from canvaslm.tasks import sudoku
+from canvaslm.sudoku import board as sudoku
 
 DEFAULT_MODEL = "sudoku"
 EVAL_SEED = 1_000_000  # seed streams of `eval` puzzles; training uses streams below 1,000
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
 
 def _load(name: str, device: str | None):
     from canvaslm import load
-    from canvaslm.tasks.sudoku_solver import check_model
+    from canvaslm.sudoku.solver import check_model
 
     lm = load(name, device=device)
     check_model(lm)
@@ -87,7 +87,7 @@ def _load(name: str, device: str | None):
 
 
 def _solve(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
-    from canvaslm.tasks.sudoku_solver import solve
+    from canvaslm.sudoku.solver import solve
 
     lines = _read_lines(args.input)
     results: list[dict[str, Any] | None] = [None] * len(lines)
@@ -136,7 +136,7 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
              sampling: dict[str, Any]) -> dict[str, Any]:
     """Solve rate, blank cells right (vs the unique solution), forward passes per puzzle and seconds per puzzle on
     n held-out puzzles per difficulty."""
-    from canvaslm.tasks.sudoku_solver import solve
+    from canvaslm.sudoku.solver import solve
 
     out: dict[str, Any] = {}
     for index, difficulty in enumerate(difficulties):
@@ -237,7 +237,7 @@ def _play(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
     from rich.live import Live
 
     from canvaslm.diffusion.generate import DenoisingStep
-    from canvaslm.tasks.sudoku_solver import solve_steps
+    from canvaslm.sudoku.solver import solve_steps
 
     puzzle = args.puzzle or sudoku.generate(args.difficulty, random.Random(args.seed))[0]
     cells = sudoku.parse(puzzle)

@@ -206,7 +206,7 @@ def tokenizer() -> Tokenizer:
     backend = Backend(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return Tokenizer(backend, source="canvaslm.tasks.sudoku", bos_token="<bos>", eos_token="<eos>",
+    return Tokenizer(backend, source="canvaslm.sudoku.board", bos_token="<bos>", eos_token="<eos>",
                      pad_token="<pad>", add_bos_token=True)
 
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from canvaslm.bench.quality import (SystemReport, acceptance, distinct_ngrams, judge_nll, plot_frontier,
+                                    quality_report, read_prompts, unigram_entropy)
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
 from canvaslm.models import llama
-from canvaslm.train.quality import (SystemReport, acceptance, distinct_ngrams, judge_nll, plot_frontier,
-                                    quality_report, read_prompts, unigram_entropy)
 from tests.reference import tiny_tokenizer
 from tests.train.toy_config import MODEL_INIT
 

@@ -11,9 +11,9 @@ import textwrap
 import jsonschema
 import pytest
 
+from canvaslm.bench.structured import _parses, bench_structured, infill_tasks, plot_structured, schema_tasks
 from canvaslm.engine.structured import scaffold
 from canvaslm.errors import UnsupportedError
-from canvaslm.tasks.structured import _parses, bench_structured, infill_tasks, plot_structured, schema_tasks
 from tests.reference import tiny_smol_diffusion
 
 

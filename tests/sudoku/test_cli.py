@@ -12,7 +12,7 @@ import torch
 import canvaslm
 from canvaslm import cli
 from canvaslm.models import llama
-from canvaslm.tasks import sudoku
+from canvaslm.sudoku import board as sudoku
 
 PUZZLE = next(sudoku.puzzles("easy", 1, 5))[0]
 

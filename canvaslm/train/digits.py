@@ -24,7 +24,7 @@ def tokenizer() -> Tokenizer:
     backend = Backend(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return Tokenizer(backend, source="canvaslm.tasks.digits", bos_token="<bos>", eos_token="<eos>",
+    return Tokenizer(backend, source="canvaslm.train.digits", bos_token="<bos>", eos_token="<eos>",
                      pad_token="<pad>", add_bos_token=True)
 
 

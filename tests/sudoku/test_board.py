@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from canvaslm.tasks import sudoku
-from canvaslm.tasks.sudoku_solver import allowed_tokens, givens
+from canvaslm.sudoku import board as sudoku
+from canvaslm.sudoku.solver import allowed_tokens, givens
 
 SOLVED = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
 

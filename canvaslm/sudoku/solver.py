@@ -21,7 +21,7 @@ from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.ar import advance, prefill, sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
-from canvaslm.tasks import sudoku
+from canvaslm.sudoku import board as sudoku
 
 _PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 9 or
                                               (j // 27, j % 9 // 3) == (i // 27, i % 9 // 3))] for i in range(81)]
@@ -41,7 +41,7 @@ class Answer:
 
 
 def check_model(lm: LM) -> None:
-    """Raise a clear error unless `lm` is a Sudoku model (its vocabulary is canvaslm.tasks.sudoku's)."""
+    """Raise a clear error unless `lm` is a Sudoku model (its vocabulary is canvaslm.sudoku.board's)."""
     if lm.network.vocab_size not in (len(sudoku.VOCAB) - 1, len(sudoku.VOCAB)):
         raise CanvasError(f"{lm.source} is not a Sudoku model: its vocabulary has {lm.network.vocab_size} tokens, "
                           f"a Sudoku model's has {len(sudoku.VOCAB)} ({len(sudoku.VOCAB) - 1} without the mask "

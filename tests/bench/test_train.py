@@ -8,9 +8,9 @@ import json
 import torch
 
 import canvaslm
+from canvaslm.bench.train import bench_train
 from canvaslm.hardware import bf16_is_fast
 from canvaslm.models import llama
-from canvaslm.train.speed import bench_train
 
 
 def tiny_ar_model(directory) -> str:

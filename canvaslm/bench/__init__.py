@@ -1,0 +1,1 @@
+"""Benchmarks and evaluations: `canvaslm bench ...` (cli.py) and `canvaslm quality` (quality.py)."""

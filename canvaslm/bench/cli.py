@@ -1,0 +1,116 @@
+"""`canvaslm bench`: measured speed and quality, written as JSON (and a PNG where people would rather look).
+
+* `ar`, `denoise`, `generate`, `prompt`, `compare` (the default): our loops against transformers (`speed.py`);
+* `structured`: schema-bound JSON and code infill, the diffusion scaffold vs the same weights decoding
+  autoregressively under llguidance (`structured.py`);
+* `serve`: throughput and latency through the HTTP server at several concurrency levels, optionally with a share
+  of JSON requests in the batch (`serve.py`);
+* `train`: training tokens/s of the float32 path and the fast path on one config (`train.py`).
+The quality report (`canvaslm quality`) is `quality.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from canvaslm.bench.speed import (bench_ar, bench_compare, bench_denoise, bench_generate, bench_prompt, machine,
+                                  plot_compare, plot_generate)
+from canvaslm.cli_args import threads_arg
+from canvaslm.errors import CanvasError
+
+
+def main(args) -> int:
+    from canvaslm import load
+
+    if args.what == "serve":
+        return _serve(args)
+    if args.what == "train":
+        from canvaslm.bench.train import main as bench_train
+
+        return bench_train(args)
+    lm = load(args.model, device=args.device)
+    report: dict[str, Any] = {"model": args.model, "kind": lm.kind, "machine": machine()}
+    if args.what in ("ar", "all"):
+        report["ar"] = bench_ar(lm, args.new_tokens, args.repeats, not args.no_reference)
+    if args.what in ("denoise", "all"):
+        sizes = [int(s) for s in args.canvas.split(",")]
+        report["denoise"] = bench_denoise(lm, sizes, args.prompt_tokens, args.repeats)
+    if args.what == "structured":
+        from canvaslm.bench.structured import bench_structured, plot_structured
+
+        report = bench_structured(args.model, lm, args.schema_tasks, args.infill_tasks,
+                                  int(args.canvas.split(",")[-1]), args.seed, {})
+        report["machine"] = machine()
+        if args.out and plot_structured(report, str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
+    if args.what == "prompt":
+        report["prompt"] = bench_prompt(lm, args.prompt_tokens, int(args.canvas.split(",")[-1]))
+    if args.what == "compare":
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        report["compare"] = bench_compare(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
+        if args.out and plot_compare(report["compare"], str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
+    if args.what == "generate":
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        report["generate"] = bench_generate(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
+        if args.out and plot_generate(report["generate"], str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _serve(args) -> int:
+    from canvaslm.bench.serve import bench_serve, plot_serve
+
+    models = [args.model] + ([args.ar] if args.ar else [])
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if not 0 <= args.structured_share <= 1:
+        raise CanvasError(f"--structured-share must be in [0, 1], got {args.structured_share}")
+    report = {**bench_serve(models, levels, args.requests, args.max_tokens,
+                            structured_share=args.structured_share), "machine": machine()}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        if plot_serve(report, Path(args.out).with_suffix(".png")):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
+    print(text)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure speed; writes JSON")
+    p.add_argument("what", nargs="?", default="compare",
+                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train"],
+                   help="which benchmark (default compare)")
+    threads_arg(p)
+    p.add_argument("--model", "-m", default="smol-ar")
+    p.add_argument("--device", default=None)
+    p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
+    p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes; prompt, structured: the last one")
+    p.add_argument("--batch-sizes", default="1,8,64", help="generate: comma-separated batch sizes")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt, train: prompt length")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
+    p.add_argument("--out", default=None, help="also write the JSON to this file (serve: and a PNG beside it)")
+    p.add_argument("--ar", default=None, help="serve: the AR base to serve and compare (e.g. smol-ar)")
+    p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
+    p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
+    p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
+    p.add_argument("--structured-share", type=float, default=0.0,
+                   help="serve: share of the diffusion model's requests that ask for JSON (response_format "
+                        "json_schema); they run in the batch, and each level reports passes by batch size")
+    p.add_argument("--schema-tasks", type=int, default=50, help="structured: JSON-schema tasks")
+    p.add_argument("--infill-tasks", type=int, default=50, help="structured: code-infill tasks (Python stdlib)")
+    p.add_argument("--seed", type=int, default=0, help="structured: task set and sampling seed")
+    p.add_argument("--steps", type=int, default=4, help="train: timed optimizer steps per path")
+    p.add_argument("--warmup", type=int, default=1, help="train: untimed optimizer steps first")
+    p.add_argument("--batch-size", type=int, default=8, help="train: examples per step")
+    p.add_argument("--train-canvas", type=int, default=16, help="train: canvas length the model is converted to")
+    p.add_argument("--response-tokens", type=int, default=128, help="train: response tokens per example")
+    p.add_argument("--lora-rank", type=int, default=64, help="train: LoRA rank")
