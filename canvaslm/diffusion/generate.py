@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from canvaslm.diffusion.sampling import DiffusionSampling
-from canvaslm.diffusion.step import Constraint, denoise_step, self_conditioning_dtype, start_canvas
+from canvaslm.diffusion.step import Constraint, denoise_step, pins_only, self_conditioning_dtype, start_canvas
 from canvaslm.models.cache import KVCache, encode_chunked
 
 class DiffusionModel(Protocol):
@@ -107,10 +107,9 @@ def generate_steps(
                              done if skip_finished else None)                                 # 1.b
         draft, steps = state.draft, settings.max_denoising_steps
         region = min(canvas_length, max_new_tokens - canvas_index * canvas_length)
-        if pins is not None and bool((pins[:, :region] >= 0).all()):
-            # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins, no decoder pass;
-            # positions past max_new_tokens are never returned
-            draft, steps = torch.where(pins >= 0, pins, eos[0] if len(eos) else 0), 0
+        pinned = pins_only(pins, region, int(eos[0]) if len(eos) else 0)
+        if pinned is not None:  # nothing to write; positions past max_new_tokens are never returned
+            draft, steps = pinned, 0
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
             forward_passes += ~(state.stopped | done)

@@ -102,6 +102,15 @@ def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: Diff
     return CanvasState(canvas, canvas, history, stopped, pins)
 
 
+def pins_only(pins: Tensor | None, region: int, filler: int) -> Tensor | None:
+    """The committed canvas [B, C] when its first `region` positions (the part still to be generated) are all
+    pinned (an infill's suffix, a schema's closing brackets): the pins, `filler` elsewhere; it then costs no decoder
+    pass. None when something is free."""
+    if pins is None or not bool((pins[:, :region] >= 0).all()):
+        return None
+    return torch.where(pins >= 0, pins, filler)
+
+
 def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling,
                  generator: torch.Generator | None, *, vocab_size: int, mask_token_id: int | None = None,
                  allowed: Tensor | None = None, hold: Tensor | None = None,

@@ -21,6 +21,7 @@ rows join (stacked in after their own prefill) and leave (selected out) as reque
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.step import CanvasState, Constraint, denoise_step, self_conditioning_dtype, start_canvas
+from canvaslm.diffusion.step import (CanvasState, Constraint, denoise_step, pins_only, self_conditioning_dtype,
+                                     start_canvas)
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
@@ -293,11 +295,9 @@ class Engine:
         seq.pinned, seq.last_logits = 0, None
         total = seq.request.max_new_tokens + len(seq.request.suffix)
         region = min(network.canvas_length, total - seq.canvas_index * network.canvas_length)
-        if pins is not None and bool((pins[:, :region] >= 0).all()):
-            # nothing to write (an infill's suffix, a schema's closing brackets): commit the pins without a pass,
-            # as generate_steps does, so both draw the same random numbers for the canvases that follow
-            filler = self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0
-            seq.state.draft = torch.where(pins >= 0, pins, filler)
+        pinned = pins_only(pins, region, self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0)
+        if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
+            seq.state.draft = pinned
             self._commit(seq)
 
     def _constraint(self, request: Request) -> Constraint | None:
@@ -312,8 +312,7 @@ class Engine:
             pins = torch.nn.functional.pad(request.constraint.pins.to(self.lm.device),
                                            (0, suffix.shape[1] - request.constraint.pins.shape[1]), value=-1)
             pins = torch.where(suffix >= 0, suffix, pins)
-        allowed = None if request.constraint is None else request.constraint.allowed
-        return Constraint(pins, allowed)
+        return Constraint(pins) if request.constraint is None else dataclasses.replace(request.constraint, pins=pins)
 
     def _denoise(self, seq: _Sequence, logits: Tensor) -> None:
         """One denoising step of one sequence from its decoder logits [1, C, V] (`denoise_step`, as

@@ -109,3 +109,10 @@ def test_serve_with_structured_requests_shares_decoder_passes(tmp_path):
     assert level["errors"] == 0 and level["requests"] == 4 and level["structured_requests"] == 2
     passes = level["passes_by_batch_size"]
     assert sum(passes.values()) > 0 and any(size != "1" for size in passes), passes
+
+
+def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "serve", "--structured-share", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stdout == ""
+    assert "--structured-share must be in [0, 1], got 2.0" in out.stderr and "Traceback" not in out.stderr
