@@ -56,7 +56,7 @@ def read_prompts(source: str | Path, limit: int, tokenizer: Any, exclude: str | 
     """Up to `limit` chat prompts (ids) from a `canvaslm data build` directory (its last examples) or a JSONL file
     (`{"messages": [...]}` or `{"prompt": "..."}` per line, rendered with the chat template); prompts that occur in
     the data directory `exclude` (the training data) are dropped."""
-    from canvaslm.train.data import open_shards
+    from canvaslm.train.shards import open_shards
 
     excluded = open_shards(exclude) if exclude else []
     seen = {tuple(excluded[i][0].tolist()) for i in range(len(excluded))}

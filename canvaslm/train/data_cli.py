@@ -35,17 +35,18 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `data` command; CanvasErrors propagate to the caller."""
     from canvaslm.train import data
+    from canvaslm.train.shards import open_shards
 
     if args.data_command == "build" and args.parts is not None:
         for manifest in data.build_parts(args.config, args.out, args.parts, first=args.first_part,
                                          progress=not args.no_progress):
             print(summary(manifest, manifest["build"]["out_dir"]), flush=True)
-        print(summary(data.open_shards(args.out).manifest, args.out))
+        print(summary(open_shards(args.out).manifest, args.out))
     elif args.data_command == "build":
         manifest = data.build(args.config, args.out, overwrite=args.force, progress=not args.no_progress)
         print(summary(manifest, args.out))
     else:
-        manifest = data.open_shards(args.dir).manifest
+        manifest = open_shards(args.dir).manifest
         print(json.dumps(manifest, indent=2, ensure_ascii=False) if args.json else summary(manifest, args.dir))
     return 0
 

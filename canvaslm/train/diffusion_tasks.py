@@ -154,7 +154,7 @@ class ShardsTask(BlockDiffusionTask):
     """Examples from `canvaslm data build` shards, in a seeded order that is a function of the step."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from canvaslm.train.data import open_shards
+        from canvaslm.train.shards import open_shards
 
         self.data = read_section(ShardsData, config.data, config.source, "data")
         self.shards = open_shards(self.data.path)

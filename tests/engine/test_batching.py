@@ -12,7 +12,9 @@ import torch
 
 import canvaslm
 from canvaslm.diffusion.step import Constraint
-from canvaslm.engine.batching import CanvasLogits, Draft, Engine, Finished, QueueFull, Request, Tokens
+from canvaslm.engine.core import Engine, QueueFull
+from canvaslm.engine.output import CanvasLogits, Draft, Finished, Tokens
+from canvaslm.engine.request import Request
 from canvaslm.engine.lm import LM
 from canvaslm.models import llama
 from tests.reference import tiny_checkpoint

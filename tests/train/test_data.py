@@ -1,4 +1,4 @@
-"""canvaslm data: sources, filters, the on-disk format and its reader, config checking, the CLI."""
+"""canvaslm data: sources, filters, the on-disk format and its reader (train/shards.py), config checking, the CLI."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import canvaslm
 from canvaslm.errors import CanvasError
 from canvaslm.train import data, data_cli
+from canvaslm.train.shards import FORMAT, FORMAT_VERSION, PartedShards, Shards, open_shards, vocab_hash
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -56,7 +57,7 @@ def test_round_trip_gives_back_exact_ids_from_a_memory_map(smol, tmp_path):
     out = tmp_path / "out"
     manifest = data.build({**cfg, "filters": {"dedup": False}}, out, progress=False, lm=smol)
 
-    shards = data.Shards(out, tokenizer=smol.tokenizer)
+    shards = Shards(out, tokenizer=smol.tokenizer)
     assert len(shards) == len(expected) == manifest["examples"]
     assert [(p.tolist(), r.tolist()) for p, r in shards] == [(list(p), list(r)) for p, r in expected]
     prompt, _ = shards[-1]
@@ -72,11 +73,11 @@ def test_manifest_records_tokenizer_counts_lengths_and_build(smol, tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [chat("Hi?", "Hello there."), chat("Why?", "Because the answer is long.")])
     manifest = data.build(data.parse_config(config({"kind": "jsonl", "paths": ["c.jsonl"], "name": "tiny"}),
                                             base_dir=str(tmp_path)), tmp_path / "d", progress=False, lm=smol)
-    assert manifest == data.Shards(tmp_path / "d").manifest
-    assert manifest["format"] == data.FORMAT and manifest["format_version"] == data.FORMAT_VERSION
+    assert manifest == Shards(tmp_path / "d").manifest
+    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
     tok = manifest["tokenizer"]
     assert tok["source"] == "smol-ar" and tok["vocab_size"] == smol.tokenizer.vocab_size == 49152
-    assert tok["vocab_sha256"] == data.vocab_hash(smol.tokenizer) and tok["end_of_turn_id"] == 2
+    assert tok["vocab_sha256"] == vocab_hash(smol.tokenizer) and tok["end_of_turn_id"] == 2
     assert manifest["sources"] == [{"name": "tiny", "kind": "jsonl", "produced": 2, "kept": 2, "source_drops": {}}]
     assert manifest["tokens"] == manifest["prompt_tokens"] + manifest["response_tokens"]
     assert manifest["lengths"]["response"]["min"] == len(smol.tokenizer.encode("Hello there.")) + 1
@@ -147,7 +148,8 @@ def test_jsonl_formats_prompt_and_response(smol, tmp_path):
     examples = list(data.jsonl_chats([path], tok))
     assert len(examples) == 3
     prompt, response = examples[0]
-    assert prompt == smol.chat_prompt_ids([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}])
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    assert prompt == smol.chat_prompt_ids(messages)
     assert response == tok.encode("Hello!") + [2]
     assert examples[1] == (smol.chat_prompt_ids([{"role": "user", "content": "2+2?"}]), tok.encode("4") + [2])
     assert examples[2][1] == tok.encode("Smol.") + [2]
@@ -176,7 +178,7 @@ def test_magpie_with_the_real_teacher(smol, tmp_path):
     cfg = config({"kind": "magpie", "n": 4, "max_new_tokens": 24, "batch_size": 4, "max_question_tokens": 32,
                   "seed": 0, "keep_truncated": True})
     manifest = data.build(cfg, tmp_path / "m", progress=False, lm=smol)
-    shards = data.Shards(tmp_path / "m")
+    shards = Shards(tmp_path / "m")
     tok = smol.tokenizer
     header = tok.encode(data.user_turn_prefix(tok))
     generation_prompt = tok.encode("<|im_end|>\n<|im_start|>assistant\n")
@@ -253,7 +255,7 @@ def test_overwrite_replaces_a_directory(smol, built):
     write_jsonl(built.parent / "c.jsonl", [chat("Only one?", "Yes.")])
     source = {"kind": "jsonl", "paths": [str(built.parent / "c.jsonl")]}
     assert data.build(config(source), built, overwrite=True, progress=False, lm=smol)["examples"] == 1
-    assert len(data.Shards(built)) == 1
+    assert len(Shards(built)) == 1
     (built.parent / "precious").mkdir()
     (built.parent / "precious" / "thesis.tex").write_text("keep me")
     with pytest.raises(CanvasError, match="precious: refusing to replace it"):
@@ -265,7 +267,7 @@ def test_corrupt_index_is_a_clear_error(built):
     index[1, 0] = 10_000
     np.save(built / "index.npy", index)
     with pytest.raises(CanvasError, match=r"index\.npy: row 1 .* outside tokens\.bin"):
-        data.Shards(built)
+        Shards(built)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -281,7 +283,7 @@ def test_corrupt_index_is_a_clear_error(built):
 def test_damaged_directory_is_a_clear_error(built, damage, message):
     damage(built)
     with pytest.raises(CanvasError, match=message):
-        data.Shards(built)
+        Shards(built)
 
 
 def test_a_different_tokenizer_is_refused(built, smol):
@@ -292,7 +294,7 @@ def test_a_different_tokenizer_is_refused(built, smol):
 
     other = Tokenizer(Backend(WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")), source="tiny")
     with pytest.raises(CanvasError, match="vocabulary differs"):
-        data.Shards(built, tokenizer=other)
+        Shards(built, tokenizer=other)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI, example
@@ -343,18 +345,18 @@ def test_a_build_in_parts_resumes_and_reads_as_one_dataset(smol, tmp_path):
     first = data.build_parts(cfg, out, 2, progress=False, lm=smol)
     assert [m["build"]["part"] for m in first] == [0, 1]
     assert first[0]["sources"][0]["kept"] == 3 and len(first[1]["sources"]) == 1  # jsonl only in part 0
-    windows = [data.Shards(out / f"part-0000{i}")[-1][0].tolist() for i in (0, 1)]
+    windows = [Shards(out / f"part-0000{i}")[-1][0].tolist() for i in (0, 1)]
     assert windows[0] != windows[1]  # part i draws with seed + i
     before = (out / "part-00000" / "tokens.bin").stat().st_mtime_ns
     again = data.build_parts(cfg, out, 3, progress=False, lm=smol)  # resumes: parts 0 and 1 are kept
     assert [m["build"]["part"] for m in again] == [2]
     assert (out / "part-00000" / "tokens.bin").stat().st_mtime_ns == before
-    shards = data.open_shards(out)
-    assert isinstance(shards, data.PartedShards) and len(shards) == (3 + 4) + 4 + 4
+    shards = open_shards(out)
+    assert isinstance(shards, PartedShards) and len(shards) == (3 + 4) + 4 + 4
     assert shards.manifest["examples"] == 15 and shards.manifest["parts"] == ["part-00000", "part-00001",
                                                                                 "part-00002"]
-    assert shards[3][0].tolist() == data.Shards(out / "part-00000")[3][0].tolist()
-    assert shards[11][1].tolist() == data.Shards(out / "part-00002")[0][1].tolist()
+    assert shards[3][0].tolist() == Shards(out / "part-00000")[3][0].tolist()
+    assert shards[11][1].tolist() == Shards(out / "part-00002")[0][1].tolist()
     with pytest.raises(IndexError):
         shards[15]
     # a part finished while a reader is open is picked up by refresh

@@ -1,0 +1,178 @@
+"""Continuous batching for serving, the core loop: a bounded queue, one background thread, admission up to
+`max_batch` running sequences, cancellation, and the end of each sequence. Every step, one runner
+(`canvaslm.engine.runners`: diffusion or autoregressive, by the model's kind) advances all running sequences with
+one shared decoder pass; their tokens leave through `canvaslm.engine.output` (events, end-of-turn and budget).
+
+Autoregressive models are served by the same engine, so that a diffusion model and its AR parent can be compared
+through one server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from canvaslm.diffusion.step import Constraint
+from canvaslm.engine.lm import LM
+from canvaslm.engine.output import Finished, Tokens, cut
+from canvaslm.engine.request import Request, Sequence
+from canvaslm.engine.runners import ARRunner, DiffusionRunner, Timer
+from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
+from canvaslm.models.cache import encode_chunked
+
+
+class QueueFull(CanvasError):
+    """The engine's waiting queue is at its limit; try again later (HTTP 429)."""
+
+
+class EngineDead(CanvasError):
+    """The engine thread stopped on an internal error (HTTP 503; /health reports it)."""
+
+
+class Engine:
+    """Runs sequences from a bounded queue in one background thread, `max_batch` at a time."""
+
+    def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
+                 on_step: Callable[[int, float], None] | None = None) -> None:
+        self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
+        self._timed = Timer(on_step)    # (batch size, seconds) after every forward pass, for metrics
+        self._runner = (DiffusionRunner(lm, self._send, self._timed, pin_settled) if lm.kind == "diffusion"
+                        else ARRunner(lm, self._send, self._timed))
+        self._waiting: deque[Request] = deque()
+        self._running: list[Sequence] = []
+        self._cancelled: set[int] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ---- public, any thread ----------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="canvaslm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def check(self, request: Request) -> Any:
+        """The request's settings, or a CanvasError for options this model does not take."""
+        return self.lm.resolve_sampling(dict(request.sampling))
+
+    def submit(self, request: Request) -> None:
+        if (request.suffix or request.constraint is not None) and self.lm.kind != "diffusion":
+            raise UnsupportedError("infill (a suffix) and canvas constraints need a diffusion model: an "
+                                   "autoregressive model cannot see text to the right of what it writes")
+        self.lm.check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
+        if request.constraint is not None:
+            if not isinstance(request.constraint, Constraint):
+                raise GenerationError(f"a request's constraint must be a Constraint, got "
+                                      f"{type(request.constraint).__name__}")
+            request.constraint.check(1, self.lm.network.vocab_size)
+        self.check(request)
+        with self._wake:
+            if not self.alive:
+                raise EngineDead("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request (a client went away): it leaves the batch at the next step and its cache is freed."""
+        with self._wake:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    # ---- engine thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while not (self._stopping or self._waiting or self._running or self._cancelled):
+                            self._wake.wait()
+                        if self._stopping:
+                            break
+                        self._drop_cancelled()
+                        admitted = []
+                        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                            admitted.append(self._waiting.popleft())
+                    for request in admitted:
+                        self._admit(request)
+                    if self._running:
+                        self._runner.step(self._running)
+        except BaseException as error:  # surfaced by /health and to every open request
+            self.error = error
+            with self._wake:
+                for seq in self._running:
+                    seq.request.emit(Finished("abort", seq.emitted, seq.passes, 0.0))
+                for request in self._waiting:
+                    request.emit(Finished("abort", 0, 0, 0.0))
+                self._running.clear()
+                self._waiting.clear()
+                self._runner.reset()
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        for seq in [s for s in self._running if s.request.id in self._cancelled]:
+            self._finish(seq, "abort")
+        for request in [r for r in self._waiting if r.id in self._cancelled]:
+            self._waiting.remove(request)
+            request.emit(Finished("abort", 0, 0, 0.0))
+        self._cancelled.clear()
+
+    def _admit(self, request: Request) -> None:
+        """Encode the prompt into the sequence's own cache, then hand it to the runner."""
+        lm = self.lm
+        generator = torch.Generator(lm.device)
+        generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seq = Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request))
+        prompt = torch.tensor([request.prompt], device=lm.device)
+        valid = torch.ones_like(prompt, dtype=torch.bool)
+        hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
+        self._running.append(seq)
+        self._runner.admit(seq, hidden)
+
+    def _send(self, seq: Sequence, ids: list[int]) -> bool:
+        """Send ids up to an end-of-turn and the token budget; True (and the sequence is finished) when one of
+        them was reached."""
+        eos = () if seq.request.ignore_eos else self.lm.eos_token_ids
+        out, reason = cut(ids, eos, seq.request.max_new_tokens - seq.emitted)
+        if out:
+            seq.emitted += len(out)
+            seq.request.emit(Tokens(out))
+        if reason is not None:
+            self._finish(seq, reason)
+            return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._runner.release(seq, self._running.index(seq), len(self._running))
+        self._running.remove(seq)
+        seq.cache = seq.state = seq.allowed = seq.next_logits = None
+        passes = max(seq.passes, 1)
+        seq.request.emit(Finished(reason, seq.emitted, passes, seq.emitted / passes))

@@ -1,0 +1,56 @@
+"""What the serving engine is asked to do (`Request`) and what it keeps about each sequence while it runs
+(`Sequence`): the data the core loop, the runners and the output share."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.step import CanvasState, Constraint
+from canvaslm.engine.output import Event
+from canvaslm.models.cache import KVCache
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `emit` receives its events from the engine thread (it must be thread-safe)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    emit: Callable[[Event], None]
+    sampling: dict[str, Any] = field(default_factory=dict)   # diffusion or AR options, checked on submit
+    seed: int | None = None
+    drafts: bool = False            # also emit a Draft after every denoising step
+    suffix: list[int] = field(default_factory=list)  # infill: fixed right after the max_new_tokens generated ones
+    ignore_eos: bool = False        # benchmarks: always write max_new_tokens tokens
+    constraint: Constraint | None = None  # pins / allowed tokens over the generated region (batch of one row);
+                                          # with keep_logits, a CanvasLogits event before each canvas's tokens
+    pin_settled: bool | None = None  # stream and hold settled prefixes (None: the engine's setting)
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+@dataclass
+class Sequence:
+    """A running request: its cache, random stream and progress; the fields below `canvas_index` belong to one
+    runner kind (diffusion or AR)."""
+
+    request: Request
+    generator: torch.Generator
+    cache: KVCache | None
+    settings: Any                   # DiffusionSampling, or the AR options dict
+    emitted: int = 0                # tokens sent so far
+    passes: int = 0                 # forward passes that worked on this sequence
+    canvas_index: int = 0
+    constraint: Constraint | None = None  # the request's, with the suffix as pins
+    state: CanvasState | None = None  # diffusion: the current canvas
+    allowed: Tensor | None = None   # [1, C, V] the constraint's allowed tokens in the current canvas
+    last_logits: Tensor | None = None  # [C, V] the current canvas's last step logits (constraint.keep_logits)
+    pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
+    next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
+    before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
+                                    # the prediction of the canvas's first token

@@ -1,0 +1,209 @@
+"""The per-kind halves of the serving engine: how a sequence of a diffusion model and of an autoregressive model is
+admitted, advanced by one decoder pass shared with its neighbours, and released. The core loop
+(`canvaslm.engine.core`) owns the queue, the thread and the order of sequences; a runner owns the model work.
+
+Diffusion: every sequence keeps its own KV cache of its prompt and committed canvases. Each step stacks the running
+sequences' caches (`KVCache.stack`; rebuilt only when a sequence joins, leaves or commits a canvas), runs one
+decoder pass over all their canvases, then advances each sequence with `denoise_step`, the step `generate_steps`
+takes, with its own temperature step, settings and random generator. A sequence's tokens therefore do not depend on
+its neighbours (up to float rounding), and a sequence alone draws exactly what `LM.generate` draws for the same
+seed. After each step the longest left-to-right prefix of the canvas whose tokens are accepted and unchanged since
+the previous step is *settled*; with `pin_settled` it is sent at once and held (kept in the canvas and the
+committed result), so streamed text is never taken back. Without pinning tokens are sent when their canvas is
+committed, and results equal `LM.generate`.
+
+Autoregressive: all running sequences write their next token in one pass over one stacked cache, which rows join
+(stacked in after their own prefill) and leave (selected out) as requests come and go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.step import Constraint, denoise_step, pins_only, self_conditioning_dtype, start_canvas
+from canvaslm.engine.ar import advance, sample_next
+from canvaslm.engine.lm import LM
+from canvaslm.engine.output import CanvasLogits, Draft
+from canvaslm.engine.request import Request, Sequence
+from canvaslm.models.cache import KVCache
+
+SendTokens = Callable[[Sequence, list[int]], bool]
+"""The core's output: send a sequence's new tokens up to an end-of-turn and its budget; True when it finished."""
+
+
+class Timer:
+    """Times decoder passes and reports (batch size, seconds) to `on_step` (the server's metrics)."""
+
+    def __init__(self, on_step: Callable[[int, float], None] | None) -> None:
+        self.on_step = on_step
+
+    def __call__(self, batch: int, work: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = work()
+        if self.on_step is not None:
+            self.on_step(batch, time.perf_counter() - start)
+        return out
+
+
+class DiffusionRunner:
+    def __init__(self, lm: LM, send: SendTokens, timed: Timer, pin_settled: bool) -> None:
+        self.lm, self.send, self.timed, self.pin_settled = lm, send, timed, pin_settled
+        self._stacked: tuple[tuple[tuple[int, int], ...], KVCache] | None = None
+
+    def admit(self, seq: Sequence, hidden: Tensor) -> None:
+        """After the prompt was encoded (`hidden` [1, P, D]): its first canvas; one that is all pins commits (and
+        may finish) at once."""
+        seq.constraint = self._constraint(seq.request)
+        self._keep_before(seq, hidden)
+        self._new_canvas(seq)
+
+    def step(self, running: list[Sequence]) -> None:
+        cache = self._batch_cache(running)
+        canvases = torch.cat([s.state.canvas for s in running])
+        with_sc = torch.tensor([s.state.sc_logits is not None for s in running], device=canvases.device)
+        sc = None
+        if bool(with_sc.any()):
+            empty = torch.zeros_like(next(s.state.sc_logits for s in running if s.state.sc_logits is not None))
+            sc = torch.cat([s.state.sc_logits if s.state.sc_logits is not None else empty for s in running])
+        logits = self.timed(len(running), lambda: self.lm.network.decode(canvases, cache, sc,
+                                                                          None if bool(with_sc.all()) else with_sc))
+        for i, seq in enumerate(list(running)):
+            row = logits[i:i + 1]
+            if seq.before is not None:  # as generate_steps: canvas token i is read from output i - 1
+                row = torch.cat([seq.before, row[:, :-1]], dim=1)
+            self._denoise(seq, row)
+
+    def release(self, seq: Sequence, row: int, running: int) -> None:
+        """Nothing to give back: the stacked cache is rebuilt when the set of sequences changes."""
+
+    def reset(self) -> None:
+        self._stacked = None
+
+    def _keep_before(self, seq: Sequence, hidden: Tensor) -> None:
+        """Shift-trained models predict a canvas's first token from the last encoded position."""
+        if getattr(self.lm.network, "canvas_shift", False):
+            seq.before = self.lm.network.logits(hidden[:, -1:])
+
+    def _batch_cache(self, running: list[Sequence]) -> KVCache:
+        """The stacked cache of the running sequences, rebuilt only when one joined, left or committed."""
+        key = tuple((s.request.id, s.cache.length) for s in running)
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, running[0].cache if len(running) == 1
+                             else KVCache.stack([s.cache for s in running]))
+        return self._stacked[1]
+
+    def _new_canvas(self, seq: Sequence) -> None:
+        network = self.lm.network
+        pins, seq.allowed = (None, None) if seq.constraint is None else \
+            seq.constraint.for_canvas(seq.canvas_index, network.canvas_length)
+        seq.state = start_canvas(1, network.canvas_length, network.vocab_size, seq.settings, seq.generator,
+                                 self.lm.device, getattr(network, "mask_token_id", None), pins)
+        seq.pinned, seq.last_logits = 0, None
+        total = seq.request.max_new_tokens + len(seq.request.suffix)
+        region = min(network.canvas_length, total - seq.canvas_index * network.canvas_length)
+        pinned = pins_only(pins, region, self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0)
+        if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
+            seq.state.draft = pinned
+            self._commit(seq)
+
+    def _constraint(self, request: Request) -> Constraint | None:
+        """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..
+        + len(suffix): the middle is denoised seeing what follows it."""
+        if not request.suffix:
+            return request.constraint
+        suffix = torch.tensor([[-1] * request.max_new_tokens + request.suffix], device=self.lm.device)
+        if request.constraint is None or request.constraint.pins is None:
+            pins = suffix
+        else:
+            pins = torch.nn.functional.pad(request.constraint.pins.to(self.lm.device),
+                                           (0, suffix.shape[1] - request.constraint.pins.shape[1]), value=-1)
+            pins = torch.where(suffix >= 0, suffix, pins)
+        return Constraint(pins) if request.constraint is None else dataclasses.replace(request.constraint, pins=pins)
+
+    def _denoise(self, seq: Sequence, logits: Tensor) -> None:
+        """One denoising step of one sequence from its decoder logits [1, C, V] (`denoise_step`, as
+        `generate_steps` takes it); the settled prefix already streamed is held."""
+        network, settings, before = self.lm.network, seq.settings, seq.state
+        seq.passes += 1
+        hold = None
+        if seq.pinned:
+            hold = torch.zeros_like(before.canvas, dtype=torch.bool)
+            hold[:, :seq.pinned] = True
+        outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
+                               mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed, hold=hold,
+                               sc_dtype=self_conditioning_dtype(network))
+        seq.state = state = outcome.state
+        draft = state.draft
+        if seq.constraint is not None and seq.constraint.keep_logits:
+            seq.last_logits = outcome.logits[0]
+        if seq.request.drafts:
+            seq.request.emit(Draft(seq.canvas_index, state.step, draft[0].tolist()))
+        if bool(state.stopped.all()) or state.step == settings.max_denoising_steps:
+            self._commit(seq)
+        elif self.pin_settled if seq.request.pin_settled is None else seq.request.pin_settled:
+            settled = outcome.accepted & (draft == before.draft)
+            settled[:, :seq.pinned] = True
+            run = int(settled[0].long().cumprod(0).sum())  # length of the settled left-to-right prefix
+            if run > seq.pinned:
+                new, seq.pinned = draft[0, seq.pinned:run].tolist(), run
+                self.send(seq, new)
+
+    def _commit(self, seq: Sequence) -> None:
+        if seq.last_logits is not None:
+            seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
+        if self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
+            return
+        committed = seq.state.draft
+        hidden = self.lm.network.encode(committed, seq.cache, torch.ones_like(committed, dtype=torch.bool))
+        self._keep_before(seq, hidden)
+        seq.canvas_index += 1
+        self._new_canvas(seq)
+
+
+class ARRunner:
+    def __init__(self, lm: LM, send: SendTokens, timed: Timer) -> None:
+        self.lm, self.send, self.timed = lm, send, timed
+        self._cache: KVCache | None = None  # the running sequences' cache, rows in the core's running order
+
+    def admit(self, seq: Sequence, hidden: Tensor) -> None:
+        """After the prompt was encoded: its next-token logits, and its cache becomes the last row of the shared
+        one (the core appended it last to the running sequences)."""
+        seq.next_logits, seq.passes = self.lm.network.logits(hidden[:, -1]), 1
+        self._cache = seq.cache if self._cache is None else KVCache.stack([self._cache, seq.cache])
+        seq.cache = None  # its row lives in the shared cache now
+
+    def step(self, running: list[Sequence]) -> None:
+        """Every running sequence samples its next token (own options and generator); those that go on write it
+        into the shared cache in one pass."""
+        going = []
+        for seq in list(running):
+            options = seq.settings
+            token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
+                                seq.generator)
+            if not self.send(seq, [int(token)]):
+                going.append((seq, token))
+        if not going:
+            return
+        tokens = torch.cat([token for _, token in going])[:, None]
+        logits = self.timed(len(going), lambda: advance(self.lm.network, self._cache, tokens))
+        for i, (seq, _) in enumerate(going):
+            seq.next_logits = logits[i:i + 1]
+            seq.passes += 1
+
+    def release(self, seq: Sequence, row: int, running: int) -> None:
+        """Drop row `row` of `running` rows from the shared cache."""
+        if self._cache is None:
+            return
+        keep = [i for i in range(running) if i != row]
+        self._cache.select(torch.tensor(keep, dtype=torch.long, device=self._cache.valid.device))
+        if not keep:
+            self._cache = None
+
+    def reset(self) -> None:
+        self._cache = None

@@ -1,0 +1,190 @@
+"""Serving: what a route asks of the model, between the HTTP layer (`canvaslm.server.app`) and the engine. Prompts
+become ids, a request's choices become engine requests, engine events become text (`TextOutput`: incremental
+decoding, stop strings), and structured requests run their rounds (json_schema on a diffusion model inside the
+continuous batch) or, for json_object and AR models, a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+from fastapi import Request
+
+from canvaslm.engine.core import Engine, EngineDead, QueueFull
+from canvaslm.engine.lm import LM
+from canvaslm.engine.output import CanvasLogits, Finished, TextOutput, Tokens
+from canvaslm.engine.request import Request as EngineRequest
+from canvaslm.engine.structured import ROUNDS, JsonPlan, StructuredOutputError
+from canvaslm.errors import CanvasError
+from canvaslm.server.metrics import Metrics
+from canvaslm.server.protocol import ChatRequest, CompletionRequest
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+class Server:
+    """One model behind the routes: prompts to ids, requests into the engine, events back as text."""
+
+    def __init__(self, lm: LM, name: str, engine: Engine, metrics: Metrics) -> None:
+        self.lm, self.name, self.engine, self.metrics = lm, name, engine, metrics
+        self.tokenizer = lm.require_tokenizer()
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def prompt_ids(self, body: ChatRequest | CompletionRequest) -> list[int]:
+        if isinstance(body, ChatRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        prompt = body.prompt
+        if isinstance(prompt, list) and not isinstance(prompt[0], int):  # a batch of one prompt
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        vocab = self.lm.network.vocab_size
+        if max(prompt) >= vocab:
+            raise APIError(400, f"prompt token ids must be < the vocabulary size {vocab}", param="prompt")
+        return list(prompt)
+
+    async def generate(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                       max_tokens: int, suffix: list[int]) -> AsyncIterator[tuple[TextOutput, Any]]:
+        """Run body.n sequences; yields (choice, event) as events arrive (Tokens already decoded into choice.text,
+        Draft, Finished), cancelling everything if the client goes away or the generator is closed."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        choices = [TextOutput(i, body.stops()) for i in range(body.n)]
+        requests = []
+        for i in range(body.n):
+            seed = None if body.seed is None else body.seed + i
+            emit = lambda e, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, e))  # noqa: E731
+            request = EngineRequest(prompt, max_tokens, emit, body.sampling(self.lm.kind == "diffusion"), seed=seed,
+                                    drafts=body.canvas_drafts, suffix=suffix, ignore_eos=body.ignore_eos)
+            requests.append(request)
+        self._submit(requests)
+        self.metrics.request_started(len(prompt))
+        started, first_token = time.monotonic(), None
+        open_choices = body.n
+        try:
+            while open_choices:
+                try:
+                    i, event = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                choice = choices[i]
+                if choice.finish is not None:
+                    continue  # events after a stop string ended this choice
+                if isinstance(event, Tokens):
+                    first_token = first_token or time.monotonic()
+                    choice.add(event.ids, self.tokenizer)
+                    if choice.finish == "stop":  # a stop string: this sequence is done
+                        self.engine.cancel(requests[i].id)
+                        open_choices -= 1
+                elif isinstance(event, Finished):
+                    choice.finish = event.reason
+                    choice.passes, choice.tokens_per_forward = event.forward_passes, event.tokens_per_forward
+                    open_choices -= 1
+                yield choice, event
+        finally:
+            for request, choice in zip(requests, choices, strict=True):
+                if choice.finish is None:  # the client went away: stop its sequences
+                    self.engine.cancel(request.id)
+            done = [c for c in choices if c.finish is not None]
+            self.metrics.request_finished([c.finish for c in done], sum(len(c.ids) for c in choices),
+                                          [c.tokens_per_forward for c in done if c.passes],
+                                          None if first_token is None else first_token - started,
+                                          time.monotonic() - started)
+
+    def _submit(self, requests: Sequence[EngineRequest]) -> None:
+        """Queue requests in the engine, or none of them: a full queue is a 429, a dead engine a 503, options the
+        model does not take a 400."""
+        try:
+            for request in requests:
+                self.engine.submit(request)
+        except QueueFull as e:
+            for request in requests:
+                self.engine.cancel(request.id)
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except EngineDead as e:
+            raise APIError(503, str(e), "server_error", code="engine_dead") from None
+        except CanvasError as e:
+            for request in requests:
+                self.engine.cancel(request.id)
+            raise APIError(400, str(e)) from None
+
+    async def json_in_batch(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                            seed: int | None) -> str:
+        """response_format json_schema on a diffusion model, inside the continuous batch: each round of
+        `JsonPlan` (denoise the scaffold, project the slots, validate) is one engine request that shares decoder
+        passes with every other request; the same answer as `LM.generate_json` for the same seed."""
+        schema = body.response_format.target_schema()  # type: ignore[union-attr]
+        plan = await asyncio.to_thread(JsonPlan, self.lm, prompt, schema)  # the first builds the slot grammars
+        seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        loop = asyncio.get_running_loop()
+        for attempt in range(ROUNDS):
+            inbox: asyncio.Queue[Any] = asyncio.Queue()
+            request = EngineRequest(prompt, plan.size, lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e),
+                                    body.sampling(True), seed=seed + attempt, ignore_eos=True,
+                                    constraint=plan.constraint(), pin_settled=False)
+            self._submit([request])
+            last: dict[int, Any] = {}
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    except TimeoutError:
+                        if await http.is_disconnected():
+                            self.engine.cancel(request.id)
+                            raise APIError(499, "the client went away") from None
+                        continue
+                    if isinstance(event, CanvasLogits):
+                        last[event.canvas] = event.logits
+                    elif isinstance(event, Finished):
+                        break
+            except asyncio.CancelledError:
+                self.engine.cancel(request.id)
+                raise
+            if event.reason == "abort":
+                raise APIError(503, "the engine stopped this request", "server_error", code="engine_dead")
+            if await asyncio.to_thread(plan.judge, last):
+                return json.dumps(plan.value, ensure_ascii=False)
+        raise plan.failed(ROUNDS)
+
+
+def structured_answer(lm: LM, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
+                      seed: int | None) -> str:
+    """One JSON answer: json_schema through `LM.generate_json` (validates, or StructuredOutputError); json_object
+    as ordinary text that must parse as a JSON object, tried with 3 seeds, else StructuredOutputError (an AR model
+    with llguidance installed writes it under the grammar of any JSON object instead)."""
+    fmt = body.response_format
+    sampling = body.sampling(lm.kind == "diffusion")
+    schema = fmt.target_schema()  # type: ignore[union-attr]
+    if schema is None and lm.kind != "diffusion" and importlib.util.find_spec("llguidance") is not None:
+        schema = {"type": "object"}  # json_object on an AR model: any object, under llguidance's grammar
+    if schema is not None:
+        return lm.generate_json(prompt, schema, max_tokens, seed, **sampling).text
+    for attempt in range(3):
+        out = lm.generate([prompt], max_tokens, None if seed is None else seed + 1000 * attempt, **sampling)
+        text = lm.tokenizer.decode(lm.decode_new(out.sequences[0], len(prompt))[0][:max_tokens]).strip()  # type: ignore[union-attr]
+        text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+    raise StructuredOutputError("the model wrote no JSON object in 3 tries; response_format json_schema lays the "
+                                "object out on the canvas and always validates")
