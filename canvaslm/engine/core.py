@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from canvaslm.diffusion.step import Constraint
+from canvaslm.engine.guided import llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import Finished, Tokens, cut
 from canvaslm.engine.request import Request, Sequence
@@ -84,6 +85,13 @@ class Engine:
         if (request.suffix or request.constraint is not None) and self.lm.kind != "diffusion":
             raise UnsupportedError("infill (a suffix) and canvas constraints need a diffusion model: an "
                                    "autoregressive model cannot see text to the right of what it writes")
+        if request.grammar is not None:
+            if self.lm.kind != "autoregressive":
+                raise UnsupportedError("a grammar guides an autoregressive model token by token; a diffusion "
+                                       "model's structured output is a canvas constraint (Request.constraint)")
+            if not self.lm.eos_token_ids:
+                raise UnsupportedError(f"{self.lm.source}: a grammar needs an end-of-turn token to stop at")
+            llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size)  # llguidance installed, built
         self.lm.check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
         if request.constraint is not None:
             if not isinstance(request.constraint, Constraint):

@@ -77,9 +77,36 @@ def regex_grammar(pattern: str) -> str:
     return require_llguidance().LLMatcher.grammar_from_regex(pattern)
 
 
-def _allowed(matcher: Any, vocab_size: int, device: torch.device) -> torch.Tensor:
-    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-    return torch.from_numpy(bits[:vocab_size].astype(bool)).to(device)
+class Matcher:
+    """One sequence's place in a grammar: which tokens may come next, which ones it forces, whether it ended.
+    Used by `guided_generate` and by the serving engine's AR runner (a request's `grammar`)."""
+
+    def __init__(self, llg_tok: Any, grammar: str) -> None:
+        self._matcher = require_llguidance().LLMatcher(llg_tok, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise GuidedDecodingError(f"llguidance refused the grammar: {self._matcher.get_error()}")
+
+    def allowed(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[V] bool: the tokens the grammar allows next."""
+        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[:vocab_size].astype(bool)).to(device)
+
+    def consume(self, tokens: list[int]) -> None:
+        if not self._matcher.consume_tokens(tokens):
+            raise GuidedDecodingError(f"llguidance rejected tokens {tokens}: {self._matcher.get_error()}")
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces from here (the `", "key": ` between two values), not yet consumed."""
+        return list(self._matcher.compute_ff_tokens())
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self._matcher.is_stopped())
+
+    @property
+    def complete(self) -> bool:
+        """The text so far is a whole sentence of the grammar (it may or may not go on)."""
+        return bool(self._matcher.is_stopped() or self._matcher.is_accepting())
 
 
 @torch.inference_mode()
@@ -88,10 +115,7 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
                     generator: torch.Generator | None = None) -> GuidedResult:
     """Decode after `prompt_ids` with every token restricted to `grammar` (from `json_grammar` or
     `regex_grammar`), up to `max_new_tokens` tokens."""
-    llguidance = require_llguidance()
-    matcher = llguidance.LLMatcher(llg_tok, grammar, log_level=0)
-    if matcher.is_error():
-        raise GuidedDecodingError(f"llguidance refused the grammar: {matcher.get_error()}")
+    matcher = Matcher(llg_tok, grammar)
     device, vocab = network.embed_tokens.weight.device, network.vocab_size
     cache = network.new_cache(1, device)
     prompt = torch.tensor([prompt_ids], device=device)
@@ -99,24 +123,21 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
     out: list[int] = []
     passes, forced = 1, 0
     eos = set(llg_tok.eos_tokens)
-    while len(out) < max_new_tokens and not matcher.is_stopped():
-        allowed = _allowed(matcher, vocab, device)
-        token = int(sample_next(logits, temperature, top_k, top_p, generator, allowed))
-        if not matcher.consume_token(token):
-            raise GuidedDecodingError(f"llguidance rejected token {token}: {matcher.get_error()}")
+    while len(out) < max_new_tokens and not matcher.stopped:
+        token = int(sample_next(logits, temperature, top_k, top_p, generator, matcher.allowed(vocab, device)))
+        matcher.consume([token])
         if token in eos:
             break
-        step = [token] + list(matcher.compute_ff_tokens())
-        if len(step) > 1 and not matcher.consume_tokens(step[1:]):
-            raise GuidedDecodingError(f"llguidance rejected its own forced tokens: {matcher.get_error()}")
+        step = [token] + matcher.forced()
+        if len(step) > 1:
+            matcher.consume(step[1:])
         forced += len(step) - 1
         out.extend(step)
-        if len(out) >= max_new_tokens or matcher.is_stopped():
+        if len(out) >= max_new_tokens or matcher.stopped:
             break
         logits = advance(network, cache, torch.tensor([step], device=device))
         passes += 1
-    finished = matcher.is_stopped() or matcher.is_accepting()
-    return GuidedResult(out[:max_new_tokens], passes, forced, finished)
+    return GuidedResult(out[:max_new_tokens], passes, forced, matcher.complete)
 
 
 def guided_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], max_new_tokens: int, *,

@@ -288,7 +288,8 @@ class LM:
             valid = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
                      else attention_mask.to(self.device).bool().reshape(ids.shape))
         else:
-            rows = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(r) for r in prompt_ids]
+            one = prompt_ids and isinstance(prompt_ids[0], int)
+            rows = [list(prompt_ids)] if one else [list(r) for r in prompt_ids]
             if not rows or any(not row or not all(isinstance(t, int) for t in row) for row in rows):
                 raise GenerationError("prompt_ids must be a non-empty list of token ids, or a list of such lists")
             width, pad = max(map(len, rows)), self.pad_token_id or 0

@@ -31,6 +31,8 @@ class Request:
     constraint: Constraint | None = None  # pins / allowed tokens over the generated region (batch of one row);
                                           # with keep_logits, a CanvasLogits event before each canvas's tokens
     pin_settled: bool | None = None  # stream and hold settled prefixes (None: the engine's setting)
+    grammar: str | None = None      # AR: an llguidance grammar (`guided.json_grammar`) every token must follow;
+                                    # the sequence stops ("stop") where the grammar ends
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -52,5 +54,6 @@ class Sequence:
     last_logits: Tensor | None = None  # [C, V] the current canvas's last step logits (constraint.keep_logits)
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
+    matcher: Any = None             # AR under a grammar: its `guided.Matcher`
     before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
                                     # the prediction of the canvas's first token

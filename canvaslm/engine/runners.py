@@ -13,7 +13,10 @@ committed result), so streamed text is never taken back. Without pinning tokens 
 committed, and results equal `LM.generate`.
 
 Autoregressive: all running sequences write their next token in one pass over one stacked cache, which rows join
-(stacked in after their own prefill) and leave (selected out) as requests come and go.
+(stacked in after their own prefill) and leave (selected out) as requests come and go. A request with a grammar
+samples each token among those its llguidance matcher allows (`guided.Matcher`), so structured answers share the
+batch too; the tokens a grammar forces are written one per pass here (`guided_generate`, alone, writes them in
+one), which changes the passes, not the tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from canvaslm.diffusion.step import Constraint, denoise_step, pins_only, self_conditioning_dtype, start_canvas
 from canvaslm.engine.ar import advance, sample_next
+from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import CanvasLogits, Draft
 from canvaslm.engine.request import Request, Sequence
@@ -175,6 +179,9 @@ class ARRunner:
         """After the prompt was encoded: its next-token logits, and its cache becomes the last row of the shared
         one (the core appended it last to the running sequences)."""
         seq.next_logits, seq.passes = self.lm.network.logits(hidden[:, -1]), 1
+        if seq.request.grammar is not None:
+            seq.matcher = Matcher(llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size),
+                                  seq.request.grammar)
         self._cache = seq.cache if self._cache is None else KVCache.stack([self._cache, seq.cache])
         seq.cache = None  # its row lives in the shared cache now
 
@@ -182,11 +189,22 @@ class ARRunner:
         """Every running sequence samples its next token (own options and generator); those that go on write it
         into the shared cache in one pass."""
         going = []
+        vocab, eos = self.lm.network.vocab_size, self.lm.eos_token_ids
         for seq in list(running):
-            options = seq.settings
+            options, matcher = seq.settings, seq.matcher
+            allowed = None if matcher is None else matcher.allowed(vocab, seq.next_logits.device)
             token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
-                                seq.generator)
-            if not self.send(seq, [int(token)]):
+                                seq.generator, allowed)
+            ids = [int(token)]
+            if matcher is not None:
+                try:
+                    matcher.consume(ids)
+                    ended = matcher.stopped
+                except GuidedDecodingError:  # cannot happen under its own mask; the answer just ends unfinished
+                    ended = True
+                if ended and ids[0] not in eos:
+                    ids.append(eos[0])  # where the grammar ends, the sequence stops
+            if not self.send(seq, ids):
                 going.append((seq, token))
         if not going:
             return

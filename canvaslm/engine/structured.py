@@ -133,7 +133,8 @@ def _write(schema: Any, path: str, out: Scaffold, encode: Callable[[str], list[i
     elif kind == "array":
         if "items" not in schema:
             raise SchemaError(f"schema at {where}: an array needs an 'items' schema")
-        low, high = schema.get("minItems", 0), schema.get("maxItems", max(budget.array_items, schema.get("minItems", 0)))
+        low = schema.get("minItems", 0)
+        high = schema.get("maxItems", max(budget.array_items, low))
         if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high):
             raise SchemaError(f"schema at {where}: minItems/maxItems must be integers with 0 <= min <= max")
         if low > MAX_ITEMS:

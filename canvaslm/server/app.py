@@ -32,7 +32,7 @@ from canvaslm.engine.structured import SchemaError, StructuredOutputError
 from canvaslm.errors import CanvasError
 from canvaslm.server.metrics import Metrics
 from canvaslm.server.protocol import ChatRequest, CompletionRequest, Sampling
-from canvaslm.server.serving import APIError, Server, structured_answer
+from canvaslm.server.serving import APIError, Server
 from canvaslm.server.sse import Chunks, chain, finish_reason, stream_events, stream_whole
 
 MAX_ERROR_CHARS = 2000
@@ -162,21 +162,17 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
 
     async def respond_structured(http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
                                  max_tokens: int, chat: bool) -> Any:
-        """response_format json_schema / json_object, sent whole. json_schema on a diffusion model runs inside the
-        continuous batch (`Server.json_in_batch`); the rest (json_object, AR models under llguidance) is written by
-        `structured_answer` in a worker thread."""
+        """response_format json_schema / json_object, sent whole; each choice is written inside the continuous
+        batch (`Server.structured`)."""
         seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
+        tasks = [asyncio.create_task(server.structured(http, body, prompt, max_tokens, s)) for s in seeds]
         try:
-            if lm.kind == "diffusion" and body.response_format.target_schema() is not None:  # type: ignore[union-attr]
-                tasks = [asyncio.create_task(server.json_in_batch(http, body, prompt, s)) for s in seeds]
-                try:
-                    texts = list(await asyncio.gather(*tasks))
-                except BaseException:  # one choice failed: stop the others' engine requests too
-                    for task in tasks:
-                        task.cancel()
-                    raise
-            else:
-                texts = [await asyncio.to_thread(structured_answer, lm, body, prompt, max_tokens, s) for s in seeds]
+            try:
+                texts = list(await asyncio.gather(*tasks))
+            except BaseException:  # one choice failed: stop the others' engine requests too
+                for task in tasks:
+                    task.cancel()
+                raise
         except SchemaError as e:
             raise APIError(400, str(e), param="response_format") from None
         except StructuredOutputError as e:

@@ -1,7 +1,7 @@
 """Serving: what a route asks of the model, between the HTTP layer (`canvaslm.server.app`) and the engine. Prompts
 become ids, a request's choices become engine requests, engine events become text (`TextOutput`: incremental
-decoding, stop strings), and structured requests run their rounds (json_schema on a diffusion model inside the
-continuous batch) or, for json_object and AR models, a worker thread.
+decoding, stop strings), and structured requests run as engine requests too (`Server.structured`), so they share
+the continuous batch with everything else.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import importlib.util
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,9 +18,10 @@ from fastapi import Request
 
 from canvaslm.engine.core import Engine, EngineDead, QueueFull
 from canvaslm.engine.lm import LM
-from canvaslm.engine.output import CanvasLogits, Finished, TextOutput, Tokens
+from canvaslm.engine.guided import json_grammar
+from canvaslm.engine.output import CanvasLogits, Event, Finished, TextOutput, Tokens
 from canvaslm.engine.request import Request as EngineRequest
-from canvaslm.engine.structured import ROUNDS, JsonPlan, StructuredOutputError
+from canvaslm.engine.structured import ROUNDS, JsonPlan, StructuredOutputError, violations
 from canvaslm.errors import CanvasError
 from canvaslm.server.metrics import Metrics
 from canvaslm.server.protocol import ChatRequest, CompletionRequest
@@ -125,66 +126,92 @@ class Server:
                 self.engine.cancel(request.id)
             raise APIError(400, str(e)) from None
 
+    async def structured(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                         max_tokens: int, seed: int | None) -> str:
+        """One answer to a response_format request, always inside the continuous batch: json_schema on a diffusion
+        model as `JsonPlan` rounds; on an AR model (json_object too, when llguidance is installed) under the
+        grammar; json_object without a grammar as up to 3 plain answers that must parse as an object."""
+        schema = body.response_format.target_schema()  # type: ignore[union-attr]
+        if self.lm.kind == "diffusion" and schema is not None:
+            return await self.json_in_batch(http, body, prompt, seed)
+        if self.lm.kind == "autoregressive" and (schema is not None or importlib.util.find_spec("llguidance")):
+            return await self.grammar_in_batch(http, body, prompt, max_tokens, seed, schema or {"type": "object"})
+        return await self.object_in_batch(http, body, prompt, max_tokens, seed)
+
+    async def _run(self, http: Request, **request: Any) -> list[Event]:
+        """Submit one engine request (the fields of `EngineRequest` but `emit`) and wait for all its events; it
+        is cancelled when the client goes away (499) or the caller is cancelled, and an abort is a 503."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+        engine_request = EngineRequest(emit=lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e), **request)
+        self._submit([engine_request])
+        events: list[Event] = []
+        try:
+            while not events or not isinstance(events[-1], Finished):
+                try:
+                    events.append(await asyncio.wait_for(inbox.get(), timeout=1.0))
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        self.engine.cancel(engine_request.id)
+                        raise APIError(499, "the client went away") from None
+        except asyncio.CancelledError:
+            self.engine.cancel(engine_request.id)
+            raise
+        if events[-1].reason == "abort":  # type: ignore[union-attr]
+            raise APIError(503, "the engine stopped this request", "server_error", code="engine_dead")
+        return events
+
     async def json_in_batch(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
                             seed: int | None) -> str:
-        """response_format json_schema on a diffusion model, inside the continuous batch: each round of
-        `JsonPlan` (denoise the scaffold, project the slots, validate) is one engine request that shares decoder
-        passes with every other request; the same answer as `LM.generate_json` for the same seed."""
+        """json_schema on a diffusion model: each round of `JsonPlan` (denoise the scaffold, project the slots,
+        validate) is one engine request that shares decoder passes with every other request; the same answer as
+        `LM.generate_json` for the same seed."""
         schema = body.response_format.target_schema()  # type: ignore[union-attr]
         plan = await asyncio.to_thread(JsonPlan, self.lm, prompt, schema)  # the first builds the slot grammars
         seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
-        loop = asyncio.get_running_loop()
         for attempt in range(ROUNDS):
-            inbox: asyncio.Queue[Any] = asyncio.Queue()
-            request = EngineRequest(prompt, plan.size, lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e),
-                                    body.sampling(True), seed=seed + attempt, ignore_eos=True,
-                                    constraint=plan.constraint(), pin_settled=False)
-            self._submit([request])
-            last: dict[int, Any] = {}
-            try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(inbox.get(), timeout=1.0)
-                    except TimeoutError:
-                        if await http.is_disconnected():
-                            self.engine.cancel(request.id)
-                            raise APIError(499, "the client went away") from None
-                        continue
-                    if isinstance(event, CanvasLogits):
-                        last[event.canvas] = event.logits
-                    elif isinstance(event, Finished):
-                        break
-            except asyncio.CancelledError:
-                self.engine.cancel(request.id)
-                raise
-            if event.reason == "abort":
-                raise APIError(503, "the engine stopped this request", "server_error", code="engine_dead")
+            events = await self._run(http, prompt=prompt, max_new_tokens=plan.size, sampling=body.sampling(True),
+                                     seed=seed + attempt, ignore_eos=True, constraint=plan.constraint(),
+                                     pin_settled=False)
+            last = {e.canvas: e.logits for e in events if isinstance(e, CanvasLogits)}
             if await asyncio.to_thread(plan.judge, last):
                 return json.dumps(plan.value, ensure_ascii=False)
         raise plan.failed(ROUNDS)
 
-
-def structured_answer(lm: LM, body: ChatRequest | CompletionRequest, prompt: list[int], max_tokens: int,
-                      seed: int | None) -> str:
-    """One JSON answer: json_schema through `LM.generate_json` (validates, or StructuredOutputError); json_object
-    as ordinary text that must parse as a JSON object, tried with 3 seeds, else StructuredOutputError (an AR model
-    with llguidance installed writes it under the grammar of any JSON object instead)."""
-    fmt = body.response_format
-    sampling = body.sampling(lm.kind == "diffusion")
-    schema = fmt.target_schema()  # type: ignore[union-attr]
-    if schema is None and lm.kind != "diffusion" and importlib.util.find_spec("llguidance") is not None:
-        schema = {"type": "object"}  # json_object on an AR model: any object, under llguidance's grammar
-    if schema is not None:
-        return lm.generate_json(prompt, schema, max_tokens, seed, **sampling).text
-    for attempt in range(3):
-        out = lm.generate([prompt], max_tokens, None if seed is None else seed + 1000 * attempt, **sampling)
-        text = lm.tokenizer.decode(lm.decode_new(out.sequences[0], len(prompt))[0][:max_tokens]).strip()  # type: ignore[union-attr]
-        text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    async def grammar_in_batch(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                               max_tokens: int, seed: int | None, schema: Mapping[str, Any]) -> str:
+        """JSON from an autoregressive model, every token sampled among those llguidance's grammar for `schema`
+        allows; StructuredOutputError when it did not finish within max_tokens."""
+        grammar = await asyncio.to_thread(json_grammar, schema)
+        events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens, sampling=body.sampling(False),
+                                 seed=seed, grammar=grammar, pin_settled=False)
+        text = self.tokenizer.decode([t for e in events if isinstance(e, Tokens) for t in e.ids])
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return json.dumps(value, ensure_ascii=False)
-    raise StructuredOutputError("the model wrote no JSON object in 3 tries; response_format json_schema lays the "
-                                "object out on the canvas and always validates")
+            shown = text if len(text) <= 200 else text[:200] + "..."
+            raise StructuredOutputError(f"the answer did not finish within max_new_tokens={max_tokens}: "
+                                        f"{shown!r}") from None
+        problems = violations(schema, value)  # the grammar should make this empty; never return it unchecked
+        if problems:
+            raise StructuredOutputError("the answer breaks the schema: " + "; ".join(problems))
+        return json.dumps(value, ensure_ascii=False)
+
+    async def object_in_batch(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
+                              max_tokens: int, seed: int | None) -> str:
+        """json_object without a grammar: ordinary answers (seeds seed, seed + 1000, seed + 2000) until one
+        parses as a JSON object, else StructuredOutputError."""
+        for attempt in range(3):
+            events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens,
+                                     sampling=body.sampling(self.lm.kind == "diffusion"),
+                                     seed=None if seed is None else seed + 1000 * attempt, pin_settled=False)
+            text = self.tokenizer.decode([t for e in events if isinstance(e, Tokens) for t in e.ids]).strip()
+            text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return json.dumps(value, ensure_ascii=False)
+        raise StructuredOutputError("the model wrote no JSON object in 3 tries; response_format json_schema lays "
+                                    "the object out on the canvas and always validates")

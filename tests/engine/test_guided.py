@@ -69,3 +69,52 @@ def test_without_llguidance_the_error_says_how_to_install_it(ar, monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance now raises ImportError
     with pytest.raises(UnsupportedError, match="pip install llguidance"):
         ar.complete("x", json_schema=BOUNDED)
+
+
+def test_a_grammar_request_shares_the_serving_batch_and_writes_what_guided_generate_writes(ar):
+    """The serving engine's AR runner samples under the matcher's mask: greedy, the tokens equal guided_generate's
+    (forced tokens are the only ones allowed), while plain requests share the same passes."""
+    import queue
+
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.guided import json_grammar
+    from canvaslm.engine.output import Finished, Tokens
+    from canvaslm.engine.request import Request
+
+    grammar = json_grammar(BOUNDED)
+    prompts = [[1, 2, 3], [1, 5]]
+    expected = [guided_generate(ar.network, llg_tokenizer(ar.tokenizer, ar.network.vocab_size), p, grammar, 200)
+                for p in prompts]
+    batches = []
+    engine = Engine(ar, on_step=lambda batch, _: batches.append(batch)).start()
+    try:
+        inboxes = [queue.Queue() for _ in range(4)]
+        requests = [Request(prompts[0], 200, inboxes[0].put, sampling={"temperature": 0.0}, grammar=grammar),
+                    Request([1, 7, 8], 40, inboxes[1].put, sampling={"temperature": 1.0}, seed=3),
+                    Request(prompts[1], 200, inboxes[2].put, sampling={"temperature": 0.0}, grammar=grammar),
+                    Request([1, 9], 40, inboxes[3].put, sampling={"temperature": 1.0}, seed=4)]
+        for request in requests:
+            engine.submit(request)
+        results = []
+        for inbox in inboxes:
+            events = [inbox.get(timeout=120)]
+            while not isinstance(events[-1], Finished):
+                events.append(inbox.get(timeout=120))
+            results.append(([t for e in events if isinstance(e, Tokens) for t in e.ids], events[-1]))
+    finally:
+        engine.stop()
+    for (tokens, finished), want in zip([results[0], results[2]], expected, strict=True):
+        assert want.finished and tokens == want.token_ids and finished.reason == "stop"
+        jsonschema.validate(json.loads(ar.tokenizer.decode(tokens)), BOUNDED)
+        assert finished.forward_passes > want.forward_passes  # forced tokens: one pass each in the batch
+    assert max(batches) >= 3  # grammar and plain requests in one pass
+
+
+def test_a_grammar_on_a_diffusion_model_is_refused(tmp_path):
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.request import Request
+    from tests.reference import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path, canvas_length=4)
+    with pytest.raises(UnsupportedError, match="canvas constraint"):
+        Engine(canvaslm.load(tmp_path, device="cpu")).submit(Request([1, 2], 8, print, grammar="start: \"a\""))
