@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--judge", default="smol-ar", help="autoregressive judge and baseline (default smol-ar)")
     quality.add_argument("--prompts", required=True, help="data directory (its last N prompts) or JSONL of prompts")
     quality.add_argument("--limit", type=int, default=200, help="number of prompts (default 200)")
-    quality.add_argument("--exclude", default=None, help="training data directory: its prompts are not evaluated")
+    quality.add_argument("--exclude", action="append", default=None,
+                         help="training data directory (repeatable): its prompts are not evaluated")
     quality.add_argument("--max-new-tokens", type=int, default=128)
     quality.add_argument("--batch-size", type=int, default=16)
     quality.add_argument("--speed-prompts", type=int, default=10, help="prompts timed at batch 1 (0 = skip)")

@@ -52,14 +52,17 @@ class SystemReport:
     samples: list[str]
 
 
-def read_prompts(source: str | Path, limit: int, tokenizer: Any, exclude: str | Path | None = None) -> list[list[int]]:
+def read_prompts(source: str | Path, limit: int, tokenizer: Any,
+                 exclude: str | Path | Sequence[str | Path] | None = None) -> list[list[int]]:
     """Up to `limit` chat prompts (ids) from a `canvaslm data build` directory (its last examples) or a JSONL file
     (`{"messages": [...]}` or `{"prompt": "..."}` per line, rendered with the chat template); prompts that occur in
-    the data directory `exclude` (the training data) are dropped."""
+    the data directories `exclude` (the training data) are dropped."""
     from canvaslm.train.shards import open_shards
 
-    excluded = open_shards(exclude) if exclude else []
-    seen = {tuple(excluded[i][0].tolist()) for i in range(len(excluded))}
+    seen = set()
+    for directory in [exclude] if isinstance(exclude, (str, Path)) else exclude or []:
+        excluded = open_shards(directory)
+        seen |= {tuple(excluded[i][0].tolist()) for i in range(len(excluded))}
     path = Path(source)
     if path.is_dir():
         shards = open_shards(path)

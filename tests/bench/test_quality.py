@@ -105,3 +105,33 @@ def test_prompts_from_jsonl_with_training_prompts_excluded(tmp_path):
         read_prompts(path, 10, tokenizer)
     with pytest.raises(CanvasError, match="not found"):
         read_prompts(tmp_path / "nope.jsonl", 10, tokenizer)
+
+
+def write_examples(path, examples):
+    """A data directory in the shard format holding (prompt, response) id lists."""
+    import json
+
+    import numpy as np
+
+    path.mkdir()
+    flat, rows = [], []
+    for prompt, response in examples:
+        rows.append((len(flat), len(prompt), len(response)))
+        flat += prompt + response
+    np.asarray(flat, "<u4").tofile(path / "tokens.bin")
+    np.save(path / "index.npy", np.asarray(rows, np.int64).reshape(-1, 3))
+    (path / "manifest.json").write_text(json.dumps({"format": "canvaslm-examples", "format_version": 1,
+                                                    "examples": len(rows), "tokens": len(flat),
+                                                    "tokenizer": {"vocab_sha256": "x"}}))
+    return path
+
+
+def test_prompts_seen_in_any_excluded_training_directory_are_dropped(tmp_path):
+    prompts = write_examples(tmp_path / "eval", [([1, 2], [3]), ([4, 5], [6]), ([7], [8]), ([9], [1])])
+    first = write_examples(tmp_path / "a", [([1, 2], [0])])
+    second = write_examples(tmp_path / "b", [([7], [0])])
+    tokenizer = tiny_tokenizer(64)
+    assert read_prompts(prompts, 10, tokenizer) == [[1, 2], [4, 5], [7], [9]]
+    assert read_prompts(prompts, 10, tokenizer, first) == [[4, 5], [7], [9]]
+    assert read_prompts(prompts, 10, tokenizer, [first, second]) == [[4, 5], [9]]
+    assert read_prompts(prompts, 1, tokenizer, [first, second]) == [[9]]
