@@ -11,7 +11,7 @@ from typing import Any
 from canvaslm.bench import cli as bench
 from canvaslm.cli_args import key_values, set_threads, threads_arg
 from canvaslm.errors import CanvasError
-from canvaslm.knobs import KNOBS
+from canvaslm.knobs import DECODING, KNOBS
 from canvaslm.sudoku import cli as sudoku_cli
 from canvaslm.train import data_cli
 
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _model_args(p)
         _sampling_args(p)
+        p.add_argument("--decoding", choices=DECODING, default=None,
+                       help="a diffusion model's way to write: its canvases (diffusion, the default), canvas drafts "
+                            "checked by its causal pass with exactly the AR output (verified), or the causal pass "
+                            "alone (autoregressive); the last two take the AR flags (--temperature, --top-p, --top-k)")
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
@@ -145,14 +149,18 @@ def _answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, An
     from canvaslm.canvas_view import show
 
     start = time.perf_counter()
+    decoding = lm.decoding_mode(args.decoding)
     if args.show_canvas and lm.kind != "diffusion":
         print(f"canvaslm: --show-canvas: {lm.source} is an autoregressive model (one token per pass, no canvas to "
               "show); it answers without the view. Try a block-diffusion model such as 'smol'.", file=sys.stderr)
-    if args.show_canvas and lm.kind == "diffusion":
+    elif args.show_canvas and decoding != "diffusion":
+        print(f"canvaslm: --show-canvas: {decoding} decoding writes no canvas to show; it answers without the "
+              "view (--decoding diffusion shows it).", file=sys.stderr)
+    if args.show_canvas and decoding == "diffusion":
         steps = lm.generate_steps([prompt_ids], args.max_new_tokens, args.seed, **_sampling(args))
         result = show(steps, lambda t: lm.tokenizer.decode([t], skip_special_tokens=False), len(prompt_ids))
     else:
-        result = lm.generate([prompt_ids], args.max_new_tokens, args.seed, **_sampling(args))
+        result = lm.generate([prompt_ids], args.max_new_tokens, args.seed, decoding=decoding, **_sampling(args))
     seconds = time.perf_counter() - start
     ids, reason = lm.decode_new(result.sequences[0], len(prompt_ids))
     ids = ids[: args.max_new_tokens]
@@ -186,7 +194,7 @@ def _schema_answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[
         raise CanvasError(f"{args.json_schema}: cannot read the schema file: {error.strerror or error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CanvasError(f"{args.json_schema}: not a JSON schema file: {error}") from None
-    result = lm.answer(prompt_ids, args.max_new_tokens, args.seed, _sampling(args), schema)
+    result = lm.answer(prompt_ids, args.max_new_tokens, args.seed, _sampling(args), schema, args.decoding)
     return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "tokens_per_forward": round(result.tokens_per_forward, 4), "forward_passes": result.forward_passes,
             "seconds": round(result.seconds, 4), "model": lm.source}

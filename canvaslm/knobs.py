@@ -98,3 +98,9 @@ def knobs(mode: str) -> tuple[Knob, ...]:
 
 def defaults(mode: str) -> dict[str, Any]:
     return {knob.name: knob.default for knob in knobs(mode)}
+
+
+DECODING = ("diffusion", "verified", "autoregressive")
+"""How a diffusion model writes: its canvases (`diffusion`); canvas drafts checked by its causal pass, with exactly
+the AR distribution (`verified`, `canvaslm.engine.verified`); or its causal pass alone, token by token
+(`autoregressive`). The last two take the AR options (temperature, top_p, top_k). An AR model only does the last."""

@@ -76,10 +76,10 @@ def test_the_model_side_checks_are_the_same_ranges():
                 DiffusionSampling().replace(**{knob.name: bad})
     for knob in knobs("ar"):
         options = {**defaults("ar"), knob.name: _inside(knob)}
-        ar._check(1, **options)
+        ar.check_options(1, **options)
         for bad in _just_outside(knob):
             with pytest.raises(GenerationError, match=knob.name):
-                ar._check(1, **{**options, knob.name: bad})
+                ar.check_options(1, **{**options, knob.name: bad})
 
 
 def test_the_defaults_are_the_knobs_defaults():

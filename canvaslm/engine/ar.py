@@ -81,7 +81,8 @@ def advance(model: ARModel, cache: KVCache, tokens: Tensor, valid: Tensor | None
     return model.logits(model.encode(tokens, cache, valid)[:, -1])
 
 
-def _check(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+def check_options(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    """A GenerationError for a budget or an AR option out of range (the knob list's bounds)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     for name, value in {"temperature": temperature, "top_p": top_p, "top_k": top_k}.items():
@@ -108,7 +109,7 @@ def ar_generate(
     eos_token_ids default to the model's; pad_token_id (written after a row's EOS) defaults to the first EOS.
     on_token, if given, receives each step's tokens [B] as they are produced (for streaming).
     Stops early once every row has emitted an EOS."""
-    _check(max_new_tokens, temperature, top_p, top_k)
+    check_options(max_new_tokens, temperature, top_p, top_k)
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else eos_token_ids,
                        dtype=torch.long, device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else int(eos[0]) if len(eos) else 0

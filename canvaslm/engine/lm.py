@@ -22,8 +22,9 @@ from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.structured import SlotGrammars, StructuredResult, generate_json
+from canvaslm.engine.verified import verified_generate
 from canvaslm.errors import GenerationError, UnsupportedError
-from canvaslm.knobs import defaults
+from canvaslm.knobs import DECODING, defaults
 from canvaslm.models.cache import encode_chunked
 
 AR_SAMPLING = defaults("ar")
@@ -86,41 +87,63 @@ class LM:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]] | Sequence[int] | Tensor, max_new_tokens: int = 256,
                  seed: int | None = None, attention_mask: Tensor | None = None, exact: bool = False,
-                 **sampling: Any) -> GenerateResult:
+                 decoding: str | None = None, **sampling: Any) -> GenerateResult:
         """Generate after one prompt or a batch of prompts (lists of ids of any lengths, or a left-padded
         tensor with `attention_mask`). Diffusion options: see `DiffusionSampling`; AR: temperature, top_p, top_k.
         Rows that finished cost no decoder work unless `exact` asks for the reference's random draws in every
-        case (see `generate_steps`'s `skip_finished`)."""
+        case (see `generate_steps`'s `skip_finished`). `decoding`: see `DECODING` (default: the model's kind)."""
         start = time.perf_counter()
-        *_, result = self.generate_steps(prompt_ids, max_new_tokens, seed, attention_mask, exact, **sampling)
+        *_, result = self.generate_steps(prompt_ids, max_new_tokens, seed, attention_mask, exact,
+                                         decoding=decoding, **sampling)
         return GenerateResult(result.sequences, result.tokens_per_forward, result.forward_passes,
                               time.perf_counter() - start)
 
     def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
                        attention_mask: Tensor | None = None, exact: bool = False,
-                       constraint: Constraint | None = None, **sampling: Any) -> Iterator[Any]:
+                       constraint: Constraint | None = None, decoding: str | None = None,
+                       **sampling: Any) -> Iterator[Any]:
         """Like `generate`, yielding the loop's events (diffusion: `DenoisingStep`, `CanvasCommitted`) and last a
-        `DiffusionResult` (for AR models: only the result). `constraint` pins generated positions to tokens and
-        restricts the tokens others may take (diffusion only, see `canvaslm.diffusion.step.Constraint`)."""
+        `DiffusionResult` (verified and AR decoding: only the result). `constraint` pins generated positions to
+        tokens and restricts the tokens others may take (diffusion decoding only, see
+        `canvaslm.diffusion.step.Constraint`)."""
+        mode = self.decoding_mode(decoding)
         input_ids, valid = self._batch(prompt_ids, attention_mask)
         self.check_length(input_ids.shape[1], max_new_tokens)
         generator = torch.Generator(self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         with torch.inference_mode():
-            if self.kind == "diffusion":
+            if mode == "diffusion":
                 settings = self.diffusion_settings(sampling)
                 yield from generate_steps(self.network, input_ids, valid, max_new_tokens, settings,
                                           self.eos_token_ids, self.pad_token_id, generator,
                                           constraint, skip_finished=not exact)
-            else:
-                if constraint is not None:
-                    raise UnsupportedError(f"fixed tokens (infill) need a diffusion model; {self.source} is "
-                                           "autoregressive and cannot see what follows")
-                options = self.ar_settings(sampling)
-                out = ar_generate(self.network, input_ids, valid, max_new_tokens, eos_token_ids=self.eos_token_ids,
-                                  pad_token_id=self.pad_token_id, generator=generator, **options)
-                passes = torch.full((input_ids.shape[0],), max(out.forward_passes, 1), device=input_ids.device)
-                yield DiffusionResult(out.sequences, passes, out.new_tokens / passes)
+                return
+            if constraint is not None:
+                raise UnsupportedError(f"fixed tokens (infill, canvas constraints) need diffusion decoding; "
+                                       f"{mode} decoding cannot see what follows")
+            options = self.ar_settings(sampling)
+            if mode == "verified":
+                verified = verified_generate(self.network, input_ids, valid, max_new_tokens,
+                                             eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                                             generator=generator, **options)
+                passes = verified.forward_passes.clamp(min=1)
+                yield DiffusionResult(verified.sequences, passes, verified.new_tokens / passes)
+                return
+            out = ar_generate(self.network, input_ids, valid, max_new_tokens, eos_token_ids=self.eos_token_ids,
+                              pad_token_id=self.pad_token_id, generator=generator, **options)
+            passes = torch.full((input_ids.shape[0],), max(out.forward_passes, 1), device=input_ids.device)
+            yield DiffusionResult(out.sequences, passes, out.new_tokens / passes)
+
+    def decoding_mode(self, decoding: str | None) -> str:
+        """`decoding` checked against this model (None: "diffusion" for a diffusion model, else "autoregressive")."""
+        if decoding is None:
+            return "diffusion" if self.kind == "diffusion" else "autoregressive"
+        if decoding not in DECODING:
+            raise GenerationError(f"decoding must be one of {list(DECODING)}, got {decoding!r}")
+        if self.kind != "diffusion" and decoding != "autoregressive":
+            raise UnsupportedError(f"{decoding} decoding needs a block-diffusion model; {self.source} is "
+                                   "autoregressive")
+        return decoding
 
     def denoise(self, prompt_ids: Any, canvas_ids: Tensor, self_conditioning_logits: Tensor | None = None) -> Tensor:
         """One decoder pass: float32 logits [B, canvas, vocab] for `canvas_ids` [B, canvas] after the prompts."""
@@ -152,17 +175,20 @@ class LM:
     # ---- text API ----------------------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, seed: int | None = None,
-             json_schema: Mapping[str, Any] | None = None, **sampling: Any) -> TextResult:
+             json_schema: Mapping[str, Any] | None = None, decoding: str | None = None,
+             **sampling: Any) -> TextResult:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) rendered with the model's chat template;
-        with `json_schema`, the answer is JSON that validates against it (`canvaslm.engine.structured`)."""
-        return self.answer(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling, json_schema)
+        with `json_schema`, the answer is JSON that validates against it (`canvaslm.engine.structured`).
+        `decoding`: see `DECODING`."""
+        return self.answer(self.chat_prompt_ids(messages), max_new_tokens, seed, sampling, json_schema, decoding)
 
     def complete(self, text: str, max_new_tokens: int = 256, seed: int | None = None,
-                 json_schema: Mapping[str, Any] | None = None, **sampling: Any) -> TextResult:
+                 json_schema: Mapping[str, Any] | None = None, decoding: str | None = None,
+                 **sampling: Any) -> TextResult:
         """Continue plain text (with `json_schema`: as JSON that validates against it)."""
         tokenizer = self.require_tokenizer()
         return self.answer(tokenizer.encode(text, add_special_tokens=True), max_new_tokens, seed, sampling,
-                          json_schema)
+                           json_schema, decoding)
 
     def generate_json(self, prompt_ids: list[int], schema: Mapping[str, Any], max_new_tokens: int = 256,
                       seed: int | None = None, **sampling: Any) -> StructuredResult:
@@ -226,16 +252,20 @@ class LM:
         return ids, "length"
 
     def answer(self, prompt: list[int], max_new_tokens: int, seed: int | None, sampling: dict,
-               json_schema: Mapping[str, Any] | None = None) -> TextResult:
+               json_schema: Mapping[str, Any] | None = None, decoding: str | None = None) -> TextResult:
         """One answer after prompt ids, as text (the CLI's generate and chat): JSON valid against `json_schema`
         when one is given."""
+        mode = self.decoding_mode(decoding)
         if json_schema is not None:
+            if mode != ("diffusion" if self.kind == "diffusion" else "autoregressive"):
+                raise UnsupportedError(f"json_schema answers are written by the model's own way ({self.kind}); "
+                                       f"{mode} decoding does not take one")
             start = time.perf_counter()
             structured = self.generate_json(prompt, json_schema, max_new_tokens, seed, **sampling)
             ids = self.require_tokenizer().encode(structured.text, add_special_tokens=False)
             return TextResult(structured.text, ids, structured.tokens / structured.forward_passes,
                               structured.forward_passes, time.perf_counter() - start, "stop")
-        out = self.generate([prompt], max_new_tokens, seed, **sampling)
+        out = self.generate([prompt], max_new_tokens, seed, decoding=decoding, **sampling)
         ids, reason = self.decode_new(out.sequences[0], len(prompt))
         ids = ids[:max_new_tokens]
         return TextResult(self.require_tokenizer().decode(ids), ids, float(out.tokens_per_forward[0]),

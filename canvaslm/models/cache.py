@@ -27,6 +27,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, length]
         self.length = 0
         self.offsets: Tensor | None = None  # [B] leading slots a row does not count as positions (see `stack`)
+        self.slack = 0  # sliding layers keep this many keys beyond their window, so `rollback` can undo a pass
 
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
@@ -62,21 +63,33 @@ class KVCache:
         window = self.windows[layer]
         return self.length if window is None else min(self.length, window - 1)
 
+    def _stored(self, layer: int, length: int) -> int:
+        """How many of the last `length` positions `layer` stores: its window plus the slack."""
+        window = self.windows[layer]
+        return length if window is None else min(length, window - 1 + self.slack)
+
     def read(self, layer: int) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """Cached keys, values and their validity [B, kept] for `layer`."""
-        return self.keys[layer], self.values[layer], self.valid[:, self.length - self.kept(layer):]
+        kept = self.kept(layer)
+        k, v = self.keys[layer], self.values[layer]
+        if k is not None and k.shape[2] > kept:  # the slack is not visible
+            k, v = k[:, :, k.shape[2] - kept:], v[:, :, v.shape[2] - kept:]
+        return k, v, self.valid[:, self.length - kept:]
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys/values [B, Hkv, n, D]; returns cached + new for this forward pass.
 
         The stored tensors are truncated to the window only after the pass, which is why the new chunk itself
         still sees every key inside its own window."""
-        old_k, old_v = self.keys[layer], self.values[layer]
+        old_k, old_v, _ = self.read(layer)
         full_k = k if old_k is None else torch.cat([old_k, k], dim=2)
         full_v = v if old_v is None else torch.cat([old_v, v], dim=2)
-        window = self.windows[layer]
-        keep = full_k.shape[2] if window is None else window - 1
-        self.keys[layer], self.values[layer] = full_k[:, :, -keep:], full_v[:, :, -keep:]
+        if self.keys[layer] is None or self.keys[layer] is old_k:
+            stored_k, stored_v = full_k, full_v
+        else:  # the slack behind the window is kept too
+            stored_k, stored_v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        keep = self._stored(layer, self.length + k.shape[2])
+        self.keys[layer], self.values[layer] = stored_k[:, :, -keep:], stored_v[:, :, -keep:]
         return full_k, full_v
 
     def commit(self, valid: Tensor) -> None:
@@ -96,12 +109,51 @@ class KVCache:
         drop = int(self.offsets.min()) if len(self.offsets) else 0
         if drop <= 0:
             return
-        before = [self.kept(i) for i in range(len(self.windows))]
         self.valid, self.length, self.offsets = self.valid[:, drop:], self.length - drop, self.offsets - drop
         for i in range(len(self.windows)):
-            cut = before[i] - self.kept(i)
-            if cut and self.keys[i] is not None:
-                self.keys[i], self.values[i] = self.keys[i][:, :, cut:], self.values[i][:, :, cut:]
+            if self.keys[i] is not None:
+                cut = self.keys[i].shape[2] - self._stored(i, self.length)
+                if cut > 0:
+                    self.keys[i], self.values[i] = self.keys[i][:, :, cut:], self.values[i][:, :, cut:]
+
+    def rollback(self, n: int, keep: Tensor) -> None:
+        """Undo part of the last pass, which wrote `n` positions: row b keeps the first keep[b] of them (a verified
+        draft's accepted tokens) and forgets the rest. Each row's kept positions then end at the last slot: a row
+        that forgot more is shifted right, and the slots freed on its left are padding that its `offsets` skip,
+        so its next position is still its own. Sliding layers need `slack` >= n (set before the pass), or keys
+        inside the window would already be gone."""
+        drop = n - keep.to(self.valid.device).long()                                        # [B]
+        if bool((drop < 0).any()) or bool((drop > n).any()):
+            raise ValueError(f"rollback keeps between 0 and {n} positions per row, got {keep.tolist()}")
+        if any(w is not None for w in self.windows) and self.slack < n:
+            raise ValueError(f"rollback of {n} positions on sliding-window layers needs slack >= {n}")
+        common = int(drop.min()) if len(drop) else 0
+        if common:  # forgotten by every row: cut off
+            self.valid, self.length = self.valid[:, :self.length - common], self.length - common
+            for i in range(len(self.windows)):
+                if self.keys[i] is not None:
+                    end = self.keys[i].shape[2] - common
+                    self.keys[i], self.values[i] = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        shift = drop - common
+        if bool((shift > 0).any()):
+            self.valid = _shift_right(self.valid, shift, False)
+            for i in range(len(self.windows)):
+                if self.keys[i] is not None:
+                    self.keys[i] = _shift_right(self.keys[i], shift, 0.0, dim=2)
+                    self.values[i] = _shift_right(self.values[i], shift, 0.0, dim=2)
+        self.offsets = shift if self.offsets is None else self.offsets + shift
+
+
+def _shift_right(x: Tensor, shift: Tensor, fill: float | bool, dim: int = 1) -> Tensor:
+    """Row b of x (batch on dim 0) moved `shift[b]` slots to the right along `dim`; the slots freed on the left hold
+    `fill` and the last shift[b] slots fall off."""
+    length = x.shape[dim]
+    source = torch.arange(length, device=x.device)[None, :] - shift[:, None]                # [B, T]
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = length
+    index = source.clamp(min=0).view(shape).expand_as(x)
+    out = x.gather(dim, index)
+    return out.masked_fill((source < 0).view(shape).expand_as(x), fill)
 
 
 PREFILL_CHUNK = 512

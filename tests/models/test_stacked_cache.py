@@ -101,3 +101,48 @@ def test_chunked_prefill_equals_one_pass(build, tmp_path):
         assert (encode_chunked(network, ids, chunked, valid, chunk=4) - last).abs().max() < 1e-4
         assert chunked.length == whole.length and torch.equal(chunked.valid, whole.valid)
         assert (network.decode(canvas, chunked, None) - network.decode(canvas, whole, None)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
+def test_a_rolled_back_pass_leaves_the_cache_each_row_would_have_without_it(build, tmp_path):
+    """Verified decoding writes a checked block, then each row keeps its own accepted prefix (`rollback`): the
+    next pass must see what encoding only the kept tokens gives, sliding windows and rows of different lengths
+    included, and again after a second rollback and after dropping a row."""
+    network = build(tmp_path)
+    torch.manual_seed(2)
+    batch, n = 3, 4
+    prompt = torch.randint(3, 30, (batch, 7))
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    valid[0, :2] = False  # a left-padded row
+    blocks = [torch.randint(3, 30, (batch, n)) for _ in range(3)]
+    keeps = [torch.tensor([1, 4, 2]), torch.tensor([3, 0, 4])]
+    with torch.no_grad():
+        cache = network.new_cache(batch, "cpu")
+        cache.slack = n
+        network.encode(prompt, cache, valid)
+        for block, keep in zip(blocks, keeps, strict=False):
+            network.encode(block, cache, torch.ones_like(block, dtype=torch.bool))
+            cache.rollback(n, keep)
+        rows = torch.tensor([0, 2])
+        cache.select(rows)
+        last = network.logits(network.encode(blocks[2][rows], cache, torch.ones(2, n, dtype=torch.bool)))
+        for i, row in enumerate(rows.tolist()):
+            kept = [prompt[row:row + 1]] + [b[row:row + 1, :int(k[row])] for b, k in zip(blocks, keeps, strict=False)]
+            alone = network.new_cache(1, "cpu")
+            ids = torch.cat(kept, dim=1)
+            mask = torch.cat([valid[row:row + 1], torch.ones(1, ids.shape[1] - 7, dtype=torch.bool)], dim=1)
+            network.encode(ids, alone, mask)
+            expected = network.logits(network.encode(blocks[2][row:row + 1], alone, torch.ones(1, n, dtype=torch.bool)))
+            torch.testing.assert_close(last[i:i + 1], expected, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="between 0 and 4"):
+            cache.rollback(n, torch.tensor([5, 0]))
+
+
+def test_rollback_on_sliding_layers_needs_slack(tmp_path):
+    network = _diffusion_gemma(tmp_path)
+    cache = network.new_cache(1, "cpu")
+    ids = torch.randint(3, 30, (1, 6))
+    with torch.no_grad():
+        network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs slack >= 3"):
+        cache.rollback(3, torch.tensor([1]))

@@ -1,0 +1,158 @@
+"""Verified decoding: the canvas drafts a block, the causal pass checks it, and the output has exactly the
+autoregressive distribution of the model's causal pass (speculative decoding with the model as its own drafter).
+
+A block-diffusion model encodes its prompt and every committed canvas causally, and that pass is an AR model (a
+converted model whose adapters act only in the canvas pass keeps its parent's causal pass exactly). One round:
+
+    draft   one decoder pass over the canvas [a, noise x (C-1)], a = the last token chosen (not yet in the cache):
+            q_i = warp(logits_i), d_i ~ q_i (greedy: argmax) for i = 1 .. C-1, drawn independently;
+    check   one encoder pass of [a, d_1 .. d_{C-1}] into the cache: p_i = warp(causal logits after d_{i-1});
+    accept  greedy: the longest prefix with d_i = argmax p_i, then y = argmax p at the first mismatch (or the
+            bonus after the last draft); sampling: d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)), the
+            first rejected slot draws y from norm(max(0, p_i - q_i)), and a fully accepted block draws the bonus
+            y ~ p_C (Leviathan et al. 2211.17192, Chen et al. 2302.01318);
+    commit  the cache keeps a, d_1 .. d_k and forgets the rejected rest (`KVCache.rollback`; rows that accept
+            different lengths keep their own positions); y is the next round's a.
+
+warp = temperature, top-k, top-p: the AR options, applied to both p and q, as the exact rule needs. A round costs
+two passes and writes 1 + k tokens. ../shared/research/verified-decoding.md has the derivation and the pitfalls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from canvaslm.diffusion.sampling import random_canvas, sample_inverse_cdf
+from canvaslm.engine.ar import check_options, prefill, sample_next, top_k_filter, top_p_filter
+from canvaslm.models.cache import KVCache
+
+
+@dataclass
+class VerifiedResult:
+    sequences: Tensor       # [B, L + generated] prompt (left-padded), then the tokens, pad after EOS / the budget
+    forward_passes: Tensor  # [B] passes that worked on each row: prefill, then 2 per round (draft + check)
+    new_tokens: Tensor      # [B] generated tokens per row, EOS included
+    rounds: Tensor          # [B] draft-and-check rounds per row
+    accepted: Tensor        # [B] draft tokens accepted in all (the checked tokens beyond one per round)
+
+
+def warp(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """The probabilities [..., V] AR sampling draws from (temperature > 0): tempered, top-k, then top-p."""
+    shape = logits.shape
+    flat = logits.reshape(-1, shape[-1]).float() / temperature
+    return top_p_filter(top_k_filter(flat, top_k), top_p).softmax(dim=-1).reshape(shape)
+
+
+def accept_greedy(draft: Tensor, check_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(accepted draft tokens k [B], next token y [B]) for drafts [B, n] and the causal logits [B, n + 1, V]
+    after the anchor and each draft token: k = the longest prefix equal to the causal argmax, y = its argmax at k."""
+    best = check_logits.argmax(dim=-1)                                                   # [B, n + 1]
+    k = (draft == best[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+    return k, best.gather(1, k[:, None]).squeeze(1)
+
+
+def accept_sampled(draft: Tensor, q: Tensor, p: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The exact rule for drafts [B, n] drawn independently from q [B, n, V], checked against p [B, n + 1, V]:
+    (accepted k [B], next token y [B]); y ~ norm(max(0, p_k - q_k)) after a rejection, y ~ p_n when all passed."""
+    batch, n = draft.shape
+    p_d = p[:, :n].gather(2, draft[:, :, None]).squeeze(2)
+    q_d = q.gather(2, draft[:, :, None]).squeeze(2)
+    u = torch.rand(batch, n, generator=generator, device=draft.device, dtype=p_d.dtype)
+    kept = u * q_d < p_d                       # u < p/q, without dividing (q_d > 0: d was drawn from q)
+    k = kept.long().cumprod(dim=1).sum(dim=1)                                            # [B]
+    residual = p.gather(1, k[:, None, None].expand(-1, 1, p.shape[2])).squeeze(1)        # p_k, or p_n (bonus)
+    rejected = k < n
+    q_k = torch.zeros_like(residual)
+    if bool(rejected.any()):
+        q_k[rejected] = q[rejected].gather(1, k[rejected, None, None].expand(-1, 1, q.shape[2])).squeeze(1)
+    residual = (residual - q_k).clamp(min=0)
+    empty = residual.sum(dim=-1, keepdim=True) <= 0  # p = q exactly: any draw from p is right
+    residual = torch.where(empty, p.gather(1, k[:, None, None].expand(-1, 1, p.shape[2])).squeeze(1), residual)
+    y = sample_inverse_cdf((residual / residual.sum(dim=-1, keepdim=True))[:, None], generator).squeeze(1)
+    return k, y
+
+
+@torch.inference_mode()
+def verified_generate(model, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *,  # noqa: ANN001
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      eos_token_ids: list[int], pad_token_id: int | None = None,
+                      generator: torch.Generator | None = None) -> VerifiedResult:
+    """Generate after left-padded prompts input_ids [B, L] (valid [B, L]) with a block-diffusion `model`,
+    drafting with its canvas pass and checking with its causal pass: the tokens have the distribution of
+    `ar_generate` on the same model (greedy: the same tokens, up to float rounding near ties)."""
+    check_options(max_new_tokens, temperature, top_p, top_k)
+    device, batch, canvas = input_ids.device, input_ids.shape[0], model.canvas_length
+    eos = set(eos_token_ids)
+    pad = pad_token_id if pad_token_id is not None else eos_token_ids[0] if eos_token_ids else 0
+    mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
+    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    written = torch.zeros(batch, dtype=torch.long, device=device)   # tokens of each row in `out`
+    passes = torch.zeros(batch, dtype=torch.long, device=device)
+    rounds = torch.zeros(batch, dtype=torch.long, device=device)
+    accepted = torch.zeros(batch, dtype=torch.long, device=device)
+    if max_new_tokens == 0:
+        return VerifiedResult(input_ids, passes, written, rounds, accepted)
+    cache: KVCache = model.new_cache(batch, device)
+    cache.slack = canvas  # sliding layers keep what a rollback of one check pass needs
+    anchor = sample_next(prefill(model, input_ids, cache, valid), temperature, top_k, top_p, generator)
+    passes += 1
+    rows = torch.arange(batch, device=device)   # the rows still generating, in cache order
+    while True:
+        # the tokens this round settled: the anchor (then, below, the accepted drafts) of every live row
+        done = _write(out, written, rows, anchor[:, None], torch.ones_like(anchor), eos, max_new_tokens)
+        rows, anchor = _drop(done, rows, anchor, cache)
+        if len(rows) == 0:
+            break
+        noise = random_canvas(len(rows), canvas, model.vocab_size, generator, device, mask_id)
+        block = torch.cat([anchor[:, None], noise[:, 1:]], dim=1)
+        logits = model.decode(block, cache, None)
+        if shift:  # canvas token i is read from output i - 1
+            logits = logits[:, :-1]
+        else:
+            logits = logits[:, 1:]
+        if temperature == 0.0:
+            draft, q = logits.argmax(dim=-1), None
+        else:
+            q = warp(logits, temperature, top_k, top_p)
+            draft = sample_inverse_cdf(q, generator)
+        checked = torch.cat([anchor[:, None], draft], dim=1)
+        check_logits = model.logits(model.encode(checked, cache, torch.ones_like(checked, dtype=torch.bool)))
+        passes[rows] += 2
+        rounds[rows] += 1
+        if q is None:
+            k, next_anchor = accept_greedy(draft, check_logits)
+        else:
+            k, next_anchor = accept_sampled(draft, q, warp(check_logits, temperature, top_k, top_p), generator)
+        cache.rollback(canvas, 1 + k)
+        accepted[rows] += k
+        rows, anchor = _drop(_write(out, written, rows, draft, k, eos, max_new_tokens), rows, next_anchor, cache)
+        if len(rows) == 0:
+            break
+    return VerifiedResult(torch.cat([input_ids, out], dim=1), passes, written, rounds, accepted)
+
+
+def _drop(done: Tensor, rows: Tensor, anchor: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """The rows (and their anchors) that go on; the finished ones leave the cache."""
+    if not bool(done.any()):
+        return rows, anchor
+    keep = (~done).nonzero().squeeze(1)
+    cache.select(keep)
+    return rows[keep], anchor[keep]
+
+
+def _write(out: Tensor, written: Tensor, rows: Tensor, tokens: Tensor, counts: Tensor, eos: set[int],
+           budget: int) -> Tensor:
+    """Append the first counts[i] of tokens[i] [n, m] to row rows[i] of `out`, up to its first EOS and the budget;
+    returns which of `rows` are finished."""
+    done = torch.zeros(len(rows), dtype=torch.bool, device=out.device)
+    for i, (row, count) in enumerate(zip(rows.tolist(), counts.tolist(), strict=True)):
+        for token in tokens[i, :count].tolist():
+            out[row, int(written[row])] = token
+            written[row] += 1
+            if token in eos or int(written[row]) == budget:
+                done[i] = True
+                break
+    return done

@@ -1,0 +1,169 @@
+"""Verified decoding: the canvas drafts, the causal pass checks. Lossless: greedy, the tokens are the model's own
+autoregressive ones (batched prompts of different lengths, sliding windows, rows that accept different lengths);
+sampling, the distribution of the first tokens is the AR one (a chi-square test that the plain canvas sampler
+fails)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import canvaslm
+from canvaslm.engine.lm import LM
+from canvaslm.engine.verified import accept_greedy, accept_sampled, verified_generate
+from canvaslm.errors import GenerationError, UnsupportedError
+from canvaslm.models import llama
+from canvaslm.models.lora import LoRALinear, apply_lora
+from tests.reference import tiny_checkpoint
+from tests.train.toy_config import MODEL_INIT
+
+PROMPTS = [[2, 10, 11, 12], [2, 20, 21, 22, 23, 24, 25, 26, 27, 28], [2, 30], [2, 5, 9, 13, 17, 4, 8]]
+
+
+def shift_llama(canvas: int = 8, gain: float = 1.0, vocab: int = 32) -> LM:
+    """The default model's layout (masked noise, shift, canvas-only adapters) on a tiny random Llama."""
+    torch.manual_seed(0)
+    config = llama.Config.from_hf({"model_type": "llama", **MODEL_INIT, "vocab_size": vocab, "eos_token_id": 1,
+                                   "pad_token_id": 0}, "t")
+    network = llama.Model(config).to_diffusion(canvas)
+    network.config = dataclasses.replace(network.config, canvas_shift=True, mask_token_id=3, canvas_adapters=True)
+    apply_lora(network, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, LoRALinear):
+                torch.nn.init.normal_(module.lora_B, std=0.2)
+        network.embed_tokens.weight.mul_(gain)
+    return LM(network.eval(), None, "shift")
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory) -> LM:
+    path = tmp_path_factory.mktemp("dg")
+    tiny_checkpoint(path, canvas_length=4, logit_gain=1.0)  # sliding window 6: shorter than the prompts
+    return canvaslm.load(path, device="cpu")
+
+
+@pytest.mark.parametrize("which", ["gemma", "shift_llama"])
+def test_greedy_verified_equals_the_models_own_autoregressive_decoding(which, gemma):
+    lm = gemma if which == "gemma" else shift_llama()
+    for prompts in (PROMPTS, PROMPTS[1:2]):
+        ar = lm.generate(prompts, 40, decoding="autoregressive", temperature=0.0)
+        verified = lm.generate(prompts, 40, decoding="verified", temperature=0.0)
+        assert torch.equal(verified.sequences, ar.sequences)
+        assert bool((verified.forward_passes > 1).all())
+
+
+def test_rows_stop_at_their_own_eos_and_budget():
+    lm = shift_llama()
+    ar = lm.generate(PROMPTS, 30, decoding="autoregressive", temperature=0.0)
+    # pretend a token every row writes early is the end of turn: rows stop at different places
+    eos = int(ar.sequences[0, -25])
+    lm.eos_token_ids = [eos]
+    try:
+        ar = lm.generate(PROMPTS, 30, decoding="autoregressive", temperature=0.0)
+        verified = lm.generate(PROMPTS, 30, decoding="verified", temperature=0.0)
+    finally:
+        lm.eos_token_ids = [1]
+    assert torch.equal(verified.sequences, ar.sequences)
+    assert bool((ar.sequences[:, -30:] == eos).any(dim=1).any())
+
+
+def test_drafts_are_accepted_and_rows_accept_different_lengths():
+    """The shift layout drafts the token after the anchor from the anchor's own position, as AR does: some drafts
+    pass the check, and the rows of one batch keep different numbers of them (the cache rollback per row)."""
+    lm = shift_llama()
+    input_ids, valid = torch.tensor([[0] * 6 + PROMPTS[0], PROMPTS[1], [0] * 8 + PROMPTS[2]]), None
+    valid = input_ids != 0
+    out = verified_generate(lm.network, input_ids, valid, 48, temperature=0.0, eos_token_ids=[], pad_token_id=0)
+    assert int(out.accepted.sum()) > 0 and len(set(out.accepted.tolist())) > 1
+    assert bool((out.new_tokens == 48).all())
+    assert torch.equal(out.forward_passes, 1 + 2 * out.rounds)
+
+
+def test_the_acceptance_rules():
+    logits = torch.full((2, 4, 5), -10.0)
+    for row, best in enumerate([[1, 2, 3, 4], [1, 0, 3, 4]]):
+        logits[row, torch.arange(4), torch.tensor(best)] = 0.0
+    k, y = accept_greedy(torch.tensor([[1, 2, 3], [1, 2, 3]]), logits)
+    assert k.tolist() == [3, 1] and y.tolist() == [4, 0]
+    # p = q: every draft passes and the bonus comes from the last p
+    p = torch.softmax(torch.randn(3, 4, 6), dim=-1)
+    draft = torch.tensor([[0, 1, 2], [3, 4, 5], [1, 1, 1]])
+    k, _ = accept_sampled(draft, p[:, :3], p, torch.Generator().manual_seed(0))
+    assert k.tolist() == [3, 3, 3]
+    # a draft token the check gives no mass is always rejected, and the replacement is never it
+    p = torch.zeros(1, 2, 3)
+    p[0, :, 1] = 1.0
+    q = torch.full((1, 1, 3), 1 / 3)
+    for seed in range(5):
+        k, y = accept_sampled(torch.tensor([[0]]), q, p, torch.Generator().manual_seed(seed))
+        assert k.tolist() == [0] and y.tolist() == [1]
+
+
+def first_tokens(lm: LM, prompt: list[int], n: int, samples: int, decoding: str, seed: int) -> torch.Tensor:
+    out = lm.generate([prompt] * samples, n, seed=seed, decoding=decoding, temperature=1.0)
+    return out.sequences[:, len(prompt):len(prompt) + n]
+
+
+def exact_joint(lm: LM, prompt: list[int], n: int) -> torch.Tensor:
+    """p(t_1 .. t_n | prompt) of the causal pass for every sequence of n tokens, [V] * n."""
+    vocab = lm.network.vocab_size
+    grid = torch.cartesian_prod(*[torch.arange(vocab)] * n).reshape(-1, n)
+    ids = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], dim=1)
+    with torch.inference_mode():
+        cache = lm.network.new_cache(len(ids))
+        log_probs = lm.network.logits(lm.network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool)))
+        log_probs = log_probs.float().log_softmax(dim=-1)[:, len(prompt) - 1:-1]            # [N, n, V]
+    joint = log_probs.gather(2, grid[:, :, None]).squeeze(2).sum(dim=1).exp()
+    return joint.reshape([vocab] * n)
+
+
+def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test, cells with expected count < 5 pooled into one."""
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]]).double()
+    wanted = torch.cat([expected[big], expected[~big].sum()[None]]).double()
+    observed, wanted = observed[wanted > 0], wanted[wanted > 0]
+    statistic = float(((observed - wanted) ** 2 / wanted).sum())
+    dof = len(wanted) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def test_sampled_verified_tokens_have_the_autoregressive_distribution():
+    """Three tokens after a prompt, 6000 draws: the verified sampler fits the causal pass's exact joint (and so
+    does plain AR sampling, the control); the canvas sampler, which draws a block's tokens independently, does
+    not. A tiny vocabulary (12) with peaked logits makes the dependence between tokens strong."""
+    lm = shift_llama(canvas=4, gain=3.0, vocab=12)
+    lm.eos_token_ids = []
+    prompt, n, samples = [2, 5, 7], 3, 6000
+    joint = exact_joint(lm, prompt, n)
+    expected = joint.flatten() * samples
+
+    def p_value(tokens: torch.Tensor) -> float:
+        index = (tokens * torch.tensor([144, 12, 1])).sum(dim=1)
+        return chi_square_p(torch.bincount(index, minlength=12 ** 3).double(), expected)
+
+    assert p_value(first_tokens(lm, prompt, n, samples, "verified", 0)) > 1e-3
+    assert p_value(first_tokens(lm, prompt, n, samples, "autoregressive", 1)) > 1e-3
+    diffusion = lm.generate([prompt] * samples, n, seed=2, decoding="diffusion", max_denoising_steps=1,
+                            t_max=1.0, t_min=0.5, entropy_bound=100.0)
+    assert p_value(diffusion.sequences[:, len(prompt):len(prompt) + n]) < 1e-6
+
+
+def test_decoding_modes_are_checked(gemma, tmp_path):
+    with pytest.raises(GenerationError, match="decoding must be one of"):
+        gemma.generate([PROMPTS[0]], 4, decoding="speculative")
+    from canvaslm.diffusion.step import Constraint
+
+    with pytest.raises(UnsupportedError, match="need diffusion decoding"):
+        gemma.generate_steps([PROMPTS[0]], 4, constraint=Constraint(torch.tensor([[-1, 5, -1, -1]])),
+                             decoding="verified").__next__()
+    with pytest.raises(GenerationError, match="take"):
+        gemma.generate([PROMPTS[0]], 4, decoding="verified", entropy_bound=0.5)
+    ar = LM(llama.Model(llama.Config.from_hf({"model_type": "llama", **MODEL_INIT}, "t")).eval(), None, "ar")
+    with pytest.raises(UnsupportedError, match="needs a block-diffusion model"):
+        ar.generate([PROMPTS[0]], 4, decoding="verified")
+    assert ar.generate([PROMPTS[0]], 4, decoding="autoregressive", temperature=0.0).sequences.shape[1] == 8
