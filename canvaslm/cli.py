@@ -40,6 +40,13 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
                        help=f"{mode}: {knob.help} (default: the model's, else {knob.default})")
 
 
+def _decoding_arg(p: argparse.ArgumentParser, who: str = "") -> None:
+    p.add_argument("--decoding", choices=DECODING, default=None,
+                   help=f"{who}a diffusion model's way to write: its canvases (diffusion, the default), canvas drafts "
+                        "checked by its causal pass with exactly the AR output (verified), or the causal pass "
+                        "alone (autoregressive); the last two take the AR options (temperature, top_p, top_k)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canvaslm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,10 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     for p in (gen, chat):
         _model_args(p)
         _sampling_args(p)
-        p.add_argument("--decoding", choices=DECODING, default=None,
-                       help="a diffusion model's way to write: its canvases (diffusion, the default), canvas drafts "
-                            "checked by its causal pass with exactly the AR output (verified), or the causal pass "
-                            "alone (autoregressive); the last two take the AR flags (--temperature, --top-p, --top-k)")
+        _decoding_arg(p)
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
@@ -100,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
     serve.add_argument("--no-pin-settled", action="store_true", help="stream whole canvases only (results then "
                        "equal canvaslm generate for the same seed)")
+    _decoding_arg(serve, "requests without a 'decoding' field: ")
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     asset = sub.add_parser("asset", help="pack a finished LoRA run into a shippable asset folder")
@@ -311,7 +316,7 @@ def _serve(args: argparse.Namespace) -> int:
     lm = _load(args)
     lm.require_tokenizer()  # the HTTP API takes text
     app = build_app(lm, args.served_model_name or args.model, max_batch=args.max_batch, max_queue=args.max_queue,
-                    pin_settled=not args.no_pin_settled)
+                    pin_settled=not args.no_pin_settled, decoding=args.decoding)
     print(f"canvaslm: serving {args.model} ({lm.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -1,7 +1,8 @@
 """Continuous batching for serving, the core loop: a bounded queue, one background thread, admission up to
-`max_batch` running sequences, cancellation, and the end of each sequence. Every step, one runner
-(`canvaslm.engine.runners`: diffusion or autoregressive, by the model's kind) advances all running sequences with
-one shared decoder pass; their tokens leave through `canvaslm.engine.output` (events, end-of-turn and budget).
+`max_batch` running sequences, cancellation, and the end of each sequence. Every step, a runner
+(`canvaslm.engine.runners`: diffusion, verified or autoregressive, each request's decoding) advances all its running
+sequences with one shared pass (verified: a draft pass and a check pass); their tokens leave through
+`canvaslm.engine.output` (events, end-of-turn and budget).
 
 Autoregressive models are served by the same engine, so that a diffusion model and its AR parent can be compared
 through one server.
@@ -21,7 +22,7 @@ from canvaslm.engine.guided import llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import Finished, Tokens, cut
 from canvaslm.engine.request import Request, Sequence
-from canvaslm.engine.runners import ARRunner, DiffusionRunner, Timer
+from canvaslm.engine.runners import ARRunner, DiffusionRunner, Timer, VerifiedRunner
 from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
 from canvaslm.models.cache import encode_chunked
 
@@ -41,8 +42,10 @@ class Engine:
                  on_step: Callable[[int, float], None] | None = None) -> None:
         self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
         self._timed = Timer(on_step)    # (batch size, seconds) after every forward pass, for metrics
-        self._runner = (DiffusionRunner(lm, self._send, self._timed, pin_settled) if lm.kind == "diffusion"
-                        else ARRunner(lm, self._send, self._timed))
+        self._runners: dict[str, Any] = {"autoregressive": ARRunner(lm, self._send, self._timed)}
+        if lm.kind == "diffusion":
+            self._runners["diffusion"] = DiffusionRunner(lm, self._send, self._timed, pin_settled)
+            self._runners["verified"] = VerifiedRunner(lm, self._send, self._timed)
         self._waiting: deque[Request] = deque()
         self._running: list[Sequence] = []
         self._cancelled: set[int] = set()
@@ -78,16 +81,20 @@ class Engine:
         return len(self._running)
 
     def check(self, request: Request) -> Any:
-        """The request's settings, or a CanvasError for options this model does not take."""
-        return self.lm.resolve_sampling(dict(request.sampling))
+        """The request's settings, or a CanvasError for options this model (in the request's decoding) does not
+        take."""
+        if self.lm.decoding_mode(request.decoding) == "diffusion":
+            return self.lm.diffusion_settings(dict(request.sampling))
+        return self.lm.ar_settings(dict(request.sampling))
 
     def submit(self, request: Request) -> None:
-        if (request.suffix or request.constraint is not None) and self.lm.kind != "diffusion":
-            raise UnsupportedError("infill (a suffix) and canvas constraints need a diffusion model: an "
-                                   "autoregressive model cannot see text to the right of what it writes")
+        mode = self.lm.decoding_mode(request.decoding)
+        if (request.suffix or request.constraint is not None) and mode != "diffusion":
+            raise UnsupportedError("infill (a suffix) and canvas constraints need a diffusion model's canvases: "
+                                   f"{mode} decoding cannot see text to the right of what it writes")
         if request.grammar is not None:
-            if self.lm.kind != "autoregressive":
-                raise UnsupportedError("a grammar guides an autoregressive model token by token; a diffusion "
+            if mode != "autoregressive":
+                raise UnsupportedError("a grammar guides autoregressive decoding token by token; a diffusion "
                                        "model's structured output is a canvas constraint (Request.constraint)")
             if not self.lm.eos_token_ids:
                 raise UnsupportedError(f"{self.lm.source}: a grammar needs an end-of-turn token to stop at")
@@ -130,8 +137,10 @@ class Engine:
                             admitted.append(self._waiting.popleft())
                     for request in admitted:
                         self._admit(request)
-                    if self._running:
-                        self._runner.step(self._running)
+                    for mode, runner in self._runners.items():  # one shared pass (or two) per decoding mode
+                        group = self._group(mode)
+                        if group:
+                            runner.step(group)
         except BaseException as error:  # surfaced by /health and to every open request
             self.error = error
             with self._wake:
@@ -141,7 +150,8 @@ class Engine:
                     request.emit(Finished("abort", 0, 0, 0.0))
                 self._running.clear()
                 self._waiting.clear()
-                self._runner.reset()
+                for runner in self._runners.values():
+                    runner.reset()
 
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
@@ -158,12 +168,17 @@ class Engine:
         lm = self.lm
         generator = torch.Generator(lm.device)
         generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seq = Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request))
+        seq = Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request),
+                       mode=lm.decoding_mode(request.decoding))
         prompt = torch.tensor([request.prompt], device=lm.device)
         valid = torch.ones_like(prompt, dtype=torch.bool)
         hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
         self._running.append(seq)
-        self._runner.admit(seq, hidden)
+        self._runners[seq.mode].admit(seq, hidden)
+
+    def _group(self, mode: str) -> list[Sequence]:
+        """The running sequences of one decoding mode, in the order they joined (their runner's row order)."""
+        return [s for s in self._running if s.mode == mode]
 
     def _send(self, seq: Sequence, ids: list[int]) -> bool:
         """Send ids up to an end-of-turn and the token budget; True (and the sequence is finished) when one of
@@ -179,7 +194,8 @@ class Engine:
         return False
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self._runner.release(seq, self._running.index(seq), len(self._running))
+        group = self._group(seq.mode)
+        self._runners[seq.mode].release(seq, group.index(seq), len(group))
         self._running.remove(seq)
         seq.cache = seq.state = seq.allowed = seq.next_logits = None
         passes = max(seq.passes, 1)

@@ -33,6 +33,7 @@ class Request:
     pin_settled: bool | None = None  # stream and hold settled prefixes (None: the engine's setting)
     grammar: str | None = None      # AR: an llguidance grammar (`guided.json_grammar`) every token must follow;
                                     # the sequence stops ("stop") where the grammar ends
+    decoding: str | None = None     # a diffusion model's way to write (`knobs.DECODING`; None: diffusion)
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -45,6 +46,7 @@ class Sequence:
     generator: torch.Generator
     cache: KVCache | None
     settings: Any                   # DiffusionSampling, or the AR options dict
+    mode: str = "diffusion"         # its decoding, which picks its runner
     emitted: int = 0                # tokens sent so far
     passes: int = 0                 # forward passes that worked on this sequence
     canvas_index: int = 0
@@ -54,6 +56,7 @@ class Sequence:
     last_logits: Tensor | None = None  # [C, V] the current canvas's last step logits (constraint.keep_logits)
     pinned: int = 0                 # canvas positions [0, pinned) are settled and already emitted
     next_logits: Tensor | None = None  # AR: logits of the next token [1, V]
+    anchor: Tensor | None = None    # verified: the last token chosen [1], not yet in the cache
     matcher: Any = None             # AR under a grammar: its `guided.Matcher`
     before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
                                     # the prediction of the canvas's first token

@@ -12,6 +12,11 @@ the previous step is *settled*; with `pin_settled` it is sent at once and held (
 committed result), so streamed text is never taken back. Without pinning tokens are sent when their canvas is
 committed, and results equal `LM.generate`.
 
+Verified (a diffusion model's canvas drafts, its causal pass checks; `canvaslm.engine.verified`): the running
+sequences share one cache like the AR ones; each step is one draft pass and one check pass over all of them, and
+each row keeps its own accepted length (`KVCache.rollback`), draws with its own generator, and alone writes what
+`LM.generate(decoding="verified")` writes for the same seed.
+
 Autoregressive: all running sequences write their next token in one pass over one stacked cache, which rows join
 (stacked in after their own prefill) and leave (selected out) as requests come and go. A request with a grammar
 samples each token among those its llguidance matcher allows (`guided.Matcher`), so structured answers share the
@@ -35,6 +40,7 @@ from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import CanvasLogits, Draft
 from canvaslm.engine.request import Request, Sequence
+from canvaslm.engine.verified import accept, check_logits, draft_block, draft_logits, propose
 from canvaslm.models.cache import KVCache
 
 SendTokens = Callable[[Sequence, list[int]], bool]
@@ -170,11 +176,33 @@ class DiffusionRunner:
         self._new_canvas(seq)
 
 
-class ARRunner:
+class SharedCacheRunner:
+    """A runner whose running sequences share one cache: a sequence's row joins it after its own prefill (stacked
+    in last, as the core appends it) and leaves it when the sequence ends."""
+
     def __init__(self, lm: LM, send: SendTokens, timed: Timer) -> None:
         self.lm, self.send, self.timed = lm, send, timed
-        self._cache: KVCache | None = None  # the running sequences' cache, rows in the core's running order
+        self._cache: KVCache | None = None  # rows in the core's running order
 
+    def _join(self, seq: Sequence) -> KVCache:
+        self._cache = seq.cache if self._cache is None else KVCache.stack([self._cache, seq.cache])
+        seq.cache = None  # its row lives in the shared cache now
+        return self._cache
+
+    def release(self, seq: Sequence, row: int, running: int) -> None:
+        """Drop row `row` of `running` rows from the shared cache."""
+        if self._cache is None:
+            return
+        keep = [i for i in range(running) if i != row]
+        self._cache.select(torch.tensor(keep, dtype=torch.long, device=self._cache.valid.device))
+        if not keep:
+            self._cache = None
+
+    def reset(self) -> None:
+        self._cache = None
+
+
+class ARRunner(SharedCacheRunner):
     def admit(self, seq: Sequence, hidden: Tensor) -> None:
         """After the prompt was encoded: its next-token logits, and its cache becomes the last row of the shared
         one (the core appended it last to the running sequences)."""
@@ -182,8 +210,7 @@ class ARRunner:
         if seq.request.grammar is not None:
             seq.matcher = Matcher(llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size),
                                   seq.request.grammar)
-        self._cache = seq.cache if self._cache is None else KVCache.stack([self._cache, seq.cache])
-        seq.cache = None  # its row lives in the shared cache now
+        self._join(seq)
 
     def step(self, running: list[Sequence]) -> None:
         """Every running sequence samples its next token (own options and generator); those that go on write it
@@ -214,14 +241,33 @@ class ARRunner:
             seq.next_logits = logits[i:i + 1]
             seq.passes += 1
 
-    def release(self, seq: Sequence, row: int, running: int) -> None:
-        """Drop row `row` of `running` rows from the shared cache."""
-        if self._cache is None:
-            return
-        keep = [i for i in range(running) if i != row]
-        self._cache.select(torch.tensor(keep, dtype=torch.long, device=self._cache.valid.device))
-        if not keep:
-            self._cache = None
 
-    def reset(self) -> None:
-        self._cache = None
+class VerifiedRunner(SharedCacheRunner):
+    def admit(self, seq: Sequence, hidden: Tensor) -> None:
+        """After the prompt was encoded: its first token, drawn from the causal pass (the first anchor); its cache
+        becomes the last row of the shared one."""
+        options, network = seq.settings, self.lm.network
+        seq.anchor = sample_next(network.logits(hidden[:, -1]), options["temperature"], options["top_k"],
+                                 options["top_p"], seq.generator)
+        seq.passes = 1
+        self._join(seq).slack = network.canvas_length  # sliding layers keep what a rollback of one check needs
+        self.send(seq, seq.anchor.tolist())  # final once drawn; it may end the sequence (then released)
+
+    def step(self, running: list[Sequence]) -> None:
+        """One draft pass and one check pass for every running sequence; each keeps its accepted drafts and the
+        next token, its own length."""
+        network, cache = self.lm.network, self._cache
+        blocks = torch.cat([draft_block(s.anchor, network, s.generator) for s in running])
+        logits = self.timed(len(running), lambda: draft_logits(network, blocks, cache))
+        proposals = [propose(logits[i:i + 1], s.settings, s.generator) for i, s in enumerate(running)]
+        draft, anchors = torch.cat([d for d, _ in proposals]), torch.cat([s.anchor for s in running])
+        checked = self.timed(len(running), lambda: check_logits(network, anchors, draft, cache))
+        verdicts = [accept(draft[i:i + 1], q, checked[i:i + 1], s.settings, s.generator)
+                    for i, (s, (_, q)) in enumerate(zip(running, proposals, strict=True))]
+        k = torch.cat([kept for kept, _ in verdicts])
+        cache.rollback(network.canvas_length, 1 + k)
+        for i, (seq, (_, y)) in enumerate(zip(list(running), verdicts, strict=True)):
+            seq.passes += 2
+            if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):
+                seq.anchor = y
+

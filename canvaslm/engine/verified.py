@@ -20,7 +20,9 @@ two passes and writes 1 + k tokens. ../shared/research/verified-decoding.md has 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,8 +77,55 @@ def accept_sampled(draft: Tensor, q: Tensor, p: Tensor, generator: torch.Generat
     return k, y
 
 
+def draft_block(anchor: Tensor, model: Any, generator: torch.Generator | None) -> Tensor:
+    """The canvas a round drafts in, [B, C]: the anchor [B] (the last token chosen, not yet in the cache), then the
+    model's noise (mask tokens, or uniform random tokens)."""
+    noise = random_canvas(len(anchor), model.canvas_length, model.vocab_size, generator, anchor.device,
+                          getattr(model, "mask_token_id", None))
+    return torch.cat([anchor[:, None], noise[:, 1:]], dim=1)
+
+
+def draft_logits(model: Any, blocks: Tensor, cache: KVCache) -> Tensor:
+    """One decoder pass over the blocks [B, C]: the logits [B, C - 1, V] of the draft tokens after each anchor."""
+    logits = model.decode(blocks, cache, None)
+    # shift-trained models read canvas token i from output i - 1; the others from output i
+    return logits[:, :-1] if getattr(model, "canvas_shift", False) else logits[:, 1:]
+
+
+def propose(logits: Tensor, options: Mapping[str, Any], generator: torch.Generator | None
+            ) -> tuple[Tensor, Tensor | None]:
+    """(draft tokens [B, n], the distribution q [B, n, V] they were drawn from; None when greedy)."""
+    if options["temperature"] == 0.0:
+        return logits.argmax(dim=-1), None
+    q = warp(logits, options["temperature"], options["top_k"], options["top_p"])
+    return sample_inverse_cdf(q, generator), q
+
+
+def check_logits(model: Any, anchor: Tensor, draft: Tensor, cache: KVCache) -> Tensor:
+    """The commit pass, which checks: [anchor, draft] encoded causally into the cache (roll back what is not
+    kept); the next-token logits [B, n + 1, V] after each of them."""
+    checked = torch.cat([anchor[:, None], draft], dim=1)
+    return model.logits(model.encode(checked, cache, torch.ones_like(checked, dtype=torch.bool)))
+
+
+def accept(draft: Tensor, q: Tensor | None, logits: Tensor, options: Mapping[str, Any],
+           generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(accepted draft tokens k [B], the next token y [B]): greedy when q is None, else the exact rule."""
+    if q is None:
+        return accept_greedy(draft, logits)
+    p = warp(logits, options["temperature"], options["top_k"], options["top_p"])
+    return accept_sampled(draft, q, p, generator)
+
+
+def settled_tokens(draft: Tensor, k: Tensor, next_anchor: Tensor) -> Tensor:
+    """[B, n + 1]: row b's first k[b] + 1 entries are what its round settled, the accepted drafts then the next
+    anchor (final once drawn: it is written before the round that drafts after it)."""
+    settled = torch.cat([draft, torch.zeros_like(draft[:, :1])], dim=1)
+    return settled.scatter(1, k[:, None], next_anchor[:, None])
+
+
 @torch.inference_mode()
-def verified_generate(model, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *,  # noqa: ANN001
+def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                       eos_token_ids: list[int], pad_token_id: int | None = None,
                       generator: torch.Generator | None = None) -> VerifiedResult:
@@ -84,10 +133,10 @@ def verified_generate(model, input_ids: Tensor, valid: Tensor, max_new_tokens: i
     drafting with its canvas pass and checking with its causal pass: the tokens have the distribution of
     `ar_generate` on the same model (greedy: the same tokens, up to float rounding near ties)."""
     check_options(max_new_tokens, temperature, top_p, top_k)
-    device, batch, canvas = input_ids.device, input_ids.shape[0], model.canvas_length
+    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    device, batch = input_ids.device, input_ids.shape[0]
     eos = set(eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else eos_token_ids[0] if eos_token_ids else 0
-    mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
     out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     written = torch.zeros(batch, dtype=torch.long, device=device)   # tokens of each row in `out`
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -96,41 +145,22 @@ def verified_generate(model, input_ids: Tensor, valid: Tensor, max_new_tokens: i
     if max_new_tokens == 0:
         return VerifiedResult(input_ids, passes, written, rounds, accepted)
     cache: KVCache = model.new_cache(batch, device)
-    cache.slack = canvas  # sliding layers keep what a rollback of one check pass needs
+    cache.slack = model.canvas_length  # sliding layers keep what a rollback of one check pass needs
     anchor = sample_next(prefill(model, input_ids, cache, valid), temperature, top_k, top_p, generator)
     passes += 1
     rows = torch.arange(batch, device=device)   # the rows still generating, in cache order
-    while True:
-        # the tokens this round settled: the anchor (then, below, the accepted drafts) of every live row
-        done = _write(out, written, rows, anchor[:, None], torch.ones_like(anchor), eos, max_new_tokens)
-        rows, anchor = _drop(done, rows, anchor, cache)
-        if len(rows) == 0:
-            break
-        noise = random_canvas(len(rows), canvas, model.vocab_size, generator, device, mask_id)
-        block = torch.cat([anchor[:, None], noise[:, 1:]], dim=1)
-        logits = model.decode(block, cache, None)
-        if shift:  # canvas token i is read from output i - 1
-            logits = logits[:, :-1]
-        else:
-            logits = logits[:, 1:]
-        if temperature == 0.0:
-            draft, q = logits.argmax(dim=-1), None
-        else:
-            q = warp(logits, temperature, top_k, top_p)
-            draft = sample_inverse_cdf(q, generator)
-        checked = torch.cat([anchor[:, None], draft], dim=1)
-        check_logits = model.logits(model.encode(checked, cache, torch.ones_like(checked, dtype=torch.bool)))
+    # the anchor is final once drawn: written (and maybe the end of its row) before the round that drafts after it
+    done = _write(out, written, rows, anchor[:, None], torch.ones_like(anchor), eos, max_new_tokens)
+    rows, anchor = _drop(done, rows, anchor, cache)
+    while len(rows):
+        draft, q = propose(draft_logits(model, draft_block(anchor, model, generator), cache), options, generator)
+        k, next_anchor = accept(draft, q, check_logits(model, anchor, draft, cache), options, generator)
+        cache.rollback(model.canvas_length, 1 + k)
         passes[rows] += 2
         rounds[rows] += 1
-        if q is None:
-            k, next_anchor = accept_greedy(draft, check_logits)
-        else:
-            k, next_anchor = accept_sampled(draft, q, warp(check_logits, temperature, top_k, top_p), generator)
-        cache.rollback(canvas, 1 + k)
         accepted[rows] += k
-        rows, anchor = _drop(_write(out, written, rows, draft, k, eos, max_new_tokens), rows, next_anchor, cache)
-        if len(rows) == 0:
-            break
+        done = _write(out, written, rows, settled_tokens(draft, k, next_anchor), k + 1, eos, max_new_tokens)
+        rows, anchor = _drop(done, rows, next_anchor, cache)
     return VerifiedResult(torch.cat([input_ids, out], dim=1), passes, written, rounds, accepted)
 
 

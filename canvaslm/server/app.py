@@ -45,12 +45,14 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     return JSONResponse(body, status_code=status)
 
 
-def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True) -> FastAPI:
-    """The FastAPI app serving `lm` as model `name`; the engine thread starts and stops with the app."""
+def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
+              decoding: str | None = None) -> FastAPI:
+    """The FastAPI app serving `lm` as model `name` (`decoding`: for requests that name none); the engine thread
+    starts and stops with the app."""
     metrics = Metrics(name)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, pin_settled=pin_settled,
                     on_step=metrics.forward_pass)
-    server = Server(lm, name, engine, metrics)
+    server = Server(lm, name, engine, metrics, decoding)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()

@@ -2,7 +2,8 @@
 the field); unknown fields are accepted and ignored, as OpenAI-compatible servers do.
 
 The diffusion knobs (every one of `canvaslm.knobs`, with its range) are extra top-level fields (the `openai` client
-sends them with `extra_body`), and `canvas_drafts`
+sends them with `extra_body`), `decoding` (a diffusion model's way to write: diffusion, verified or autoregressive;
+the last two take temperature/top_p/top_k), and `canvas_drafts`
 (stream whole-canvas drafts in a `canvaslm` field the OpenAI client ignores); `ignore_eos` (vLLM's: write
 max_tokens tokens whatever the model says, for benchmarks)."""
 
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from canvaslm.knobs import KNOBS, Knob, knobs
+from canvaslm.knobs import DECODING, KNOBS, Knob, knobs
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
@@ -75,13 +76,14 @@ class Sampling(Knobs):  # type: ignore[valid-type, misc]
     canvas_drafts: bool = False
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
+    decoding: Literal[DECODING] | None = None  # type: ignore[valid-type]  # None: the server's default
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
     def sampling(self, diffusion: bool) -> dict[str, Any]:
-        """The options for the model: diffusion knobs for a diffusion model (temperature/top_p/top_k, which
+        """The options for the model: diffusion knobs for diffusion decoding (temperature/top_p/top_k, which
         OpenAI clients send by habit, do not apply to its schedule and are ignored), AR options otherwise."""
         names = [k.name for k in knobs("diffusion" if diffusion else "ar")]
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

@@ -37,9 +37,22 @@ class APIError(Exception):
 class Server:
     """One model behind the routes: prompts to ids, requests into the engine, events back as text."""
 
-    def __init__(self, lm: LM, name: str, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, lm: LM, name: str, engine: Engine, metrics: Metrics, decoding: str | None = None) -> None:
         self.lm, self.name, self.engine, self.metrics = lm, name, engine, metrics
         self.tokenizer = lm.require_tokenizer()
+        self.decoding = lm.decoding_mode(decoding)  # requests without a `decoding` field
+
+    def mode(self, body: ChatRequest | CompletionRequest) -> str:
+        """The request's decoding (a 400 when this model has no such way to write)."""
+        try:
+            return self.lm.decoding_mode(body.decoding or self.decoding)
+        except CanvasError as e:
+            raise APIError(400, str(e), param="decoding") from None
+
+    def options(self, body: ChatRequest | CompletionRequest) -> dict[str, Any]:
+        """The request's options for the engine: its sampling fields for its decoding, and the decoding."""
+        mode = self.mode(body)
+        return {"sampling": body.sampling(mode == "diffusion"), "decoding": mode}
 
     # ---- requests ------------------------------------------------------------------------------------------
 
@@ -70,8 +83,8 @@ class Server:
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             emit = lambda e, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, e))  # noqa: E731
-            request = EngineRequest(prompt, max_tokens, emit, body.sampling(self.lm.kind == "diffusion"), seed=seed,
-                                    drafts=body.canvas_drafts, suffix=suffix, ignore_eos=body.ignore_eos)
+            request = EngineRequest(prompt, max_tokens, emit, seed=seed, drafts=body.canvas_drafts, suffix=suffix,
+                                    ignore_eos=body.ignore_eos, **self.options(body))
             requests.append(request)
         self._submit(requests)
         self.metrics.request_started(len(prompt))
@@ -131,11 +144,14 @@ class Server:
         """One answer to a response_format request, always inside the continuous batch: json_schema on a diffusion
         model as `JsonPlan` rounds; on an AR model (json_object too, when llguidance is installed) under the
         grammar; json_object without a grammar as up to 3 plain answers that must parse as an object."""
-        schema = body.response_format.target_schema()  # type: ignore[union-attr]
-        if self.lm.kind == "diffusion" and schema is not None:
+        schema, mode = body.response_format.target_schema(), self.mode(body)  # type: ignore[union-attr]
+        if mode == "diffusion" and schema is not None:
             return await self.json_in_batch(http, body, prompt, seed)
-        if self.lm.kind == "autoregressive" and (schema is not None or importlib.util.find_spec("llguidance")):
+        if mode == "autoregressive" and (schema is not None or importlib.util.find_spec("llguidance")):
             return await self.grammar_in_batch(http, body, prompt, max_tokens, seed, schema or {"type": "object"})
+        if schema is not None:
+            raise APIError(400, f"response_format json_schema is written by diffusion or autoregressive decoding, "
+                                f"not {mode}", param="decoding")
         return await self.object_in_batch(http, body, prompt, max_tokens, seed)
 
     async def _run(self, http: Request, **request: Any) -> list[Event]:
@@ -183,8 +199,8 @@ class Server:
         """JSON from an autoregressive model, every token sampled among those llguidance's grammar for `schema`
         allows; StructuredOutputError when it did not finish within max_tokens."""
         grammar = await asyncio.to_thread(json_grammar, schema)
-        events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens, sampling=body.sampling(False),
-                                 seed=seed, grammar=grammar, pin_settled=False)
+        events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens, seed=seed, grammar=grammar,
+                                 pin_settled=False, **self.options(body))
         text = self.tokenizer.decode([t for e in events if isinstance(e, Tokens) for t in e.ids])
         try:
             value = json.loads(text)
@@ -203,8 +219,8 @@ class Server:
         parses as a JSON object, else StructuredOutputError."""
         for attempt in range(3):
             events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens,
-                                     sampling=body.sampling(self.lm.kind == "diffusion"),
-                                     seed=None if seed is None else seed + 1000 * attempt, pin_settled=False)
+                                     seed=None if seed is None else seed + 1000 * attempt, pin_settled=False,
+                                     **self.options(body))
             text = self.tokenizer.decode([t for e in events if isinstance(e, Tokens) for t in e.ids]).strip()
             text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
             try:

@@ -167,3 +167,40 @@ def test_decoding_modes_are_checked(gemma, tmp_path):
     with pytest.raises(UnsupportedError, match="needs a block-diffusion model"):
         ar.generate([PROMPTS[0]], 4, decoding="verified")
     assert ar.generate([PROMPTS[0]], 4, decoding="autoregressive", temperature=0.0).sequences.shape[1] == 8
+
+
+def test_the_serving_engine_runs_every_decoding_of_a_diffusion_model_side_by_side():
+    """Verified, autoregressive and diffusion requests on one engine: each alone writes what LM.generate writes
+    for its seed and decoding (greedy and sampled), and verified rows that accept different lengths share passes."""
+    import queue
+
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.output import Finished, Tokens
+    from canvaslm.engine.request import Request
+
+    lm = shift_llama()
+    cases = [(PROMPTS[0], "verified", {"temperature": 0.0}, 0), (PROMPTS[1], "verified", {"temperature": 1.0}, 3),
+             (PROMPTS[2], "autoregressive", {"temperature": 1.0}, 5), (PROMPTS[3], "verified", {"temperature": 0.0}, 1),
+             (PROMPTS[3], None, {}, 2)]
+    expected = []
+    for prompt, decoding, options, seed in cases:
+        out = lm.generate([prompt], 24, seed=seed, decoding=decoding, **options)
+        expected.append(lm.decode_new(out.sequences[0], len(prompt))[0][:24])
+    batches = []
+    engine = Engine(lm, pin_settled=False, on_step=lambda b, _: batches.append(b)).start()
+    try:
+        inboxes = [queue.Queue() for _ in cases]
+        for inbox, (prompt, decoding, options, seed) in zip(inboxes, cases, strict=True):
+            engine.submit(Request(prompt, 24, inbox.put, sampling=options, seed=seed, decoding=decoding))
+        for inbox, want in zip(inboxes, expected, strict=True):
+            events = [inbox.get(timeout=60)]
+            while not isinstance(events[-1], Finished):
+                events.append(inbox.get(timeout=60))
+            assert [t for e in events if isinstance(e, Tokens) for t in e.ids] == want
+    finally:
+        engine.stop()
+    assert max(batches) >= 3  # the three verified requests in one pass
+    with pytest.raises(UnsupportedError, match="verified decoding cannot see"):
+        Engine(lm).submit(Request(PROMPTS[0], 8, print, suffix=[5, 6], decoding="verified"))
+    with pytest.raises(GenerationError, match="apply to autoregressive"):
+        Engine(lm).submit(Request(PROMPTS[0], 8, print, sampling={"temperature": 0.5}))

@@ -199,3 +199,28 @@ def test_a_full_queue_answers_429(model_dir):
         assert 429 in results and 200 in results and set(results) <= {200, 429}
     finally:
         stop_server(busy)
+
+
+def test_verified_decoding_writes_the_models_own_autoregressive_answer(client, model_dir):
+    """The `decoding` field through the real client: greedy verified answers equal greedy autoregressive ones
+    (and the library's), requests in flight together included; a verified request streams the same text."""
+    import concurrent.futures
+
+    import canvaslm
+
+    prompts = ["the quick brown", "hello", "one two three four five six seven eight nine ten"]
+
+    def ask(prompt: str, decoding: str, stream: bool = False) -> str:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.0, stream=stream,
+                                      extra_body={"decoding": decoding})
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        verified = list(pool.map(lambda p: ask(p, "verified"), prompts))
+    lm = canvaslm.load(model_dir, device="cpu")
+    for prompt, text in zip(prompts, verified, strict=True):
+        assert text == ask(prompt, "autoregressive")
+        assert text == lm.complete(prompt, 20, decoding="autoregressive", temperature=0.0).text
+    assert ask(prompts[0], "verified", stream=True) == verified[0]
+    with pytest.raises(openai.BadRequestError, match="decoding"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"decoding": "sideways"})
