@@ -5,7 +5,8 @@
   autoregressively under llguidance (`structured.py`);
 * `serve`: throughput and latency through the HTTP server at several concurrency levels, optionally with a share
   of JSON requests in the batch (`serve.py`);
-* `train`: training tokens/s of the float32 path and the fast path on one config (`train.py`).
+* `train`: training tokens/s of the float32 path and the fast path on one config (`train.py`);
+* `decoding`: a diffusion model's canvases, verified drafts and causal pass on the same weights (`decoding.py`).
 The quality report (`canvaslm quality`) is `quality.py`.
 """
 
@@ -48,12 +49,20 @@ def main(args) -> int:
     if args.what == "prompt":
         report["prompt"] = bench_prompt(lm, args.prompt_tokens, int(args.canvas.split(",")[-1]))
     if args.what == "compare":
-        batches = [int(b) for b in args.batch_sizes.split(",")]
+        batches = [int(b) for b in (args.batch_sizes or "1,8,64").split(",")]
         report["compare"] = bench_compare(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
         if args.out and plot_compare(report["compare"], str(Path(args.out).with_suffix(".png"))):
             report["plot"] = str(Path(args.out).with_suffix(".png"))
+    if args.what == "decoding":
+        from canvaslm.bench.decoding import bench_decoding, plot_decoding
+
+        batches = [int(b) for b in (args.batch_sizes or "1,8").split(",")]
+        report["decoding"] = bench_decoding(lm, batches, args.new_tokens, args.temperature)
+        report["decoding"]["model"] = args.model
+        if args.out and plot_decoding(report["decoding"], str(Path(args.out).with_suffix(".png"))):
+            report["plot"] = str(Path(args.out).with_suffix(".png"))
     if args.what == "generate":
-        batches = [int(b) for b in args.batch_sizes.split(",")]
+        batches = [int(b) for b in (args.batch_sizes or "1,8,64").split(",")]
         report["generate"] = bench_generate(lm, args.model, batches, args.new_tokens, args.prompt_tokens, args.repeats)
         if args.out and plot_generate(report["generate"], str(Path(args.out).with_suffix(".png"))):
             report["plot"] = str(Path(args.out).with_suffix(".png"))
@@ -86,14 +95,19 @@ def _serve(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
     p.add_argument("what", nargs="?", default="compare",
-                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train"],
+                   choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train",
+                            "decoding"],
                    help="which benchmark (default compare)")
     threads_arg(p)
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
     p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
-    p.add_argument("--canvas", default="1,32,256", help="denoise: comma-separated canvas sizes; prompt, structured: the last one")
-    p.add_argument("--batch-sizes", default="1,8,64", help="generate: comma-separated batch sizes")
+    p.add_argument("--canvas", default="1,32,256",
+                   help="denoise: comma-separated canvas sizes; prompt, structured: the last one")
+    p.add_argument("--batch-sizes", default=None, help="generate (default 1,8,64), decoding (default 1,8): "
+                   "comma-separated batch sizes")
+    p.add_argument("--temperature", type=float, default=0.0, help="decoding: AR sampling temperature of the "
+                   "verified and autoregressive modes (0: greedy, where verified must equal autoregressive)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt, train: prompt length")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")

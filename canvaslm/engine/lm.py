@@ -107,7 +107,7 @@ class LM:
         tokens and restricts the tokens others may take (diffusion decoding only, see
         `canvaslm.diffusion.step.Constraint`)."""
         mode = self.decoding_mode(decoding)
-        input_ids, valid = self._batch(prompt_ids, attention_mask)
+        input_ids, valid = self.batch(prompt_ids, attention_mask)
         self.check_length(input_ids.shape[1], max_new_tokens)
         generator = torch.Generator(self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -148,7 +148,7 @@ class LM:
     def denoise(self, prompt_ids: Any, canvas_ids: Tensor, self_conditioning_logits: Tensor | None = None) -> Tensor:
         """One decoder pass: float32 logits [B, canvas, vocab] for `canvas_ids` [B, canvas] after the prompts."""
         self._require("diffusion", "denoise")
-        input_ids, valid = self._batch(prompt_ids, None)
+        input_ids, valid = self.batch(prompt_ids, None)
         with torch.inference_mode():
             cache = self.network.new_cache(input_ids.shape[0], self.device)
             encode_chunked(self.network, input_ids, cache, valid)
@@ -159,7 +159,7 @@ class LM:
     def logits(self, input_ids: Any) -> Tensor:
         """Causal next-token logits, float32 [B, L, vocab], for autoregressive models."""
         self._require("autoregressive", "logits")
-        ids, valid = self._batch(input_ids, None)
+        ids, valid = self.batch(input_ids, None)
         with torch.inference_mode():
             return self.network(ids, self.network.new_cache(ids.shape[0], self.device), valid).float()
 
@@ -311,7 +311,7 @@ class LM:
             raise GenerationError(f"this model's maximum context length is {self.max_length} tokens and your "
                                   f"request has {prompt_length} input tokens plus max_new_tokens={max_new_tokens}")
 
-    def _batch(self, prompt_ids: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def batch(self, prompt_ids: Any, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Left-pad a prompt or list of prompts into (ids [B, L], valid [B, L])."""
         if isinstance(prompt_ids, Tensor):
             ids = prompt_ids.to(self.device).long().reshape(-1, prompt_ids.shape[-1])

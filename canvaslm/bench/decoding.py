@@ -1,0 +1,108 @@
+"""`canvaslm bench decoding`: a diffusion model's three ways to write, side by side on the same weights and prompts
+(chat questions, batch 1 and 8): its canvases (`diffusion`), canvas drafts checked by its causal pass
+(`verified`), and the causal pass alone (`autoregressive`). Per mode and batch size: tokens/s, tokens per forward
+pass, passes; verified also its mean accepted length (tokens written per draft-and-check round) and its agreement
+with the autoregressive tokens (greedy: 1.0 up to float ties, which is the lossless claim)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from canvaslm.bench.serve import PROMPTS
+from canvaslm.engine.ar import ar_generate
+from canvaslm.engine.lm import LM
+from canvaslm.engine.verified import verified_generate
+from canvaslm.errors import CanvasError
+from canvaslm.knobs import DECODING
+from canvaslm.plotting import new_figure, save
+
+
+def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature: float = 0.0,
+                   diffusion: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run every decoding at every batch size on the first prompts of `PROMPTS` (repeated to fill a batch);
+    diffusion uses the model's defaults overridden by `diffusion`. Greedy by default (temperature 0)."""
+    if lm.kind != "diffusion":
+        raise CanvasError(f"{lm.source} is autoregressive: bench decoding compares a diffusion model's ways to write")
+    prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    options = {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    rows = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("bench decoding", total=len(batch_sizes) * len(DECODING))
+        for batch in batch_sizes:
+            batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+            input_ids, valid = lm.batch(batch_prompts)
+            ar_tokens = None
+            for mode in ("autoregressive", "verified", "diffusion"):
+                generator = torch.Generator(lm.device).manual_seed(seed)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    if mode == "autoregressive":
+                        out = ar_generate(lm.network, input_ids, valid, new_tokens, eos_token_ids=lm.eos_token_ids,
+                                          pad_token_id=lm.pad_token_id, generator=generator, **options)
+                        sequences, passes, extra = out.sequences, torch.full((batch,), out.forward_passes), {}
+                    elif mode == "verified":
+                        out = verified_generate(lm.network, input_ids, valid, new_tokens,
+                                                eos_token_ids=lm.eos_token_ids, pad_token_id=lm.pad_token_id,
+                                                generator=generator, **options)
+                        sequences, passes = out.sequences, out.forward_passes
+                        extra = {"rounds": int(out.rounds.sum()), "accepted_drafts": int(out.accepted.sum()),
+                                 "tokens_per_round": round(float(out.new_tokens.sum() / out.rounds.sum().clamp(min=1)),
+                                                           3)}
+                    else:
+                        result = lm.generate(batch_prompts, new_tokens, seed=seed, **(diffusion or {}))
+                        sequences, passes, extra = result.sequences, result.forward_passes, {}
+                seconds = time.perf_counter() - start
+                generated = [lm.decode_new(row, input_ids.shape[1])[0][:new_tokens] for row in sequences]
+                if mode == "autoregressive":
+                    ar_tokens = generated
+                tokens = sum(map(len, generated))
+                row = {"decoding": mode, "batch": batch, "tokens": tokens, "seconds": round(seconds, 3),
+                       "tokens_per_second": round(tokens / seconds, 2),
+                       # a step of a batch is one pass for all its rows: passes of the slowest row
+                       "forward_passes": int(passes.max()),
+                       "tokens_per_forward": round(tokens / batch / float(passes.float().mean()), 3), **extra}
+                if mode == "verified" and ar_tokens is not None:
+                    same = sum(_common_prefix(a, b) for a, b in zip(generated, ar_tokens, strict=True))
+                    row["agreement_with_autoregressive"] = round(same / max(1, sum(map(len, ar_tokens))), 4)
+                rows.append(row)
+                progress.advance(task)
+    by = {(r["decoding"], r["batch"]): r for r in rows}
+    for r in rows:
+        r["speed_vs_autoregressive"] = round(r["tokens_per_second"] / by["autoregressive", r["batch"]]
+                                             ["tokens_per_second"], 3)
+    return {"new_tokens": new_tokens, "temperature": temperature, "prompts": len(PROMPTS),
+            "diffusion_settings": vars(lm.diffusion_settings(dict(diffusion or {}))), "runs": rows}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plot_decoding(report: dict[str, Any], png: str) -> bool:
+    """Tokens/s and tokens per forward pass per decoding, one group of bars per batch size."""
+    figure = new_figure(9, 3.6)
+    if figure is None:
+        return False
+    axes = figure.subplots(1, 2)
+    batches = sorted({r["batch"] for r in report["runs"]})
+    width = 0.8 / len(DECODING)
+    for i, mode in enumerate(("autoregressive", "verified", "diffusion")):
+        runs = {r["batch"]: r for r in report["runs"] if r["decoding"] == mode}
+        for ax, key in zip(axes, ("tokens_per_second", "tokens_per_forward"), strict=True):
+            ax.bar([j + i * width for j in range(len(batches))], [runs[b][key] for b in batches], width, label=mode)
+    for ax, title in zip(axes, ("tokens / s", "tokens per forward pass"), strict=True):
+        ax.set_xticks([j + width for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_title(title)
+    axes[0].legend()
+    figure.suptitle(f"decoding modes, {report.get('model', '')} ({report['new_tokens']} tokens, "
+                    f"temperature {report['temperature']})")
+    return save(figure, png)

@@ -1,0 +1,40 @@
+"""`canvaslm bench decoding`: the three ways a diffusion model writes, on the same weights, in one JSON (+ PNG)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from canvaslm.bench.decoding import bench_decoding
+from canvaslm.cli import main
+from canvaslm.errors import CanvasError
+from tests.reference import tiny_checkpoint
+
+
+def test_bench_decoding_reports_every_mode_and_verified_agrees_with_ar(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "dg", canvas_length=4, logit_gain=1.0)
+    out = tmp_path / "decoding.json"
+    assert main(["bench", "decoding", "-m", str(tmp_path / "dg"), "--batch-sizes", "1,3", "--new-tokens", "12",
+                 "--out", str(out), "--threads", "1"]) == 0
+    report = json.loads(out.read_text())["decoding"]
+    assert json.loads(capsys.readouterr().out)["decoding"] == report  # stdout is the JSON alone
+    runs = {(r["decoding"], r["batch"]): r for r in report["runs"]}
+    assert set(runs) == {(m, b) for m in ("diffusion", "verified", "autoregressive") for b in (1, 3)}
+    for batch in (1, 3):
+        verified = runs["verified", batch]
+        assert verified["agreement_with_autoregressive"] == 1.0  # greedy, float32: lossless
+        assert verified["tokens_per_round"] >= 1 and verified["rounds"] >= 1
+        assert runs["autoregressive", batch]["tokens_per_forward"] <= 1.0
+        assert runs["autoregressive", batch]["speed_vs_autoregressive"] == 1.0
+    assert (tmp_path / "decoding.png").stat().st_size > 10_000
+
+
+def test_bench_decoding_needs_a_diffusion_model(tmp_path):
+    from canvaslm.engine.lm import LM
+    from canvaslm.models import llama
+    from tests.train.toy_config import MODEL_INIT
+
+    ar = LM(llama.Model(llama.Config.from_hf({"model_type": "llama", **MODEL_INIT}, "t")).eval(), None, "ar")
+    with pytest.raises(CanvasError, match="autoregressive"):
+        bench_decoding(ar, [1], 4)
