@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="a diffusion sampler setting to evaluate (repeatable; the first is the default; "
                               "none = the model's defaults)")
     quality.add_argument("--seed", type=int, default=0)
+    quality.add_argument("--no-verified", action="store_true",
+                         help="skip the verified-decoding row (the model's canvas drafts checked by its causal pass)")
     quality.add_argument("--out", required=True, help="JSON report; a PNG frontier plot is written beside it")
     quality.add_argument("--device", default=None)
     quality.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
@@ -277,7 +279,8 @@ def _quality(args: argparse.Namespace) -> int:
     check_systems(model, judge)
     prompts = read_prompts(args.prompts, args.limit, judge.require_tokenizer(), args.exclude)
     report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed)
+                            batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed,
+                            verified=not args.no_verified)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

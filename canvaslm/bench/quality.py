@@ -1,7 +1,8 @@
 """How good and how fast a converted model is, next to its autoregressive parent (`canvaslm quality`).
 
-On held-out chat prompts, every sampler setting of the diffusion model and the AR model (temperature 0.7, our own
-loop) answer with up to `max_new_tokens` tokens; then, per system:
+On held-out chat prompts, every sampler setting of the diffusion model, the AR model (temperature 0.7, our own
+loop) and the diffusion model's verified decoding (temperature 0.7: its canvas drafts, checked by its causal pass)
+answer with up to `max_new_tokens` tokens; then, per system:
 
 * GenPPL: exp of the AR judge's mean NLL per response token given the chat prompt (token-weighted over all
   responses; an emitted end-of-turn counts as a token, so ending well is scored too);
@@ -203,13 +204,15 @@ def check_systems(model: LM, judge: LM) -> None:
 
 def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings: Sequence[Mapping[str, Any]], *,
                    max_new_tokens: int = 128, batch_size: int = 16, speed_prompts: int = 10, seed: int = 0,
-                   show_progress: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, verified: bool = True) -> dict[str, Any]:
     """The whole report: one entry per diffusion setting (the first is the default, timed at batch 1), the AR
-    judge's own answers at temperature 0.7, and the acceptance checks."""
+    judge's own answers at temperature 0.7, the model's verified decoding at the same AR setting (its output has
+    the distribution of the model's causal pass: the parent's, for canvas-only adapters), and the acceptance
+    checks."""
     check_systems(model, judge)
     if not prompts:
         raise CanvasError("quality needs at least one prompt")
-    batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1)
+    batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress, transient=True) as bar:
         task = bar.add_task("answering", total=batches)
@@ -220,9 +223,13 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      speed_prompts=speed_prompts if i == 0 else 0, seed=seed, progress=step)
                      for i, s in enumerate(settings)]
+        checked = (evaluate_system(model, judge, "verified", prompts, {**AR_SETTING, "decoding": "verified"},
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   speed_prompts=speed_prompts, seed=seed, progress=step) if verified else None)
     return {"model": model.source, "judge": judge.source, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "seed": seed, "device": str(model.device), "threads": torch.get_num_threads(),
             "autoregressive": asdict(ar), "diffusion": [asdict(d) for d in diffusion],
+            "verified": None if checked is None else asdict(checked),
             "targets": TARGETS, "acceptance": acceptance(diffusion[0], ar)}
 
 
@@ -241,7 +248,10 @@ def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
         label = ", ".join(f"{k}={v}" for k, v in p["setting"].items()) or "defaults"
         ax.annotate(label, (p["tokens_per_forward"], p["genppl"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
-    ar = report["autoregressive"]
+    ar, checked = report["autoregressive"], report.get("verified")
+    if checked:
+        ax.plot([checked["tokens_per_forward"]], [checked["genppl"]], "s", color="green",
+                label=f"verified, T=0.7 (GenPPL {checked['genppl']:.1f})")
     ax.axhline(ar["genppl"], color="grey", linestyle="--", label=f"AR, T=0.7 (GenPPL {ar['genppl']:.1f})")
     ax.axhline(ar["genppl"] * TARGETS["genppl_ratio_max"], color="red", linestyle=":", label="1.5x AR")
     ax.set_yscale("log")

@@ -84,6 +84,9 @@ def test_a_whole_report_on_tiny_models(tmp_path):
     for system in (report["autoregressive"], default):
         assert system["genppl"] > 1 and 0 <= system["distinct_4"] <= 1 and system["mean_response_tokens"] <= 8
     assert 0 < report["autoregressive"]["tokens_per_forward"] <= 1.0  # one token per pass at most (early EOS: less)
+    verified = report["verified"]  # the model's causal pass, checking its canvas drafts, at the AR setting
+    assert verified["setting"] == {"temperature": 0.7, "decoding": "verified"} and verified["genppl"] > 1
+    assert verified["tokens_per_second_batch1"] > 0 and 0 < verified["mean_response_tokens"] <= 8
     assert set(report["acceptance"]) == {"genppl_ratio", "entropy_ratio", "tokens_per_forward", "empty_answers",
                                          "cpu_speedup", "all_passed", "stretch"}
     json.dumps(report)  # serializable as written
