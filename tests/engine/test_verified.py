@@ -204,3 +204,13 @@ def test_the_serving_engine_runs_every_decoding_of_a_diffusion_model_side_by_sid
         Engine(lm).submit(Request(PROMPTS[0], 8, print, suffix=[5, 6], decoding="verified"))
     with pytest.raises(GenerationError, match="apply to autoregressive"):
         Engine(lm).submit(Request(PROMPTS[0], 8, print, sampling={"temperature": 0.5}))
+
+
+def test_chunked_prompts_give_the_same_verified_tokens(gemma, monkeypatch):
+    """Prompts encoded in chunks of 3 positions (longer than the sliding window in all): still the AR tokens."""
+    from canvaslm.models import cache
+
+    whole = gemma.generate(PROMPTS, 24, decoding="verified", temperature=0.0).sequences
+    monkeypatch.setattr(cache.encode_chunked, "__defaults__", (3,))
+    assert torch.equal(gemma.generate(PROMPTS, 24, decoding="verified", temperature=0.0).sequences, whole)
+    assert torch.equal(gemma.generate(PROMPTS, 24, decoding="autoregressive", temperature=0.0).sequences, whole)
