@@ -56,6 +56,10 @@ class ObjectiveOptions:
     full_mask_p: float = 0.0
     """Probability that a canvas is corrupted entirely (t = 1): the first denoising step of inference, which a
     uniform t rarely trains (Fast-dLLM v2, research notes §6)."""
+    anchor_p: float = 0.0
+    """Probability that a canvas is corrupted the way verified decoding drafts (canvaslm/engine/verified.py): its
+    first token clean (the anchor, already chosen), every other one replaced (t = 1 - 1/C), so the canvas learns to
+    draft the tokens after a known one too (DFlash's layout, arXiv 2602.06036, in the model itself)."""
     complementary: bool = False
     """Score every example twice, the second copy corrupted exactly where the first is not (noise level 1 - t):
     each supervised token is predicted once from its context (Fast-dLLM v2's complementary masks)."""
@@ -71,8 +75,12 @@ class ObjectiveOptions:
             raise TrainingError(f"self_conditioning_p must be in [0, 1], got {self.self_conditioning_p!r}")
         if not self.ar_weight >= 0:
             raise TrainingError(f"ar_weight must be >= 0, got {self.ar_weight!r}")
-        if not 0 <= self.full_mask_p <= 1:
-            raise TrainingError(f"full_mask_p must be in [0, 1], got {self.full_mask_p!r}")
+        for name in ("full_mask_p", "anchor_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TrainingError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.anchor_p > 0 and self.kind == "udlm":
+            raise TrainingError('anchor_p needs objective kind "masked" or "flat": UDLM\'s NELBO has no weight for '
+                                'a fully replaced canvas')
         if self.kind == "masked" and self.mask_token_id is None:
             raise TrainingError('objective kind "masked" needs mask_token_id')
 
@@ -87,7 +95,8 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
     """The training loss of one batch (a scalar with gradients) and its metrics: loss, diffusion_loss, ar_loss
     (when it is trained), token_accuracy (argmax = clean token, over the scored positions) and mean_t (over
     canvases holding supervised tokens). Random draws, in order: t per canvas, full-mask canvases (when
-    full_mask_p > 0), corruption, complementary corruption (when on), self-conditioning rows.
+    full_mask_p > 0), anchored canvases (when anchor_p > 0), corruption, complementary corruption (when on),
+    self-conditioning rows.
 
     Logits are computed only where they are scored (every supervised position; for kind "masked" the corrupted
     ones), from the model's hidden states: with a 49k vocabulary the head is a fifth of the forward's FLOPs."""
@@ -100,9 +109,20 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
     t = options.t_min + (1 - options.t_min) * _uniform(blocks, generator, device)  # [B, K]
     if options.full_mask_p > 0:
         t = torch.where(_uniform(blocks, generator, device) < options.full_mask_p, 1.0, t)
+    anchored = None
+    if options.anchor_p > 0:  # drafting canvases: all replaced but the first token
+        anchored = _uniform(blocks, generator, device) < options.anchor_p
+        t = torch.where(anchored, 1 - 1 / canvas, t)  # the share masked: its 1/t weight, and 1 - t for a complement
     t_token = t.repeat_interleave(canvas, dim=1)                                   # [B, R]
     rate = (1 - options.t_min) * t_token if options.kind == "udlm" else t_token
+    if anchored is not None:
+        rate = torch.where(anchored.repeat_interleave(canvas, dim=1), 1.0, rate)
     noised, corrupted = corrupt(clean, batch.supervised, rate, model.vocab_size, options.absorbing_token, generator)
+    if anchored is not None:
+        first = torch.zeros_like(corrupted).view(*blocks, canvas)
+        first[..., 0] = anchored
+        first = first.view_as(corrupted)
+        noised, corrupted = torch.where(first, clean, noised), corrupted & ~first
     if options.complementary:  # the same rows again, corrupted exactly where the first copy is clean
         flipped = batch.supervised & ~corrupted
         again, _ = corrupt(clean, flipped, flipped.float(), model.vocab_size, options.absorbing_token, generator)

@@ -253,3 +253,26 @@ def test_gradients_reach_the_encoder_pass_through_the_decoder(model):
     assert encoder_out.grad.abs().sum() > 0 and decoder_out.grad.abs().sum() > 0
     assert model.self_conditioning.down_proj.weight.grad.abs().sum() > 0  # the second pass was conditioned
     assert 0 <= accuracy_at_noise(model, batch, 0.3, torch.Generator().manual_seed(0)) <= 1
+
+
+def test_anchored_canvases_keep_their_first_token_and_mask_the_rest():
+    """anchor_p trains the canvas as verified decoding drafts in it: the first token known, the others masked."""
+    batch = collate([([2, 3], [2, 3, 2, 3, 2, 3, 2, 3]), ([3], [3, 2, 3, 2, 2, 3])], canvas_length=4,
+                    eos_token_id=EOS, pad_token_id=PAD)
+    clean = batch.input_ids[:, batch.prompt_length:]
+    stub = Stub(torch.zeros(2, 14, 5), torch.zeros(2, 12, 5), canvas_length=4)
+    options = ObjectiveOptions(kind="masked", mask_token_id=4, self_conditioning_p=0.0, ar_weight=0.0,
+                               anchor_p=1.0, complementary=True)
+    loss, metrics = block_diffusion_loss(stub, batch, options, torch.Generator().manual_seed(0))
+    noised = stub.calls[0]["noised"]
+    first = torch.zeros_like(batch.supervised)
+    first[:, ::4] = True
+    anchored = noised[:2]
+    assert torch.equal(anchored[first], clean[first])                       # the anchors stay
+    assert bool((anchored[batch.supervised & ~first] == 4).all())           # everything after them is masked
+    assert bool((noised[2:][batch.supervised & first] == 4).all())          # the complement scores the anchors
+    assert metrics["mean_t"] == pytest.approx(0.5) and math.isfinite(loss.item())  # 3/4 and its complement 1/4
+    with pytest.raises(TrainingError, match="anchor_p"):
+        ObjectiveOptions(anchor_p=1.5)
+    with pytest.raises(TrainingError, match="anchor_p needs"):
+        ObjectiveOptions(kind="udlm", anchor_p=0.5)
