@@ -150,7 +150,8 @@ def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tens
     distribution as `sample_tokens`, a different random stream, far cheaper than V exponential draws."""
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(*probs.shape[:-1], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    # right=True: the first index whose cdf exceeds u, so a draw of exactly 0 never lands on a zero-probability token
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

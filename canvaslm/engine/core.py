@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from canvaslm.diffusion.step import Constraint
-from canvaslm.engine.guided import llg_tokenizer
+from canvaslm.engine.ar import check_options
+from canvaslm.engine.guided import Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import Finished, Tokens, cut
 from canvaslm.engine.request import Request, Sequence
@@ -82,10 +83,12 @@ class Engine:
 
     def check(self, request: Request) -> Any:
         """The request's settings, or a CanvasError for options this model (in the request's decoding) does not
-        take."""
+        take or values out of range."""
         if self.lm.decoding_mode(request.decoding) == "diffusion":
             return self.lm.diffusion_settings(dict(request.sampling))
-        return self.lm.ar_settings(dict(request.sampling))
+        options = self.lm.ar_settings(dict(request.sampling))
+        check_options(request.max_new_tokens, options["temperature"], options["top_p"], options["top_k"])
+        return options
 
     def submit(self, request: Request) -> None:
         mode = self.lm.decoding_mode(request.decoding)
@@ -98,7 +101,8 @@ class Engine:
                                        "model's structured output is a canvas constraint (Request.constraint)")
             if not self.lm.eos_token_ids:
                 raise UnsupportedError(f"{self.lm.source}: a grammar needs an end-of-turn token to stop at")
-            llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size)  # llguidance installed, built
+            # llguidance installed and the grammar compiles: refused here, not in the engine thread
+            Matcher(llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size), request.grammar)
         self.lm.check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
         if request.constraint is not None:
             if not isinstance(request.constraint, Constraint):
@@ -123,6 +127,7 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        admitted: deque[Request] = deque()  # taken from the queue, not yet running
         try:
             with torch.inference_mode():
                 while True:
@@ -132,11 +137,11 @@ class Engine:
                         if self._stopping:
                             break
                         self._drop_cancelled()
-                        admitted = []
                         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                             admitted.append(self._waiting.popleft())
-                    for request in admitted:
-                        self._admit(request)
+                    while admitted:
+                        self._admit(admitted[0])
+                        admitted.popleft()
                     for mode, runner in self._runners.items():  # one shared pass (or two) per decoding mode
                         group = self._group(mode)
                         if group:
@@ -146,7 +151,7 @@ class Engine:
             with self._wake:
                 for seq in self._running:
                     seq.request.emit(Finished("abort", seq.emitted, seq.passes, 0.0))
-                for request in self._waiting:
+                for request in [*admitted, *self._waiting]:
                     request.emit(Finished("abort", 0, 0, 0.0))
                 self._running.clear()
                 self._waiting.clear()
@@ -174,7 +179,12 @@ class Engine:
         valid = torch.ones_like(prompt, dtype=torch.bool)
         hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
         self._running.append(seq)
-        self._runners[seq.mode].admit(seq, hidden)
+        try:
+            self._runners[seq.mode].admit(seq, hidden)
+        except CanvasError:  # this request's own problem (a grammar llguidance refuses): it alone ends
+            if seq in self._running:
+                self._running.remove(seq)
+            request.emit(Finished("abort", seq.emitted, seq.passes, 0.0))
 
     def _group(self, mode: str) -> list[Sequence]:
         """The running sequences of one decoding mode, in the order they joined (their runner's row order)."""

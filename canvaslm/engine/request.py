@@ -39,8 +39,8 @@ class Request:
 
 @dataclass
 class Sequence:
-    """A running request: its cache, random stream and progress; the fields below `canvas_index` belong to one
-    runner kind (diffusion or AR)."""
+    """A running request: its cache, random stream and progress; the fields from `canvas_index` on belong to its
+    runner (diffusion, verified or autoregressive)."""
 
     request: Request
     generator: torch.Generator

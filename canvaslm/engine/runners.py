@@ -178,7 +178,8 @@ class DiffusionRunner:
 
 class SharedCacheRunner:
     """A runner whose running sequences share one cache: a sequence's row joins it after its own prefill (stacked
-    in last, as the core appends it) and leaves it when the sequence ends."""
+    in last, as the core appends it) and leaves it when the sequence ends. `admit` does whatever may fail for the
+    request alone (a CanvasError) before `_join`, so the core can end that request without touching the rows."""
 
     def __init__(self, lm: LM, send: SendTokens, timed: Timer) -> None:
         self.lm, self.send, self.timed = lm, send, timed

@@ -47,6 +47,7 @@ class KVCache:
         out.length = length
         out.offsets = torch.cat([(torch.zeros(c.batch_size, dtype=torch.long, device=device) if c.offsets is None
                                   else c.offsets) + (length - c.length) for c in caches])
+        out.slack = max(c.slack for c in caches)  # takes effect from the next pass (stacking keeps no slack keys)
         return out
 
     def positions(self, n: int) -> Tensor:

@@ -49,9 +49,10 @@ class Server:
         except CanvasError as e:
             raise APIError(400, str(e), param="decoding") from None
 
-    def options(self, body: ChatRequest | CompletionRequest) -> dict[str, Any]:
-        """The request's options for the engine: its sampling fields for its decoding, and the decoding."""
-        mode = self.mode(body)
+    def options(self, body: ChatRequest | CompletionRequest, mode: str | None = None) -> dict[str, Any]:
+        """The engine request's fields for `mode` (default: the request's decoding): its sampling fields for that
+        decoding, and the decoding."""
+        mode = mode or self.mode(body)
         return {"sampling": body.sampling(mode == "diffusion"), "decoding": mode}
 
     # ---- requests ------------------------------------------------------------------------------------------
@@ -144,7 +145,9 @@ class Server:
         """One answer to a response_format request, always inside the continuous batch: json_schema on a diffusion
         model as `JsonPlan` rounds; on an AR model (json_object too, when llguidance is installed) under the
         grammar; json_object without a grammar as up to 3 plain answers that must parse as an object."""
-        schema, mode = body.response_format.target_schema(), self.mode(body)  # type: ignore[union-attr]
+        # a server default of verified decoding does not apply: structured answers are written the model's way
+        schema = body.response_format.target_schema()  # type: ignore[union-attr]
+        mode = self.mode(body) if body.decoding else self.lm.decoding_mode(None)
         if mode == "diffusion" and schema is not None:
             return await self.json_in_batch(http, body, prompt, seed)
         if mode == "autoregressive" and (schema is not None or importlib.util.find_spec("llguidance")):
@@ -152,7 +155,7 @@ class Server:
         if schema is not None:
             raise APIError(400, f"response_format json_schema is written by diffusion or autoregressive decoding, "
                                 f"not {mode}", param="decoding")
-        return await self.object_in_batch(http, body, prompt, max_tokens, seed)
+        return await self.object_in_batch(http, body, prompt, max_tokens, seed, mode)
 
     async def _run(self, http: Request, **request: Any) -> list[Event]:
         """Submit one engine request (the fields of `EngineRequest` but `emit`) and wait for all its events; it
@@ -200,7 +203,7 @@ class Server:
         allows; StructuredOutputError when it did not finish within max_tokens."""
         grammar = await asyncio.to_thread(json_grammar, schema)
         events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens, seed=seed, grammar=grammar,
-                                 pin_settled=False, **self.options(body))
+                                 pin_settled=False, **self.options(body, "autoregressive"))
         text = self.tokenizer.decode([t for e in events if isinstance(e, Tokens) for t in e.ids])
         try:
             value = json.loads(text)
@@ -214,13 +217,13 @@ class Server:
         return json.dumps(value, ensure_ascii=False)
 
     async def object_in_batch(self, http: Request, body: ChatRequest | CompletionRequest, prompt: list[int],
-                              max_tokens: int, seed: int | None) -> str:
+                              max_tokens: int, seed: int | None, mode: str) -> str:
         """json_object without a grammar: ordinary answers (seeds seed, seed + 1000, seed + 2000) until one
         parses as a JSON object, else StructuredOutputError."""
         for attempt in range(3):
             events = await self._run(http, prompt=prompt, max_new_tokens=max_tokens,
                                      seed=None if seed is None else seed + 1000 * attempt, pin_settled=False,
-                                     **self.options(body))
+                                     **self.options(body, mode))
             text = self.tokenizer.decode([t for e in events if isinstance(e, Tokens) for t in e.ids]).strip()
             text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
             try:

@@ -214,3 +214,42 @@ def test_chunked_prompts_give_the_same_verified_tokens(gemma, monkeypatch):
     monkeypatch.setattr(cache.encode_chunked, "__defaults__", (3,))
     assert torch.equal(gemma.generate(PROMPTS, 24, decoding="verified", temperature=0.0).sequences, whole)
     assert torch.equal(gemma.generate(PROMPTS, 24, decoding="autoregressive", temperature=0.0).sequences, whole)
+
+
+def test_verified_requests_joining_a_running_batch_on_sliding_window_layers(gemma):
+    """DiffusionGemma's sliding layers through the engine's verified runner: requests join the shared cache after
+    others have rolled back checks (stacked with slack), and each still writes LM.generate's tokens."""
+    import queue
+    import time
+
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.output import Finished, Tokens
+    from canvaslm.engine.request import Request
+
+    expected = [gemma.decode_new(gemma.generate([p], 30, decoding="verified", temperature=0.0).sequences[0],
+                                 len(p))[0][:30] for p in PROMPTS]
+    engine = Engine(gemma, pin_settled=False).start()
+    try:
+        inboxes = []
+        for prompt in PROMPTS:
+            inbox = queue.Queue()
+            engine.submit(Request(prompt, 30, inbox.put, sampling={"temperature": 0.0}, decoding="verified"))
+            inboxes.append(inbox)
+            time.sleep(0.05)  # later requests join while the first ones are mid-way
+        for inbox, want in zip(inboxes, expected, strict=True):
+            events = [inbox.get(timeout=60)]
+            while not isinstance(events[-1], Finished):
+                events.append(inbox.get(timeout=60))
+            assert [t for e in events if isinstance(e, Tokens) for t in e.ids] == want
+    finally:
+        engine.stop()
+
+
+def test_a_grammar_llguidance_refuses_is_refused_on_submit():
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.guided import GuidedDecodingError
+    from canvaslm.engine.request import Request
+
+    lm = canvaslm.load("smol-ar")
+    with pytest.raises(GuidedDecodingError, match="refused the grammar"):
+        Engine(lm).submit(Request([1, 2], 8, print, grammar="start: ((("))

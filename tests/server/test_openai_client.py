@@ -224,3 +224,30 @@ def test_verified_decoding_writes_the_models_own_autoregressive_answer(client, m
     assert ask(prompts[0], "verified", stream=True) == verified[0]
     with pytest.raises(openai.BadRequestError, match="decoding"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"decoding": "sideways"})
+
+
+def test_a_server_whose_default_is_verified_decoding(model_dir):
+    """`canvaslm serve --decoding verified`: plain requests decode verified (greedy: the AR answer), a request may
+    still ask for its canvases, and json_schema answers are written on the canvas as before."""
+    import json
+
+    import canvaslm
+
+    live = start_server(model_dir, "--decoding", "verified", "--no-pin-settled")
+    try:
+        client = openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0, timeout=120)
+        r = client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=16, temperature=0.0)
+        lm = canvaslm.load(model_dir, device="cpu")
+        assert r.choices[0].text == lm.complete("the quick brown", 16, decoding="autoregressive", temperature=0.0).text
+        canvas = client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=16, seed=3,
+                                           extra_body={"decoding": "diffusion"})
+        assert canvas.choices[0].text == lm.complete("the quick brown", 16, seed=3).text
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+        try:  # the canvas path answers (this random model may fail the schema: 422), never a 400 about decoding
+            assert isinstance(json.loads(chat(client, response_format=fmt, seed=0).choices[0].message.content)["a"],
+                              int)
+        except openai.UnprocessableEntityError as failed:
+            assert failed.code == "structured_output_failed" and "scaffold" in failed.message
+    finally:
+        stop_server(live)
