@@ -102,6 +102,16 @@ def test_the_acceptance_rules():
         assert k.tolist() == [0] and y.tolist() == [1]
 
 
+def tokens_of(inbox) -> list[int]:
+    """The tokens an engine request sent to `inbox` (a queue.Queue), once it finished."""
+    from canvaslm.engine.output import Finished, Tokens
+
+    events = [inbox.get(timeout=60)]
+    while not isinstance(events[-1], Finished):
+        events.append(inbox.get(timeout=60))
+    return [t for e in events if isinstance(e, Tokens) for t in e.ids]
+
+
 def first_tokens(lm: LM, prompt: list[int], n: int, samples: int, decoding: str, seed: int) -> torch.Tensor:
     out = lm.generate([prompt] * samples, n, seed=seed, decoding=decoding, temperature=1.0)
     return out.sequences[:, len(prompt):len(prompt) + n]
@@ -175,7 +185,6 @@ def test_the_serving_engine_runs_every_decoding_of_a_diffusion_model_side_by_sid
     import queue
 
     from canvaslm.engine.core import Engine
-    from canvaslm.engine.output import Finished, Tokens
     from canvaslm.engine.request import Request
 
     lm = shift_llama()
@@ -193,10 +202,7 @@ def test_the_serving_engine_runs_every_decoding_of_a_diffusion_model_side_by_sid
         for inbox, (prompt, decoding, options, seed) in zip(inboxes, cases, strict=True):
             engine.submit(Request(prompt, 24, inbox.put, sampling=options, seed=seed, decoding=decoding))
         for inbox, want in zip(inboxes, expected, strict=True):
-            events = [inbox.get(timeout=60)]
-            while not isinstance(events[-1], Finished):
-                events.append(inbox.get(timeout=60))
-            assert [t for e in events if isinstance(e, Tokens) for t in e.ids] == want
+            assert tokens_of(inbox) == want
     finally:
         engine.stop()
     assert max(batches) >= 3  # the three verified requests in one pass
@@ -223,7 +229,6 @@ def test_verified_requests_joining_a_running_batch_on_sliding_window_layers(gemm
     import time
 
     from canvaslm.engine.core import Engine
-    from canvaslm.engine.output import Finished, Tokens
     from canvaslm.engine.request import Request
 
     expected = [gemma.decode_new(gemma.generate([p], 30, decoding="verified", temperature=0.0).sequences[0],
@@ -237,10 +242,7 @@ def test_verified_requests_joining_a_running_batch_on_sliding_window_layers(gemm
             inboxes.append(inbox)
             time.sleep(0.05)  # later requests join while the first ones are mid-way
         for inbox, want in zip(inboxes, expected, strict=True):
-            events = [inbox.get(timeout=60)]
-            while not isinstance(events[-1], Finished):
-                events.append(inbox.get(timeout=60))
-            assert [t for e in events if isinstance(e, Tokens) for t in e.ids] == want
+            assert tokens_of(inbox) == want
     finally:
         engine.stop()
 
