@@ -17,8 +17,9 @@ from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.lm import LM
 from canvaslm.engine.verified import verified_generate
 from canvaslm.errors import CanvasError
-from canvaslm.knobs import DECODING
 from canvaslm.plotting import new_figure, save
+
+ORDER = ("autoregressive", "verified", "diffusion")  # AR first: verified's agreement is measured against it
 
 
 def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature: float = 0.0,
@@ -31,12 +32,12 @@ def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature:
     options = {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     rows = []
     with Progress(transient=True) as progress:
-        task = progress.add_task("bench decoding", total=len(batch_sizes) * len(DECODING))
+        task = progress.add_task("bench decoding", total=len(batch_sizes) * len(ORDER))
         for batch in batch_sizes:
             batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
             input_ids, valid = lm.batch(batch_prompts)
             ar_tokens = None
-            for mode in ("autoregressive", "verified", "diffusion"):
+            for mode in ORDER:
                 generator = torch.Generator(lm.device).manual_seed(seed)
                 start = time.perf_counter()
                 with torch.inference_mode():
@@ -94,8 +95,8 @@ def plot_decoding(report: dict[str, Any], png: str) -> bool:
         return False
     axes = figure.subplots(1, 2)
     batches = sorted({r["batch"] for r in report["runs"]})
-    width = 0.8 / len(DECODING)
-    for i, mode in enumerate(("autoregressive", "verified", "diffusion")):
+    width = 0.8 / len(ORDER)
+    for i, mode in enumerate(ORDER):
         runs = {r["batch"]: r for r in report["runs"] if r["decoding"] == mode}
         for ax, key in zip(axes, ("tokens_per_second", "tokens_per_forward"), strict=True):
             ax.bar([j + i * width for j in range(len(batches))], [runs[b][key] for b in batches], width, label=mode)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from canvaslm.diffusion.step import Constraint
-from canvaslm.engine.ar import check_options
 from canvaslm.engine.guided import Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import Finished, Tokens, cut
@@ -84,11 +83,7 @@ class Engine:
     def check(self, request: Request) -> Any:
         """The request's settings, or a CanvasError for options this model (in the request's decoding) does not
         take or values out of range."""
-        if self.lm.decoding_mode(request.decoding) == "diffusion":
-            return self.lm.diffusion_settings(dict(request.sampling))
-        options = self.lm.ar_settings(dict(request.sampling))
-        check_options(request.max_new_tokens, options["temperature"], options["top_p"], options["top_k"])
-        return options
+        return self.lm.resolve_sampling(dict(request.sampling), request.decoding)
 
     def submit(self, request: Request) -> None:
         mode = self.lm.decoding_mode(request.decoding)

@@ -24,7 +24,7 @@ from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.structured import SlotGrammars, StructuredResult, generate_json
 from canvaslm.engine.verified import verified_generate
 from canvaslm.errors import GenerationError, UnsupportedError
-from canvaslm.knobs import DECODING, defaults
+from canvaslm.knobs import BY_NAME, DECODING, defaults
 from canvaslm.models.cache import encode_chunked
 
 AR_SAMPLING = defaults("ar")
@@ -284,10 +284,16 @@ class LM:
         if self.kind != kind:
             raise GenerationError(f"{method}() needs a {kind} model; {self.source} is {self.kind}")
 
-    def resolve_sampling(self, sampling: dict[str, Any]) -> DiffusionSampling | dict[str, Any]:
-        """The settings a call runs with: this model's defaults overridden by `sampling` (a GenerationError names
-        options this kind of model does not take)."""
-        return self.diffusion_settings(sampling) if self.kind == "diffusion" else self.ar_settings(sampling)
+    def resolve_sampling(self, sampling: dict[str, Any], decoding: str | None = None
+                         ) -> DiffusionSampling | dict[str, Any]:
+        """The settings a call in `decoding` (default: the model's own) runs with: this model's defaults overridden
+        by `sampling`; a GenerationError names an option that decoding does not take or a value out of range."""
+        if self.decoding_mode(decoding) == "diffusion":
+            return self.diffusion_settings(sampling)
+        options = self.ar_settings(sampling)
+        for name in AR_SAMPLING:
+            BY_NAME[name].check(options[name])
+        return options
 
     def diffusion_settings(self, sampling: dict[str, Any]) -> DiffusionSampling:
         ar_only = sorted(set(sampling) & set(AR_SAMPLING))
