@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from canvaslm.bench import cli as bench
-from canvaslm.cli_args import key_values, set_threads, threads_arg
+from canvaslm.cli_args import key_values, load_model, precision_args, set_threads, threads_arg
 from canvaslm.errors import CanvasError
 from canvaslm.knobs import DECODING, KNOBS
 from canvaslm.sudoku import cli as sudoku_cli
@@ -23,7 +23,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     threads_arg(p)
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"HF dir, .gguf file or name (default {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    precision_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -94,8 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--out", required=True, help="JSON report; a PNG frontier plot is written beside it")
     quality.add_argument("--device", default=None)
     quality.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
-                         help="weights of the model and of the AR judge/baseline (auto: bfloat16 where the hardware "
-                              "has it); both run in the same dtype, so the speed comparison is fair")
+                         help="weights of the model and of the AR baseline (auto: bfloat16 where the hardware has it); "
+                              "both run in the same dtype, so the speed comparison is fair; GenPPL is scored in "
+                              "float32")
+    quality.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="none",
+                         help="weight-only quantized linears of the model and the AR baseline (canvaslm.models.quant)")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
     threads_arg(serve)
@@ -108,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                        "equal canvaslm generate for the same seed)")
     _decoding_arg(serve, "requests without a 'decoding' field: ")
     serve.add_argument("--device", default=None)
-    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    precision_args(serve)
     asset = sub.add_parser("asset", help="pack a finished LoRA run into a shippable asset folder")
     asset_sub = asset.add_subparsers(dest="asset_command", required=True)
     pack = asset_sub.add_parser("pack", help="adapter + diffusion fields + sampling defaults -> asset folder")
@@ -135,14 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _load(args: argparse.Namespace):
-    import torch
-
-    from canvaslm import load
-
-    return load(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,7 +173,7 @@ def _answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, An
 
 
 def _generate(args: argparse.Namespace) -> int:
-    lm = _load(args)
+    lm = load_model(args)
     lm.require_tokenizer()  # a checkpoint without a tokenizer cannot take a text prompt
     if args.chat:
         prompt_ids = lm.chat_prompt_ids([{"role": "user", "content": args.prompt}])
@@ -188,6 +183,7 @@ def _generate(args: argparse.Namespace) -> int:
         out = _schema_answer(lm, prompt_ids, args)
     else:
         out = _answer(lm, prompt_ids, args)
+    out.update(dtype=str(next(lm.network.parameters()).dtype).removeprefix("torch."), quantize=lm.quantization)
     print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
     return 0
 
@@ -208,7 +204,7 @@ def _schema_answer(lm, prompt_ids: list[int], args: argparse.Namespace) -> dict[
 
 
 def _chat(args: argparse.Namespace) -> int:
-    lm = _load(args)
+    lm = load_model(args)
     lm.require_tokenizer()
     interactive = sys.stdin.isatty()
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -275,12 +271,16 @@ def _quality(args: argparse.Namespace) -> int:
 
     settings = [key_values(s, "--setting") for s in args.setting] or [{}]
     dtype = resolve_dtype(args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, judge = load(args.model, device=args.device, dtype=dtype), load(args.judge, device=args.device, dtype=dtype)
+    model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+    judge = load(args.judge, device=args.device, dtype=dtype, quantize=args.quantize)
     check_systems(model, judge)
+    # GenPPL is scored in float32 without quantization, so reports in different precisions compare
+    plain = dtype == torch.float32 and judge.quantization == "none"
+    scorer = judge if plain else load(args.judge, device=args.device, dtype=torch.float32)
     prompts = read_prompts(args.prompts, args.limit, judge.require_tokenizer(), args.exclude)
     report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed,
-                            verified=not args.no_verified)
+                            verified=not args.no_verified, scorer=scorer)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -316,7 +316,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 1:
         raise CanvasError("--max-batch and --max-queue must be >= 1")
-    lm = _load(args)
+    lm = load_model(args)
     lm.require_tokenizer()  # the HTTP API takes text
     app = build_app(lm, args.served_model_name or args.model, max_batch=args.max_batch, max_queue=args.max_queue,
                     pin_settled=not args.no_pin_settled, decoding=args.decoding)

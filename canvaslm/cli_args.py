@@ -14,6 +14,26 @@ def threads_arg(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch's kernels (default: torch's choice, one per physical core)")
 
 
+def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: str = "auto") -> None:
+    """--dtype and --quantize: what the weights compute in (canvaslm.hardware says what "auto" picks)."""
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=dtype,
+                   help=f"weights and activations (auto: bfloat16 where this machine computes it fast, float32 "
+                        f"elsewhere on CPUs; default {dtype})")
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=quantize,
+                   help=f"weight-only quantized linears for small passes on CPUs (auto: int4 where bfloat16 is "
+                        f"fast, else none; default {quantize})")
+
+
+def load_model(args: argparse.Namespace, source: str | None = None):
+    """`canvaslm.load` with the --device / --dtype / --quantize of `args` (source: args.model)."""
+    import torch
+
+    from canvaslm import load
+
+    dtype = args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)
+    return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+
+
 def set_threads(threads: int | None) -> None:
     """Apply --threads (None: leave torch's choice)."""
     if threads is None:

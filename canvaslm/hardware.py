@@ -18,6 +18,7 @@ import torch
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
 
 
 @functools.cache
@@ -61,6 +62,16 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if bf16_is_fast(device) else torch.float32
     return getattr(torch, name)
+
+
+def resolve_quantize(name: str, device: torch.device | str = "cpu") -> str:
+    """"auto" -> "int4" on CPUs where bfloat16 is fast (torch's weight-only kernels need bfloat16 activations to
+    pay: canvaslm.models.quant), else "none"; the others as given."""
+    if name not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {name!r}")
+    if name == "auto":
+        return "int4" if torch.device(device).type == "cpu" and bf16_is_fast("cpu") else "none"
+    return name
 
 
 def describe() -> dict[str, object]:

@@ -32,6 +32,13 @@ def test_generate_json_reports_text_ids_and_speed(model_dir):
     again = json.loads(run("generate", "hello world", "--model", model_dir, "-n", "16", "--seed", "0",
                            "--json").stdout.strip().splitlines()[-1])
     assert again["token_ids"] == result["token_ids"]  # seeded runs repeat
+    from canvaslm.hardware import resolve_dtype, resolve_quantize
+
+    auto = {"dtype": str(resolve_dtype("auto", "cpu")).removeprefix("torch."), "quantize": resolve_quantize("auto")}
+    assert {k: result[k] for k in auto} == auto  # the machine's choice by default
+    plain = json.loads(run("generate", "hello world", "--model", model_dir, "-n", "4", "--dtype", "float32",
+                           "--quantize", "none", "--json").stdout.strip().splitlines()[-1])
+    assert plain["dtype"] == "float32" and plain["quantize"] == "none"
 
 
 def test_generate_with_a_json_schema_file_validates_or_names_the_file(tmp_path):

@@ -6,7 +6,9 @@
 * `serve`: throughput and latency through the HTTP server at several concurrency levels, optionally with a share
   of JSON requests in the batch (`serve.py`);
 * `train`: training tokens/s of the float32 path and the fast path on one config (`train.py`);
-* `decoding`: a diffusion model's canvases, verified drafts and causal pass on the same weights (`decoding.py`).
+* `decoding`: a diffusion model's canvases, verified drafts and causal pass on the same weights (`decoding.py`);
+* `passes`: ms per causal and canvas pass by pass size, for several dtype / quantization variants (`passes.py`);
+* `peers`: llama.cpp on the same GGUF beside our AR loop, canvases and verified decoding, batch 1 (`peers.py`).
 The quality report (`canvaslm quality`) is `quality.py`.
 """
 
@@ -16,22 +18,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+from canvaslm.bench.passes import DEFAULT_VARIANTS
 from canvaslm.bench.speed import (bench_ar, bench_compare, bench_denoise, bench_generate, bench_prompt, machine,
                                   plot_compare, plot_generate)
-from canvaslm.cli_args import threads_arg
+from canvaslm.cli_args import load_model, precision_args, threads_arg
 from canvaslm.errors import CanvasError
 
 
-def main(args) -> int:
-    from canvaslm import load
+CANVAS_DEFAULT = "1,32,256"
 
+
+def main(args) -> int:
     if args.what == "serve":
         return _serve(args)
     if args.what == "train":
         from canvaslm.bench.train import main as bench_train
 
         return bench_train(args)
-    lm = load(args.model, device=args.device)
+    if args.what == "passes":
+        return _passes(args)
+    if args.what == "peers":
+        return _peers(args)
+    lm = load_model(args)
     report: dict[str, Any] = {"model": args.model, "kind": lm.kind, "machine": machine()}
     if args.what in ("ar", "all"):
         report["ar"] = bench_ar(lm, args.new_tokens, args.repeats, not args.no_reference)
@@ -74,6 +82,37 @@ def main(args) -> int:
     return 0
 
 
+def _passes(args) -> int:
+    from canvaslm.bench.passes import bench_passes, parse_variants, plot_passes
+
+    sizes = [int(s) for s in (args.canvas if args.canvas != CANVAS_DEFAULT else "1,16,32,64,128").split(",")]
+    report = {**bench_passes(args.model, parse_variants(args.variants), sizes, args.prompt_tokens, args.repeats,
+                             args.device), "machine": machine()}
+    return _write(report, args.out, plot_passes)
+
+
+def _peers(args) -> int:
+    import torch
+
+    from canvaslm.bench.passes import parse_variants
+    from canvaslm.bench.peers import bench_peers, plot_peers
+
+    report = {**bench_peers(args.model, args.ar or "smol-ar", parse_variants(args.variants), args.new_tokens,
+                            args.threads or torch.get_num_threads(), args.n_batch, args.gguf), "machine": machine()}
+    return _write(report, args.out, plot_peers)
+
+
+def _write(report: dict[str, Any], out: str | None, plot: Any) -> int:
+    """Print the report as JSON; with `out`, also write it there and draw the PNG beside it."""
+    if out and plot(report, Path(out).with_suffix(".png")):
+        report["plot"] = str(Path(out).with_suffix(".png"))
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _serve(args) -> int:
     from canvaslm.bench.serve import bench_serve, plot_serve
 
@@ -96,14 +135,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
     p.add_argument("what", nargs="?", default="compare",
                    choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train",
-                            "decoding"],
+                            "decoding", "passes", "peers"],
                    help="which benchmark (default compare)")
     threads_arg(p)
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
     p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
-    p.add_argument("--canvas", default="1,32,256",
-                   help="denoise: comma-separated canvas sizes; prompt, structured: the last one")
+    precision_args(p, dtype="float32", quantize="none")
+    p.add_argument("--canvas", default=CANVAS_DEFAULT,
+                   help="denoise: comma-separated canvas sizes (passes: default 1,16,32,64,128); prompt, "
+                        "structured: the last one")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="passes, peers (the AR rows): comma-separated "
+                   f"dtype:quantize pairs (default {DEFAULT_VARIANTS})")
     p.add_argument("--batch-sizes", default=None, help="generate (default 1,8,64), decoding (default 1,8): "
                    "comma-separated batch sizes")
     p.add_argument("--temperature", type=float, default=0.0, help="decoding: AR sampling temperature of the "
@@ -112,7 +155,10 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
     p.add_argument("--out", default=None, help="also write the JSON to this file (serve: and a PNG beside it)")
-    p.add_argument("--ar", default=None, help="serve: the AR base to serve and compare (e.g. smol-ar)")
+    p.add_argument("--ar", default=None, help="serve: the AR base to serve and compare (e.g. smol-ar); peers: the AR "
+                   "parent (default smol-ar)")
+    p.add_argument("--gguf", default=None, help="peers: the GGUF llama.cpp runs (default: --ar's file)")
+    p.add_argument("--n-batch", type=int, default=512, help="peers: llama.cpp's prompt batch (a crash retries 1)")
     p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
     p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")

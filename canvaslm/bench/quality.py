@@ -5,7 +5,8 @@ loop) and the diffusion model's verified decoding (temperature 0.7: its canvas d
 answer with up to `max_new_tokens` tokens; then, per system:
 
 * GenPPL: exp of the AR judge's mean NLL per response token given the chat prompt (token-weighted over all
-  responses; an emitted end-of-turn counts as a token, so ending well is scored too);
+  responses; an emitted end-of-turn counts as a token, so ending well is scored too). The judge scores in float32
+  without quantization (`scorer`), whatever precision the systems run in;
 * unigram entropy: entropy of each response's token histogram, averaged over responses (low = repetition);
 * distinct-4: unique / total token 4-grams over all responses;
 * tokens per forward (the reference's per-row metric, averaged), empty answers;
@@ -204,12 +205,14 @@ def check_systems(model: LM, judge: LM) -> None:
 
 def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings: Sequence[Mapping[str, Any]], *,
                    max_new_tokens: int = 128, batch_size: int = 16, speed_prompts: int = 10, seed: int = 0,
-                   show_progress: bool = True, verified: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, verified: bool = True, scorer: LM | None = None) -> dict[str, Any]:
     """The whole report: one entry per diffusion setting (the first is the default, timed at batch 1), the AR
     judge's own answers at temperature 0.7, the model's verified decoding at the same AR setting (its output has
     the distribution of the model's causal pass: the parent's, for canvas-only adapters), and the acceptance
-    checks."""
+    checks. `scorer` computes GenPPL (default: `judge` itself; the CLI passes the judge in float32 when the
+    systems run in another precision)."""
     check_systems(model, judge)
+    scorer = judge if scorer is None else scorer
     if not prompts:
         raise CanvasError("quality needs at least one prompt")
     batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified)
@@ -217,20 +220,25 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
     with Progress(*columns, disable=not show_progress, transient=True) as bar:
         task = bar.add_task("answering", total=batches)
         step = lambda: bar.advance(task)  # noqa: E731
-        ar = evaluate_system(judge, judge, "autoregressive", prompts, AR_SETTING, max_new_tokens=max_new_tokens,
+        ar = evaluate_system(judge, scorer, "autoregressive", prompts, AR_SETTING, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, speed_prompts=speed_prompts, seed=seed, progress=step)
-        diffusion = [evaluate_system(model, judge, f"diffusion {json.dumps(s)}", prompts, s,
+        diffusion = [evaluate_system(model, scorer, f"diffusion {json.dumps(s)}", prompts, s,
                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      speed_prompts=speed_prompts if i == 0 else 0, seed=seed, progress=step)
                      for i, s in enumerate(settings)]
-        checked = (evaluate_system(model, judge, "verified", prompts, {**AR_SETTING, "decoding": "verified"},
+        checked = (evaluate_system(model, scorer, "verified", prompts, {**AR_SETTING, "decoding": "verified"},
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    speed_prompts=speed_prompts, seed=seed, progress=step) if verified else None)
     return {"model": model.source, "judge": judge.source, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "precision": {"systems": _precision(model), "judge_scoring": _precision(scorer)},
             "seed": seed, "device": str(model.device), "threads": torch.get_num_threads(),
             "autoregressive": asdict(ar), "diffusion": [asdict(d) for d in diffusion],
             "verified": None if checked is None else asdict(checked),
             "targets": TARGETS, "acceptance": acceptance(diffusion[0], ar)}
+
+
+def _precision(lm: LM) -> dict[str, str]:
+    return {"dtype": str(next(lm.network.parameters()).dtype).removeprefix("torch."), "quantize": lm.quantization}
 
 
 def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:

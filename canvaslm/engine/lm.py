@@ -55,6 +55,7 @@ class LM:
     def __init__(self, network: nn.Module, tokenizer: Tokenizer | None, source: str,
                  generation_config: Mapping[str, Any] | None = None) -> None:
         self.network, self.tokenizer, self.source = network, tokenizer, source
+        self.quantization = "none"  # weight-only packing `canvaslm.load` applied (canvaslm.models.quant)
         self.kind: str = network.kind
         self.config = network.config
         settings = dict(generation_config or {})

@@ -11,19 +11,32 @@ import torch
 
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CheckpointError
+from canvaslm.hardware import resolve_dtype, resolve_quantize
 from canvaslm.loading import assets, registry
 from canvaslm.loading.files import load_path
+from canvaslm.models.quant import quantize as quantize_weights
 
 
-def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LM:
+def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+         quantize: str = "none") -> LM:
     """Load a model from an HF-layout directory, a .gguf file, an asset folder (a delta on a registered base,
-    built once into the cache dir) or a registered name (`smol-ar`, `smol`)."""
+    built once into the cache dir) or a registered name (`smol-ar`, `smol`).
+
+    dtype: a torch dtype or "auto" (bfloat16 where this machine computes it fast); default bfloat16 on CUDA,
+    float32 on CPUs. quantize: "none", "int8", "int4" (weight-only, CPU; canvaslm.models.quant) or "auto"
+    (int4 on CPUs with fast bfloat16)."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     dtype = dtype if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantize = resolve_quantize(quantize, device)
     path = registry.resolve(str(source)) or Path(source)
     if assets.is_asset(path):
         path = assets.materialize(path, registry.cache_dir())
     if not path.exists():
         raise CheckpointError(source, "not found: expected an HF-layout directory, a .gguf file, an asset folder "
                               f"or one of the registered names {sorted(registry.NAMES)}")
-    return load_path(path, device, dtype, str(source))
+    lm = load_path(path, device, dtype, str(source))
+    quantize_weights(lm.network, quantize)
+    lm.quantization = quantize
+    return lm

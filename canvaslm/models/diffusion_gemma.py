@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
+from canvaslm.models.quant import PackedWeight, head_logits
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _DECODER = "model.decoder."                  # where transformers stores the shared weights
@@ -400,6 +401,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
+        self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
 
     @property
     def vocab_size(self) -> int:
@@ -522,7 +524,7 @@ class Model(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., hidden] -> float32 logits [..., V] through the tied head, softcapped like the reference."""
         cap = self.config.final_logit_softcapping
-        return torch.tanh(F.linear(hidden, self.embed_tokens.weight).float() / cap) * cap
+        return torch.tanh(head_logits(hidden, self.embed_tokens.weight, self.packed_head) / cap) * cap
 
     def _hf_names(self, name: str) -> list[str]:
         """transformers names for one of our tensors: the canonical one first, then tied copies."""

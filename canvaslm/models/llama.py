@@ -26,6 +26,7 @@ from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
 from canvaslm.models.lora import set_canvas_pass
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
+from canvaslm.models.quant import PackedWeight, head_logits
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -339,6 +340,7 @@ class Model(nn.Module):
         self.self_conditioning = SelfConditioning(config) if config.canvas_length else None
         # a plain attribute, not a buffer: model.to(bfloat16) must not round it, and it stays real under meta
         self.inv_freq = rope_inv_freq(config)  # [D / 2] float32
+        self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
 
     @property
     def kind(self) -> str:
@@ -474,7 +476,7 @@ class Model(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden [B, n, H] -> float32 logits [B, n, V]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return head_logits(hidden, weight, self.packed_head)
 
     def to_diffusion(self, canvas_length: int) -> Model:
         """Turn this AR model into a block-diffusion model in place; its output is unchanged until trained."""

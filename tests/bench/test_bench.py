@@ -116,3 +116,41 @@ def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and out.stdout == ""
     assert "--structured-share must be in [0, 1], got 2.0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
+    report = bench("passes", "-m", model_dir, "--canvas", "1,8", "--variants", "float32:none,bfloat16:int8",
+                   "--repeats", "1", "--prompt-tokens", "6", "--out", str(tmp_path / "p.json"))
+    plain, packed = report["variants"]
+    assert (plain["dtype"], plain["quantize"], packed["dtype"], packed["quantize"]) == ("float32", "none",
+                                                                                        "bfloat16", "int8")
+    for row in (plain, packed):
+        assert set(row["causal_ms"]) == set(row["canvas_ms"]) == {"1", "8"}
+        assert all(ms > 0 for ms in [*row["causal_ms"].values(), *row["canvas_ms"].values()])
+        assert row["canvas_vs_ar"]["1"] == round(row["canvas_ms"]["1"] / row["causal_ms"]["1"], 2)
+    assert (tmp_path / "p.png").stat().st_size > 5_000
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "passes", "--variants", "float32"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "dtype:quantize" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_llama_cpp_peer_fails_softly(tmp_path):
+    from canvaslm.bench.peers import llama_cpp_rates
+    from canvaslm.errors import CanvasError
+
+    missing = llama_cpp_rates(tmp_path / "missing.gguf", [[1, 2, 3]], 4, threads=1, n_batch=8)
+    assert set(missing) == {"error"} and "exit status" in missing["error"]  # no llama_cpp, or no such file
+    from canvaslm.bench.peers import bench_peers
+
+    with pytest.raises(CanvasError, match="needs the AR parent as a .gguf file"):
+        bench_peers("smol", "smol-ar", [("float32", "none")], 4, 1, gguf=str(tmp_path / "model.safetensors"))
+
+
+def test_llama_cpp_beside_our_loops_on_the_same_gguf(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the optional peer: pip install -e '.[peers]'")
+    report = bench("peers", "-m", "smol-ar", "--variants", "float32:none", "--new-tokens", "4", "--threads", "1",
+                   "--out", str(tmp_path / "peers.json"))
+    peer, ours = report["systems"]
+    assert peer["system"] == "llama.cpp" and peer["tokens"] > 0 and peer["threads"] == 1
+    assert ours["system"] == "canvaslm autoregressive" and ours["tokens"] > 0 and ours["vs_llama_cpp"] > 0
+    assert (tmp_path / "peers.png").stat().st_size > 5_000

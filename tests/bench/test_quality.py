@@ -94,6 +94,12 @@ def test_a_whole_report_on_tiny_models(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     with pytest.raises(CanvasError, match="diffusion model and an autoregressive judge"):
         quality_report(judge, judge, prompts, settings)
+    assert report["precision"]["judge_scoring"] == {"dtype": "float32", "quantize": "none"}
+    # another scorer (the CLI's float32 judge) scores the same answers differently
+    rescored = quality_report(model, judge, prompts, settings[:1], max_new_tokens=8, batch_size=3, speed_prompts=0,
+                              show_progress=False, verified=False, scorer=tiny_lm(False, seed=2))
+    ar, again = report["autoregressive"], rescored["autoregressive"]
+    assert again["mean_response_tokens"] == ar["mean_response_tokens"] and again["genppl"] != ar["genppl"]
 
 
 def test_prompts_from_jsonl_with_training_prompts_excluded(tmp_path):

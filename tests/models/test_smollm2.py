@@ -75,3 +75,29 @@ def test_greedy_continuations_match_transformers(models: tuple[Model, LlamaForCa
         got = out.sequences[row, width:].tolist()
         assert got[:len(expected)] == expected, (tokenizer.decode(got), tokenizer.decode(expected))
         assert all(t == pad for t in got[len(expected):]) and out.new_tokens[row] == len(expected)
+
+
+@torch.no_grad()
+def test_int4_decoding_reads_the_gguf_4bit_weights_as_they_are(models: tuple[Model, LlamaForCausalLM, object]) -> None:
+    """The GGUF's linears are Q4_1: packing them for torch's int4 kernel loses nothing but the bfloat16 rounding of
+    scales and zeros, so an AR step of the packed model (bfloat16 activations) follows the float32 one closely."""
+    import copy
+
+    from canvaslm.models.quant import dequantize_int4, quantize, quantize_int4
+
+    ours, _, tokenizer = models
+    for name, module in ours.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("layers."):
+            assert torch.equal(dequantize_int4(*quantize_int4(module.weight)), module.weight), name
+    packed = copy.deepcopy(ours)
+    assert len(quantize(packed, "int4")) == 30 * 7
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        steps = []
+        for model in (ours, packed):
+            cache = model.new_cache(1)
+            model.encode(ids[:, :-1], cache, torch.ones_like(ids[:, :-1], dtype=torch.bool))
+            steps.append(model(ids[:, -1:], cache, torch.ones_like(ids[:, -1:], dtype=torch.bool))[0, -1])
+        reference, step = steps
+        kl = (reference.softmax(-1) * (reference.log_softmax(-1) - step.log_softmax(-1))).sum()
+        assert kl < 5e-3 and step.argmax() == reference.argmax(), kl

@@ -1,0 +1,112 @@
+"""`canvaslm bench passes`: what one forward pass costs, per pass size and per precision, in one run.
+
+A decoding loop is a sequence of passes: an AR step is a causal pass over 1 token; committing a canvas (or checking
+a verified draft) is a causal pass over C tokens; a denoising step is a canvas pass over C tokens. Each is timed
+after a `--prompt-tokens` prompt is encoded, for each `--variants` entry (dtype:quantize, e.g. float32:none,
+bfloat16:int4), batch 1, median of `--repeats`. The ratio the CPU plan turns on is `canvas_vs_ar`: a canvas pass
+of C tokens against one AR step of the same variant (issue target: ≤ 1.5 at C = 32).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from canvaslm.errors import CanvasError
+from canvaslm.models.cache import KVCache
+from canvaslm.plotting import new_figure, save
+
+DEFAULT_VARIANTS = "float32:none,bfloat16:none,bfloat16:int4"
+
+
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """"float32:none,bfloat16:int4" -> [("float32", "none"), ("bfloat16", "int4")], checked."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        dtype, _, quantize = item.partition(":")
+        if dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4"):
+            raise CanvasError(f"--variants {item!r}: expected dtype:quantize with dtype auto|float32|bfloat16 and "
+                              "quantize auto|none|int8|int4, e.g. bfloat16:int4")
+        variants.append((dtype, quantize))
+    if not variants:
+        raise CanvasError("--variants: give at least one dtype:quantize pair")
+    return variants
+
+
+def _median_ms(setup: Callable[[], Any], timed: Callable[[Any], Any], repeats: int) -> float:
+    """Median ms of `timed(setup())` over `repeats` runs after one warm-up; `setup` runs untimed."""
+    times = []
+    for i in range(repeats + 1):
+        state = setup()
+        start = time.perf_counter()
+        timed(state)
+        if i:
+            times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 2)
+
+
+def bench_passes(source: str, variants: list[tuple[str, str]], sizes: list[int], prompt_tokens: int,
+                 repeats: int, device: str | None = None) -> dict[str, Any]:
+    """ms per causal pass and per canvas pass of each size, for each (dtype, quantize) variant of `source`."""
+    from canvaslm import load
+    from canvaslm.engine.ar import advance
+
+    rows = []
+    # no auto-refresh: rich's render thread would share the CPU with the passes it times
+    with Progress(transient=True, auto_refresh=False) as progress, torch.inference_mode():
+        task = progress.add_task("passes", total=len(variants) * len(sizes))
+        for dtype, quantize in variants:
+            lm = load(source, device=device, dtype=dtype, quantize=quantize)
+            network = lm.network
+            generator = torch.Generator().manual_seed(0)
+            prompt = torch.randint(3, network.vocab_size, (1, prompt_tokens), generator=generator).to(lm.device)
+            prompt_valid = torch.ones_like(prompt, dtype=torch.bool)
+
+            def prompt_cache() -> KVCache:  # every timed pass starts from the same encoded prompt
+                cache = network.new_cache(1, lm.device)
+                network.encode(prompt, cache, prompt_valid)
+                return cache
+
+            shared = prompt_cache()  # canvas passes only read it
+            row: dict[str, Any] = {"dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
+                                   "quantize": lm.quantization, "causal_ms": {}, "canvas_ms": {}}
+            for size in sizes:
+                progress.update(task, description=f"{row['dtype']}:{row['quantize']}, {size} tokens")
+                tokens = torch.randint(3, network.vocab_size, (1, size), generator=generator).to(lm.device)
+                row["causal_ms"][str(size)] = _median_ms(prompt_cache, lambda c: advance(network, c, tokens), repeats)
+                if lm.kind == "diffusion":
+                    row["canvas_ms"][str(size)] = _median_ms(lambda: shared, lambda c: network.decode(tokens, c, None),
+                                                             repeats)
+                progress.advance(task)
+                progress.refresh()
+            ar_step = row["causal_ms"].get("1")
+            if ar_step and row["canvas_ms"]:
+                row["canvas_vs_ar"] = {size: round(ms / ar_step, 2) for size, ms in row["canvas_ms"].items()}
+            rows.append(row)
+    return {"model": source, "prompt_tokens": prompt_tokens, "sizes": sizes, "repeats": repeats, "variants": rows}
+
+
+def plot_passes(report: dict[str, Any], png: str | Path) -> bool:
+    """ms per pass against the pass size, one line per variant and pass kind."""
+    figure = new_figure(7, 4.5)
+    if figure is None:
+        return False
+    axes = figure.subplots()
+    for row in report["variants"]:
+        label = f"{row['dtype']}, {row['quantize']}"
+        for kind, style in (("causal_ms", "o-"), ("canvas_ms", "s--")):
+            if row[kind]:
+                sizes = [int(s) for s in row[kind]]
+                axes.plot(sizes, list(row[kind].values()), style, label=f"{kind.split('_')[0]} pass, {label}")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("tokens in the pass (batch 1)")
+    axes.set_ylabel("ms per pass (median)")
+    axes.set_title(f"{report['model']}: one forward pass after a {report['prompt_tokens']}-token prompt")
+    axes.legend(fontsize=7)
+    return save(figure, png)
