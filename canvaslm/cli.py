@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     sudoku_cli.add_parser(sub, lambda p: (_sampling_flags(p), threads_arg(p)))
     quality = sub.add_parser("quality", help="GenPPL, entropy, distinct-4, tokens/forward and tok/s of a diffusion "
                              "model next to its AR judge, on held-out prompts")
+    threads_arg(quality)
     quality.add_argument("model", help="the diffusion model (HF dir, asset folder or name)")
     quality.add_argument("--judge", default="smol-ar", help="autoregressive judge and baseline (default smol-ar)")
     quality.add_argument("--prompts", required=True, help="data directory (its last N prompts) or JSONL of prompts")

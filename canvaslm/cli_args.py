@@ -22,6 +22,8 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
     p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=quantize,
                    help=f"weight-only quantized linears for small passes on CPUs (auto: int4 where bfloat16 is "
                         f"fast, else none; default {quantize})")
+    p.add_argument("--compile", action="store_true", help="compile the causal pass with torch.compile: minutes "
+                   "on the first passes, then AR steps ~1.6x faster on a 2-core CPU")
 
 
 def load_model(args: argparse.Namespace, source: str | None = None):
@@ -31,7 +33,8 @@ def load_model(args: argparse.Namespace, source: str | None = None):
     from canvaslm import load
 
     dtype = args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)
-    return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+    return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize,
+                compile=getattr(args, "compile", False))
 
 
 def set_threads(threads: int | None) -> None:

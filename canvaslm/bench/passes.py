@@ -25,15 +25,17 @@ from canvaslm.plotting import new_figure, save
 DEFAULT_VARIANTS = "float32:none,bfloat16:none,bfloat16:int4"
 
 
-def parse_variants(text: str) -> list[tuple[str, str]]:
-    """"float32:none,bfloat16:int4" -> [("float32", "none"), ("bfloat16", "int4")], checked."""
+def parse_variants(text: str) -> list[tuple[str, str, bool]]:
+    """"float32:none,bfloat16:int4:compile" -> [("float32", "none", False), ("bfloat16", "int4", True)], checked."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        dtype, _, quantize = item.partition(":")
-        if dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4"):
-            raise CanvasError(f"--variants {item!r}: expected dtype:quantize with dtype auto|float32|bfloat16 and "
-                              "quantize auto|none|int8|int4, e.g. bfloat16:int4")
-        variants.append((dtype, quantize))
+        dtype, _, rest = item.partition(":")
+        quantize, _, compiled = rest.partition(":")
+        if (dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4")
+                or compiled not in ("", "compile")):
+            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile] with dtype "
+                              "auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. bfloat16:int4:compile")
+        variants.append((dtype, quantize, compiled == "compile"))
     if not variants:
         raise CanvasError("--variants: give at least one dtype:quantize pair")
     return variants
@@ -51,7 +53,7 @@ def _median_ms(setup: Callable[[], Any], timed: Callable[[Any], Any], repeats: i
     return round(1000 * statistics.median(times), 2)
 
 
-def bench_passes(source: str, variants: list[tuple[str, str]], sizes: list[int], prompt_tokens: int,
+def bench_passes(source: str, variants: list[tuple[str, str, bool]], sizes: list[int], prompt_tokens: int,
                  repeats: int, device: str | None = None) -> dict[str, Any]:
     """ms per causal pass and per canvas pass of each size, for each (dtype, quantize) variant of `source`."""
     from canvaslm import load
@@ -61,8 +63,8 @@ def bench_passes(source: str, variants: list[tuple[str, str]], sizes: list[int],
     # no auto-refresh: rich's render thread would share the CPU with the passes it times
     with Progress(transient=True, auto_refresh=False) as progress, torch.inference_mode():
         task = progress.add_task("passes", total=len(variants) * len(sizes))
-        for dtype, quantize in variants:
-            lm = load(source, device=device, dtype=dtype, quantize=quantize)
+        for dtype, quantize, compiled in variants:
+            lm = load(source, device=device, dtype=dtype, quantize=quantize, compile=compiled)
             network = lm.network
             generator = torch.Generator().manual_seed(0)
             prompt = torch.randint(3, network.vocab_size, (1, prompt_tokens), generator=generator).to(lm.device)
@@ -75,7 +77,8 @@ def bench_passes(source: str, variants: list[tuple[str, str]], sizes: list[int],
 
             shared = prompt_cache()  # canvas passes only read it
             row: dict[str, Any] = {"dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
-                                   "quantize": lm.quantization, "causal_ms": {}, "canvas_ms": {}}
+                                   "quantize": lm.quantization, "compiled": compiled, "causal_ms": {},
+                                   "canvas_ms": {}}
             for size in sizes:
                 progress.update(task, description=f"{row['dtype']}:{row['quantize']}, {size} tokens")
                 tokens = torch.randint(3, network.vocab_size, (1, size), generator=generator).to(lm.device)
@@ -99,7 +102,7 @@ def plot_passes(report: dict[str, Any], png: str | Path) -> bool:
         return False
     axes = figure.subplots()
     for row in report["variants"]:
-        label = f"{row['dtype']}, {row['quantize']}"
+        label = f"{row['dtype']}, {row['quantize']}" + (", compiled" if row.get("compiled") else "")
         for kind, style in (("causal_ms", "o-"), ("canvas_ms", "s--")):
             if row[kind]:
                 sizes = [int(s) for s in row[kind]]

@@ -10,7 +10,8 @@ prompt) greedily, up to `--new-tokens` tokens or the end of turn, one prompt at 
 * `canvaslm diffusion` and `canvaslm verified`: the model under test (`-m`) at the machine's automatic precision,
   diffusion at its default sampler setting.
 
-tok/s = tokens written / wall seconds, prompts included, after one warm-up prompt. JSON + PNG.
+tok/s = tokens written / wall seconds, prompts included, after one warm-up prompt (which also pays a compiled
+variant's compilation). JSON + PNG.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _ours(lm, prompts: list[list[int]], new_tokens: int, **options: Any) -> dict
             "tokens_per_forward": round(tokens / max(1, passes), 3)}
 
 
-def bench_peers(model: str, ar: str, variants: list[tuple[str, str]], new_tokens: int, threads: int,
+def bench_peers(model: str, ar: str, variants: list[tuple[str, str, bool]], new_tokens: int, threads: int,
                 n_batch: int = 512, gguf: str | None = None) -> dict[str, Any]:
     from canvaslm import load
     from canvaslm.loading import registry
@@ -101,8 +102,8 @@ def bench_peers(model: str, ar: str, variants: list[tuple[str, str]], new_tokens
         peer["n_batch_error"] = f"n_batch={n_batch}: {first_error}"
     rows.append({"system": "llama.cpp", "precision": "GGUF as stored (Q4_1 linears, Q8_0 embeddings)", **peer})
     with torch.inference_mode():
-        for dtype, quantize in variants:
-            lm = load(ar, dtype=dtype, quantize=quantize)
+        for dtype, quantize, compiled in variants:
+            lm = load(ar, dtype=dtype, quantize=quantize, compile=compiled)
             rows.append({"system": "canvaslm autoregressive", "precision": _precision(lm),
                          **_ours(lm, prompts, new_tokens, temperature=0.0)})
         lm = load(model, dtype="auto", quantize="auto")
@@ -119,7 +120,8 @@ def bench_peers(model: str, ar: str, variants: list[tuple[str, str]], new_tokens
 
 
 def _precision(lm) -> str:
-    return f"{str(next(lm.network.parameters()).dtype).removeprefix('torch.')}, {lm.quantization}"
+    compiled = ", compiled" if lm.compiled else ""
+    return f"{str(next(lm.network.parameters()).dtype).removeprefix('torch.')}, {lm.quantization}{compiled}"
 
 
 def plot_peers(report: dict[str, Any], png: str | Path) -> bool:

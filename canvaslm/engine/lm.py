@@ -56,6 +56,7 @@ class LM:
                  generation_config: Mapping[str, Any] | None = None) -> None:
         self.network, self.tokenizer, self.source = network, tokenizer, source
         self.quantization = "none"  # weight-only packing `canvaslm.load` applied (canvaslm.models.quant)
+        self.compiled = False  # whether `canvaslm.load` compiled the causal pass
         self.kind: str = network.kind
         self.config = network.config
         settings = dict(generation_config or {})

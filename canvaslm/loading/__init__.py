@@ -18,13 +18,15 @@ from canvaslm.models.quant import quantize as quantize_weights
 
 
 def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         quantize: str = "none") -> LM:
+         quantize: str = "none", compile: bool = False) -> LM:
     """Load a model from an HF-layout directory, a .gguf file, an asset folder (a delta on a registered base,
     built once into the cache dir) or a registered name (`smol-ar`, `smol`).
 
     dtype: a torch dtype or "auto" (bfloat16 where this machine computes it fast); default bfloat16 on CUDA,
     float32 on CPUs. quantize: "none", "int8", "int4" (weight-only, CPU; canvaslm.models.quant) or "auto"
-    (int4 on CPUs with fast bfloat16)."""
+    (int4 on CPUs with fast bfloat16). compile: the causal pass (AR steps, canvas commits, verified checks) runs
+    through torch.compile with dynamic shapes: the first passes take minutes to compile, later ones skip most of
+    eager mode's per-op overhead (docs/performance.md)."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
@@ -39,4 +41,8 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     lm = load_path(path, device, dtype, str(source))
     quantize_weights(lm.network, quantize)
     lm.quantization = quantize
+    if compile:
+        # an instance attribute: every caller of network.encode (forward, advance, the engines) gets the compiled one
+        lm.network.encode = torch.compile(lm.network.encode, dynamic=True)
+    lm.compiled = compile
     return lm
