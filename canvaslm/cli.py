@@ -43,8 +43,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 def _decoding_arg(p: argparse.ArgumentParser, who: str = "") -> None:
     p.add_argument("--decoding", choices=DECODING, default=None,
                    help=f"{who}a diffusion model's way to write: its canvases (diffusion, the default), canvas drafts "
-                        "checked by its causal pass with exactly the AR output (verified), or the causal pass "
-                        "alone (autoregressive); the last two take the AR options (temperature, top_p, top_k)")
+                        "checked by its causal pass with the AR output distribution (verified; the same greedy "
+                        "tokens as autoregressive with --dtype float32 --quantize none), or the causal pass alone "
+                        "(autoregressive); the last two take the AR options (temperature, top_p, top_k)")
 
 
 def _parser() -> argparse.ArgumentParser:

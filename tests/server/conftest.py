@@ -26,7 +26,9 @@ class LiveServer(ServerProcess):
 
 
 def start_server(model_dir: Path, *flags: str) -> LiveServer:
-    return LiveServer(str(model_dir), list(flags), name=MODEL, timeout=120)
+    """The served model in float32 (unless `flags` say otherwise): the tests compare it with the library's."""
+    precision = [] if "--dtype" in flags else ["--dtype", "float32", "--quantize", "none"]
+    return LiveServer(str(model_dir), precision + list(flags), name=MODEL, timeout=120)
 
 
 def stop_server(server: LiveServer) -> None:
