@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from canvaslm.bench import cli as bench
-from canvaslm.cli_args import key_values, load_model, precision_args, set_threads, threads_arg
+from canvaslm.cli_args import key_values, precision_args, set_threads, threads_arg
+from canvaslm.loading import load_model
 from canvaslm.errors import CanvasError
 from canvaslm.knobs import DECODING, KNOBS
 from canvaslm.sudoku import cli as sudoku_cli

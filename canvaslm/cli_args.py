@@ -26,17 +26,6 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
                    "on the first passes, then AR steps ~1.6x faster on a 2-core CPU")
 
 
-def load_model(args: argparse.Namespace, source: str | None = None):
-    """`canvaslm.load` with the --device / --dtype / --quantize of `args` (source: args.model)."""
-    import torch
-
-    from canvaslm import load
-
-    dtype = args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)
-    return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize,
-                compile=getattr(args, "compile", False))
-
-
 def set_threads(threads: int | None) -> None:
     """Apply --threads (None: leave torch's choice)."""
     if threads is None:

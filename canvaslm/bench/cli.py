@@ -21,7 +21,8 @@ from typing import Any
 from canvaslm.bench.passes import DEFAULT_VARIANTS
 from canvaslm.bench.speed import (bench_ar, bench_compare, bench_denoise, bench_generate, bench_prompt, machine,
                                   plot_compare, plot_generate)
-from canvaslm.cli_args import load_model, precision_args, threads_arg
+from canvaslm.cli_args import precision_args, threads_arg
+from canvaslm.loading import load_model
 from canvaslm.errors import CanvasError
 
 
