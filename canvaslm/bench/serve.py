@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,20 +48,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`canvaslm serve MODEL` in a subprocess on a free local port, returned once /health answers 200."""
+    """`canvaslm serve MODEL` in a subprocess on a free local port, returned once /health answers 200. Its output
+    goes to a temporary file (`log()`): a pipe nobody reads fills at 64 KB and then blocks the server mid-write."""
 
     def __init__(self, model: str, flags: list[str], name: str = "bench", timeout: float = 600) -> None:
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.TemporaryFile(mode="w+", prefix="canvaslm-serve-")
         self.process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(model), "--port",
                                          str(self.port), "--served-model-name", name, *flags],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=self._log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise CanvasError(f"the server for {model} exited: {self.process.stdout.read()[-2000:]}")
+                raise CanvasError(f"the server for {model} exited: {self.log()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -69,12 +72,19 @@ class ServerProcess:
         self.close()
         raise CanvasError(f"the server for {model} did not start within {timeout:.0f} s")
 
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
+
     def close(self) -> None:
         self.process.terminate()
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self._log.close()
 
 
 def _one_request(url: str, prompt: str, max_tokens: int, seed: int, structured: bool = False) -> dict[str, float]:

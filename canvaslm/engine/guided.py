@@ -13,6 +13,7 @@ comparison with the diffusion scaffold in `canvaslm.engine.structured` is fair.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,9 +56,56 @@ def llg_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
     built once per tokenizer."""
     llguidance = require_llguidance()
     if tokenizer not in _TOKENIZERS:
-        _TOKENIZERS[tokenizer] = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
-                                                        eos_token=tokenizer.eos_token_ids)
+        spec = tokenizer.backend.to_str()
+        try:
+            built = llguidance.LLTokenizer(spec, n_vocab=vocab_size, eos_token=tokenizer.eos_token_ids)
+        except ValueError as error:  # llguidance reads byte-level and byte-fallback decoders, not Metaspace
+            if (json.loads(spec).get("decoder") or {}).get("type") != "Metaspace":
+                raise UnsupportedError(f"{tokenizer.source}: llguidance cannot read this tokenizer for "
+                                       f"grammar-constrained decoding ({error})") from None
+            built = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_MetaspaceTokens(tokenizer)),
+                                           n_vocab=vocab_size, eos_token=tokenizer.eos_token_ids)
+        _TOKENIZERS[tokenizer] = built
     return _TOKENIZERS[tokenizer]
+
+
+class _MetaspaceTokens:
+    """A sentencepiece-style tokenizer (Metaspace decoder) as the bytes of each token, the form llguidance's
+    `TokenizerWrapper` takes: "▁" is a space, `<0xNN>` one byte, special tokens are marked, not spelled."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        backend = tokenizer.backend
+        special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
+        self.tokens: list[bytes] = []
+        for i in range(backend.get_vocab_size()):
+            piece = backend.id_to_token(i) or ""
+            byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            self.tokens.append(bytes([int(byte.group(1), 16)]) if byte and i not in special
+                               else b"\xff" + piece.encode() if i in special
+                               else piece.replace("\u2581", " ").encode())
+        self.special_token_ids = sorted(special)
+        self.eos_token_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+        self.bos_token_id = tokenizer.bos_token_id
+        self._ids: dict[bytes, int] = {}
+        for i, piece in enumerate(self.tokens):
+            if i not in special:
+                self._ids.setdefault(piece, i)
+        self._longest = max(map(len, self._ids), default=1)
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        """Greedy longest-match tokens spelling exactly `text` (llguidance tokenizes the text a grammar forces
+        with this). Not `Tokenizer.encode`: a Metaspace pre-tokenizer would prepend a space to the forced `{`."""
+        data = text.encode() if isinstance(text, str) else text
+        out, at = [], 0
+        while at < len(data):
+            for size in range(min(self._longest, len(data) - at), 0, -1):
+                if data[at:at + size] in self._ids:
+                    out.append(self._ids[data[at:at + size]])
+                    at += size
+                    break
+            else:
+                at += 1  # a byte no token spells: llguidance then refuses the forced text, an explicit error
+        return out
 
 
 def json_grammar(schema: Mapping[str, Any]) -> str:
@@ -89,7 +137,9 @@ class Matcher:
     def allowed(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[V] bool: the tokens the grammar allows next."""
         bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return torch.from_numpy(bits[:vocab_size].astype(bool)).to(device)
+        allowed = np.zeros(vocab_size, dtype=bool)  # ids past the tokenizer's own (network padding): never
+        allowed[:min(len(bits), vocab_size)] = bits[:vocab_size]
+        return torch.from_numpy(allowed).to(device)
 
     def consume(self, tokens: list[int]) -> None:
         if not self._matcher.consume_tokens(tokens):

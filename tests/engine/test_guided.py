@@ -118,3 +118,39 @@ def test_a_grammar_on_a_diffusion_model_is_refused(tmp_path):
     tiny_checkpoint(tmp_path, canvas_length=4)
     with pytest.raises(UnsupportedError, match="canvas constraint"):
         Engine(canvaslm.load(tmp_path, device="cpu")).submit(Request([1, 2], 8, print, grammar="start: \"a\""))
+
+
+def test_a_sentencepiece_style_tokenizer_is_read_token_by_token(tmp_path):
+    """llguidance cannot parse a Metaspace decoder from tokenizer.json: the tokens go over as bytes instead ("▁" a
+    space, special tokens marked), and the diffusion model's causal pass answers a schema under the grammar."""
+    from canvaslm.engine.guided import _MetaspaceTokens
+    from tests.reference import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path, canvas_length=4)
+    lm = canvaslm.load(tmp_path, device="cpu", dtype=torch.float32)
+    tokens = _MetaspaceTokens(lm.tokenizer)
+    word = next(i for i in range(lm.tokenizer.vocab_size) if lm.tokenizer.backend.id_to_token(i).startswith("\u2581")
+                and len(lm.tokenizer.backend.id_to_token(i)) > 2)
+    assert tokens.tokens[word] == b" " + lm.tokenizer.backend.id_to_token(word)[1:].encode()
+    assert lm.tokenizer.eos_token_ids[0] in tokens.special_token_ids
+    assert tokens.tokens[lm.tokenizer.eos_token_ids[0]].startswith(b"\xff")
+    # the grammar forces "the " and " dog" (tokens spelled from their bytes) and samples " quick" or " lazy"
+    out = guided_generate(lm.network, llg_tokenizer(lm.tokenizer, lm.network.vocab_size), lm.tokenizer.encode("x"),
+                          regex_grammar("the (quick|lazy) dog"), 24)
+    assert out.finished and out.forced > 0
+    assert lm.tokenizer.decode(out.token_ids) in {"the quick dog", "the lazy dog"}
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_an_unsupported_error(monkeypatch):
+    import llguidance
+
+    def refuse(spec, **kwargs):
+        raise ValueError("can't determine decoder type")
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", refuse)
+    from tests.reference import tiny_tokenizer
+
+    fresh = tiny_tokenizer(256)
+    fresh.backend.decoder = __import__("tokenizers").decoders.ByteLevel()
+    with pytest.raises(UnsupportedError, match="llguidance cannot read this tokenizer"):
+        llg_tokenizer(fresh, 256)

@@ -26,6 +26,8 @@ def test_models_and_health(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    # the server writes to a file, not a pipe the tests never read (a full pipe once froze the server mid-run)
+    assert server.process.stdout is None and "serving" in server.log()
 
 
 def test_chat_completion(client):
