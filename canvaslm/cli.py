@@ -186,7 +186,7 @@ def _generate(args: argparse.Namespace) -> int:
         out = _schema_answer(lm, prompt_ids, args)
     else:
         out = _answer(lm, prompt_ids, args)
-    out.update(dtype=str(next(lm.network.parameters()).dtype).removeprefix("torch."), quantize=lm.quantization)
+    out.update(dtype=lm.dtype_name, quantize=lm.quantization)
     print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
     return 0
 
@@ -247,7 +247,7 @@ def _info(args: argparse.Namespace) -> int:
         "parameters": sum(p.numel() for p in lm.network.parameters()),
         "layers": config.num_hidden_layers, "hidden_size": config.hidden_size, "vocab_size": lm.network.vocab_size,
         "canvas_length": lm.network.canvas_length, "max_context": lm.max_length,
-        "dtype": str(next(lm.network.parameters()).dtype).removeprefix("torch."),
+        "dtype": lm.dtype_name,
         "tokenizer": lm.tokenizer is not None,
         "chat_template": bool(lm.tokenizer is not None and lm.tokenizer.chat_template),
         "eos_token_ids": lm.eos_token_ids,

@@ -76,7 +76,7 @@ def bench_passes(source: str, variants: list[tuple[str, str, bool]], sizes: list
                 return cache
 
             shared = prompt_cache()  # canvas passes only read it
-            row: dict[str, Any] = {"dtype": str(next(network.parameters()).dtype).removeprefix("torch."),
+            row: dict[str, Any] = {"dtype": lm.dtype_name,
                                    "quantize": lm.quantization, "compiled": compiled, "causal_ms": {},
                                    "canvas_ms": {}}
             for size in sizes:

@@ -121,7 +121,7 @@ def bench_peers(model: str, ar: str, variants: list[tuple[str, str, bool]], new_
 
 def _precision(lm) -> str:
     compiled = ", compiled" if lm.compiled else ""
-    return f"{str(next(lm.network.parameters()).dtype).removeprefix('torch.')}, {lm.quantization}{compiled}"
+    return f"{lm.dtype_name}, {lm.quantization}{compiled}"
 
 
 def plot_peers(report: dict[str, Any], png: str | Path) -> bool:

@@ -238,7 +238,7 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
 
 
 def _precision(lm: LM) -> dict[str, str]:
-    return {"dtype": str(next(lm.network.parameters()).dtype).removeprefix("torch."), "quantize": lm.quantization}
+    return {"dtype": lm.dtype_name, "quantize": lm.quantization}
 
 
 def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:

@@ -79,6 +79,11 @@ class LM:
         return next(self.network.parameters()).device
 
     @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as people write it ("bfloat16"): what reports and `--json` output show."""
+        return str(next(self.network.parameters()).dtype).removeprefix("torch.")
+
+    @property
     def max_length(self) -> int:
         return self.config.max_position_embeddings
 
