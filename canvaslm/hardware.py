@@ -74,6 +74,18 @@ def resolve_quantize(name: str, device: torch.device | str = "cpu") -> str:
     return name
 
 
+def packed_max_rows(mode: str) -> int:
+    """Most rows a pass may have for a weight-only packed linear (`canvaslm.models.quant`) to beat the dense bf16
+    weight. torch's int4/int8 CPU kernels cost ~linearly in rows, while the dense bf16 GEMM barely grows up to ~32
+    rows, and with AMX tiles it is several times faster. 30 SmolLM2 layers' linears, one thread of a Xeon with
+    amx_bf16, ms dense / int4 / int8: 1 row 30.0 / 6.6 / 14.4; 4 rows 32.8 / 11.1 / 17.9; 8 rows 32.8 / 20.3 / 30.8;
+    16 rows 32.9 / 38.7 / 48.6. On the 2-core AMD EPYC (avx512_bf16, no AMX) int4 still won at 16 rows (32.6
+    against 37.1 ms, 2 threads). Whole passes: `canvaslm bench passes --variants bfloat16:int4:rows=64`
+    (docs/performance.md)."""
+    amx = "amx_bf16" in cpu_flags()
+    return {"int4": 8 if amx else 32, "int8": 4 if amx else 8}[mode]
+
+
 def describe() -> dict[str, object]:
     """The machine, for benchmark JSON: CPU model, cores, bf16 flags, torch threads and version."""
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "bf16_flags": sorted(set(BF16_FLAGS) & cpu_flags()),

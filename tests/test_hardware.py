@@ -24,3 +24,15 @@ def test_a_bad_dtype_name_is_refused():
 def test_describe_names_the_machine():
     info = hardware.describe()
     assert info["cpu"] and info["torch"] == torch.__version__ and set(info["bf16_flags"]) <= set(hardware.BF16_FLAGS)
+
+
+def test_packed_weights_take_fewer_rows_where_amx_makes_the_dense_bf16_pass_cheap(monkeypatch):
+    from canvaslm.models.quant import PackedWeight
+
+    weight = torch.randn(64, 64)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    amx = PackedWeight(weight, "int4")
+    assert amx.takes(torch.randn(8, 64, dtype=torch.bfloat16)) and not amx.takes(torch.randn(16, 64))
+    assert hardware.packed_max_rows("int8") == 4
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert PackedWeight(weight, "int4").takes(torch.randn(32, 64)) and hardware.packed_max_rows("int8") == 8

@@ -147,7 +147,7 @@ def add_parser(sub) -> None:
                    help="denoise: comma-separated canvas sizes (passes: default 1,16,32,64,128); prompt, "
                         "structured: the last one")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="passes, peers (the AR rows): comma-separated "
-                   f"dtype:quantize pairs (default {DEFAULT_VARIANTS})")
+                   f"dtype:quantize[:compile][:rows=N] (default {DEFAULT_VARIANTS})")
     p.add_argument("--batch-sizes", default=None, help="generate (default 1,8,64), decoding (default 1,8): "
                    "comma-separated batch sizes")
     p.add_argument("--temperature", type=float, default=0.0, help="decoding: AR sampling temperature of the "

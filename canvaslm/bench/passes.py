@@ -3,7 +3,8 @@
 A decoding loop is a sequence of passes: an AR step is a causal pass over 1 token; committing a canvas (or checking
 a verified draft) is a causal pass over C tokens; a denoising step is a canvas pass over C tokens. Each is timed
 after a `--prompt-tokens` prompt is encoded, for each `--variants` entry (dtype:quantize, e.g. float32:none,
-bfloat16:int4), batch 1, median of `--repeats`. The ratio the CPU plan turns on is `canvas_vs_ar`: a canvas pass
+bfloat16:int4; `:rows=N` sends passes of up to N rows through the packed kernels, past the machine's crossover),
+batch 1, median of `--repeats`. The ratio the CPU plan turns on is `canvas_vs_ar`: a canvas pass
 of C tokens against one AR step of the same variant (issue target: ≤ 1.5 at C = 32).
 """
 
@@ -13,32 +14,53 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.progress import Progress
 
 from canvaslm.errors import CanvasError
+from canvaslm.hardware import packed_max_rows
 from canvaslm.models.cache import KVCache
 from canvaslm.plotting import new_figure, save
 
 DEFAULT_VARIANTS = "float32:none,bfloat16:none,bfloat16:int4"
 
 
-def parse_variants(text: str) -> list[tuple[str, str, bool]]:
-    """"float32:none,bfloat16:int4:compile" -> [("float32", "none", False), ("bfloat16", "int4", True)], checked."""
+class Variant(NamedTuple):
+    dtype: str
+    quantize: str
+    compiled: bool = False
+    packed_rows: int | None = None  # most rows a packed linear takes (None: the machine's crossover)
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """"float32:none,bfloat16:int4:compile,bfloat16:int4:rows=64" -> Variants, checked. `rows=N` overrides
+    `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        dtype, _, rest = item.partition(":")
-        quantize, _, compiled = rest.partition(":")
+        dtype, quantize, *extras = item.split(":") + ([""] if ":" not in item else [])
+        rows = [e.removeprefix("rows=") for e in extras if e.startswith("rows=")]
         if (dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4")
-                or compiled not in ("", "compile")):
-            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile] with dtype "
+                or any(e not in ("compile", "") and not e.startswith("rows=") for e in extras)
+                or not all(r.isdigit() and int(r) > 0 for r in rows) or len(rows) > 1):
+            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N] with dtype "
                               "auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. bfloat16:int4:compile")
-        variants.append((dtype, quantize, compiled == "compile"))
+        variants.append(Variant(dtype, quantize, "compile" in extras, int(rows[0]) if rows else None))
     if not variants:
         raise CanvasError("--variants: give at least one dtype:quantize pair")
     return variants
+
+
+def set_packed_rows(network: torch.nn.Module, rows: int) -> None:
+    """Make every packed linear of `network` (and its packed head) take passes of up to `rows` rows."""
+    from canvaslm.models.quant import QuantizedLinear
+
+    for module in network.modules():
+        if isinstance(module, QuantizedLinear):
+            module.packed.max_rows = rows
+    if getattr(network, "packed_head", None) is not None:
+        network.packed_head.max_rows = rows
 
 
 def _median_ms(setup: Callable[[], Any], timed: Callable[[Any], Any], repeats: int) -> float:
@@ -53,7 +75,7 @@ def _median_ms(setup: Callable[[], Any], timed: Callable[[Any], Any], repeats: i
     return round(1000 * statistics.median(times), 2)
 
 
-def bench_passes(source: str, variants: list[tuple[str, str, bool]], sizes: list[int], prompt_tokens: int,
+def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_tokens: int,
                  repeats: int, device: str | None = None) -> dict[str, Any]:
     """ms per causal pass and per canvas pass of each size, for each (dtype, quantize) variant of `source`."""
     from canvaslm import load
@@ -63,9 +85,11 @@ def bench_passes(source: str, variants: list[tuple[str, str, bool]], sizes: list
     # no auto-refresh: rich's render thread would share the CPU with the passes it times
     with Progress(transient=True, auto_refresh=False) as progress, torch.inference_mode():
         task = progress.add_task("passes", total=len(variants) * len(sizes))
-        for dtype, quantize, compiled in variants:
+        for dtype, quantize, compiled, packed_rows in variants:
             lm = load(source, device=device, dtype=dtype, quantize=quantize, compile=compiled)
             network = lm.network
+            if packed_rows is not None:
+                set_packed_rows(network, packed_rows)
             generator = torch.Generator().manual_seed(0)
             prompt = torch.randint(3, network.vocab_size, (1, prompt_tokens), generator=generator).to(lm.device)
             prompt_valid = torch.ones_like(prompt, dtype=torch.bool)
@@ -77,7 +101,10 @@ def bench_passes(source: str, variants: list[tuple[str, str, bool]], sizes: list
 
             shared = prompt_cache()  # canvas passes only read it
             row: dict[str, Any] = {"dtype": lm.dtype_name,
-                                   "quantize": lm.quantization, "compiled": compiled, "causal_ms": {},
+                                   "quantize": lm.quantization, "compiled": compiled,
+                                   "packed_rows": packed_rows or (packed_max_rows(lm.quantization)
+                                                                  if lm.quantization != "none" else 0),
+                                   "causal_ms": {},
                                    "canvas_ms": {}}
             for size in sizes:
                 progress.update(task, description=f"{row['dtype']}:{row['quantize']}, {size} tokens")
@@ -103,6 +130,7 @@ def plot_passes(report: dict[str, Any], png: str | Path) -> bool:
     axes = figure.subplots()
     for row in report["variants"]:
         label = f"{row['dtype']}, {row['quantize']}" + (", compiled" if row.get("compiled") else "")
+        label += f" (packed to {row['packed_rows']} rows)" if row.get("packed_rows") else ""
         for kind, style in (("causal_ms", "o-"), ("canvas_ms", "s--")):
             if row[kind]:
                 sizes = [int(s) for s in row[kind]]

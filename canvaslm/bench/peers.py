@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from canvaslm.bench.passes import Variant
+
 import torch
 
 from canvaslm.bench.serve import PROMPTS
@@ -83,7 +85,7 @@ def _ours(lm, prompts: list[list[int]], new_tokens: int, **options: Any) -> dict
             "tokens_per_forward": round(tokens / max(1, passes), 3)}
 
 
-def bench_peers(model: str, ar: str, variants: list[tuple[str, str, bool]], new_tokens: int, threads: int,
+def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, threads: int,
                 n_batch: int = 512, gguf: str | None = None) -> dict[str, Any]:
     from canvaslm import load
     from canvaslm.loading import registry
@@ -102,7 +104,7 @@ def bench_peers(model: str, ar: str, variants: list[tuple[str, str, bool]], new_
         peer["n_batch_error"] = f"n_batch={n_batch}: {first_error}"
     rows.append({"system": "llama.cpp", "precision": "GGUF as stored (Q4_1 linears, Q8_0 embeddings)", **peer})
     with torch.inference_mode():
-        for dtype, quantize, compiled in variants:
+        for dtype, quantize, compiled, _ in variants:
             lm = load(ar, dtype=dtype, quantize=quantize, compile=compiled)
             rows.append({"system": "canvaslm autoregressive", "precision": _precision(lm),
                          **_ours(lm, prompts, new_tokens, temperature=0.0)})

@@ -5,8 +5,8 @@ traffic. Measured on a 2-core AMD EPYC (Zen 4, avx512_bf16), 30 SmolLM2 layers' 
 threads: one row takes 38.7 ms in float32, 22.6 in bfloat16 and 6.4 with int4 weights
 (`torch._weight_int4pack_mm_for_cpu`); 16 rows 74.6 / 37.1 / 32.6. The kernels are fast only with bfloat16
 activations (float32 activations ran 16-50x slower there), so a packed weight casts its input to bfloat16 and its
-output back. Above `max_rows` rows (a long prompt's prefill) a pass becomes arithmetic-bound and the dense weight,
-which is kept, is faster.
+output back. Above `max_rows` rows (a long prompt's prefill; on AMX CPUs already a 16-token canvas) a pass becomes
+arithmetic-bound and the dense weight, which is kept, is faster: `canvaslm.hardware.packed_max_rows` says where.
 
 * int4: groups of 32 inputs share a scale and a zero point (asymmetric, like GGUF's Q4_1: w = (q - 8) * s + z).
   A Q4_1 checkpoint's weights already lie on such a grid, so packing them again loses only the rounding of s and z
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
+from canvaslm.hardware import packed_max_rows
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 GROUP_SIZE = 32
-MAX_ROWS = {"int4": 32, "int8": 8}  # above this many rows the dense weight is faster (module docstring)
 
 
 def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,12 +55,12 @@ class PackedWeight:
     enters a state dict, and `model.to(dtype)` leaves it alone (its scales are bfloat16, the kernels' dtype)."""
 
     def __init__(self, weight: Tensor, mode: str, max_rows: int | None = None) -> None:
-        if mode not in MAX_ROWS:
-            raise ValueError(f"mode must be one of {sorted(MAX_ROWS)}, got {mode!r}")
+        if mode not in ("int4", "int8"):
+            raise ValueError(f"mode must be int4 or int8, got {mode!r}")
         if not self.fits(weight, mode):
             raise ValueError(f"torch's {mode} kernel does not take a weight of shape {tuple(weight.shape)}")
         self.mode, self.out_features, self.in_features = mode, *weight.shape
-        self.max_rows = MAX_ROWS[mode] if max_rows is None else max_rows
+        self.max_rows = packed_max_rows(mode) if max_rows is None else max_rows  # where packed beats dense
         weight = weight.detach().to("cpu", torch.float32)
         if mode == "int4":
             q, scales, zeros = quantize_int4(weight)

@@ -119,11 +119,12 @@ def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
 
 
 def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
-    report = bench("passes", "-m", model_dir, "--canvas", "1,8", "--variants", "float32:none,bfloat16:int8",
+    report = bench("passes", "-m", model_dir, "--canvas", "1,8", "--variants", "float32:none,bfloat16:int8:rows=16",
                    "--repeats", "1", "--prompt-tokens", "6", "--out", str(tmp_path / "p.json"))
     plain, packed = report["variants"]
     assert (plain["dtype"], plain["quantize"], packed["dtype"], packed["quantize"]) == ("float32", "none",
                                                                                         "bfloat16", "int8")
+    assert (plain["packed_rows"], packed["packed_rows"]) == (0, 16)
     for row in (plain, packed):
         assert set(row["causal_ms"]) == set(row["canvas_ms"]) == {"1", "8"}
         assert all(ms > 0 for ms in [*row["causal_ms"].values(), *row["canvas_ms"].values()])
@@ -132,6 +133,17 @@ def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "passes", "--variants", "float32"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "dtype:quantize" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_variant_can_send_bigger_passes_through_the_packed_kernels():
+    from canvaslm.bench.passes import Variant, parse_variants
+    from canvaslm.errors import CanvasError
+
+    assert parse_variants("bfloat16:int4:rows=64,bfloat16:int4:compile") == [
+        Variant("bfloat16", "int4", False, 64), Variant("bfloat16", "int4", True, None)]
+    for bad in ("bfloat16:int4:rows=0", "bfloat16:int4:rows=x", "bfloat16:int4:fast"):
+        with pytest.raises(CanvasError, match="rows=N"):
+            parse_variants(bad)
 
 
 def test_the_llama_cpp_peer_fails_softly(tmp_path):

@@ -89,7 +89,7 @@ def test_a_quantized_model_keeps_its_weights_and_follows_the_dense_one(mode):
 
 @torch.inference_mode()
 def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass():
-    model = tiny_model().to_diffusion(16)  # 16 rows: the head is dense too (MAX_ROWS)
+    model = tiny_model().to_diffusion(16)  # 16 rows: the int8 head is dense too (packed_max_rows)
     model.config = dataclasses.replace(model.config, canvas_adapters=True)
     apply_lora(model, rank=4, alpha=8)
     for module in model.modules():
