@@ -5,6 +5,9 @@ both advance a canvas with `denoise_step`, so they draw the same random numbers 
 
     temperature -> allowed tokens -> pins -> carry-over -> propose -> accept -> re-noise -> argmax -> hold -> stop test
 
+(A masked model's draft shows the tokens it kept rather than their argmax, and its canvas stops as soon as no mask
+is left: the pass the stability test would spend after that can only repeat the canvas.)
+
 The pieces are the pure functions of `canvaslm.diffusion.sampling`; this module only composes them.
 """
 
@@ -131,12 +134,16 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         logits = pin(logits, state.pins)
     if mask_token_id is not None:
         logits = carry_over(logits, state.canvas, mask_token_id)
+        # a drawn mask token would read as "still masked": never propose it
+        logits = logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), float("-inf"))
     proposal, token_entropy = propose(logits, settings, generator)
     accepted = accept(logits, token_entropy, settings, step)
     if state.pins is not None:  # top-k and the like may not pick every pinned position
         accepted |= state.pins >= 0
     canvas = renoise(proposal, accepted, vocab_size, generator, mask_token_id)
     draft = logits.argmax(dim=-1)
+    if mask_token_id is not None:  # absorbing state: a kept token is final, so the draft shows it (not the argmax)
+        draft = torch.where(canvas != mask_token_id, canvas, draft)
     if hold is not None and bool(hold.any()):
         canvas, draft = torch.where(hold, state.draft, canvas), torch.where(hold, state.draft, draft)
     stopped = state.stopped
@@ -146,6 +153,8 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         kept = state.sc_logits if state.sc_logits is not None else torch.zeros((), device=logits.device)
         logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
     stop, history = stable_and_confident(state.history, draft, token_entropy, settings.confidence_threshold)
+    if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
+        stop = stop | (canvas != mask_token_id).all(dim=-1)
     new = dataclasses.replace(state, canvas=canvas, draft=draft, history=history, stopped=stopped | stop,
                               sc_logits=logits.to(sc_dtype), step=step)
     return StepOutcome(new, accepted, token_entropy, constrained)

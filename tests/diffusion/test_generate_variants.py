@@ -63,6 +63,20 @@ def test_masked_model_starts_from_and_renoises_to_the_mask_token():
     assert (model.seen[1] == 11).sum() == 3
     assert events[-1].sequences[0, 2:].tolist() == [3, 4, 5, 6]
     assert any(isinstance(e, DenoisingStep) for e in events)
+    # the 4th pass unmasks the last position and the canvas stops there: no 5th pass to confirm it
+    assert len(model.seen) == CANVAS and events[-1].forward_passes.tolist() == [CANVAS]
+
+
+def test_a_masked_canvas_commits_the_tokens_it_sampled_not_their_argmax():
+    """Accepted tokens are draws: with a flat enough distribution a draw differs from the argmax (token i + 3),
+    and the committed canvas holds the draws, as the next pass would have carried them over."""
+    model = Stub(mask_token_id=11)
+    settings = DiffusionSampling(entropy_bound=1e9, t_min=2.0, t_max=2.5)  # all accepted at once, hot
+    sequences = {tuple(generate(model, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), CANVAS, settings,
+                                [], None, torch.Generator().manual_seed(seed)).sequences[0, 2:].tolist())
+                 for seed in range(8)}
+    assert len(model.seen) == 8  # one pass per canvas
+    assert len(sequences) > 1 and any(s != (3, 4, 5, 6) for s in sequences)
 
 
 @pytest.mark.parametrize("acceptance", ["entropy_bound", "top_k"])
