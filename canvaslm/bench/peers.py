@@ -23,18 +23,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from canvaslm.bench.passes import Variant
-
 import torch
 
+from canvaslm.bench.passes import Variant
 from canvaslm.bench.serve import PROMPTS
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
 
 
-def llama_cpp_rates(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int, n_batch: int) -> dict:
-    """Run llama.cpp on `prompts` in a subprocess; its measurements, or {"error": ...} if it failed or crashed."""
-    spec = {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens, "threads": threads, "n_batch": n_batch}
+def llama_cpp_rates(gguf: Path, prompts: list[list[int]], new_tokens: int, threads: int, n_batch: int,
+                    extra_buffers: bool = True) -> dict:
+    """Run llama.cpp on `prompts` in a subprocess; its measurements, or {"error": ...} if it failed or crashed.
+    `extra_buffers=False` keeps the weights as stored (llama.cpp's `use_extra_bufts`: no AMX / CPU repacking)."""
+    spec = {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens, "threads": threads, "n_batch": n_batch,
+            "extra_buffers": extra_buffers}
     try:
         done = subprocess.run([sys.executable, "-m", "canvaslm.bench.peers"], input=json.dumps(spec),
                               capture_output=True, text=True, timeout=1800)
@@ -49,7 +51,16 @@ def llama_cpp_rates(gguf: Path, prompts: list[list[int]], new_tokens: int, threa
 def _llama_cpp_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """The subprocess side of `llama_cpp_rates`."""
     import llama_cpp
+    import llama_cpp.llama_cpp as native
 
+    defaults = native.llama_model_default_params
+
+    def model_params() -> Any:  # Llama() has no argument for it; it starts from these defaults
+        params = defaults()
+        params.use_extra_bufts = spec.get("extra_buffers", True)
+        return params
+
+    native.llama_model_default_params = model_params
     longest = max(map(len, spec["prompts"])) + spec["new_tokens"] + 8
     llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=max(512, longest), n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], n_batch=spec["n_batch"], seed=0, verbose=False)
@@ -65,7 +76,9 @@ def _llama_cpp_worker(spec: dict[str, Any]) -> dict[str, Any]:
         tokens += answer(prompt)
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 2),
-            "version": llama_cpp.__version__, "n_batch": spec["n_batch"], "threads": spec["threads"]}
+            "version": llama_cpp.__version__, "n_batch": spec["n_batch"], "threads": spec["threads"],
+            "extra_buffers": spec.get("extra_buffers", True),
+            "amx": "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")}
 
 
 def _ours(lm, prompts: list[list[int]], new_tokens: int, **options: Any) -> dict[str, Any]:
@@ -98,11 +111,17 @@ def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, t
     prompts = [parent.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     rows: list[dict[str, Any]] = []
     peer = llama_cpp_rates(gguf_path, prompts, new_tokens, threads, n_batch)
-    if "error" in peer and n_batch > 1:  # the crash seen with batched prompt evaluation: retry one token a time
+    if "error" in peer and n_batch > 1:
+        # on AMX CPUs ggml repacks Q4_1 weights for its AMX kernels, whose batched (prompt) path segfaults here
+        # (docs/performance.md; ggml-org/llama.cpp#20824): one token a time keeps the fast repacked weights
         first_error = peer["error"]
         peer = llama_cpp_rates(gguf_path, prompts, new_tokens, threads, 1)
         peer["n_batch_error"] = f"n_batch={n_batch}: {first_error}"
-    rows.append({"system": "llama.cpp", "precision": "GGUF as stored (Q4_1 linears, Q8_0 embeddings)", **peer})
+    rows.append({"system": "llama.cpp", "precision": "GGUF (Q4_1 linears, Q8_0 embeddings)"
+                 + (", repacked for AMX" if peer.get("amx") and peer.get("extra_buffers") else ""), **peer})
+    if peer.get("amx"):  # the same GGUF without the AMX repacking, at the asked n_batch: the other side of it
+        plain = llama_cpp_rates(gguf_path, prompts, new_tokens, threads, n_batch, extra_buffers=False)
+        rows.append({"system": "llama.cpp", "precision": "GGUF as stored, no AMX repacking", **plain})
     with torch.inference_mode():
         for dtype, quantize, compiled, _ in variants:
             lm = load(ar, dtype=dtype, quantize=quantize, compile=compiled)
