@@ -39,7 +39,7 @@ def parse_variants(text: str) -> list[Variant]:
     `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        dtype, quantize, *extras = item.split(":") + ([""] if ":" not in item else [])
+        dtype, quantize, *extras = item.split(":") if ":" in item else (item, "")
         rows = [e.removeprefix("rows=") for e in extras if e.startswith("rows=")]
         if (dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4")
                 or any(e not in ("compile", "") and not e.startswith("rows=") for e in extras)

@@ -135,7 +135,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     if mask_token_id is not None:
         logits = carry_over(logits, state.canvas, mask_token_id)
         # a drawn mask token would read as "still masked": never propose it
-        logits = logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), float("-inf"))
+        logits[..., mask_token_id] = float("-inf")  # in place: carry_over returned a new tensor
     proposal, token_entropy = propose(logits, settings, generator)
     accepted = accept(logits, token_entropy, settings, step)
     if state.pins is not None:  # top-k and the like may not pick every pinned position

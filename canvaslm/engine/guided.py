@@ -77,19 +77,18 @@ class _MetaspaceTokens:
         backend = tokenizer.backend
         special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
         self.tokens: list[bytes] = []
+        self._ids: dict[bytes, int] = {}  # the spelling of each ordinary token (the first id, for duplicates)
         for i in range(backend.get_vocab_size()):
             piece = backend.id_to_token(i) or ""
+            if i in special:
+                self.tokens.append(b"\xff" + piece.encode())
+                continue
             byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-            self.tokens.append(bytes([int(byte.group(1), 16)]) if byte and i not in special
-                               else b"\xff" + piece.encode() if i in special
-                               else piece.replace("\u2581", " ").encode())
+            self.tokens.append(bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode())
+            self._ids.setdefault(self.tokens[-1], i)
         self.special_token_ids = sorted(special)
         self.eos_token_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
         self.bos_token_id = tokenizer.bos_token_id
-        self._ids: dict[bytes, int] = {}
-        for i, piece in enumerate(self.tokens):
-            if i not in special:
-                self._ids.setdefault(piece, i)
         self._longest = max(map(len, self._ids), default=1)
 
     def __call__(self, text: bytes | str) -> list[int]:
