@@ -18,7 +18,7 @@ from typing import Any
 from canvaslm.errors import GenerationError
 
 ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
-SAMPLERS = ("reference", "fast")
+SAMPLERS = ("reference", "fast", "greedy")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,9 @@ KNOBS: tuple[Knob, ...] = (
          low_open=True),
     Knob("sampler", str, "reference", "how a step draws its tokens: reference (torch.multinomial, the reference's "
          "random stream) or fast (one uniform per position and an inverse-CDF search: the same distribution, "
-         "~4x less sampler time on a CPU)", "diffusion", choices=SAMPLERS),
+         "~4x less sampler time on a CPU) or greedy (each position's most likely token; the temperature then only "
+         "shapes the confidence the acceptance rule reads: puzzles, where a sampled slip is an error)", "diffusion",
+         choices=SAMPLERS),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 

@@ -161,6 +161,8 @@ def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Genera
     log_probs = logits.log_softmax(dim=-1)
     probs = log_probs.exp()
     token_entropy = -(probs * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(dim=-1)
+    if settings.sampler == "greedy":
+        return logits.argmax(dim=-1), token_entropy
     return sample_inverse_cdf(probs, generator), token_entropy
 
 

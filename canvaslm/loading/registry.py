@@ -34,7 +34,7 @@ BUNDLED_NAMES = {
              "trained on a CPU with examples/smol/train-cpu.toml (see docs/default-model.md); use 'smol-ar' (the "
              "autoregressive SmolLM2) meanwhile"),
     "sudoku": ("config.json", "the Sudoku model is not bundled in this build; train one with "
-               "examples/sudoku/diffusion.toml and pass its model/ folder with --model"),
+               "examples/sudoku/grid.toml and pass its model/ folder with --model"),
 }
 
 

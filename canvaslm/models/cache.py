@@ -206,7 +206,8 @@ def decoder_mask(cache: KVCache, layer: int, canvas_length: int) -> Tensor | Non
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """Grouped-query attention. q [B, H, n, D], k/v [B, Hkv, T, D], boolean mask [B, 1, n, T] -> [B, n, H*D]."""
+    """Grouped-query attention. q [B, H, n, D], k/v [B, Hkv, T, D], mask [B, 1, n, T] bool (or an additive float
+    mask [B or 1, H, n, T], n > 1: a grid canvas's relation bias) -> [B, n, H*D]."""
     batch, heads, n, dim = q.shape
     groups = heads // k.shape[1]
     if n == 1:
@@ -221,5 +222,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(batch, n, -1)

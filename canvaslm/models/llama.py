@@ -73,6 +73,8 @@ class Config:
     canvas_shift: bool = False        # trained with the shift trick: canvas token i read from output i - 1
     mask_token_id: int | None = None  # absorbing-state (masked) diffusion: noise is this token, not uniform
     canvas_adapters: bool = False     # LoRA adapters act in the canvas pass only: the causal pass is the AR parent
+    canvas_grid: list[int] | None = None  # [rows, cols, box_rows, box_cols]: the canvas is a grid (see GridEmbedding)
+    canvas_grid_attention: bool = False   # ... and each attention head has a learned bias per relation of two cells
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], path: object) -> Config:
@@ -110,6 +112,9 @@ class Config:
         if canvas_length is not None and canvas_length < 1:
             raise CheckpointError(path, "bad canvas length", field="canvas_length", expected="> 0", found=canvas_length)
         rope_theta, rope_type, rope_scaling = _rope_settings(get, d, path)
+        canvas_grid = get("canvas_grid", list, None)
+        if canvas_grid is not None:
+            _check_grid(canvas_grid, canvas_length, path)
         return cls(
             model_type=model_type,
             **sizes,
@@ -134,6 +139,8 @@ class Config:
             canvas_shift=get("canvas_shift", bool, False),
             mask_token_id=get("mask_token_id", int, None),
             canvas_adapters=get("canvas_adapters", bool, False),
+            canvas_grid=canvas_grid,
+            canvas_grid_attention=canvas_grid is not None and get("canvas_grid_attention", bool, False),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -161,11 +168,24 @@ class Config:
             d.update({"canvas_shift": True} if self.canvas_shift else {})
             d.update({} if self.mask_token_id is None else {"mask_token_id": self.mask_token_id})
             d.update({"canvas_adapters": True} if self.canvas_adapters else {})
+            d.update({} if self.canvas_grid is None else {"canvas_grid": list(self.canvas_grid)})
+            d.update({"canvas_grid_attention": True} if self.canvas_grid_attention else {})
         return d
 
     def windows(self) -> list[int | None]:
         """Attention window of each layer (None: full attention)."""
         return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
+
+
+def _check_grid(grid: list[Any], canvas_length: int | None, path: object) -> None:
+    """canvas_grid = [rows, cols, box_rows, box_cols]: a canvas of rows x cols cells cut into boxes."""
+    ok = len(grid) == 4 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid)
+    if not ok or grid[0] % grid[2] or grid[1] % grid[3]:
+        raise CheckpointError(path, "bad canvas grid", field="canvas_grid", found=grid,
+                              expected="[rows, cols, box_rows, box_cols]: positive integers, boxes tiling the grid")
+    if canvas_length != grid[0] * grid[1]:
+        raise CheckpointError(path, "the canvas grid does not match the canvas", field="canvas_grid", found=grid,
+                              expected=f"rows x cols = canvas_length ({canvas_length})")
 
 
 _REQUIRED = object()
@@ -284,6 +304,54 @@ class SelfConditioning(MLP):
         return embeds + super().forward(self.pre_norm(soft_embeds))
 
 
+class GridEmbedding(nn.Module):
+    """Where a cell sits in a grid-shaped canvas (a Sudoku), told to the model two ways.
+
+    * Learned row, column and box embeddings added to the canvas's input embeddings.
+    * With `canvas_grid_attention`, a learned attention bias per layer and head for each relation of two cells
+      (same row? same column? same box? — 8 combinations) added to the canvas-to-canvas attention scores: a head
+      can attend to a cell's row, column or box peers from the first step of training, which query-key matching
+      of embeddings must learn. The biases start at zero; layers x heads x 8 parameters."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        assert config.canvas_grid is not None
+        rows, cols, box_rows, box_cols = config.canvas_grid
+        self.row = nn.Embedding(rows, config.hidden_size)
+        self.col = nn.Embedding(cols, config.hidden_size)
+        self.box = nn.Embedding(rows // box_rows * (cols // box_cols), config.hidden_size)
+        self.relation_bias = (nn.Parameter(torch.zeros(config.num_hidden_layers, config.num_attention_heads, 8))
+                              if config.canvas_grid_attention else None)
+        self.shape = (rows, cols, box_rows, box_cols)
+
+    def _cells(self) -> tuple[Tensor, Tensor, Tensor]:
+        rows, cols, box_rows, box_cols = self.shape
+        cell = torch.arange(rows * cols, device=self.row.weight.device)
+        row, col = cell // cols, cell % cols
+        return row, col, row // box_rows * (cols // box_cols) + col // box_cols
+
+    def forward(self) -> Tensor:  # [C, H]
+        row, col, box = self._cells()
+        return self.row(row) + self.col(col) + self.box(box)
+
+    def attention_bias(self, layer: int, mask: Tensor | None, queries: int, keys: int, dtype: torch.dtype
+                       ) -> Tensor | None:
+        """The decoder mask of `layer` [B, 1, R, keys] bool (None: all allowed; R = `queries`, a multiple of the
+        canvas; the canvas's own keys are the last R) as an additive float mask [B or 1, heads, R, keys] with
+        each head's relation bias on the canvas-to-canvas scores (cells compared within their canvas); the mask
+        as it is without `canvas_grid_attention`."""
+        if self.relation_bias is None:
+            return mask
+        row, col, box = self._cells()
+        relation = ((row[:, None] == row) * 4 + (col[:, None] == col) * 2 + (box[:, None] == box)).long()  # [C, C]
+        cells = len(row)
+        tiled = relation.repeat(queries // cells, queries // cells)                                  # [R, R]
+        bias = F.pad(self.relation_bias[layer][:, tiled], (keys - queries, 0))                      # [h, R, keys]
+        if mask is None:
+            return bias[None].to(dtype)
+        return bias.to(dtype).masked_fill(~mask, float("-inf"))
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
@@ -338,6 +406,7 @@ class Model(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.self_conditioning = SelfConditioning(config) if config.canvas_length else None
+        self.canvas_grid = GridEmbedding(config) if config.canvas_grid else None
         # a plain attribute, not a buffer: model.to(bfloat16) must not round it, and it stays real under meta
         self.inv_freq = rope_inv_freq(config)  # [D / 2] float32
         self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
@@ -406,7 +475,7 @@ class Model(nn.Module):
         if self.self_conditioning is None:
             raise GenerationError("decode needs a diffusion model; call to_diffusion(canvas_length) first")
         self._pass(canvas=True)
-        x = self.embed_tokens(canvas_ids)
+        x = self._canvas_embeddings(canvas_ids)
         if self_conditioning_logits is not None:
             # None means an all-zero signal; skipping it is exact (RMSNorm(0) = 0 and the block has no biases)
             probs = self_conditioning_logits.float().softmax(dim=-1).to(x.dtype)
@@ -416,7 +485,11 @@ class Model(nn.Module):
             x = self.self_conditioning(x, soft)
         rope = self._rope(cache.positions(canvas_ids.shape[1]), x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, decoder_mask(cache, i, canvas_ids.shape[1]), write=False)
+            mask = decoder_mask(cache, i, canvas_ids.shape[1])
+            if self.canvas_grid is not None:
+                mask = self.canvas_grid.attention_bias(i, mask, canvas_ids.shape[1],
+                                                       cache.kept(i) + canvas_ids.shape[1], x.dtype)
+            x = layer(x, rope, cache, mask, write=False)
         return self.logits(self.norm(x))
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
@@ -453,7 +526,7 @@ class Model(nn.Module):
             valid = valid.repeat(copies, 1)
         self._pass(canvas=True)
         # 2. decoder: every canvas at once, at positions P + arange(R), reading [clean keys ; canvas keys]
-        y = self.embed_tokens(noised)
+        y = self._canvas_embeddings(noised)
         if self_conditioning_logits is not None:
             soft = self_conditioning_logits.float().softmax(dim=-1).to(y.dtype) @ self.embed_tokens.weight
             if self_conditioning_rows is not None:  # a zero signal is exactly "no self-conditioning"
@@ -463,10 +536,21 @@ class Model(nn.Module):
         rope = self._rope(canvas_positions, y.dtype)
         masks = {w: block_diffusion_mask(valid, prompt_length, self.config.canvas_length, w) for w in set(windows)}
         for i, layer in enumerate(self.layers):
-            y = layer(y, rope, cache, masks[windows[i]], write=False)
+            mask = masks[windows[i]]
+            if self.canvas_grid is not None:
+                mask = self.canvas_grid.attention_bias(i, mask, y.shape[1], mask.shape[-1], y.dtype)
+            y = layer(y, rope, cache, mask, write=False)
         if hidden_states:
             return self.norm(x), self.norm(y)
         return self.logits(self.norm(x)), self.logits(self.norm(y))
+
+    def _canvas_embeddings(self, canvas_ids: Tensor) -> Tensor:
+        """[B, R] canvas tokens (R a multiple of the canvas) -> [B, R, H], with each cell's grid position added."""
+        x = self.embed_tokens(canvas_ids)
+        if self.canvas_grid is None:
+            return x
+        grid = self.canvas_grid().to(x.dtype)
+        return (x.unflatten(1, (-1, grid.shape[0])) + grid).flatten(1, 2)
 
     def _pass(self, canvas: bool) -> None:
         """With canvas-only adapters, switch them on for the canvas pass and off for the causal pass."""

@@ -6,8 +6,10 @@ A grid is a string of 81 characters, row by row: digits 1-9, and '.' (or '0') fo
     prompt   <bos> c0 c1 … c80      (c = "1".."9" or "."; 82 tokens)
     canvas   d0 d1 … d80            (the solution's 81 digits: one canvas of 81 tokens, no EOS)
 
-so canvas cell i sits exactly 82 positions after its given — a fixed offset the model learns to read. The vocabulary
-has 14 tokens; the last, `<mask>`, is only used by models trained with absorbing (masked) noise.
+so canvas cell i sits exactly 82 positions after its given — a fixed offset the model learns to read. A model whose
+canvas is a grid (`canvas_grid`: row, column and box embeddings) reads the givens where they are pinned, in the
+canvas itself, so its prompt is `<bos>` alone (a third of the tokens to train on). The vocabulary has 14 tokens; the
+last, `<mask>`, is only used by models trained with absorbing (masked) noise.
 
 Difficulty is the clue count: easy >= 36, medium 30-35, hard <= 27 (the generator aims at 22-27).
 """
@@ -213,6 +215,12 @@ def tokenizer() -> Tokenizer:
 def encode_puzzle(puzzle: str) -> list[int]:
     """Prompt ids: BOS then one token per cell."""
     return [BOS] + [BLANK if c in ".0" else 3 + int(c) for c in puzzle]
+
+
+def prompt_ids(puzzle: str, grid: bool) -> list[int]:
+    """The prompt a model reads: `<bos>` alone for a grid model (the givens are pinned in its canvas), else
+    `encode_puzzle`."""
+    return [BOS] if grid else encode_puzzle(puzzle)
 
 
 def encode_solution(solution: str) -> list[int]:

@@ -1,7 +1,8 @@
 """Solving Sudoku with a trained model: batches of puzzles in, one answer per puzzle out.
 
-The model alone solves: the givens go in the prompt and sit fixed in the canvas (as an infill's suffix does), the
-blanks are denoised by the usual loop (or, for the AR baseline, 81 greedy next-token steps that copy the givens).
+The model alone solves: the givens go in the prompt (a grid model's prompt is `<bos>` alone) and sit fixed in the
+canvas (as an infill's suffix does), the blanks are denoised by the usual loop (or, for the AR baseline, 81 greedy
+next-token steps that copy the givens).
 Inside the grid only digit tokens are legal (a format rule, like a JSON grammar). The optional "with constraints"
 mode also refuses, at each blank, the digits its row, column or box already hold among the givens — a sampler
 restriction, still no search and no solver; it is reported apart.
@@ -33,6 +34,15 @@ def givens(puzzles: Sequence[Sequence[int]], device: torch.device | str = "cpu")
     return torch.where(cells > 0, cells + 3, -1)
 
 
+# How a Sudoku model decodes unless told otherwise (written into a trained model's generation_config.json):
+# the most likely digit of each blank (a sampled slip is a wrong cell), at temperature ~1 so that the acceptance
+# rule reads the model's own confidence (the reference refuses t_max = t_min); a step keeps every blank the model
+# is sure of (always at least one), easy first, as "Train for the worst, plan for the best" decodes. Chosen by
+# measurement: docs/sudoku.md.
+DECODING: dict[str, float | int | str] = {"sampler": "greedy", "t_max": 1.0, "t_min": 0.99, "acceptance": "threshold",
+                                          "accept_probability": 0.9, "max_denoising_steps": 81}
+
+
 @dataclass
 class Answer:
     solution: str        # 81 characters; a non-digit prediction shows as '.'
@@ -49,6 +59,11 @@ def check_model(lm: LM) -> None:
     if lm.kind == "diffusion" and lm.network.canvas_length != 81:
         raise CanvasError(f"{lm.source} is not a Sudoku model: canvas length {lm.network.canvas_length}, "
                           "expected 81 (one canvas per grid)")
+
+
+def is_grid_model(lm: LM) -> bool:
+    """A model with row/column/box embeddings over its canvas: it reads the givens from the canvas, not a prompt."""
+    return getattr(lm.network.config, "canvas_grid", None) is not None
 
 
 def allowed_tokens(puzzles: Sequence[Sequence[int]], vocab_size: int, rules: bool) -> Tensor:
@@ -73,7 +88,8 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
     """Solve parsed puzzles (81 ints, 0 = blank) in one batch, yielding the diffusion loop's events (for a live
     view) and lastly the list of `Answer`s."""
     check_model(lm)
-    ids = torch.tensor([sudoku.encode_puzzle(sudoku.render(p)) for p in puzzles], device=lm.device)
+    grid = is_grid_model(lm)
+    ids = torch.tensor([sudoku.prompt_ids(sudoku.render(p), grid) for p in puzzles], device=lm.device)
     valid = torch.ones_like(ids, dtype=torch.bool)
     allowed = allowed_tokens(puzzles, lm.network.vocab_size, rules).to(lm.device)
     generator = torch.Generator(lm.device).manual_seed(seed)
@@ -89,7 +105,7 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
                 else:
                     yield event
             assert result is not None
-            grids, passes = result.sequences[:, 82:], result.forward_passes.tolist()
+            grids, passes = result.sequences[:, ids.shape[1]:], result.forward_passes.tolist()
         else:
             grids, passes = _ar_solve(lm, ids, valid, allowed)
     answers = []

@@ -215,7 +215,7 @@ def _check_across(config: TrainConfig) -> None:
                           expected="source = an HF directory, .gguf file or registered name, or init = a table "
                                    "of llama config fields", found="both" if model.source else "neither")
     if model.init is not None:
-        _check_init(model.init, source)
+        _check_init(model, source)
     if config.optim.warmup_steps > config.optim.max_steps:
         raise ConfigError(source, "optim.warmup_steps", "longer than the run",
                           expected=f"<= optim.max_steps ({config.optim.max_steps})",
@@ -225,12 +225,22 @@ def _check_across(config: TrainConfig) -> None:
         raise ConfigError(source, "train.resume", "empty path", expected='true, false, "latest" or a checkpoint path')
 
 
-def _check_init(init: dict[str, Any], source: str) -> None:
+def init_fields(model: ModelConfig) -> dict[str, Any]:
+    """The config.json fields of a `model.init` model: a grid is a shape of the canvas, so a model with
+    `canvas_grid` is built in diffusion mode with `diffusion_canvas_length` as its canvas."""
+    fields = {"model_type": "llama", **(model.init or {})}
+    if "canvas_grid" in fields:
+        fields.setdefault("canvas_length", model.diffusion_canvas_length)
+    return fields
+
+
+def _check_init(model: ModelConfig, source: str) -> None:
     """Read `model.init` as a config.json would be read (missing or mistyped fields raise CheckpointError), and
     reject the keys that reading never looked at: from_hf ignores unknown keys, which would hide a typo."""
     from canvaslm.models import llama
 
-    seen = _KeyRecorder({"model_type": "llama", **init})
+    init = model.init or {}
+    seen = _KeyRecorder(init_fields(model))
     try:
         llama.Config.from_hf(seen, f"{source} [model.init]")
     except CheckpointError as e:  # a required key missing because it is misspelt: name the misspelling

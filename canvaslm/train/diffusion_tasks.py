@@ -45,6 +45,8 @@ class EvalOptions:
 class BlockDiffusionTask:
     """Shared part: batches from `examples(step, micro)`, the loss, evaluation and export."""
 
+    generation_defaults: dict[str, Any] = {}  # sampler settings an exported model decodes with by default
+
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer | None, eos: int, pad: int) -> None:
         self.options = read_section(ObjectiveOptions, config.objective, config.source, "objective")
         self.eval_options = read_section(EvalOptions, config.eval, config.source, "eval")
@@ -110,7 +112,8 @@ class BlockDiffusionTask:
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         self._mark(model)
-        hf.save_model(model, out_dir, {"eos_token_id": [self.eos], "pad_token_id": self.pad})
+        generation = {**self.generation_defaults, "eos_token_id": [self.eos], "pad_token_id": self.pad}
+        hf.save_model(model, out_dir, generation)
         if self.tokenizer is not None:
             self.tokenizer.to_dir(out_dir)
 

@@ -53,7 +53,8 @@ from canvaslm.models.lora import apply_lora, hf_module_names, load_adapter, merg
 from canvaslm.plotting import new_figure, save
 from canvaslm.train.checkpoint import (checkpoint_steps, load_checkpoint, remove_partial, resolve_resume,
                                        save_checkpoint)
-from canvaslm.train.config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_config
+from canvaslm.train.config import (ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, init_fields,
+                                   load_config)
 from canvaslm.train.tasks import Task, make_task
 
 __all__ = ["Task", "build_model", "clip_gradients", "lr_at", "main", "plot_metrics", "train"]
@@ -117,7 +118,7 @@ def build_model(config: ModelConfig, source: str = "<config>") -> nn.Module:
     if config.source is not None:
         network = load(config.source, device="cpu", dtype=dtype).network
     else:
-        fields = {"model_type": "llama", **(config.init or {})}
+        fields = init_fields(config)
         std = float(fields.pop("initializer_range", 0.02))
         network = llama.Model(llama.Config.from_hf(fields, f"{source} [model.init]"))
         for module in network.modules():

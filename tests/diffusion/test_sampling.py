@@ -170,3 +170,12 @@ def test_fast_sampler_draws_from_the_same_distribution_with_the_same_entropy():
     assert not (tokens_fast[:, 1] == 3).any()  # a forbidden (-inf) token is never drawn
     with pytest.raises(GenerationError, match="sampler"):
         reference.replace(sampler="gumbel")
+
+
+def test_greedy_sampler_proposes_the_argmax_with_the_same_entropy():
+    from canvaslm.diffusion.sampling import propose
+
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.0, float("-inf")]]]).expand(50, 2, 4)
+    tokens, h = propose(logits, DiffusionSampling(sampler="greedy"), torch.Generator().manual_seed(0))
+    _, h_ref = propose(logits, DiffusionSampling(), torch.Generator().manual_seed(0))
+    assert (tokens == torch.tensor([0, 1])).all() and torch.allclose(h, h_ref, atol=1e-6)

@@ -198,3 +198,73 @@ def test_diffusion_model_keeps_the_ar_forward(diffusion: Model) -> None:
                                atol=0, rtol=0)
     assert diffusion.config.to_hf()["architectures"] == ["LlamaForBlockDiffusion"]
     assert diffusion.config.to_hf()["canvas_length"] == 6
+
+
+# -- grid canvases (Sudoku) ----------------------------------------------------------------------------------------
+
+GRID = {**COMMON, "model_type": "llama", "canvas_length": 16, "canvas_grid": [4, 4, 2, 2]}
+
+
+def test_grid_config_round_trips_and_bad_grids_name_the_field() -> None:
+    config = Config.from_hf(GRID, "cfg.json")
+    assert config.canvas_grid == [4, 4, 2, 2] and Config.from_hf(config.to_hf(), "again") == config
+    for bad in ([4, 4, 3, 2], [4, 4, 2], [4, 4, 0, 2], [2, 4, 2, 2], ["4", 4, 2, 2]):
+        with pytest.raises(CheckpointError) as err:
+            Config.from_hf({**GRID, "canvas_grid": bad}, "cfg.json")
+        assert err.value.field == "canvas_grid" and "cfg.json" in str(err.value)
+    with pytest.raises(CheckpointError):  # a grid needs a canvas of rows x cols cells
+        Config.from_hf({**GRID, "canvas_length": None}, "cfg.json")
+
+
+def test_grid_embedding_is_row_plus_column_plus_box() -> None:
+    torch.manual_seed(0)
+    grid = Model(Config.from_hf(GRID, "x")).canvas_grid
+    table = grid()
+    assert table.shape == (16, 64)
+    for cell, (row, col, box) in {0: (0, 0, 0), 3: (0, 3, 1), 9: (2, 1, 2), 15: (3, 3, 3)}.items():
+        torch.testing.assert_close(table[cell], grid.row.weight[row] + grid.col.weight[col] + grid.box.weight[box])
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@torch.no_grad()
+def test_grid_model_decode_reads_positions_and_matches_training_pass(attention: bool) -> None:
+    torch.manual_seed(0)
+    model = Model(Config.from_hf({**GRID, "canvas_grid_attention": attention}, "x")).eval()
+    assert (model.canvas_grid.relation_bias is not None) == attention == model.config.to_hf().get(
+        "canvas_grid_attention", False)
+    if attention:  # random biases: a zero bias would pass the checks below without being applied
+        torch.nn.init.normal_(model.canvas_grid.relation_bias, std=1.0)
+    prompt = torch.tensor([[1, 5, 6]])
+    canvas = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(1)
+    model.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+    logits = model.decode(canvas, cache, None)
+    # the training pass (clean canvas in the causal pass, noised one decoded) gives the same canvas logits
+    ids = torch.cat([prompt, canvas], dim=1)
+    _, training = model.forward_block_diffusion(ids, torch.ones_like(ids, dtype=torch.bool), 3, canvas, None)
+    torch.testing.assert_close(training, logits, atol=1e-5, rtol=1e-5)
+    if attention:  # the relation biases are read: changing them changes the logits
+        model.canvas_grid.relation_bias[:, :, 7] += 1.0
+        assert (model.decode(canvas, cache, None) - logits).abs().max() > 1e-4
+    torch.nn.init.zeros_(model.canvas_grid.box.weight)  # the box table is read: changing it changes the logits
+    assert (model.decode(canvas, cache, None) - logits).abs().max() > 1e-4
+    tensors = model.hf_tensors()
+    assert {f"model.canvas_grid.{n}.weight" for n in ("row", "col", "box")} <= set(tensors)
+    with torch.device("meta"):
+        again = Model(Config.from_hf(model.config.to_hf(), "x"))
+    again.load_hf_tensors(tensors, "x")
+    torch.testing.assert_close(again.decode(canvas, cache, None), model.decode(canvas, cache, None), atol=0, rtol=0)
+
+
+def test_grid_relation_bias_sits_on_the_right_cell_pairs() -> None:
+    torch.manual_seed(0)
+    grid = Model(Config.from_hf({**GRID, "canvas_grid_attention": True}, "x")).canvas_grid
+    torch.nn.init.normal_(grid.relation_bias)
+    keys = 3 + 16  # three cached positions, then the 4 x 4 canvas
+    mask = torch.ones(2, 1, 16, keys, dtype=torch.bool)
+    mask[1, :, :, 0] = False  # row 1's first cached position is padding
+    bias = grid.attention_bias(1, mask, 16, keys, torch.float32)
+    assert bias.shape == (2, 4, 16, keys) and torch.isinf(bias[1, :, :, 0]).all() and (bias[:, :, :, 1:3] == 0).all()
+    # 4 x 4 grid of 2 x 2 boxes: code = 4 * same row + 2 * same column + same box
+    for (a, b), code in {(0, 0): 7, (0, 1): 5, (0, 2): 4, (0, 4): 3, (0, 8): 2, (0, 5): 1, (0, 15): 0}.items():
+        torch.testing.assert_close(bias[0, :, a, 3 + b], grid.relation_bias[1, :, code])

@@ -11,7 +11,7 @@ import torch
 
 import canvaslm
 from canvaslm.sudoku import board as sudoku
-from canvaslm.sudoku.solver import solve
+from canvaslm.sudoku.solver import DECODING, solve
 from canvaslm.train.config import load_config
 from canvaslm.train.tasks import make_task
 from canvaslm.train.trainer import train
@@ -31,8 +31,8 @@ def test_diffusion_batch_noises_and_scores_only_blank_cells(tmp_path):
     assert torch.equal(batch.supervised, blanks) and 0 < int(blanks.sum()) < blanks.numel()
 
 
-@pytest.mark.parametrize("name", ["diffusion", "ar"])
-def test_both_tasks_train_evaluate_and_export_a_solver(tmp_path, name):
+@pytest.mark.parametrize("name", ["diffusion", "ar", "grid"])
+def test_every_task_trains_evaluates_and_exports_a_solver(tmp_path, name):
     config = load_config(EXAMPLES / f"{name}.toml", TINY + [f"train.out_dir={tmp_path}"])
     result = train(config, make_task(config))
     assert 0 <= result["eval_solve_rate"] <= 1 and result["eval_forward_passes"] >= 1
@@ -41,3 +41,41 @@ def test_both_tasks_train_evaluate_and_export_a_solver(tmp_path, name):
     answer = solve(lm, [sudoku.parse(puzzle)])[0]
     # an untrained model solves nothing, but every given is kept in place
     assert all(a == c for a, c in zip(answer.solution, puzzle) if c not in ".0")
+    if lm.kind == "diffusion":  # the exported model decodes as the solver's DECODING says unless told otherwise
+        assert {k: getattr(lm.diffusion_defaults, k) for k in DECODING} == DECODING
+
+
+def test_grid_loss_scores_masked_blanks_only(tmp_path):
+    """A grid model's loss reads no prompt (the givens are in the canvas) and scores only masked blanks."""
+    import dataclasses
+
+    from canvaslm.train.sudoku_tasks import grid_loss
+    from canvaslm.train.trainer import build_model
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}"])
+    task, model = make_task(config), build_model(config.model)
+    batch = task.batch(0, 0, torch.Generator().manual_seed(0))
+    loss, metrics = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
+    assert loss.requires_grad and 0 < metrics["mean_t"] < 1
+    other = batch.input_ids.clone()
+    other[:, 1:82] = sudoku.BLANK                         # a different prompt: not read
+    again, _ = grid_loss(model, dataclasses.replace(batch, input_ids=other), sudoku.MASK,
+                         torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again, loss, atol=0, rtol=0)
+    none, _ = grid_loss(model, dataclasses.replace(batch, supervised=torch.zeros_like(batch.supervised)),
+                        sudoku.MASK, torch.Generator().manual_seed(1))
+    assert none.item() == 0.0  # nothing to score without blanks
+
+
+def test_grid_model_solves_from_bos_alone(tmp_path):
+    from canvaslm.engine.lm import LM
+    from canvaslm.sudoku.solver import is_grid_model
+    from canvaslm.train.trainer import build_model
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}"])
+    lm = LM(build_model(config.model).eval(), sudoku.tokenizer(), "tiny grid model")
+    assert is_grid_model(lm) and sudoku.prompt_ids("." * 81, grid=True) == [sudoku.BOS]
+    puzzle, _ = next(sudoku.puzzles("easy", 1, 5))
+    lm.network.config.mask_token_id = sudoku.MASK
+    answer = solve(lm, [sudoku.parse(puzzle)])[0]
+    assert len(answer.solution) == 81 and all(a == c for a, c in zip(answer.solution, puzzle) if c not in ".0")
