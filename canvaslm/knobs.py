@@ -89,6 +89,9 @@ KNOBS: tuple[Knob, ...] = (
          "~4x less sampler time on a CPU) or greedy (each position's most likely token; the temperature then only "
          "shapes the confidence the acceptance rule reads: puzzles, where a sampled slip is an error)", "diffusion",
          choices=SAMPLERS),
+    Knob("revise_probability", float, 0.0, "masked models trained to revise (Sudoku's data.revision_p): a kept "
+         "token changes to the model's most likely token when that one differs and has at least this probability; "
+         "0 = a kept token is final", "diffusion", low=0, high=1),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 

@@ -67,12 +67,16 @@ def entropy_bound_accept(token_entropy: Tensor, bound: float) -> Tensor:
     return torch.zeros_like(selected).scatter(-1, order, selected)
 
 
-def threshold_accept(probs: Tensor, threshold: float) -> Tensor:
+def threshold_accept(probs: Tensor, threshold: float, free: Tensor | None = None) -> Tensor:
     """Accept tokens whose top probability is >= threshold, and always the most confident one (Fast-dLLM).
 
-    probs [B, C, V] -> [B, C] bool."""
+    probs [B, C, V] -> [B, C] bool. `free` [B, C] bool marks the positions still undecided (a masked model's mask
+    tokens): the most confident one is taken among them, since a kept token or a pin is certain and would
+    otherwise always be "the most confident", leaving a step that keeps nothing new (and, with a greedy sampler,
+    every later step too)."""
     top = probs.amax(dim=-1)
-    best = torch.zeros_like(top, dtype=torch.bool).scatter(-1, top.argmax(dim=-1, keepdim=True), True)
+    ranked = top if free is None else top.masked_fill(~free, -1.0)
+    best = torch.zeros_like(top, dtype=torch.bool).scatter(-1, ranked.argmax(dim=-1, keepdim=True), True)
     return (top >= threshold) | best
 
 
@@ -84,21 +88,24 @@ def top_k_accept(token_entropy: Tensor, k: int) -> Tensor:
     return torch.zeros_like(token_entropy, dtype=torch.bool).scatter(-1, order, True)
 
 
-def factor_accept(probs: Tensor, factor: float) -> Tensor:
+def factor_accept(probs: Tensor, factor: float, free: Tensor | None = None) -> Tensor:
     """Fast-dLLM v2's factor rule: with top probabilities sorted c_1 >= c_2 >= ..., accept the longest prefix with
     c_n >= 1 - factor / (n + 1) (the (n + 1) * eps <= 1 bound of its parallel-decoding theorem, with slack).
 
-    probs [B, C, V] -> [B, C] bool; the most confident token is always accepted."""
-    top, order = probs.amax(dim=-1).sort(dim=-1, descending=True)
+    probs [B, C, V] -> [B, C] bool; the most confident token is always accepted. With `free` (as in
+    `threshold_accept`) only the undecided positions are ranked: decided ones would fill the prefix."""
+    top = probs.amax(dim=-1)
+    top, order = (top if free is None else top.masked_fill(~free, -1.0)).sort(dim=-1, descending=True)
     n = torch.arange(1, top.shape[-1] + 1, device=top.device, dtype=top.dtype)
     ok = (top >= 1 - factor / (n + 1)).cumprod(dim=-1).bool()
     ok[..., 0] = True
     return torch.zeros_like(ok).scatter(-1, order, ok)
 
 
-def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1) -> Tensor:
+def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1,
+           free: Tensor | None = None) -> Tensor:
     """The tokens denoising step `step` (1-based) keeps under `settings.acceptance`: [B, C, V] tempered logits
-    -> [B, C] bool."""
+    -> [B, C] bool. `free` [B, C] bool: the positions still undecided (a masked model's mask tokens; None: all)."""
     rule = settings.acceptance
     if rule == "entropy_bound":
         return entropy_bound_accept(token_entropy, settings.entropy_bound)
@@ -106,8 +113,9 @@ def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, s
         return top_k_accept(token_entropy, settings.accept_k * step)
     probs = logits.softmax(dim=-1)
     if rule == "threshold":
-        return threshold_accept(probs, settings.accept_probability)
-    return entropy_bound_accept(token_entropy, settings.entropy_bound) | factor_accept(probs, settings.accept_factor)
+        return threshold_accept(probs, settings.accept_probability, free)
+    bounded = entropy_bound_accept(token_entropy, settings.entropy_bound)
+    return bounded | factor_accept(probs, settings.accept_factor, free)
 
 
 def random_canvas(batch_size: int, canvas_length: int, vocab_size: int, generator: torch.Generator | None,
@@ -124,6 +132,20 @@ def renoise(canvas: Tensor, accepted: Tensor, vocab_size: int, generator: torch.
     """Replace every non-accepted position with fresh noise (a uniformly random token, or the mask token)."""
     noise = random_canvas(*canvas.shape, vocab_size, generator, canvas.device, mask_token_id)
     return torch.where(accepted, canvas, noise)
+
+
+def revise(canvas: Tensor, previous: Tensor, logits: Tensor, pins: Tensor | None, mask_token_id: int,
+           probability: float) -> tuple[Tensor, Tensor]:
+    """Revision for masked models trained to correct their canvas (wrong tokens in training inputs): a token kept
+    in an earlier step (not a pin) changes to the model's most likely token at that position when that one differs
+    and has at least `probability`. `logits` [B, C, V] are this step's tempered, allowed-masked logits as the model
+    gave them (before carry-over). Returns (canvas [B, C], revised [B, C] bool)."""
+    top, best = logits.softmax(dim=-1).max(dim=-1)
+    kept = previous != mask_token_id
+    if pins is not None:
+        kept &= pins < 0
+    revised = kept & (best != previous) & (top >= probability)
+    return torch.where(revised, best, canvas), revised
 
 
 def pin(logits: Tensor, fixed: Tensor) -> Tensor:

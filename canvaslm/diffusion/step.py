@@ -3,10 +3,11 @@
 `generate_steps` (every row of a batch at the same step) and the serving engine (each sequence at its own step)
 both advance a canvas with `denoise_step`, so they draw the same random numbers in the same order and cannot drift:
 
-    temperature -> allowed tokens -> pins -> carry-over -> propose -> accept -> re-noise -> argmax -> hold -> stop test
+    temperature -> allowed tokens -> pins -> carry-over -> propose -> accept -> re-noise -> revise -> argmax -> hold
+    -> stop test
 
 (A masked model's draft shows the tokens it kept rather than their argmax, and its canvas stops as soon as no mask
-is left: the pass the stability test would spend after that can only repeat the canvas.)
+is left and nothing was revised: the pass the stability test would spend after that can only repeat the canvas.)
 
 The pieces are the pure functions of `canvaslm.diffusion.sampling`; this module only composes them.
 """
@@ -27,6 +28,7 @@ from canvaslm.diffusion.sampling import (
     propose,
     random_canvas,
     renoise,
+    revise,
     stable_and_confident,
     temperature_at,
 )
@@ -137,12 +139,18 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # a drawn mask token would read as "still masked": never propose it
         logits[..., mask_token_id] = float("-inf")  # in place: carry_over returned a new tensor
     proposal, token_entropy = propose(logits, settings, generator)
-    accepted = accept(logits, token_entropy, settings, step)
+    free = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
+    accepted = accept(logits, token_entropy, settings, step, free)
     if state.pins is not None:  # top-k and the like may not pick every pinned position
         accepted |= state.pins >= 0
     canvas = renoise(proposal, accepted, vocab_size, generator, mask_token_id)
+    revised = None
+    if mask_token_id is not None and settings.revise_probability > 0:
+        canvas, revised = revise(canvas, state.canvas, constrained, state.pins, mask_token_id,
+                                 settings.revise_probability)
+        accepted = accepted | revised
     draft = logits.argmax(dim=-1)
-    if mask_token_id is not None:  # absorbing state: a kept token is final, so the draft shows it (not the argmax)
+    if mask_token_id is not None:  # absorbing state: a kept token stands, so the draft shows it (not the argmax)
         draft = torch.where(canvas != mask_token_id, canvas, draft)
     if hold is not None and bool(hold.any()):
         canvas, draft = torch.where(hold, state.draft, canvas), torch.where(hold, state.draft, draft)
@@ -154,7 +162,8 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
     stop, history = stable_and_confident(state.history, draft, token_entropy, settings.confidence_threshold)
     if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
-        stop = stop | (canvas != mask_token_id).all(dim=-1)
+        settled = (canvas != mask_token_id).all(dim=-1)
+        stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read
     new = dataclasses.replace(state, canvas=canvas, draft=draft, history=history, stopped=stopped | stop,
                               sc_logits=logits.to(sc_dtype), step=step)
     return StepOutcome(new, accepted, token_entropy, constrained)

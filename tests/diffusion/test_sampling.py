@@ -179,3 +179,61 @@ def test_greedy_sampler_proposes_the_argmax_with_the_same_entropy():
     tokens, h = propose(logits, DiffusionSampling(sampler="greedy"), torch.Generator().manual_seed(0))
     _, h_ref = propose(logits, DiffusionSampling(), torch.Generator().manual_seed(0))
     assert (tokens == torch.tensor([0, 1])).all() and torch.allclose(h, h_ref, atol=1e-6)
+
+
+def test_a_masked_canvas_keeps_a_new_token_every_step_under_every_rule():
+    """A masked model's kept tokens and pins are certain (probability 1): the rules that always keep "the most
+    confident" token must find it among the undecided positions, or a step keeps nothing new (and, greedy, every
+    later step too: the canvas would stall until max_denoising_steps)."""
+    from canvaslm.diffusion.sampling import accept, carry_over, factor_accept, threshold_accept
+
+    mask = 4
+    canvas = torch.tensor([[2, mask, 1, mask]])
+    logits = carry_over(torch.tensor([[[0.0, 0.3, 0.1, 0.0, -9.0]] * 4]), canvas, mask)
+    probs = logits.softmax(-1)
+    free = canvas == mask
+    assert threshold_accept(probs, 0.9)[free].sum() == 0  # without `free`: nothing new
+    assert threshold_accept(probs, 0.9, free)[free].sum() == 1
+    assert factor_accept(probs, 1.0, free)[free].sum() >= 1
+    for rule in ("threshold", "adaptive", "entropy_bound"):
+        settings = DiffusionSampling(acceptance=rule, accept_probability=0.99, entropy_bound=1e-6)
+        assert accept(logits, entropy(logits), settings, 1, free)[free].sum() >= 1, rule
+
+
+def test_revision_changes_kept_tokens_the_model_is_sure_are_wrong():
+    from canvaslm.diffusion.sampling import revise
+
+    mask, vocab = 4, 5
+    previous = torch.tensor([[1, 1, 1, mask, 2]])
+    pins = torch.tensor([[-1, -1, -1, -1, 2]])
+    logits = torch.full((1, 5, vocab), -9.0)
+    logits[0, 0, 3] = 9.0    # sure it is 3, not 1: revised
+    logits[0, 1, [1, 3]] = 0.0  # 1 or 3 at even odds: kept
+    logits[0, 2, 1] = 9.0    # agrees: kept
+    logits[0, 3, 0] = 9.0    # still masked: not a revision (acceptance decides)
+    logits[0, 4, 0] = 9.0    # a pin: never revised
+    canvas = previous.clone()
+    canvas[0, 3] = 0         # what this step accepted
+    out, revised = revise(canvas, previous, logits, pins, mask, 0.9)
+    assert revised.tolist() == [[True, False, False, False, False]]
+    assert out.tolist() == [[3, 1, 1, 0, 2]]
+
+
+def test_a_revising_canvas_stops_only_after_a_pass_that_changes_nothing():
+    from canvaslm.diffusion.step import denoise_step, start_canvas
+
+    mask, vocab = 4, 5
+    settings = DiffusionSampling(sampler="greedy", t_max=1.0, t_min=0.99, acceptance="threshold",
+                                 revise_probability=0.9)
+    state = start_canvas(1, 3, vocab, settings, None, torch.device("cpu"), mask)
+    state.canvas = torch.tensor([[1, 1, mask]])
+    sure = torch.full((1, 3, vocab), -9.0)
+    sure[0, :, 1] = 9.0
+    sure[0, 0, 1], sure[0, 0, 2] = -9.0, 9.0       # position 0 should be 2
+    outcome = denoise_step(state, sure, settings, None, vocab_size=vocab, mask_token_id=mask)
+    assert outcome.state.canvas.tolist() == [[2, 1, 1]] and not bool(outcome.state.stopped.any())
+    again = denoise_step(outcome.state, sure, settings, None, vocab_size=vocab, mask_token_id=mask)
+    assert again.state.canvas.tolist() == [[2, 1, 1]] and bool(again.state.stopped.all())
+    plain = denoise_step(state, sure, settings.replace(revise_probability=0.0), None, vocab_size=vocab,
+                         mask_token_id=mask)
+    assert plain.state.canvas.tolist() == [[1, 1, 1]] and bool(plain.state.stopped.all())  # kept tokens stand

@@ -79,3 +79,35 @@ def test_grid_model_solves_from_bos_alone(tmp_path):
     lm.network.config.mask_token_id = sudoku.MASK
     answer = solve(lm, [sudoku.parse(puzzle)])[0]
     assert len(answer.solution) == 81 and all(a == c for a, c in zip(answer.solution, puzzle) if c not in ".0")
+
+
+def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_path):
+    """revision_p: some unmasked blanks read a wrong digit (never their own, never on a given), and every blank
+    is scored, so the model learns to correct what it reads."""
+    from canvaslm.train.sudoku_tasks import grid_loss
+    from canvaslm.train.trainer import build_model
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=64"])
+    task, model = make_task(config), build_model(config.model)
+    batch = task.batch(0, 0, torch.Generator().manual_seed(0))
+    seen = []
+    decode = model.decode
+    model.decode = lambda canvas, cache, sc: seen.append(canvas.clone()) or decode(canvas, cache, sc)
+    clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised
+    _, plain = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
+    assert "corrected" not in plain and bool(((seen[0] == clean) | (seen[0] == sudoku.MASK)).all())
+    loss, metrics = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1), revision_p=0.3)
+    noised = seen[1]
+    wrong = (noised != clean) & (noised != sudoku.MASK)
+    assert loss.requires_grad and 0 <= metrics["corrected"] <= 1
+    assert bool((wrong <= blanks).all()) and bool(torch.isin(noised[wrong], torch.tensor(sudoku.DIGIT_IDS)).all())
+    shown = blanks & (noised != sudoku.MASK)
+    assert 0.2 < wrong.sum() / shown.sum() < 0.4  # about revision_p of the blanks left unmasked
+
+
+def test_bad_revision_p_names_the_field(tmp_path):
+    from canvaslm.train.config import ConfigError
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "data.revision_p=1.5"])
+    with pytest.raises(ConfigError, match="data.revision_p"):
+        make_task(config)
