@@ -41,6 +41,9 @@ def givens(puzzles: Sequence[Sequence[int]], device: torch.device | str = "cpu")
 # measurement (docs/sudoku.md): 0.999 solves far more than 0.9 or 0.99 for a few more passes.
 DECODING: dict[str, float | int | str] = {"sampler": "greedy", "t_max": 1.0, "t_min": 0.99, "acceptance": "threshold",
                                           "accept_probability": 0.999, "max_denoising_steps": 81}
+# ... and for a model trained to revise (data.revision_p > 0): a kept digit changes when the model is this sure of
+# another one
+REVISING: dict[str, float | int | str] = {**DECODING, "revise_probability": 0.9}
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from canvaslm.checkpoints import hf
 from canvaslm.engine.lm import LM
 from canvaslm.errors import TrainingError
 from canvaslm.sudoku import board as sudoku
-from canvaslm.sudoku.solver import DECODING, solve
+from canvaslm.sudoku.solver import DECODING, REVISING, solve
 from canvaslm.train.batch import DiffusionBatch, collate
 from canvaslm.train.config import ConfigError, TrainConfig, read_section
 from canvaslm.train.diffusion_tasks import BlockDiffusionTask, EvalOptions
@@ -94,6 +95,7 @@ class SudokuTask(BlockDiffusionTask):
 
     def __init__(self, config: TrainConfig) -> None:
         self.sudoku = _SudokuData(config)
+        self.generation_defaults = REVISING if self.sudoku.data.revision_p > 0 else DECODING
         super().__init__(config, sudoku.tokenizer(), sudoku.EOS, sudoku.PAD)
         if self.canvas_length != 81:
             raise ConfigError(config.source, "model.diffusion_canvas_length", "wrong canvas length",
@@ -135,7 +137,7 @@ class SudokuTask(BlockDiffusionTask):
                                           torch.Generator(device).manual_seed(self.seed))[0])}
         n = self.eval_options.sample_examples
         if n:
-            result.update(_solve_rate(model, held_out[:n]))
+            result.update(_solve_rate(model, held_out[:n], self.generation_defaults))
         return result
 
 
@@ -208,7 +210,8 @@ class SudokuARTask:
         result = {"loss": float(self.loss(model, full, torch.Generator())[0])}
         n = self.eval_options.sample_examples
         if n:
-            result.update(_solve_rate(model, [(sudoku.encode_puzzle(p), []) for p, _ in self._held_out[:n]]))
+            result.update(_solve_rate(model, [(sudoku.encode_puzzle(p), []) for p, _ in self._held_out[:n]],
+                                      DECODING))
         return result
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
@@ -216,10 +219,11 @@ class SudokuARTask:
         sudoku.tokenizer().to_dir(out_dir)
 
 
-def _solve_rate(model: nn.Module, examples: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+def _solve_rate(model: nn.Module, examples: list[tuple[list[int], list[int]]], decoding: dict[str, Any]
+                ) -> dict[str, float]:
     """solve_rate (valid grids keeping the givens, by the model alone, as `canvaslm sudoku eval` solves with an
-    exported model's default decoding) and the forward passes per puzzle."""
+    exported model's default `decoding`) and the forward passes per puzzle."""
     puzzles = [sudoku.decode_cells(prompt[1:]) for prompt, _ in examples]
-    answers = solve(LM(model, sudoku.tokenizer(), "the model in training", DECODING), puzzles)
+    answers = solve(LM(model, sudoku.tokenizer(), "the model in training", decoding), puzzles)
     return {"solve_rate": sum(a.solved for a in answers) / len(answers),
             "forward_passes": sum(a.forward_passes for a in answers) / len(answers)}

@@ -105,8 +105,15 @@ def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_p
     assert 0.2 < wrong.sum() / shown.sum() < 0.4  # about revision_p of the blanks left unmasked
 
 
-def test_bad_revision_p_names_the_field(tmp_path):
+def test_a_model_trained_to_revise_decodes_with_revision_and_a_bad_revision_p_names_the_field(tmp_path):
+    from canvaslm.sudoku.solver import REVISING
     from canvaslm.train.config import ConfigError
+
+    plain = make_task(load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}"]))
+    revising = make_task(load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}",
+                                                                      "data.revision_p=0.1"]))
+    assert plain.generation_defaults == DECODING and revising.generation_defaults == REVISING
+    assert REVISING["revise_probability"] > 0 and "revise_probability" not in DECODING
 
     config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "data.revision_p=1.5"])
     with pytest.raises(ConfigError, match="data.revision_p"):
