@@ -91,8 +91,6 @@ class SudokuTask(BlockDiffusionTask):
     """Block diffusion: prompt = the givens (`<bos>` alone for a grid model), one canvas = the 81 digits of the
     solution."""
 
-    generation_defaults = DECODING
-
     def __init__(self, config: TrainConfig) -> None:
         self.sudoku = _SudokuData(config)
         self.generation_defaults = REVISING if self.sudoku.data.revision_p > 0 else DECODING
