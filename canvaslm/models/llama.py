@@ -299,6 +299,12 @@ class SelfConditioning(MLP):
     def __init__(self, config: Config) -> None:
         super().__init__(config, bias=False)
         self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.reset()
+
+    def reset(self) -> None:
+        """Untrained, the block must add nothing: a model trained without self-conditioning still receives the
+        previous step's logits when it samples, and a random block would add noise it never saw."""
+        nn.init.zeros_(self.down_proj.weight)
 
     def forward(self, embeds: Tensor, soft_embeds: Tensor) -> Tensor:  # [B, C, H] both
         return embeds + super().forward(self.pre_norm(soft_embeds))
@@ -567,9 +573,7 @@ class Model(nn.Module):
         self.config = dataclasses.replace(self.config, canvas_length=canvas_length)
         if self.self_conditioning is None:
             weight = self.embed_tokens.weight
-            block = SelfConditioning(self.config).to(weight.device, weight.dtype)
-            nn.init.zeros_(block.down_proj.weight)
-            self.self_conditioning = block
+            self.self_conditioning = SelfConditioning(self.config).to(weight.device, weight.dtype)
         return self
 
     # -- checkpoint tensors, named as in transformers' LlamaForCausalLM ------------------------------------------

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from canvaslm.checkpoints import hf
+from canvaslm.diffusion.sampling import carry_over
 from canvaslm.engine.lm import LM
 from canvaslm.errors import TrainingError
 from canvaslm.sudoku import board as sudoku
@@ -124,7 +125,8 @@ class SudokuTask(BlockDiffusionTask):
         if self.options.absorbing_token is None:
             raise TrainingError('a grid model trains with masked noise: set objective.kind = "masked" and '
                                 f"objective.mask_token_id = {sudoku.MASK}")
-        return grid_loss(model, batch, self.options.absorbing_token, generator, self.sudoku.data.revision_p)
+        return grid_loss(model, batch, self.options.absorbing_token, generator, self.sudoku.data.revision_p,
+                         self.options.self_conditioning_p)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -140,7 +142,7 @@ class SudokuTask(BlockDiffusionTask):
 
 
 def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, generator: torch.Generator,
-              revision_p: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+              revision_p: float = 0.0, self_conditioning_p: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """Masked diffusion on the blanks of a grid model, through the inference path itself: `encode` of `<bos>`,
     then `decode` of the canvas with the givens in place and each blank masked with probability t ~ U(0, 1) per
     puzzle; cross-entropy averaged over the masked blanks (no 1/t weight: the reveal order at inference is
@@ -148,7 +150,11 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     canvas holds the givens. 82 tokens per puzzle instead of the 244 of `block_diffusion_loss`.
 
     With `revision_p` > 0 each unmasked blank holds a wrong digit with that probability, and the cross-entropy
-    covers every blank: the model learns which digits it reads are wrong (what decoding's revision acts on)."""
+    covers every blank: the model learns which digits it reads are wrong (what decoding's revision acts on).
+
+    With `self_conditioning_p` > 0 that share of the puzzles is decoded twice: the second pass reads the first
+    one's beliefs as sampling feeds back the previous step's (`denoise_step`: kept cells certain, the mask never
+    proposed), so the model learns to refine its own candidate digits from pass to pass."""
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised                    # [B, 81]
     t = torch.rand(clean.shape[0], 1, generator=generator, device=generator.device).to(clean.device)
     noised, masked = corrupt(clean, blanks, t.expand_as(clean), model.vocab_size, mask_token_id, generator)
@@ -166,7 +172,14 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     # flash kernel's backward took 1.5 s of 3.4 s; with the math kernel the whole step took 2.2 s
     with sdpa_kernel([SDPBackend.MATH]):
         model.encode(bos, cache, torch.ones_like(bos, dtype=torch.bool))
-        logits = model.decode(noised, cache, None)[scored]                                       # [N, V]
+        beliefs, rows = None, None
+        if self_conditioning_p > 0:
+            rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
+            rows = rows < self_conditioning_p
+            with torch.no_grad():
+                beliefs = carry_over(model.decode(noised, cache, None), noised, mask_token_id)
+                beliefs[..., mask_token_id] = float("-inf")
+        logits = model.decode(noised, cache, beliefs, rows)[scored]                                # [N, V]
     targets = clean[scored]
     loss = F.cross_entropy(logits, targets) if len(targets) else logits.sum() * 0
     right = logits.argmax(-1) == targets

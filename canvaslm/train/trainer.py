@@ -126,6 +126,8 @@ def build_model(config: ModelConfig, source: str = "<config>") -> nn.Module:
                 nn.init.normal_(module.weight, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if network.self_conditioning is not None:  # a grid model is built in diffusion mode: its block starts as 0
+            network.self_conditioning.reset()
         network = network.to(dtype)
     if config.diffusion_canvas_length is not None:
         network.to_diffusion(config.diffusion_canvas_length)

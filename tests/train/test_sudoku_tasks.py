@@ -81,6 +81,48 @@ def test_grid_model_solves_from_bos_alone(tmp_path):
     assert len(answer.solution) == 81 and all(a == c for a, c in zip(answer.solution, puzzle) if c not in ".0")
 
 
+def test_an_untrained_self_conditioning_block_adds_nothing(tmp_path):
+    """A grid model is built in diffusion mode; trained without self-conditioning, its block never learns, yet
+    sampling feeds it the previous step's logits from the second pass on: it must be an exact identity (a random
+    one cost the session-7 model 22 points of hard puzzles)."""
+    from canvaslm.train.trainer import build_model
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}"])
+    model = build_model(config.model).eval()
+    assert not bool(model.self_conditioning.down_proj.weight.any())
+    canvas = torch.randint(3, 14, (2, 81))
+    cache = model.new_cache(2, torch.device("cpu"))
+    bos = torch.full((2, 1), sudoku.BOS)
+    model.encode(bos, cache, torch.ones_like(bos, dtype=torch.bool))
+    previous = torch.randn(2, 81, model.vocab_size)
+    torch.testing.assert_close(model.decode(canvas, cache, previous), model.decode(canvas, cache, None),
+                               atol=0, rtol=0)
+
+
+def test_grid_loss_with_self_conditioning_feeds_the_first_pass_beliefs(tmp_path):
+    from canvaslm.train.sudoku_tasks import grid_loss
+    from canvaslm.train.trainer import build_model
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=32"])
+    task, model = make_task(config), build_model(config.model)
+    batch = task.batch(0, 0, torch.Generator().manual_seed(0))
+    calls = []
+    decode = model.decode
+    model.decode = lambda canvas, cache, sc, rows=None: calls.append((canvas.clone(), sc, rows)) or decode(
+        canvas, cache, sc, rows)
+    grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
+    assert len(calls) == 1 and calls[0][1] is None
+    calls.clear()
+    loss, _ = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1), self_conditioning_p=0.5)
+    (canvas, first, _), (again, beliefs, rows) = calls
+    assert first is None and torch.equal(canvas, again) and loss.requires_grad and not beliefs.requires_grad
+    assert 0 < int(rows.sum()) < len(rows)  # about half the puzzles read the first pass
+    kept = canvas != sudoku.MASK  # givens and unmasked blanks: certain, as in sampling; the mask never proposed
+    assert bool((beliefs.argmax(-1)[kept] == canvas[kept]).all())
+    assert bool((beliefs[..., sudoku.MASK] == -torch.inf).all())
+    assert bool((beliefs.softmax(-1).amax(-1)[kept] == 1).all())
+
+
 def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_path):
     """revision_p: some unmasked blanks read a wrong digit (never their own, never on a given), and every blank
     is scored, so the model learns to correct what it reads."""
@@ -92,7 +134,7 @@ def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_p
     batch = task.batch(0, 0, torch.Generator().manual_seed(0))
     seen = []
     decode = model.decode
-    model.decode = lambda canvas, cache, sc: seen.append(canvas.clone()) or decode(canvas, cache, sc)
+    model.decode = lambda canvas, cache, sc, rows=None: seen.append(canvas.clone()) or decode(canvas, cache, sc, rows)
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised
     _, plain = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
     assert "corrected" not in plain and bool(((seen[0] == clean) | (seen[0] == sudoku.MASK)).all())
@@ -118,3 +160,21 @@ def test_a_model_trained_to_revise_decodes_with_revision_and_a_bad_revision_p_na
     config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "data.revision_p=1.5"])
     with pytest.raises(ConfigError, match="data.revision_p"):
         make_task(config)
+
+
+def test_grid_sc_config_continues_the_bundled_model_and_trains_its_self_conditioning(tmp_path):
+    from safetensors.torch import load_file
+
+    from canvaslm.loading.registry import resolve
+
+    overrides = ["data.pool={easy = 6}", 'data.held_out="easy"', "optim.max_steps=1", "optim.batch_size=4",
+                 "optim.warmup_steps=1", "train.eval_every=1", "train.save_every=1", "eval.examples=3",
+                 "eval.sample_examples=3", "objective.self_conditioning_p=1.0", f"train.out_dir={tmp_path}"]
+    config = load_config(EXAMPLES / "grid-sc.toml", overrides)
+    train(config, make_task(config))
+    bundled = load_file(resolve("sudoku") / "model.safetensors")
+    trained = load_file(tmp_path / "model" / "model.safetensors")
+    relation = "model.canvas_grid.relation_bias"
+    torch.testing.assert_close(trained[relation].float(), bundled[relation].float(), atol=0.02, rtol=0)
+    block = "model.self_conditioning.down_proj.weight"
+    assert not bool(bundled[block].any()) and bool(trained[block].any())  # one step moved it off the identity
