@@ -576,6 +576,36 @@ class Model(nn.Module):
             self.self_conditioning = SelfConditioning(self.config).to(weight.device, weight.dtype)
         return self
 
+    def deepened(self, num_layers: int) -> Model:
+        """A deeper model that computes what this one does (depth up-scaling): with f = num_layers / this model's
+        layers, layer i becomes layers f·i … f·i + f − 1. The copies keep the source layer's weights (q/k/v,
+        gate/up, norms, grid relation biases: features already useful) except their output projections (attention
+        o_proj, MLP down_proj), which start at zero, so each copy adds nothing until trained."""
+        layers = self.config.num_hidden_layers
+        if num_layers % layers or num_layers < layers:
+            raise ValueError(f"a model of {layers} layers deepens to a multiple of {layers}, not {num_layers}")
+        factor = num_layers // layers
+        config = dataclasses.replace(self.config, num_hidden_layers=num_layers,
+                                     layer_types=[t for t in self.config.layer_types for _ in range(factor)])
+        weight = self.embed_tokens.weight
+        with torch.device("meta"):
+            deeper = Model(config)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if not name.startswith("layers."):
+                state[name] = tensor
+                continue
+            index, rest = name.split(".", 2)[1:]
+            for copy in range(factor):
+                silent = copy > 0 and rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                state[f"layers.{int(index) * factor + copy}.{rest}"] = torch.zeros_like(tensor) if silent else tensor
+        bias = state.get("canvas_grid.relation_bias")
+        if bias is not None:
+            state["canvas_grid.relation_bias"] = bias.repeat_interleave(factor, dim=0)
+        deeper.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        deeper.inv_freq = self.inv_freq
+        return deeper.to(weight.device)
+
     # -- checkpoint tensors, named as in transformers' LlamaForCausalLM ------------------------------------------
 
     def load_hf_tensors(self, tensors: Mapping[str, Tensor], path: object) -> Model:

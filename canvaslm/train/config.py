@@ -56,6 +56,9 @@ class ModelConfig:
     source: str | None = None                    # HF directory, .gguf file or registered name
     init: dict[str, Any] | None = None           # llama config.json fields of a randomly initialised model
     diffusion_canvas_length: int | None = field(default=None, metadata=POSITIVE)  # to_diffusion(n) an AR model
+    # layers to deepen a Llama-family model to (a multiple of its own): each layer followed by copies that add
+    # nothing until trained (`Model.deepened`), so a run continues a smaller trained model with more depth
+    deepen_to: int | None = field(default=None, metadata=POSITIVE)
     dtype: str = field(default="float32", metadata={"choices": DTYPES})  # weights (and AdamW master) dtype
 
 

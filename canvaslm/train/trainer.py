@@ -129,6 +129,14 @@ def build_model(config: ModelConfig, source: str = "<config>") -> nn.Module:
         if network.self_conditioning is not None:  # a grid model is built in diffusion mode: its block starts as 0
             network.self_conditioning.reset()
         network = network.to(dtype)
+    if config.deepen_to is not None:
+        if not isinstance(network, llama.Model):
+            raise ConfigError(source, "model.deepen_to", "only Llama-family models can be deepened",
+                              found=type(network).__name__)
+        try:
+            network = network.deepened(config.deepen_to)
+        except ValueError as error:
+            raise ConfigError(source, "model.deepen_to", str(error), found=config.deepen_to) from None
     if config.diffusion_canvas_length is not None:
         network.to_diffusion(config.diffusion_canvas_length)
     return network

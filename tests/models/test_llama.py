@@ -268,3 +268,33 @@ def test_grid_relation_bias_sits_on_the_right_cell_pairs() -> None:
     # 4 x 4 grid of 2 x 2 boxes: code = 4 * same row + 2 * same column + same box
     for (a, b), code in {(0, 0): 7, (0, 1): 5, (0, 2): 4, (0, 4): 3, (0, 8): 2, (0, 5): 1, (0, 15): 0}.items():
         torch.testing.assert_close(bias[0, :, a, 3 + b], grid.relation_bias[1, :, code])
+
+
+@torch.no_grad()
+def test_a_deepened_model_computes_the_same_until_trained_and_its_copies_learn() -> None:
+    torch.manual_seed(0)
+    model = Model(Config.from_hf({**GRID, "canvas_grid_attention": True}, "x")).eval()
+    torch.nn.init.normal_(model.canvas_grid.relation_bias, std=1.0)
+    torch.nn.init.normal_(model.self_conditioning.down_proj.weight, std=0.02)
+    deeper = model.deepened(3 * model.config.num_hidden_layers).eval()
+    assert deeper.config.num_hidden_layers == 3 * model.config.num_hidden_layers == len(deeper.layers)
+    assert deeper.canvas_grid.relation_bias.shape[0] == len(deeper.layers)
+    prompt, canvas = torch.tensor([[1, 5, 6]]), torch.randint(3, VOCAB, (1, 16))
+    previous = torch.randn(1, 16, VOCAB)
+    outputs = []
+    for m in (model, deeper):
+        cache = m.new_cache(1)
+        causal = m.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+        outputs.append((causal, m.decode(canvas, cache, previous)))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    copy = deeper.layers[1]  # a copy: the source's features, output projections at zero
+    torch.testing.assert_close(copy.self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)
+    assert not copy.self_attn.o_proj.weight.any() and not copy.mlp.down_proj.weight.any()
+    with torch.enable_grad():  # the copies receive gradients (through their zero output projections first)
+        cache = deeper.new_cache(1)
+        deeper.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+        deeper.decode(canvas, cache, None).logsumexp(-1).sum().backward()
+    assert copy.self_attn.o_proj.weight.grad.abs().sum() > 0 and copy.mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple"):
+        model.deepened(model.config.num_hidden_layers + 1)

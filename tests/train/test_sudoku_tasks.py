@@ -12,9 +12,9 @@ import torch
 import canvaslm
 from canvaslm.sudoku import board as sudoku
 from canvaslm.sudoku.solver import DECODING, solve
-from canvaslm.train.config import load_config
+from canvaslm.train.config import ConfigError, load_config
 from canvaslm.train.tasks import make_task
-from canvaslm.train.trainer import train
+from canvaslm.train.trainer import build_model, train
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sudoku"
 TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=1",
@@ -31,7 +31,7 @@ def test_diffusion_batch_noises_and_scores_only_blank_cells(tmp_path):
     assert torch.equal(batch.supervised, blanks) and 0 < int(blanks.sum()) < blanks.numel()
 
 
-@pytest.mark.parametrize("name", ["diffusion", "ar", "grid"])
+@pytest.mark.parametrize("name", ["diffusion", "ar", "grid", "ar-5m"])
 def test_every_task_trains_evaluates_and_exports_a_solver(tmp_path, name):
     config = load_config(EXAMPLES / f"{name}.toml", TINY + [f"train.out_dir={tmp_path}"])
     result = train(config, make_task(config))
@@ -162,19 +162,22 @@ def test_a_model_trained_to_revise_decodes_with_revision_and_a_bad_revision_p_na
         make_task(config)
 
 
-def test_grid_sc_config_continues_the_bundled_model_and_trains_its_self_conditioning(tmp_path):
+def test_grid_deep_config_continues_the_bundled_model_twice_as_deep(tmp_path):
     from safetensors.torch import load_file
 
     from canvaslm.loading.registry import resolve
 
     overrides = ["data.pool={easy = 6}", 'data.held_out="easy"', "optim.max_steps=1", "optim.batch_size=4",
                  "optim.warmup_steps=1", "train.eval_every=1", "train.save_every=1", "eval.examples=3",
-                 "eval.sample_examples=3", "objective.self_conditioning_p=1.0", f"train.out_dir={tmp_path}"]
-    config = load_config(EXAMPLES / "grid-sc.toml", overrides)
+                 "eval.sample_examples=3", f"train.out_dir={tmp_path}"]
+    config = load_config(EXAMPLES / "grid-deep.toml", overrides)
     train(config, make_task(config))
     bundled = load_file(resolve("sudoku") / "model.safetensors")
     trained = load_file(tmp_path / "model" / "model.safetensors")
-    relation = "model.canvas_grid.relation_bias"
-    torch.testing.assert_close(trained[relation].float(), bundled[relation].float(), atol=0.02, rtol=0)
-    block = "model.self_conditioning.down_proj.weight"
-    assert not bool(bundled[block].any()) and bool(trained[block].any())  # one step moved it off the identity
+    lm = canvaslm.load(tmp_path / "model")
+    assert lm.network.config.num_hidden_layers == 12 and lm.network.config.canvas_grid == [9, 9, 3, 3]
+    source, copy = "model.layers.1.self_attn.q_proj.weight", "model.layers.3.self_attn.q_proj.weight"
+    torch.testing.assert_close(trained[copy].float(), bundled[source].float(), atol=0.02, rtol=0)
+    assert trained["model.layers.3.mlp.down_proj.weight"].any()  # a copy's silent projection started to learn
+    with pytest.raises(ConfigError, match="deepen_to"):
+        build_model(load_config(EXAMPLES / "grid-deep.toml", overrides + ["model.deepen_to=15"]).model)
