@@ -587,7 +587,6 @@ class Model(nn.Module):
         factor = num_layers // layers
         config = dataclasses.replace(self.config, num_hidden_layers=num_layers,
                                      layer_types=[t for t in self.config.layer_types for _ in range(factor)])
-        weight = self.embed_tokens.weight
         with torch.device("meta"):
             deeper = Model(config)
         state = {}
@@ -602,9 +601,9 @@ class Model(nn.Module):
         bias = state.get("canvas_grid.relation_bias")
         if bias is not None:
             state["canvas_grid.relation_bias"] = bias.repeat_interleave(factor, dim=0)
-        deeper.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        deeper.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)  # on this model's device
         deeper.inv_freq = self.inv_freq
-        return deeper.to(weight.device)
+        return deeper
 
     # -- checkpoint tensors, named as in transformers' LlamaForCausalLM ------------------------------------------
 

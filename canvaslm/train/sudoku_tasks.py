@@ -176,6 +176,7 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
         if self_conditioning_p > 0:
             rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
             rows = rows < self_conditioning_p
+        if rows is not None and bool(rows.any()):  # no row reads them: no first pass
             with torch.no_grad():
                 beliefs = carry_over(model.decode(noised, cache, None), noised, mask_token_id)
                 beliefs[..., mask_token_id] = float("-inf")
