@@ -171,24 +171,30 @@ def generate(difficulty: str, rng: random.Random) -> tuple[str, str]:
             return render(puzzle), render(solution)
 
 
-def transform(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
-    """The same random symmetry of both grids: relabel digits, permute bands, rows within bands, stacks, columns
-    within stacks, and transpose. Keeps validity, uniqueness and the clue count (training-data augmentation)."""
+def symmetry(rng: random.Random) -> tuple[list[int], list[int]]:
+    """A random symmetry of the grid: (order, digits) where cell i of the new grid is cell order[i] of the old
+    one, and digit d becomes digits[d - 1]. Relabels digits, permutes bands, rows within bands, stacks, columns
+    within stacks, and transposes (half the time)."""
     digits = list(range(1, 10))
     rng.shuffle(digits)
-    relabel = {str(d): str(digits[d - 1]) for d in range(1, 10)} | {".": ".", "0": "."}
 
-    def order() -> list[int]:
+    def lines() -> list[int]:
         bands = rng.sample(range(3), 3)
         return [3 * b + r for b in bands for r in rng.sample(range(3), 3)]
 
-    rows, cols, flip = order(), order(), rng.random() < 0.5
+    rows, cols, flip = lines(), lines(), rng.random() < 0.5
+    order = [9 * rows[c] + cols[r] if flip else 9 * rows[r] + cols[c] for r in range(9) for c in range(9)]
+    return order, digits
+
+
+def transform(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
+    """The same random symmetry of both grids (training-data augmentation). Keeps validity, uniqueness and the
+    clue count."""
+    order, digits = symmetry(rng)
+    relabel = {str(d): str(digits[d - 1]) for d in range(1, 10)} | {".": ".", "0": "."}
 
     def apply(grid: str) -> str:
-        cells = [[relabel[grid[9 * r + c]] for c in cols] for r in rows]
-        if flip:
-            cells = [list(col) for col in zip(*cells)]
-        return "".join("".join(row) for row in cells)
+        return "".join(relabel[grid[i]] for i in order)
 
     return apply(puzzle), apply(solution)
 

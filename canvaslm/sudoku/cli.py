@@ -36,6 +36,8 @@ def add_parser(sub: Any, sampling_args: Any) -> None:
         p.add_argument("--constraints", action="store_true", help="also refuse digits a given in the same row, "
                        "column or box holds (reported separately from the model-alone mode)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--views", type=int, default=1, help="read each puzzle in this many symmetric forms and "
+                       "average the model's beliefs (grid models; that many times the compute per pass)")
         sampling_args(p)
 
     solve = commands.add_parser("solve", help="solve the puzzles of a JSONL file")
@@ -102,7 +104,8 @@ def _solve(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
             results[n] = {"error": f"{args.input}: line {n + 1}: {error}"}
     for start in range(0, len(parsed), max(args.batch_size, 1)):
         chunk = parsed[start:start + args.batch_size]
-        answers = solve(lm, [cells for _, cells in chunk], rules=args.constraints, seed=args.seed, **sampling)
+        answers = solve(lm, [cells for _, cells in chunk], rules=args.constraints, seed=args.seed,
+                        views=args.views, **sampling)
         for (n, _), answer in zip(chunk, answers):
             results[n] = {"solution": answer.solution, "forward_passes": answer.forward_passes,
                           "valid": answer.solved}
@@ -133,10 +136,11 @@ def _read_lines(path: str) -> list[str]:
 
 
 def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, seed: int,
-             sampling: dict[str, Any]) -> dict[str, Any]:
-    """Solve rate, blank cells right (vs the unique solution), forward passes per puzzle and seconds per puzzle on
-    n held-out puzzles per difficulty."""
+             sampling: dict[str, Any], views: int = 1) -> dict[str, Any]:
+    """Solve rate, blank cells right (vs the unique solution), forward passes per puzzle, seconds per puzzle and
+    the solve rate by the hardest human technique a puzzle needs, on n held-out puzzles per difficulty."""
     from canvaslm.sudoku.solver import solve
+    from canvaslm.sudoku.techniques import GRADES, grade
 
     out: dict[str, Any] = {}
     for index, difficulty in enumerate(difficulties):
@@ -144,14 +148,20 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
         start, answers = time.perf_counter(), []
         for first in range(0, n, batch_size):
             cells = [sudoku.parse(p) for p, _ in pairs[first:first + batch_size]]
-            answers += solve(lm, cells, rules=rules, seed=seed + first, **sampling)
+            answers += solve(lm, cells, rules=rules, seed=seed + first, views=views, **sampling)
         seconds = time.perf_counter() - start
         blanks = [(a.solution[i], solution[i]) for a, (puzzle, solution) in zip(answers, pairs, strict=True)
                   for i in range(81) if puzzle[i] in ".0"]
+        by_grade: dict[str, list[bool]] = {}
+        for answer, (puzzle, _) in zip(answers, pairs, strict=True):
+            by_grade.setdefault(grade(sudoku.parse(puzzle)), []).append(answer.solved)
         out[difficulty] = {"puzzles": n, "solve_rate": sum(a.solved for a in answers) / n,
                            "blank_cell_accuracy": sum(x == y for x, y in blanks) / max(len(blanks), 1),
                            "forward_passes": sum(a.forward_passes for a in answers) / n,
-                           "seconds_per_puzzle": seconds / n}
+                           "seconds_per_puzzle": seconds / n,
+                           # which puzzles it solves: by the hardest human technique each needs (techniques.py)
+                           "by_technique": {g: {"puzzles": len(by_grade[g]), "solve_rate": sum(by_grade[g]) /
+                                                len(by_grade[g])} for g in GRADES if g in by_grade}}
     return out
 
 
@@ -161,7 +171,7 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
     if unknown or not difficulties:
         raise CanvasError(f"--difficulty: unknown {unknown or 'empty list'}; expected among {sudoku.DIFFICULTIES}")
     report: dict[str, Any] = {"settings": {"puzzles_per_difficulty": args.puzzles, "constraints": args.constraints,
-                                           "seed": args.seed, **sampling}, "models": {}}
+                                           "views": args.views, "seed": args.seed, **sampling}, "models": {}}
     from canvaslm.cli_args import key_values
 
     settings = [key_values(s, "--setting") for s in args.setting] or [{}]
@@ -170,13 +180,15 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
         for setting in settings if lm.kind == "diffusion" else [{}]:
             label = name + "".join(f" {k}={v}" for k, v in setting.items())
             result = evaluate(lm, difficulties, args.puzzles, args.batch_size, args.constraints, args.seed,
-                              {**sampling, **setting})
+                              {**sampling, **setting}, args.views if lm.kind == "diffusion" else 1)
             report["models"][label] = {"kind": lm.kind, "setting": setting,
                                        "parameters": sum(p.numel() for p in lm.network.parameters()), **result}
             for difficulty, row in result.items():
                 print(f"{label}  {difficulty:6s}  solved {row['solve_rate']:.1%}  blanks right "
                       f"{row['blank_cell_accuracy']:.1%}  forward passes "
                       f"{row['forward_passes']:.1f}  {row['seconds_per_puzzle'] * 1000:.1f} ms/puzzle")
+                print("    by technique needed: " + ", ".join(f"{g} {r['solve_rate']:.0%} of {r['puzzles']}"
+                                                          for g, r in row["by_technique"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plot(report, Path(args.out).with_suffix(".png"))
@@ -247,7 +259,8 @@ def _play(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
     if live is not None:
         live.start()
     try:
-        for event in solve_steps(lm, [cells], rules=args.constraints, seed=args.seed, **sampling):
+        for event in solve_steps(lm, [cells], rules=args.constraints, seed=args.seed, views=args.views,
+                                 **sampling):
             if isinstance(event, DenoisingStep) and args.show_canvas:
                 grid = sudoku.decode_cells(event.draft[0].tolist())
                 view = grid_text(cells, grid, event.accepted[0].tolist(), f"step {event.step}/{event.max_steps}")

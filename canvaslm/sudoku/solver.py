@@ -10,8 +10,11 @@ restriction, still no search and no solver; it is reported apart.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +25,7 @@ from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.ar import advance, prefill, sample_next
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
+from canvaslm.models.cache import KVCache
 from canvaslm.sudoku import board as sudoku
 
 _PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 9 or
@@ -44,6 +48,78 @@ DECODING: dict[str, float | int | str] = {"sampler": "greedy", "t_max": 1.0, "t_
 # ... and for a model trained to revise (data.revision_p > 0): a kept digit changes when the model is this sure of
 # another one
 REVISING: dict[str, float | int | str] = {**DECODING, "revise_probability": 0.9}
+
+
+class SymmetricViews:
+    """A grid model that reads each puzzle in `views` symmetric forms at once and answers with their average.
+
+    A symmetry of the grid (`board.symmetry`: digits relabelled, lines and bands permuted, transposed) turns a
+    puzzle into an equivalent one, so the model's beliefs about the original can be read from any of them: each
+    pass decodes every view in one batch (view 0 is the puzzle as given), maps each view's logits back to the
+    original cells and digits, and returns the log of their mean probability, so a digit is sure only where the
+    views agree. The model alone still decides; `views` times the compute per pass, the same number of passes.
+    Wraps the network for `generate_steps`: each batch row becomes `views` rows of the wrapped cache."""
+
+    def __init__(self, network: Any, views: int, seed: int = 0) -> None:
+        if views < 1:
+            raise CanvasError(f"views must be >= 1, got {views}")
+        self.network, self.views = network, views
+        rng = random.Random(seed)
+        symmetries = [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
+        device = network.embed_tokens.weight.device
+        self.order = torch.tensor([order for order, _ in symmetries], device=device)            # [K, 81]
+        token = torch.arange(network.vocab_size)
+        self.relabel = token.repeat(views, 1)                                                  # [K, V]
+        for k, (_, digits) in enumerate(symmetries):
+            self.relabel[k, sudoku.DIGIT_IDS] = torch.tensor(digits) + 3
+        self.relabel = self.relabel.to(device)
+
+    def __getattr__(self, name: str) -> Any:  # canvas_length, vocab_size, mask_token_id, ...: the network's
+        return getattr(self.network, name)
+
+    def new_cache(self, batch_size: int, device: torch.device | None = None) -> KVCache:
+        cache = self.network.new_cache(batch_size * self.views, device)
+        cache.__class__ = _ViewsCache
+        cache.views = self.views  # type: ignore[attr-defined]
+        return cache
+
+    def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor:
+        hidden = self.network.encode(input_ids.repeat_interleave(self.views, 0), cache,
+                                     valid.repeat_interleave(self.views, 0))
+        return hidden[::self.views]
+
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None) -> Tensor:
+        batch, views = canvas_ids.shape[0], self.views
+        order = self.order.repeat(batch, 1)                                                    # [B*K, 81]
+        relabel = self.relabel.repeat(batch, 1)                                                # [B*K, V]
+        # view cell j holds original cell order[j], digit d written as relabel[d]
+        canvas = relabel.gather(1, canvas_ids.repeat_interleave(views, 0).gather(1, order))
+        sc = None
+        if self_conditioning_logits is not None:
+            sc = self._to_views(self_conditioning_logits.repeat_interleave(views, 0), order, relabel)
+        logits = self.network.decode(canvas, cache, sc).log_softmax(dim=-1)                    # [B*K, 81, V]
+        # back to original cells and digits: original (cell order[j], token u) is view (cell j, token relabel[u])
+        vocab = logits.shape[-1]
+        logits = logits.gather(2, relabel[:, None, :].expand(-1, 81, -1))
+        original = torch.empty_like(logits).scatter_(1, order[:, :, None].expand(-1, -1, vocab), logits)
+        return original.view(batch, views, 81, vocab).logsumexp(dim=1) - math.log(views)
+
+    @staticmethod
+    def _to_views(logits: Tensor, order: Tensor, relabel: Tensor) -> Tensor:
+        """Per-cell logits [B*K, 81, V] of the original grid, as each view sees them."""
+        cells = logits.gather(1, order[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return torch.empty_like(cells).scatter_(2, relabel[:, None, :].expand(-1, 81, -1), cells)
+
+
+class _ViewsCache(KVCache):
+    """The cache of a `SymmetricViews` network: the decoding loop selects batch rows, each of which is `views`
+    consecutive rows here."""
+
+    views: int
+
+    def select(self, rows: Tensor) -> None:
+        rows = (rows[:, None] * self.views + torch.arange(self.views, device=rows.device)).flatten()
+        super().select(rows)
 
 
 @dataclass
@@ -86,12 +162,15 @@ def allowed_tokens(puzzles: Sequence[Sequence[int]], vocab_size: int, rules: boo
     return allowed
 
 
-def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0,
+def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0, views: int = 1,
                 **sampling: float | str) -> Iterator[object]:
     """Solve parsed puzzles (81 ints, 0 = blank) in one batch, yielding the diffusion loop's events (for a live
-    view) and lastly the list of `Answer`s."""
+    view) and lastly the list of `Answer`s. `views` > 1 reads each puzzle in that many symmetric forms
+    (`SymmetricViews`; a grid diffusion model only)."""
     check_model(lm)
     grid = is_grid_model(lm)
+    if views != 1 and not (grid and lm.kind == "diffusion"):
+        raise CanvasError(f"views = {views} needs a grid diffusion model (canvas_grid); {lm.source} is not one")
     ids = torch.tensor([sudoku.prompt_ids(sudoku.render(p), grid) for p in puzzles], device=lm.device)
     valid = torch.ones_like(ids, dtype=torch.bool)
     allowed = allowed_tokens(puzzles, lm.network.vocab_size, rules).to(lm.device)
@@ -101,7 +180,8 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
             settings: DiffusionSampling = lm.diffusion_settings(dict(sampling))
             result = None
             constraint = Constraint(givens(puzzles, lm.device), allowed)
-            for event in generate_steps(lm.network, ids, valid, 81, settings, [], None, generator, constraint,
+            network = lm.network if views == 1 else SymmetricViews(lm.network, views, seed)
+            for event in generate_steps(network, ids, valid, 81, settings, [], None, generator, constraint,
                                         skip_finished=True):
                 if isinstance(event, DiffusionResult):
                     result = event
@@ -118,10 +198,10 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
     yield answers
 
 
-def solve(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0,
+def solve(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0, views: int = 1,
           **sampling: float | str) -> list[Answer]:
     """`solve_steps` run to the end."""
-    *_, answers = solve_steps(lm, puzzles, rules=rules, seed=seed, **sampling)
+    *_, answers = solve_steps(lm, puzzles, rules=rules, seed=seed, views=views, **sampling)
     return answers  # type: ignore[return-value]
 
 

@@ -71,6 +71,9 @@ def test_eval_writes_json_and_plot_for_several_models(models, tmp_path, capsys):
     row = report["models"][models[1]]["easy"]
     assert row["puzzles"] == 2 and 0 <= row["solve_rate"] <= 1 and row["forward_passes"] == 81
     assert 0 <= row["blank_cell_accuracy"] <= 1
+    by_technique = row["by_technique"]  # easy puzzles need singles at most
+    assert set(by_technique) == {"singles"} and by_technique["singles"]["puzzles"] == 2
+    assert by_technique["singles"]["solve_rate"] == row["solve_rate"]
     assert out.with_suffix(".png").stat().st_size > 1000
 
 

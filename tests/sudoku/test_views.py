@@ -1,0 +1,97 @@
+"""`SymmetricViews`: a grid model reading each puzzle in several symmetric forms, on a tiny random grid model."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import canvaslm
+from canvaslm.errors import CanvasError
+from canvaslm.models import llama
+from canvaslm.sudoku import board as sudoku
+from canvaslm.sudoku.solver import SymmetricViews, solve
+
+CONFIG = {"model_type": "llama", "vocab_size": 14, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+          "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "canvas_length": 81, "canvas_grid": [9, 9, 3, 3],
+          "canvas_grid_attention": True, "mask_token_id": 13}
+
+
+@pytest.fixture(scope="module")
+def network():
+    torch.manual_seed(0)
+    model = llama.Model(llama.Config.from_hf(CONFIG, "test")).to_diffusion(81).eval()
+    torch.nn.init.normal_(model.canvas_grid.relation_bias, std=1.0)
+    return model
+
+
+def _canvases(n: int) -> torch.Tensor:
+    """Puzzles as canvases: givens as digit tokens, blanks as the mask token."""
+    rows = [[13 if c == 0 else 3 + c for c in sudoku.parse(p)] for p, _ in sudoku.puzzles("medium", n, seed=4)]
+    return torch.tensor(rows)
+
+
+def _decode(network, canvas: torch.Tensor, self_conditioning=None) -> torch.Tensor:
+    cache = network.new_cache(canvas.shape[0])
+    network.encode(torch.full((canvas.shape[0], 1), sudoku.BOS), cache, torch.ones(canvas.shape[0], 1, dtype=bool))
+    return network.decode(canvas, cache, self_conditioning)
+
+
+@torch.inference_mode()
+def test_one_view_is_the_model_itself(network):
+    canvas = _canvases(2)
+    plain = _decode(network, canvas).log_softmax(-1)
+    assert torch.allclose(_decode(SymmetricViews(network, 1), canvas), plain, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_views_are_the_model_on_transformed_grids_mapped_back_and_averaged(network):
+    """An independent computation: each view built cell by cell from `board.symmetry`, decoded alone."""
+    views, canvas = 3, _canvases(2)
+    sc = torch.randn(2, 81, 14)
+    rng = random.Random(0)
+    symmetries = [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
+    expected = torch.zeros(2, views, 81, 14)
+    for k, (order, digits) in enumerate(symmetries):
+        token = list(range(14))
+        for d in range(1, 10):
+            token[3 + d] = 3 + digits[d - 1]
+        view = torch.tensor([[token[int(row[order[j]])] for j in range(81)] for row in canvas])
+        view_sc = torch.zeros_like(sc)
+        for j in range(81):
+            for u in range(14):
+                view_sc[:, j, token[u]] = sc[:, order[j], u]
+        out = _decode(network, view, view_sc).log_softmax(-1)
+        for j in range(81):
+            for u in range(14):
+                expected[:, k, order[j], u] = out[:, j, token[u]]
+    mixture = expected.logsumexp(dim=1) - math.log(views)
+    got = _decode(SymmetricViews(network, views, seed=0), canvas, sc)
+    assert torch.allclose(got, mixture, atol=1e-5)
+    assert not torch.allclose(got, expected[:, 0], atol=1e-3)  # the other views did change the answer
+
+
+def test_the_loop_selects_whole_puzzles_of_the_views_cache(network):
+    cache = SymmetricViews(network, 2).new_cache(3)
+    cache.valid = torch.tensor([[True], [False], [True], [True], [False], [False]])
+    cache.select(torch.tensor([1, 2]))  # puzzles 1 and 2 are rows 2, 3 and 4, 5
+    assert cache.valid.flatten().tolist() == [True, True, False, False]
+
+
+def test_solving_with_views_fills_every_blank_and_keeps_the_givens(network):
+    lm = canvaslm.LM(network, sudoku.tokenizer(), "tiny-grid")
+    puzzles = [sudoku.parse(p) for p, _ in sudoku.puzzles("hard", 3, seed=9)]
+    for answer, puzzle in zip(solve(lm, puzzles, views=4, max_denoising_steps=4), puzzles, strict=True):
+        assert all(c in "123456789" for c in answer.solution) and 1 <= answer.forward_passes <= 4
+        assert all(g == 0 or str(g) == c for g, c in zip(puzzle, answer.solution))
+
+
+def test_views_need_a_grid_diffusion_model():
+    torch.manual_seed(0)
+    plain = {k: v for k, v in CONFIG.items() if not k.startswith("canvas_grid")}
+    lm = canvaslm.LM(llama.Model(llama.Config.from_hf(plain, "test")).to_diffusion(81), sudoku.tokenizer(), "1d")
+    with pytest.raises(CanvasError, match="views = 2 needs a grid diffusion model"):
+        solve(lm, [sudoku.parse(sudoku.puzzles("easy", 1, seed=1).__next__()[0])], views=2)
