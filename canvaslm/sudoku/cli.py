@@ -52,7 +52,8 @@ def add_parser(sub: Any, sampling_args: Any) -> None:
     evaluate.add_argument("--out", default=None, help="write the results as JSON here (and PNGs beside it)")
     evaluate.add_argument("--setting", action="append", default=[], metavar="K=V[,K=V]",
                           help="a sampler setting to evaluate, e.g. acceptance=threshold,accept_probability=0.9 "
-                               "(repeatable; each model runs every setting; --out also plots the frontier)")
+                               "or views=4 (repeatable; each model runs every setting; --out also plots the "
+                               "frontier)")
     common(evaluate)
     play = commands.add_parser("play", help="solve one puzzle, drawing the grid at every denoising step")
     play.add_argument("--puzzle", default=None, help="81 characters (default: a new one of --difficulty)")
@@ -179,8 +180,9 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
         lm = _load(name, args.device)
         for setting in settings if lm.kind == "diffusion" else [{}]:
             label = name + "".join(f" {k}={v}" for k, v in setting.items())
+            views = int(setting.get("views", args.views)) if lm.kind == "diffusion" else 1
             result = evaluate(lm, difficulties, args.puzzles, args.batch_size, args.constraints, args.seed,
-                              {**sampling, **setting}, args.views if lm.kind == "diffusion" else 1)
+                              {**sampling, **{k: v for k, v in setting.items() if k != "views"}}, views)
             report["models"][label] = {"kind": lm.kind, "setting": setting,
                                        "parameters": sum(p.numel() for p in lm.network.parameters()), **result}
             for difficulty, row in result.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import canvaslm
+from canvaslm import cli
 from canvaslm.errors import CanvasError
 from canvaslm.models import llama
 from canvaslm.sudoku import board as sudoku
@@ -95,3 +97,17 @@ def test_views_need_a_grid_diffusion_model():
     lm = canvaslm.LM(llama.Model(llama.Config.from_hf(plain, "test")).to_diffusion(81), sudoku.tokenizer(), "1d")
     with pytest.raises(CanvasError, match="views = 2 needs a grid diffusion model"):
         solve(lm, [sudoku.parse(sudoku.puzzles("easy", 1, seed=1).__next__()[0])], views=2)
+
+
+def test_eval_compares_view_counts_as_settings(network, tmp_path, capsys):
+    model = tmp_path / "grid"
+    canvaslm.LM(network, sudoku.tokenizer(), "tiny-grid").save(model)
+    out = tmp_path / "views.json"
+    assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "2", "--max-denoising-steps",
+                     "2", "--setting", "views=1", "--setting", "views=3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["setting"] for row in report["models"].values()] == [{"views": 1}, {"views": 3}]
+    assert all(row["hard"]["forward_passes"] <= 2 for row in report["models"].values())
+    capsys.readouterr()
+    assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "1", "--views", "0"]) != 0
+    assert "views must be >= 1" in capsys.readouterr().err
