@@ -35,6 +35,10 @@ DIFFICULTIES = tuple(CLUES)
 _ROW = [i // 9 for i in range(81)]
 _COL = [i % 9 for i in range(81)]
 _BOX = [(i // 27) * 3 + (i % 9) // 3 for i in range(81)]
+ROWS = [[9 * r + c for c in range(9)] for r in range(9)]  # the cells of each row, column and box
+COLUMNS = [[9 * r + c for r in range(9)] for c in range(9)]
+BOXES = [[i for i in range(81) if _BOX[i] == b] for b in range(9)]
+PEERS = [sorted({j for unit in ROWS + COLUMNS + BOXES if i in unit for j in unit} - {i}) for i in range(81)]
 _ALL = 0x3FE  # bits 1..9
 
 

@@ -9,6 +9,7 @@ for a malformed line (the others are still solved).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -141,7 +142,7 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
     """Solve rate, blank cells right (vs the unique solution), forward passes per puzzle, seconds per puzzle and
     the solve rate by the hardest human technique a puzzle needs, on n held-out puzzles per difficulty."""
     from canvaslm.sudoku.solver import solve
-    from canvaslm.sudoku.techniques import GRADES, grade
+    from canvaslm.sudoku.techniques import GRADES
 
     out: dict[str, Any] = {}
     for index, difficulty in enumerate(difficulties):
@@ -155,7 +156,7 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
                   for i in range(81) if puzzle[i] in ".0"]
         by_grade: dict[str, list[bool]] = {}
         for answer, (puzzle, _) in zip(answers, pairs, strict=True):
-            by_grade.setdefault(grade(sudoku.parse(puzzle)), []).append(answer.solved)
+            by_grade.setdefault(_technique(puzzle), []).append(answer.solved)
         out[difficulty] = {"puzzles": n, "solve_rate": sum(a.solved for a in answers) / n,
                            "blank_cell_accuracy": sum(x == y for x, y in blanks) / max(len(blanks), 1),
                            "forward_passes": sum(a.forward_passes for a in answers) / n,
@@ -164,6 +165,14 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
                            "by_technique": {g: {"puzzles": len(by_grade[g]), "solve_rate": sum(by_grade[g]) /
                                                 len(by_grade[g])} for g in GRADES if g in by_grade}}
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _technique(puzzle: str) -> str:
+    """The grade of a held-out puzzle, once per puzzle however many models and settings read it."""
+    from canvaslm.sudoku.techniques import grade
+
+    return grade(sudoku.parse(puzzle))
 
 
 def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any]) -> int:

@@ -28,9 +28,6 @@ from canvaslm.errors import CanvasError
 from canvaslm.models.cache import KVCache
 from canvaslm.sudoku import board as sudoku
 
-_PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 9 or
-                                              (j // 27, j % 9 // 3) == (i // 27, i % 9 // 3))] for i in range(81)]
-
 
 def givens(puzzles: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> Tensor:
     """[B, 81] the canvas tokens the givens fix (-1 at blanks): a `Constraint`'s pins."""
@@ -156,7 +153,7 @@ def allowed_tokens(puzzles: Sequence[Sequence[int]], vocab_size: int, rules: boo
                 allowed[row, i, :] = False
                 allowed[row, i, 3 + v] = True
                 if rules:
-                    for j in _PEERS[i]:
+                    for j in sudoku.PEERS[i]:
                         if not cells[j]:
                             allowed[row, j, 3 + v] = False
     return allowed

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from itertools import combinations
 
+from canvaslm.sudoku import board
+
 GRADES = ("singles", "locked candidates", "pairs and triples", "x-wing", "beyond")
 
-_ROWS = [[9 * r + c for c in range(9)] for r in range(9)]
-_COLS = [[9 * r + c for r in range(9)] for c in range(9)]
-_BOXES = [[27 * (b // 3) + 3 * (b % 3) + 9 * r + c for r in range(3) for c in range(3)] for b in range(9)]
+_ROWS, _COLS, _BOXES, _PEERS = board.ROWS, board.COLUMNS, board.BOXES, board.PEERS
 _UNITS = _ROWS + _COLS + _BOXES
-_PEERS = [{j for unit in _UNITS if i in unit for j in unit} - {i} for i in range(81)]
 
 
 class _Grid:
@@ -118,9 +117,7 @@ def _x_wing(grid: _Grid) -> bool:
     return changed
 
 
-_LADDER: list[tuple[str, Callable[[_Grid], bool]]] = [
-    ("singles", _singles), ("locked candidates", _locked_candidates), ("pairs and triples", _subsets),
-    ("x-wing", _x_wing)]
+_LADDER: list[Callable[[_Grid], bool]] = [_singles, _locked_candidates, _subsets, _x_wing]  # GRADES' order
 
 
 def deduce(cells: Sequence[int]) -> tuple[list[int], str]:
@@ -128,7 +125,7 @@ def deduce(cells: Sequence[int]) -> tuple[list[int], str]:
     "beyond" when the grid is not full)."""
     grid, hardest = _Grid(cells), 0
     while not grid.broken() and not all(grid.cells):
-        for rung, (_, technique) in enumerate(_LADDER):
+        for rung, technique in enumerate(_LADDER):
             if technique(grid):
                 hardest = max(hardest, rung)
                 break
