@@ -45,6 +45,11 @@ class SudokuData:
     """Grid models: probability that a blank left unmasked in a training canvas holds a wrong digit instead of its
     own; every blank is then scored, so the model learns to spot and correct a wrong digit it reads (decode with
     `revise_probability`). 0: only masked blanks are scored."""
+    hard_masks_p: float = 0.0
+    """Grid models: share of training puzzles whose masked blanks are the ones the model itself is least sure of
+    on the empty grid (one extra pass without gradients), instead of a random subset of the same size. Easy-first
+    decoding fills the cells it is sure of first, so the canvases it meets late hold exactly the hard cells,
+    which random masks rarely leave together."""
 
 
 def puzzle_pool(counts: dict[str, int], seed: int, label: str = "generating sudoku puzzles") -> list[Pair]:
@@ -74,6 +79,9 @@ class _SudokuData:
         if not 0 <= self.data.revision_p < 1:
             raise ConfigError(config.source, "data.revision_p", "out of range", found=self.data.revision_p,
                               expected="a probability in [0, 1)")
+        if not 0 <= self.data.hard_masks_p <= 1:
+            raise ConfigError(config.source, "data.hard_masks_p", "out of range", found=self.data.hard_masks_p,
+                              expected="a probability in [0, 1]")
         self.seed = config.train.seed
         self.pool = puzzle_pool(self.data.pool, 1 + self.seed)
         if not self.pool:
@@ -125,8 +133,10 @@ class SudokuTask(BlockDiffusionTask):
         if self.options.absorbing_token is None:
             raise TrainingError('a grid model trains with masked noise: set objective.kind = "masked" and '
                                 f"objective.mask_token_id = {sudoku.MASK}")
+        # held-out loss (model.eval()) reads random masks only, so it compares across runs with any hard_masks_p
+        hard_masks_p = self.sudoku.data.hard_masks_p if model.training else 0.0
         return grid_loss(model, batch, self.options.absorbing_token, generator, self.sudoku.data.revision_p,
-                         self.options.self_conditioning_p)
+                         self.options.self_conditioning_p, hard_masks_p)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -142,7 +152,8 @@ class SudokuTask(BlockDiffusionTask):
 
 
 def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, generator: torch.Generator,
-              revision_p: float = 0.0, self_conditioning_p: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+              revision_p: float = 0.0, self_conditioning_p: float = 0.0, hard_masks_p: float = 0.0
+              ) -> tuple[Tensor, dict[str, float]]:
     """Masked diffusion on the blanks of a grid model, through the inference path itself: `encode` of `<bos>`,
     then `decode` of the canvas with the givens in place and each blank masked with probability t ~ U(0, 1) per
     puzzle; cross-entropy averaged over the masked blanks (no 1/t weight: the reveal order at inference is
@@ -152,12 +163,23 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     With `revision_p` > 0 each unmasked blank holds a wrong digit with that probability, and the cross-entropy
     covers every blank: the model learns which digits it reads are wrong (what decoding's revision acts on).
 
+    With `hard_masks_p` > 0 that share of the puzzles keeps its number of masked blanks, but masks the blanks the
+    model is least sure of when every blank is masked (`hardest_blanks`).
+
     With `self_conditioning_p` > 0 that share of the puzzles is decoded twice: the second pass reads the first
     one's beliefs as sampling feeds back the previous step's (`denoise_step`: kept cells certain, the mask never
     proposed), so the model learns to refine its own candidate digits from pass to pass."""
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised                    # [B, 81]
     t = torch.rand(clean.shape[0], 1, generator=generator, device=generator.device).to(clean.device)
     noised, masked = corrupt(clean, blanks, t.expand_as(clean), model.vocab_size, mask_token_id, generator)
+    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
+    if hard_masks_p > 0:
+        rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
+        rows = rows < hard_masks_p
+        if bool(rows.any()):
+            hard = hardest_blanks(model, clean, blanks, masked.sum(dim=1), mask_token_id)
+            masked = torch.where(rows[:, None], hard, masked)
+            noised = torch.where(masked, mask_token_id, clean)
     scored = masked
     if revision_p > 0:
         wrong = (torch.rand(clean.shape, generator=generator, device=generator.device).to(clean.device)
@@ -166,7 +188,6 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
         digit = sudoku.DIGIT_IDS[0]
         noised = torch.where(wrong, digit + (clean - digit + shift) % 9, noised)  # another digit, never the same
         scored = blanks
-    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
     cache = model.new_cache(clean.shape[0], clean.device)
     # the math attention kernel: in a profile of this step (2-core Xeon, bf16, 256 puzzles, 8 heads of 32) the CPU
     # flash kernel's backward took 1.5 s of 3.4 s; with the math kernel the whole step took 2.2 s
@@ -190,6 +211,20 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     if revision_p > 0:  # how many of the wrong digits the model would correct
         metrics["corrected"] = right[wrong[scored]].float().mean().item() if bool(wrong.any()) else 0.0
     return loss, metrics
+
+
+@torch.no_grad()
+def hardest_blanks(model: nn.Module, clean: Tensor, blanks: Tensor, count: Tensor, mask_token_id: int) -> Tensor:
+    """[B, 81] bool: in each puzzle the `count[b]` blanks whose most likely digit the model is least sure of when
+    every blank is masked (one pass; the givens are never chosen)."""
+    empty = torch.where(blanks, mask_token_id, clean)
+    cache = model.new_cache(clean.shape[0], clean.device)
+    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
+    with sdpa_kernel([SDPBackend.MATH]):
+        model.encode(bos, cache, torch.ones_like(bos, dtype=torch.bool))
+        sure = model.decode(empty, cache, None).softmax(dim=-1).amax(dim=-1)                      # [B, 81]
+    rank = sure.masked_fill(~blanks, float("inf")).argsort(dim=1).argsort(dim=1)  # 0 = the least sure blank
+    return rank < count[:, None]
 
 
 class SudokuARTask:

@@ -147,6 +147,49 @@ def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_p
     assert 0.2 < wrong.sum() / shown.sum() < 0.4  # about revision_p of the blanks left unmasked
 
 
+def test_grid_loss_with_hard_masks_masks_the_blanks_the_model_is_least_sure_of(tmp_path):
+    """hard_masks_p = 1: each puzzle keeps the number of masked blanks random masking drew, but they are the blanks
+    whose top probability on the empty grid is lowest (a random subset of that size fails this)."""
+    from canvaslm.train.sudoku_tasks import grid_loss
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=16"])
+    task, model = make_task(config), build_model(config.model)
+    batch = task.batch(0, 0, torch.Generator().manual_seed(0))
+    seen = []
+    decode = model.decode
+    model.decode = lambda canvas, cache, sc, rows=None: seen.append(canvas.clone()) or decode(canvas, cache, sc, rows)
+    clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised
+    grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
+    random_masks = seen.pop() == sudoku.MASK
+    loss, _ = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1), hard_masks_p=1.0)
+    empty, noised = seen[-2], seen[-1]
+    assert torch.equal(empty == sudoku.MASK, blanks) and loss.requires_grad
+    hard = noised == sudoku.MASK
+    assert torch.equal(hard.sum(1), random_masks.sum(1)) and not torch.equal(hard, random_masks)
+    assert bool((hard <= blanks).all()) and torch.equal(noised[~hard], clean[~hard])  # shown blanks: their digit
+    with torch.no_grad():
+        cache = model.new_cache(len(clean), clean.device)
+        model.encode(torch.full((len(clean), 1), sudoku.BOS), cache, torch.ones(len(clean), 1, dtype=torch.bool))
+        sure = decode(empty, cache, None).softmax(-1).amax(-1)
+    for row in range(len(clean)):
+        shown = blanks[row] & ~hard[row]
+        if hard[row].any() and shown.any():
+            assert sure[row][hard[row]].max() <= sure[row][shown].min()
+
+    # through the task: training draws hard masks (a pass on the empty grid first); the held-out loss does not
+    hard_task = make_task(load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}",
+                                                                       "data.hard_masks_p=1.0"]))
+    for training, passes in ((True, 2), (False, 1)):
+        seen.clear()
+        model.train(training)
+        hard_task.loss(model, batch, torch.Generator().manual_seed(1))
+        assert len(seen) == passes
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "data.hard_masks_p=2"])
+    with pytest.raises(ConfigError, match="data.hard_masks_p"):
+        make_task(config)
+
+
 def test_a_model_trained_to_revise_decodes_with_revision_and_a_bad_revision_p_names_the_field(tmp_path):
     from canvaslm.sudoku.solver import REVISING
     from canvaslm.train.config import ConfigError
