@@ -225,3 +225,16 @@ def test_grid_deep_config_continues_the_bundled_model_deeper(tmp_path):
     assert trained["model.layers.3.mlp.down_proj.weight"].any()  # a copy's silent projection started to learn
     with pytest.raises(ConfigError, match="deepen_to"):
         build_model(load_config(EXAMPLES / "grid-deep.toml", overrides + ["model.deepen_to=15"]).model)
+
+
+def test_grid_continue_config_trains_the_bundled_model_on_hard_masks(tmp_path):
+    overrides = ["data.pool={easy = 6}", 'data.held_out="easy"', "optim.max_steps=1", "optim.batch_size=4",
+                 "optim.warmup_steps=1", "train.eval_every=1", "train.save_every=1", "eval.examples=3",
+                 "eval.sample_examples=3", f"train.out_dir={tmp_path}"]
+    config = load_config(EXAMPLES / "grid-continue.toml", overrides)
+    task = make_task(config)
+    assert task.sudoku.data.hard_masks_p > 0
+    result = train(config, task)
+    assert 0 <= result["eval_solve_rate"] <= 1
+    bundled = canvaslm.load("sudoku").network.config
+    assert canvaslm.load(tmp_path / "model").network.config.num_hidden_layers == bundled.num_hidden_layers
