@@ -172,7 +172,6 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised                    # [B, 81]
     t = torch.rand(clean.shape[0], 1, generator=generator, device=generator.device).to(clean.device)
     noised, masked = corrupt(clean, blanks, t.expand_as(clean), model.vocab_size, mask_token_id, generator)
-    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
     if hard_masks_p > 0:
         rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
         rows = rows < hard_masks_p
@@ -188,6 +187,7 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
         digit = sudoku.DIGIT_IDS[0]
         noised = torch.where(wrong, digit + (clean - digit + shift) % 9, noised)  # another digit, never the same
         scored = blanks
+    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
     cache = model.new_cache(clean.shape[0], clean.device)
     # the math attention kernel: in a profile of this step (2-core Xeon, bf16, 256 puzzles, 8 heads of 32) the CPU
     # flash kernel's backward took 1.5 s of 3.4 s; with the math kernel the whole step took 2.2 s
