@@ -24,6 +24,7 @@ from canvaslm.checkpoints import hf
 from canvaslm.diffusion.sampling import carry_over
 from canvaslm.engine.lm import LM
 from canvaslm.errors import TrainingError
+from canvaslm.models.cache import KVCache
 from canvaslm.sudoku import board as sudoku
 from canvaslm.sudoku.solver import DECODING, REVISING, solve
 from canvaslm.train.batch import DiffusionBatch, collate
@@ -187,12 +188,10 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
         digit = sudoku.DIGIT_IDS[0]
         noised = torch.where(wrong, digit + (clean - digit + shift) % 9, noised)  # another digit, never the same
         scored = blanks
-    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
-    cache = model.new_cache(clean.shape[0], clean.device)
+    cache = _bos_cache(model, clean.shape[0], clean.device)
     # the math attention kernel: in a profile of this step (2-core Xeon, bf16, 256 puzzles, 8 heads of 32) the CPU
     # flash kernel's backward took 1.5 s of 3.4 s; with the math kernel the whole step took 2.2 s
     with sdpa_kernel([SDPBackend.MATH]):
-        model.encode(bos, cache, torch.ones_like(bos, dtype=torch.bool))
         beliefs, rows = None, None
         if self_conditioning_p > 0:
             rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
@@ -213,15 +212,21 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     return loss, metrics
 
 
+def _bos_cache(model: nn.Module, batch_size: int, device: torch.device) -> KVCache:
+    """The prefix every grid canvas reads: `<bos>` alone, encoded (the givens sit in the canvas)."""
+    cache = model.new_cache(batch_size, device)
+    bos = torch.full((batch_size, 1), sudoku.BOS, device=device)
+    model.encode(bos, cache, torch.ones_like(bos, dtype=torch.bool))
+    return cache
+
+
 @torch.no_grad()
 def hardest_blanks(model: nn.Module, clean: Tensor, blanks: Tensor, count: Tensor, mask_token_id: int) -> Tensor:
     """[B, 81] bool: in each puzzle the `count[b]` blanks whose most likely digit the model is least sure of when
     every blank is masked (one pass; the givens are never chosen)."""
     empty = torch.where(blanks, mask_token_id, clean)
-    cache = model.new_cache(clean.shape[0], clean.device)
-    bos = torch.full((clean.shape[0], 1), sudoku.BOS, device=clean.device)
+    cache = _bos_cache(model, clean.shape[0], clean.device)
     with sdpa_kernel([SDPBackend.MATH]):
-        model.encode(bos, cache, torch.ones_like(bos, dtype=torch.bool))
         sure = model.decode(empty, cache, None).softmax(dim=-1).amax(dim=-1)                      # [B, 81]
     rank = sure.masked_fill(~blanks, float("inf")).argsort(dim=1).argsort(dim=1)  # 0 = the least sure blank
     return rank < count[:, None]

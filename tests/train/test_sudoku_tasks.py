@@ -123,6 +123,14 @@ def test_grid_loss_with_self_conditioning_feeds_the_first_pass_beliefs(tmp_path)
     assert bool((beliefs.softmax(-1).amax(-1)[kept] == 1).all())
 
 
+def _record_canvases(model):
+    """Make `model.decode` append a copy of every canvas it reads to the returned list; also returns the original
+    decode."""
+    seen, decode = [], model.decode
+    model.decode = lambda canvas, cache, sc, rows=None: seen.append(canvas.clone()) or decode(canvas, cache, sc, rows)
+    return seen, decode
+
+
 def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_path):
     """revision_p: some unmasked blanks read a wrong digit (never their own, never on a given), and every blank
     is scored, so the model learns to correct what it reads."""
@@ -132,9 +140,7 @@ def test_grid_loss_with_revision_shows_wrong_digits_and_scores_every_blank(tmp_p
     config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=64"])
     task, model = make_task(config), build_model(config.model)
     batch = task.batch(0, 0, torch.Generator().manual_seed(0))
-    seen = []
-    decode = model.decode
-    model.decode = lambda canvas, cache, sc, rows=None: seen.append(canvas.clone()) or decode(canvas, cache, sc, rows)
+    seen, decode = _record_canvases(model)
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised
     _, plain = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
     assert "corrected" not in plain and bool(((seen[0] == clean) | (seen[0] == sudoku.MASK)).all())
@@ -155,9 +161,7 @@ def test_grid_loss_with_hard_masks_masks_the_blanks_the_model_is_least_sure_of(t
     config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=16"])
     task, model = make_task(config), build_model(config.model)
     batch = task.batch(0, 0, torch.Generator().manual_seed(0))
-    seen = []
-    decode = model.decode
-    model.decode = lambda canvas, cache, sc, rows=None: seen.append(canvas.clone()) or decode(canvas, cache, sc, rows)
+    seen, decode = _record_canvases(model)
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised
     grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
     random_masks = seen.pop() == sudoku.MASK
