@@ -47,10 +47,14 @@ class SudokuData:
     own; every blank is then scored, so the model learns to spot and correct a wrong digit it reads (decode with
     `revise_probability`). 0: only masked blanks are scored."""
     hard_masks_p: float = 0.0
-    """Grid models: share of training puzzles whose masked blanks are the ones the model itself is least sure of
-    on the empty grid (one extra pass without gradients), instead of a random subset of the same size. Easy-first
+    """Grid models: share of training puzzles whose masked blanks are the ones easy-first decoding reaches last
+    (passes without gradients, `hard_masks_passes`), instead of a random subset of the same size. Easy-first
     decoding fills the cells it is sure of first, so the canvases it meets late hold exactly the hard cells,
     which random masks rarely leave together."""
+    hard_masks_passes: int = 1
+    """Passes of easy-first decoding replayed (without gradients) to rank the blanks for hard masks: 1 ranks by
+    the model's confidence on the empty grid; more reach the canvases where decoding gets stuck (nothing left it
+    is sure of), where its guesses and its errors are made (`hardest_blanks`)."""
 
 
 def puzzle_pool(counts: dict[str, int], seed: int, label: str = "generating sudoku puzzles") -> list[Pair]:
@@ -83,6 +87,9 @@ class _SudokuData:
         if not 0 <= self.data.hard_masks_p <= 1:
             raise ConfigError(config.source, "data.hard_masks_p", "out of range", found=self.data.hard_masks_p,
                               expected="a probability in [0, 1]")
+        if not (isinstance(self.data.hard_masks_passes, int) and 1 <= self.data.hard_masks_passes <= 81):
+            raise ConfigError(config.source, "data.hard_masks_passes", "out of range",
+                              found=self.data.hard_masks_passes, expected="an integer from 1 to 81")
         self.seed = config.train.seed
         self.pool = puzzle_pool(self.data.pool, 1 + self.seed)
         if not self.pool:
@@ -137,7 +144,7 @@ class SudokuTask(BlockDiffusionTask):
         # held-out loss (model.eval()) reads random masks only, so it compares across runs with any hard_masks_p
         hard_masks_p = self.sudoku.data.hard_masks_p if model.training else 0.0
         return grid_loss(model, batch, self.options.absorbing_token, generator, self.sudoku.data.revision_p,
-                         self.options.self_conditioning_p, hard_masks_p)
+                         self.options.self_conditioning_p, hard_masks_p, self.sudoku.data.hard_masks_passes)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -153,8 +160,8 @@ class SudokuTask(BlockDiffusionTask):
 
 
 def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, generator: torch.Generator,
-              revision_p: float = 0.0, self_conditioning_p: float = 0.0, hard_masks_p: float = 0.0
-              ) -> tuple[Tensor, dict[str, float]]:
+              revision_p: float = 0.0, self_conditioning_p: float = 0.0, hard_masks_p: float = 0.0,
+              hard_masks_passes: int = 1) -> tuple[Tensor, dict[str, float]]:
     """Masked diffusion on the blanks of a grid model, through the inference path itself: `encode` of `<bos>`,
     then `decode` of the canvas with the givens in place and each blank masked with probability t ~ U(0, 1) per
     puzzle; cross-entropy averaged over the masked blanks (no 1/t weight: the reveal order at inference is
@@ -164,8 +171,8 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     With `revision_p` > 0 each unmasked blank holds a wrong digit with that probability, and the cross-entropy
     covers every blank: the model learns which digits it reads are wrong (what decoding's revision acts on).
 
-    With `hard_masks_p` > 0 that share of the puzzles keeps its number of masked blanks, but masks the blanks the
-    model is least sure of when every blank is masked (`hardest_blanks`).
+    With `hard_masks_p` > 0 that share of the puzzles keeps its number of masked blanks, but masks the blanks
+    easy-first decoding reaches last (`hardest_blanks`, replaying `hard_masks_passes` passes of it).
 
     With `self_conditioning_p` > 0 that share of the puzzles is decoded twice: the second pass reads the first
     one's beliefs as sampling feeds back the previous step's (`denoise_step`: kept cells certain, the mask never
@@ -175,10 +182,11 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     noised, masked = corrupt(clean, blanks, t.expand_as(clean), model.vocab_size, mask_token_id, generator)
     if hard_masks_p > 0:
         rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
-        rows = rows < hard_masks_p
-        if bool(rows.any()):
-            hard = hardest_blanks(model, clean, blanks, masked.sum(dim=1), mask_token_id)
-            masked = torch.where(rows[:, None], hard, masked)
+        rows = (rows < hard_masks_p).nonzero().squeeze(1)
+        if len(rows):  # the replay runs on these puzzles only
+            masked = masked.clone()
+            masked[rows] = hardest_blanks(model, clean[rows], blanks[rows], masked[rows].sum(dim=1), mask_token_id,
+                                          hard_masks_passes)
             noised = torch.where(masked, mask_token_id, clean)
     scored = masked
     if revision_p > 0:
@@ -221,14 +229,27 @@ def _bos_cache(model: nn.Module, batch_size: int, device: torch.device) -> KVCac
 
 
 @torch.no_grad()
-def hardest_blanks(model: nn.Module, clean: Tensor, blanks: Tensor, count: Tensor, mask_token_id: int) -> Tensor:
-    """[B, 81] bool: in each puzzle the `count[b]` blanks whose most likely digit the model is least sure of when
-    every blank is masked (one pass; the givens are never chosen)."""
-    empty = torch.where(blanks, mask_token_id, clean)
+def hardest_blanks(model: nn.Module, clean: Tensor, blanks: Tensor, count: Tensor, mask_token_id: int,
+                   passes: int = 1, threshold: float = float(DECODING["accept_probability"])) -> Tensor:
+    """[B, 81] bool: in each puzzle the `count[b]` blanks easy-first decoding reaches last (the givens are never
+    chosen). Decoding is replayed from the empty grid for up to `passes` passes: each pass shows, with its true
+    digit, every masked blank whose most likely digit the model is sure of (>= `threshold`, decoding's rule), and
+    blanks rank by the pass that showed them, the ones never shown last; within a pass, the less sure one is the
+    later. One pass ranks by the model's confidence on the empty grid alone; more passes reach the canvases where
+    decoding gets stuck (nothing left it is sure of), which are where its guesses, and its errors, are made."""
+    canvas = torch.where(blanks, mask_token_id, clean)
     cache = _bos_cache(model, clean.shape[0], clean.device)
-    with sdpa_kernel([SDPBackend.MATH]):
-        sure = model.decode(empty, cache, None).softmax(dim=-1).amax(dim=-1)                      # [B, 81]
-    rank = sure.masked_fill(~blanks, float("inf")).argsort(dim=1).argsort(dim=1)  # 0 = the least sure blank
+    hidden = blanks.clone()
+    lateness = torch.full(clean.shape, float("-inf"), device=clean.device)  # givens: never chosen
+    for n in range(passes):
+        with sdpa_kernel([SDPBackend.MATH]):
+            sure = model.decode(canvas, cache, None).float().softmax(dim=-1).amax(dim=-1)            # [B, 81]
+        lateness = torch.where(hidden, n + 1 - sure, lateness)  # a blank shown this pass keeps its value
+        shown = hidden & (sure >= threshold)
+        if n == passes - 1 or not bool(shown.any()):  # the last pass, or every puzzle stuck: nothing changes
+            break
+        canvas, hidden = torch.where(shown, clean, canvas), hidden & ~shown
+    rank = lateness.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = the blank decoding reaches last
     return rank < count[:, None]
 
 

@@ -194,6 +194,49 @@ def test_grid_loss_with_hard_masks_masks_the_blanks_the_model_is_least_sure_of(t
         make_task(config)
 
 
+def test_hard_masks_replayed_over_passes_reach_the_canvases_where_decoding_gets_stuck(tmp_path):
+    """With more passes, a blank the model becomes sure of once another blank is shown is reached before one it is
+    never sure of, though it was the less sure of the two on the empty grid; one pass ranks by the empty grid."""
+    from canvaslm.train.sudoku_tasks import hardest_blanks
+
+    class Toy:  # cell 1: sure at once; cell 0: 0.5, sure once cell 1 shows its digit; cell 2: 0.9, never sure
+        seen: list[torch.Tensor] = []
+
+        def new_cache(self, batch_size, device):
+            return None
+
+        def encode(self, input_ids, cache, valid):
+            return None
+
+        def decode(self, canvas, cache, self_conditioning_logits):
+            self.seen.append(canvas.clone())
+            sure = torch.full(canvas.shape, 0.9)
+            sure[:, 1] = 1.0
+            sure[:, 0] = torch.where(canvas[:, 1] == sudoku.MASK, 0.5, 1.0)
+            probs = torch.zeros(*canvas.shape, 14) + ((1 - sure) / 13)[..., None]
+            probs[..., sudoku.DIGIT_IDS[0]] = sure
+            return probs.clamp_min(1e-12).log()
+
+    _, solution = next(sudoku.puzzles("easy", 1, 0))
+    clean = torch.tensor([sudoku.encode_solution(solution)])
+    blanks = torch.zeros(1, 81, dtype=torch.bool)
+    blanks[0, :3] = True
+    toy, canvases = Toy(), {}
+    for passes, count, expected in ((1, 1, {0}), (2, 1, {2}), (5, 1, {2}), (2, 2, {0, 2}), (1, 3, {0, 1, 2})):
+        toy.seen.clear()
+        masked = hardest_blanks(toy, clean, blanks, torch.tensor([count]), sudoku.MASK, passes)
+        assert set(masked[0].nonzero().squeeze(1).tolist()) == expected, (passes, count)
+        canvases[passes] = list(toy.seen)
+    assert len(canvases[5]) == 3  # 5 passes asked: the third shows nothing new, and the replay stops there
+    second, third = canvases[5][1][0], canvases[5][2][0]  # shown blanks hold their true digit, givens stay
+    assert torch.equal(second[3:], clean[0, 3:]) and int(second[1]) == int(clean[0, 1])
+    assert int(second[0]) == int(second[2]) == int(third[2]) == sudoku.MASK and int(third[0]) == int(clean[0, 0])
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "data.hard_masks_passes=0"])
+    with pytest.raises(ConfigError, match="data.hard_masks_passes"):
+        make_task(config)
+
+
 def test_a_model_trained_to_revise_decodes_with_revision_and_a_bad_revision_p_names_the_field(tmp_path):
     from canvaslm.sudoku.solver import REVISING
     from canvaslm.train.config import ConfigError
