@@ -37,6 +37,8 @@ class DenoisingStep:
     draft: Tensor              # [B, C] argmax of this step's logits: the best guess so far
     accepted: Tensor           # [B, C] bool, positions the sampler kept this step
     finished: Tensor           # [B] bool, rows whose canvas has stopped denoising
+    logits: Tensor | None = None  # [B, C, V] this step's tempered logits under the allowed tokens, when the
+                                  # constraint asks for them (`Constraint.keep_logits`): how sure each kept token was
 
 
 @dataclass
@@ -131,7 +133,7 @@ def generate_steps(
             if constraint is not None and constraint.keep_logits:
                 last_logits = outcome.logits
             yield DenoisingStep(canvas_index, state.step, settings.max_denoising_steps, draft, outcome.accepted,
-                                state.stopped.clone())
+                                state.stopped.clone(), last_logits)
             if bool(state.stopped.all()):
                 break
         tokens, finished_now = _finalize_canvas(draft, eos, pad_token_id, done)                # 1.d, 1.e

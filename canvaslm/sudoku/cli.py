@@ -164,7 +164,33 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
                            # which puzzles it solves: by the hardest human technique each needs (techniques.py)
                            "by_technique": {g: {"puzzles": len(by_grade[g]), "solve_rate": sum(by_grade[g]) /
                                                 len(by_grade[g])} for g in GRADES if g in by_grade}}
+        if lm.kind == "diffusion":
+            threshold = lm.diffusion_settings(dict(sampling)).accept_probability
+            out[difficulty]["guesses"] = guesses(answers, pairs, threshold)
     return out
+
+
+def guesses(answers: list, pairs: list[tuple[str, str]], threshold: float) -> dict[str, float]:
+    """How the digits were kept, up to each puzzle's first wrong digit (after it, later digits read a wrong one).
+    A *guess* is a blank kept below `threshold`: a pass where no blank reached it keeps the most likely one anyway.
+    Per puzzle: guesses made, the share of them right, and how many puzzles went wrong first at a guess or at a
+    digit kept at or above the threshold (a confident error)."""
+    guessed = right = from_guess = from_sure = 0
+    for answer, (puzzle, solution) in zip(answers, pairs, strict=True):
+        blanks = [i for i in range(81) if puzzle[i] in ".0"]
+        wrong = [answer.kept_at[i] for i in blanks if answer.solution[i] != solution[i]]
+        first = min(wrong, default=10**9)  # the pass of the first wrong digit
+        for i in blanks:
+            if answer.certainty[i] < threshold and answer.kept_at[i] <= first:
+                guessed += 1
+                right += answer.solution[i] == solution[i]
+        errors = [answer.certainty[i] for i in blanks
+                  if answer.kept_at[i] == first and answer.solution[i] != solution[i]]
+        from_guess += bool(errors) and min(errors) < threshold
+        from_sure += bool(errors) and min(errors) >= threshold
+    n = len(answers)
+    return {"threshold": threshold, "per_puzzle": guessed / n, "right": right / guessed if guessed else 1.0,
+            "wrong_first_at_a_guess": from_guess / n, "wrong_first_at_a_sure_digit": from_sure / n}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -200,6 +226,12 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
                       f"{row['forward_passes']:.1f}  {row['seconds_per_puzzle'] * 1000:.1f} ms/puzzle")
                 print("    by technique needed: " + ", ".join(f"{g} {r['solve_rate']:.0%} of {r['puzzles']}"
                                                           for g, r in row["by_technique"].items()))
+                if "guesses" in row:
+                    g = row["guesses"]
+                    print(f"    guesses (kept below {g['threshold']}) up to the first wrong digit: "
+                          f"{g['per_puzzle']:.1f} per puzzle, {g['right']:.1%} right; puzzles gone wrong first at "
+                          f"a guess {g['wrong_first_at_a_guess']:.1%}, at a sure digit "
+                          f"{g['wrong_first_at_a_sure_digit']:.1%}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plot(report, Path(args.out).with_suffix(".png"))

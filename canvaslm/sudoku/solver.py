@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.generate import DiffusionResult, generate_steps
+from canvaslm.diffusion.generate import DenoisingStep, DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.ar import advance, prefill, sample_next
@@ -124,6 +124,9 @@ class Answer:
     solution: str        # 81 characters; a non-digit prediction shows as '.'
     solved: bool         # a valid complete grid that keeps every given
     forward_passes: int  # decoder (or AR) forward passes spent on this puzzle
+    certainty: list[float] | None = None  # per cell, the probability the model gave the digit it kept, at the
+                                          # pass that kept it (givens: 1); a diffusion model's answers only
+    kept_at: list[int] | None = None      # per cell, that pass (1-based; givens: 0)
 
 
 def check_model(lm: LM) -> None:
@@ -176,23 +179,45 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
         if lm.kind == "diffusion":
             settings: DiffusionSampling = lm.diffusion_settings(dict(sampling))
             result = None
-            constraint = Constraint(givens(puzzles, lm.device), allowed)
+            constraint = Constraint(givens(puzzles, lm.device), allowed, keep_logits=True)
             network = lm.network if views == 1 else SymmetricViews(lm.network, views, seed)
+            certainty, kept = torch.ones(ids.shape[0], 81, device=lm.device), None
+            kept_at = torch.zeros(ids.shape[0], 81, dtype=torch.long, device=lm.device)
+            blank = torch.tensor([[c == 0 for c in cells] for cells in puzzles], device=lm.device)
             for event in generate_steps(network, ids, valid, 81, settings, [], None, generator, constraint,
                                         skip_finished=True):
                 if isinstance(event, DiffusionResult):
                     result = event
-                else:
-                    yield event
+                    continue
+                if isinstance(event, DenoisingStep):
+                    kept = _record_certainty(certainty, kept_at, kept, event, blank)
+                yield event
             assert result is not None
             grids, passes = result.sequences[:, ids.shape[1]:], result.forward_passes.tolist()
+            sure: list[list[float] | None] = certainty.tolist()
+            when: list[list[int] | None] = kept_at.tolist()
         else:
             grids, passes = _ar_solve(lm, ids, valid, allowed)
+            sure, when = [None] * len(puzzles), [None] * len(puzzles)
     answers = []
-    for cells, grid, n in zip(puzzles, grids.tolist(), passes):
+    for cells, grid, n, p, at in zip(puzzles, grids.tolist(), passes, sure, when):
         solution = sudoku.decode_cells(grid)
-        answers.append(Answer(sudoku.render(solution), sudoku.is_solution(cells, solution), int(n)))
+        answers.append(Answer(sudoku.render(solution), sudoku.is_solution(cells, solution), int(n), p, at))
     yield answers
+
+
+def _record_certainty(certainty: Tensor, kept_at: Tensor, kept: Tensor | None, step: DenoisingStep,
+                      blank: Tensor) -> Tensor:
+    """Write into `certainty` [B, 81] the probability of each digit `step` kept in a `blank` cell that was not kept
+    before (or was revised), and into `kept_at` the step; `kept` [B, 81] holds the digits kept so far. Returns the
+    new `kept`."""
+    assert step.logits is not None  # the solver's constraint asks for them
+    draft = step.draft
+    probability = step.logits.float().softmax(dim=-1).gather(-1, draft[..., None]).squeeze(-1)  # [B, 81]
+    new = blank & step.accepted & (True if kept is None else draft != kept)
+    certainty[new] = probability[new]
+    kept_at[new] = step.step
+    return torch.where(step.accepted, draft, -1 if kept is None else kept)  # -1: nothing kept yet
 
 
 def solve(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0, views: int = 1,

@@ -15,19 +15,7 @@ from canvaslm.errors import CanvasError
 from canvaslm.models import llama
 from canvaslm.sudoku import board as sudoku
 from canvaslm.sudoku.solver import SymmetricViews, solve
-
-CONFIG = {"model_type": "llama", "vocab_size": 14, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-          "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "canvas_length": 81, "canvas_grid": [9, 9, 3, 3],
-          "canvas_grid_attention": True, "mask_token_id": 13}
-
-
-@pytest.fixture(scope="module")
-def network():
-    torch.manual_seed(0)
-    model = llama.Model(llama.Config.from_hf(CONFIG, "test")).to_diffusion(81).eval()
-    torch.nn.init.normal_(model.canvas_grid.relation_bias, std=1.0)
-    return model
+from tests.sudoku.conftest import CONFIG, decode
 
 
 def _canvases(n: int) -> torch.Tensor:
@@ -36,17 +24,11 @@ def _canvases(n: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def _decode(network, canvas: torch.Tensor, self_conditioning=None) -> torch.Tensor:
-    cache = network.new_cache(canvas.shape[0])
-    network.encode(torch.full((canvas.shape[0], 1), sudoku.BOS), cache, torch.ones(canvas.shape[0], 1, dtype=bool))
-    return network.decode(canvas, cache, self_conditioning)
-
-
 @torch.inference_mode()
 def test_one_view_is_the_model_itself(network):
     canvas = _canvases(2)
-    plain = _decode(network, canvas).log_softmax(-1)
-    assert torch.allclose(_decode(SymmetricViews(network, 1), canvas), plain, atol=1e-5)
+    plain = decode(network, canvas).log_softmax(-1)
+    assert torch.allclose(decode(SymmetricViews(network, 1), canvas), plain, atol=1e-5)
 
 
 @torch.inference_mode()
@@ -66,12 +48,12 @@ def test_views_are_the_model_on_transformed_grids_mapped_back_and_averaged(netwo
         for j in range(81):
             for u in range(14):
                 view_sc[:, j, token[u]] = sc[:, order[j], u]
-        out = _decode(network, view, view_sc).log_softmax(-1)
+        out = decode(network, view, view_sc).log_softmax(-1)
         for j in range(81):
             for u in range(14):
                 expected[:, k, order[j], u] = out[:, j, token[u]]
     mixture = expected.logsumexp(dim=1) - math.log(views)
-    got = _decode(SymmetricViews(network, views, seed=0), canvas, sc)
+    got = decode(SymmetricViews(network, views, seed=0), canvas, sc)
     assert torch.allclose(got, mixture, atol=1e-5)
     assert not torch.allclose(got, expected[:, 0], atol=1e-3)  # the other views did change the answer
 
