@@ -145,8 +145,9 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
     from canvaslm.sudoku.techniques import GRADES
 
     out: dict[str, Any] = {}
-    for index, difficulty in enumerate(difficulties):
-        pairs = list(sudoku.puzzles(difficulty, n, EVAL_SEED + index))
+    for difficulty in difficulties:
+        # one stream per difficulty, whichever others are asked for: the same hard puzzles in every run
+        pairs = list(sudoku.puzzles(difficulty, n, EVAL_SEED + sudoku.DIFFICULTIES.index(difficulty)))
         start, answers = time.perf_counter(), []
         for first in range(0, n, batch_size):
             cells = [sudoku.parse(p) for p, _ in pairs[first:first + batch_size]]

@@ -109,3 +109,19 @@ def test_wrong_models_and_files_are_one_line_errors(models, tmp_path, capsys):
     path.write_text(json.dumps({"puzzle": PUZZLE}) + "\n")
     assert cli.main(["sudoku", "solve", "-i", str(path), "-m", str(tmp_path / "text")]) == 2
     assert "is not a Sudoku model" in capsys.readouterr().err
+
+
+def test_eval_reads_the_same_puzzles_of_a_difficulty_whichever_others_are_asked_for(models, monkeypatch, capsys):
+    from canvaslm.sudoku import cli as sudoku_cli
+
+    streams, puzzles = [], sudoku.puzzles
+
+    def recorded(difficulty, n, seed):
+        streams.append((difficulty, seed))
+        return puzzles(difficulty, n, seed)
+
+    monkeypatch.setattr(sudoku_cli.sudoku, "puzzles", recorded)
+    for difficulties in ("hard", "easy,hard", "medium,hard"):
+        assert cli.main(["sudoku", "eval", "-m", models[1], "--difficulty", difficulties, "-n", "1"]) == 0
+    hard = {seed for d, seed in streams if d == "hard"}
+    assert len(streams) == 5 and len(hard) == 1 and hard.isdisjoint(seed for d, seed in streams if d != "hard")
