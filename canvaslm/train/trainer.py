@@ -85,7 +85,12 @@ def train(config: TrainConfig, task: Task) -> dict[str, Any]:
     same keys)."""
     runtime = _start(config)
     try:
-        return _Run(config, task, runtime).fit()
+        result = _Run(config, task, runtime).fit()
+        if runtime.owns_group:
+            # every rank done sending before any tears its group down: a rank that left while another's last
+            # gloo transfer was in flight aborted at exit ("terminate called without an active exception")
+            dist.barrier()
+        return result
     finally:
         if runtime.owns_group:
             dist.destroy_process_group()
