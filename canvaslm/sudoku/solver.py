@@ -179,18 +179,18 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
         if lm.kind == "diffusion":
             settings: DiffusionSampling = lm.diffusion_settings(dict(sampling))
             result = None
-            constraint = Constraint(givens(puzzles, lm.device), allowed, keep_logits=True)
+            pins = givens(puzzles, lm.device)
+            constraint = Constraint(pins, allowed, keep_logits=True)
             network = lm.network if views == 1 else SymmetricViews(lm.network, views, seed)
-            certainty, kept = torch.ones(ids.shape[0], 81, device=lm.device), None
-            kept_at = torch.zeros(ids.shape[0], 81, dtype=torch.long, device=lm.device)
-            blank = torch.tensor([[c == 0 for c in cells] for cells in puzzles], device=lm.device)
+            certainty = torch.ones(pins.shape, device=lm.device)
+            kept_at, kept = torch.zeros_like(pins), torch.full_like(pins, -1)  # -1: no digit kept yet
             for event in generate_steps(network, ids, valid, 81, settings, [], None, generator, constraint,
                                         skip_finished=True):
                 if isinstance(event, DiffusionResult):
                     result = event
                     continue
                 if isinstance(event, DenoisingStep):
-                    kept = _record_certainty(certainty, kept_at, kept, event, blank)
+                    kept = _record_certainty(certainty, kept_at, kept, event, pins < 0)
                 yield event
             assert result is not None
             grids, passes = result.sequences[:, ids.shape[1]:], result.forward_passes.tolist()
@@ -206,7 +206,7 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
     yield answers
 
 
-def _record_certainty(certainty: Tensor, kept_at: Tensor, kept: Tensor | None, step: DenoisingStep,
+def _record_certainty(certainty: Tensor, kept_at: Tensor, kept: Tensor, step: DenoisingStep,
                       blank: Tensor) -> Tensor:
     """Write into `certainty` [B, 81] the probability of each digit `step` kept in a `blank` cell that was not kept
     before (or was revised), and into `kept_at` the step; `kept` [B, 81] holds the digits kept so far. Returns the
@@ -214,10 +214,10 @@ def _record_certainty(certainty: Tensor, kept_at: Tensor, kept: Tensor | None, s
     assert step.logits is not None  # the solver's constraint asks for them
     draft = step.draft
     probability = step.logits.float().softmax(dim=-1).gather(-1, draft[..., None]).squeeze(-1)  # [B, 81]
-    new = blank & step.accepted & (True if kept is None else draft != kept)
+    new = blank & step.accepted & (draft != kept)
     certainty[new] = probability[new]
     kept_at[new] = step.step
-    return torch.where(step.accepted, draft, -1 if kept is None else kept)  # -1: nothing kept yet
+    return torch.where(step.accepted, draft, kept)
 
 
 def solve(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0, views: int = 1,
