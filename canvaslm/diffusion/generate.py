@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from canvaslm.diffusion.sampling import DiffusionSampling
-from canvaslm.diffusion.step import Constraint, denoise_step, pins_only, self_conditioning_dtype, start_canvas
+from canvaslm.diffusion.step import (
+    Constraint,
+    denoise_step,
+    pins_only,
+    self_conditioning,
+    self_conditioning_dtype,
+    start_canvas,
+)
 from canvaslm.models.cache import KVCache, encode_chunked
 
 class DiffusionModel(Protocol):
@@ -25,7 +32,8 @@ class DiffusionModel(Protocol):
 
     def new_cache(self, batch_size: int, device: torch.device | None = None) -> KVCache: ...
     def encode(self, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor: ...
-    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None) -> Tensor: ...
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None,
+               self_conditioning_rows: Tensor | None = None) -> Tensor: ...  # rows: only with think passes
 
 
 @dataclass
@@ -115,16 +123,17 @@ def generate_steps(
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
             forward_passes += ~(state.stopped | done)
+            sc, sc_rows = self_conditioning(state)
             if skip_finished and bool(state.stopped.any()):
                 active = (~state.stopped).nonzero().squeeze(1)
                 if rows is None or not torch.equal(rows, active):
                     rows, row_cache = active, copy.copy(cache)
                     row_cache.select(rows)
                 logits = _fill(state.sc_logits, batch, model.vocab_size, state.canvas)
-                sc = None if state.sc_logits is None else state.sc_logits[rows]
-                logits[rows] = model.decode(state.canvas[rows], row_cache, sc).to(logits.dtype)
+                sc, sc_rows = (None, None) if sc is None else (sc[rows], None if sc_rows is None else sc_rows[rows])
+                logits[rows] = _decode(model, state.canvas[rows], row_cache, sc, sc_rows).to(logits.dtype)
             else:
-                logits = model.decode(state.canvas, cache, state.sc_logits)
+                logits = _decode(model, state.canvas, cache, sc, sc_rows)
             if shift:  # canvas token i is read from output i - 1, token 0 from the last encoded position
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
             outcome = denoise_step(state, logits, settings, generator, vocab_size=model.vocab_size,
@@ -148,6 +157,13 @@ def generate_steps(
     generated = sequences[:, input_ids.shape[1]:]
     counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
+
+
+def _decode(model: DiffusionModel, canvas: Tensor, cache: KVCache, sc: Tensor | None, sc_rows: Tensor | None
+            ) -> Tensor:
+    """The decoder pass; the rows that read self-conditioning are named only when some do not (think passes), so a
+    model whose `decode` takes no rows (the reference's adapter in the tests) runs everything else."""
+    return model.decode(canvas, cache, sc) if sc_rows is None else model.decode(canvas, cache, sc, sc_rows)
 
 
 def _fill(sc_logits: Tensor | None, batch: int, vocab_size: int, canvas: Tensor) -> Tensor:

@@ -67,16 +67,20 @@ def entropy_bound_accept(token_entropy: Tensor, bound: float) -> Tensor:
     return torch.zeros_like(selected).scatter(-1, order, selected)
 
 
-def threshold_accept(probs: Tensor, threshold: float, free: Tensor | None = None) -> Tensor:
+def threshold_accept(probs: Tensor, threshold: float, free: Tensor | None = None,
+                     force: Tensor | None = None) -> Tensor:
     """Accept tokens whose top probability is >= threshold, and always the most confident one (Fast-dLLM).
 
     probs [B, C, V] -> [B, C] bool. `free` [B, C] bool marks the positions still undecided (a masked model's mask
     tokens): the most confident one is taken among them, since a kept token or a pin is certain and would
     otherwise always be "the most confident", leaving a step that keeps nothing new (and, with a greedy sampler,
-    every later step too)."""
+    every later step too). `force` [B] bool: the rows that take that most confident one (None: all); another row
+    keeps only what reaches the threshold, so a pass may keep nothing (a "think pass", `think_passes`)."""
     top = probs.amax(dim=-1)
     ranked = top if free is None else top.masked_fill(~free, -1.0)
     best = torch.zeros_like(top, dtype=torch.bool).scatter(-1, ranked.argmax(dim=-1, keepdim=True), True)
+    if force is not None:
+        best &= force[:, None]
     return (top >= threshold) | best
 
 
@@ -103,9 +107,11 @@ def factor_accept(probs: Tensor, factor: float, free: Tensor | None = None) -> T
 
 
 def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1,
-           free: Tensor | None = None) -> Tensor:
+           free: Tensor | None = None, force: Tensor | None = None) -> Tensor:
     """The tokens denoising step `step` (1-based) keeps under `settings.acceptance`: [B, C, V] tempered logits
-    -> [B, C] bool. `free` [B, C] bool: the positions still undecided (a masked model's mask tokens; None: all)."""
+    -> [B, C] bool. `free` [B, C] bool: the positions still undecided (a masked model's mask tokens; None: all).
+    `force` [B] bool (threshold rule): the rows that keep their most confident free token even below the
+    threshold (None: all)."""
     rule = settings.acceptance
     if rule == "entropy_bound":
         return entropy_bound_accept(token_entropy, settings.entropy_bound)
@@ -113,7 +119,7 @@ def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, s
         return top_k_accept(token_entropy, settings.accept_k * step)
     probs = logits.softmax(dim=-1)
     if rule == "threshold":
-        return threshold_accept(probs, settings.accept_probability, free)
+        return threshold_accept(probs, settings.accept_probability, free, force)
     bounded = entropy_bound_accept(token_entropy, settings.entropy_bound)
     return bounded | factor_accept(probs, settings.accept_factor, free)
 

@@ -85,6 +85,7 @@ class CanvasState:
     pins: Tensor | None = None       # [B, C] tokens the canvas must hold (-1 where free): certain, never re-noised
     sc_logits: Tensor | None = None  # the last step's tempered logits, fed back as self-conditioning
     step: int = 0                    # denoising steps done
+    waited: Tensor | None = None     # [B] passes in a row that kept no new token (think passes; None: none yet)
 
 
 @dataclass
@@ -140,7 +141,15 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         logits[..., mask_token_id] = float("-inf")  # in place: carry_over returned a new tensor
     proposal, token_entropy = propose(logits, settings, generator)
     free = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
-    accepted = accept(logits, token_entropy, settings, step, free)
+    waited, force = state.waited, None
+    if free is not None and settings.think_passes > 0 and settings.acceptance == "threshold":
+        # a stuck canvas (nothing free reaches the threshold) re-reads its own beliefs for up to think_passes
+        # passes before it keeps its most confident free token anyway
+        waited = torch.zeros(free.shape[0], dtype=torch.long, device=free.device) if waited is None else waited
+        force = waited >= settings.think_passes
+    accepted = accept(logits, token_entropy, settings, step, free, force)
+    if force is not None:
+        waited = torch.where((accepted & free).any(dim=-1), 0, waited + 1)
     if state.pins is not None:  # top-k and the like may not pick every pinned position
         accepted |= state.pins >= 0
     canvas = renoise(proposal, accepted, vocab_size, generator, mask_token_id)
@@ -165,8 +174,19 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         settled = (canvas != mask_token_id).all(dim=-1)
         stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read
     new = dataclasses.replace(state, canvas=canvas, draft=draft, history=history, stopped=stopped | stop,
-                              sc_logits=logits.to(sc_dtype), step=step)
+                              sc_logits=logits.to(sc_dtype), step=step, waited=waited)
     return StepOutcome(new, accepted, token_entropy, constrained)
+
+
+def self_conditioning(state: CanvasState) -> tuple[Tensor | None, Tensor | None]:
+    """What the next decoder pass reads as self-conditioning: (logits [B, C, V] or None, rows [B] bool that read
+    them or None for all). The last step's logits, as the reference feeds them; with think passes on
+    (`think_passes`, `state.waited` set) only a think pass reads them, over the canvas they were formed on: a model
+    trained on beliefs recycled over one canvas (Sudoku's `data.recycle_passes`) never met beliefs of another."""
+    if state.sc_logits is None or state.waited is None:
+        return state.sc_logits, None
+    rows = state.waited > 0
+    return (state.sc_logits, rows) if bool(rows.any()) else (None, None)
 
 
 def self_conditioning_dtype(model: object) -> torch.dtype:

@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.step import Constraint, denoise_step, pins_only, self_conditioning_dtype, start_canvas
+from canvaslm.diffusion.step import (
+    Constraint,
+    denoise_step,
+    pins_only,
+    self_conditioning,
+    self_conditioning_dtype,
+    start_canvas,
+)
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
@@ -76,7 +83,9 @@ class DiffusionRunner:
     def step(self, running: list[Sequence]) -> None:
         cache = self._batch_cache(running)
         canvases = torch.cat([s.state.canvas for s in running])
-        with_sc = torch.tensor([s.state.sc_logits is not None for s in running], device=canvases.device)
+        feeds = [self_conditioning(s.state) for s in running]  # per sequence: (logits or None, rows or None)
+        with_sc = torch.tensor([bool(rows.all()) if rows is not None else sc is not None for sc, rows in feeds],
+                               device=canvases.device)
         sc = None
         if bool(with_sc.any()):
             empty = torch.zeros_like(next(s.state.sc_logits for s in running if s.state.sc_logits is not None))

@@ -85,7 +85,8 @@ class SymmetricViews:
                                      valid.repeat_interleave(self.views, 0))
         return hidden[::self.views]
 
-    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None) -> Tensor:
+    def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None,
+               self_conditioning_rows: Tensor | None = None) -> Tensor:
         batch, views = canvas_ids.shape[0], self.views
         order = self.order.repeat(batch, 1)                                                    # [B*K, 81]
         relabel = self.relabel.repeat(batch, 1)                                                # [B*K, V]
@@ -94,7 +95,8 @@ class SymmetricViews:
         sc = None
         if self_conditioning_logits is not None:
             sc = self._to_views(self_conditioning_logits.repeat_interleave(views, 0), order, relabel)
-        logits = self.network.decode(canvas, cache, sc).log_softmax(dim=-1)                    # [B*K, 81, V]
+        rows = None if self_conditioning_rows is None else self_conditioning_rows.repeat_interleave(views, 0)
+        logits = self.network.decode(canvas, cache, sc, rows).log_softmax(dim=-1)              # [B*K, 81, V]
         # back to original cells and digits: original (cell order[j], token u) is view (cell j, token relabel[u])
         vocab = logits.shape[-1]
         logits = logits.gather(2, relabel[:, None, :].expand(-1, 81, -1))

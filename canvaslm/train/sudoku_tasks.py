@@ -55,6 +55,12 @@ class SudokuData:
     """Passes of easy-first decoding replayed (without gradients) to rank the blanks for hard masks: 1 ranks by
     the model's confidence on the empty grid; more reach the canvases where decoding gets stuck (nothing left it
     is sure of), where its guesses and its errors are made (`hardest_blanks`)."""
+    recycle_passes: int = 1
+    """Grid models with `objective.self_conditioning_p` > 0: the beliefs a self-conditioned pass reads come from a
+    chain of 1 to `recycle_passes` passes without gradients (drawn per batch) over the same canvas, each reading
+    the last one's beliefs (AlphaFold's recycling). With 1 they come from one pass that read none, while decoding
+    feeds beliefs that were themselves refined; more trains on what decoding and its think passes
+    (`think_passes`: a stuck canvas re-reads its beliefs before it guesses) feed."""
 
 
 def puzzle_pool(counts: dict[str, int], seed: int, label: str = "generating sudoku puzzles") -> list[Pair]:
@@ -90,6 +96,9 @@ class _SudokuData:
         if not (isinstance(self.data.hard_masks_passes, int) and 1 <= self.data.hard_masks_passes <= 81):
             raise ConfigError(config.source, "data.hard_masks_passes", "out of range",
                               found=self.data.hard_masks_passes, expected="an integer from 1 to 81")
+        if not (isinstance(self.data.recycle_passes, int) and 1 <= self.data.recycle_passes <= 16):
+            raise ConfigError(config.source, "data.recycle_passes", "out of range",
+                              found=self.data.recycle_passes, expected="an integer from 1 to 16")
         self.seed = config.train.seed
         self.pool = puzzle_pool(self.data.pool, 1 + self.seed)
         if not self.pool:
@@ -144,7 +153,8 @@ class SudokuTask(BlockDiffusionTask):
         # held-out loss (model.eval()) reads random masks only, so it compares across runs with any hard_masks_p
         hard_masks_p = self.sudoku.data.hard_masks_p if model.training else 0.0
         return grid_loss(model, batch, self.options.absorbing_token, generator, self.sudoku.data.revision_p,
-                         self.options.self_conditioning_p, hard_masks_p, self.sudoku.data.hard_masks_passes)
+                         self.options.self_conditioning_p, hard_masks_p, self.sudoku.data.hard_masks_passes,
+                         self.sudoku.data.recycle_passes)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -161,7 +171,7 @@ class SudokuTask(BlockDiffusionTask):
 
 def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, generator: torch.Generator,
               revision_p: float = 0.0, self_conditioning_p: float = 0.0, hard_masks_p: float = 0.0,
-              hard_masks_passes: int = 1) -> tuple[Tensor, dict[str, float]]:
+              hard_masks_passes: int = 1, recycle_passes: int = 1) -> tuple[Tensor, dict[str, float]]:
     """Masked diffusion on the blanks of a grid model, through the inference path itself: `encode` of `<bos>`,
     then `decode` of the canvas with the givens in place and each blank masked with probability t ~ U(0, 1) per
     puzzle; cross-entropy averaged over the masked blanks (no 1/t weight: the reveal order at inference is
@@ -175,8 +185,9 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     easy-first decoding reaches last (`hardest_blanks`, replaying `hard_masks_passes` passes of it).
 
     With `self_conditioning_p` > 0 that share of the puzzles is decoded twice: the second pass reads the first
-    one's beliefs as sampling feeds back the previous step's (`denoise_step`: kept cells certain, the mask never
-    proposed), so the model learns to refine its own candidate digits from pass to pass."""
+    one's beliefs as sampling feeds back the previous step's (`denoise_step`: kept cells certain, digits only), so
+    the model learns to refine its own candidate digits from pass to pass. With `recycle_passes` = k > 1 the
+    beliefs come from a chain of 1 to k passes (drawn per batch) over the same canvas, each reading the last's."""
     clean, blanks = batch.input_ids[:, batch.prompt_length:], batch.supervised                    # [B, 81]
     t = torch.rand(clean.shape[0], 1, generator=generator, device=generator.device).to(clean.device)
     noised, masked = corrupt(clean, blanks, t.expand_as(clean), model.vocab_size, mask_token_id, generator)
@@ -205,9 +216,15 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
             rows = torch.rand(clean.shape[0], generator=generator, device=generator.device).to(clean.device)
             rows = rows < self_conditioning_p
         if rows is not None and bool(rows.any()):  # no row reads them: no first pass
-            with torch.no_grad():
-                beliefs = carry_over(model.decode(noised, cache, None), noised, mask_token_id)
-                beliefs[..., mask_token_id] = float("-inf")
+            chain = 1
+            if recycle_passes > 1:
+                chain += int(torch.randint(recycle_passes, (1,), generator=generator, device=generator.device))
+            with torch.no_grad():  # on the self-conditioned puzzles only: the others never read the beliefs
+                picked = rows.nonzero().squeeze(1)
+                canvas, picked_cache, chained = noised[picked], _bos_cache(model, len(picked), clean.device), None
+                for _ in range(chain):
+                    chained = digit_beliefs(model.decode(canvas, picked_cache, chained), canvas, mask_token_id)
+                beliefs = chained.new_zeros(*noised.shape, chained.shape[-1]).index_copy_(0, picked, chained)
         logits = model.decode(noised, cache, beliefs, rows)[scored]                                # [N, V]
     targets = clean[scored]
     loss = F.cross_entropy(logits, targets) if len(targets) else logits.sum() * 0
@@ -218,6 +235,15 @@ def grid_loss(model: nn.Module, batch: DiffusionBatch, mask_token_id: int, gener
     if revision_p > 0:  # how many of the wrong digits the model would correct
         metrics["corrected"] = right[wrong[scored]].float().mean().item() if bool(wrong.any()) else 0.0
     return loss, metrics
+
+
+def digit_beliefs(logits: Tensor, canvas: Tensor, mask_token_id: int) -> Tensor:
+    """The beliefs decoding feeds back (`denoise_step` under the solver's digit-only cells): each shown cell its
+    own digit for certain, each masked one a distribution over the nine digits. [B, 81, V] -> [B, 81, V]."""
+    beliefs = carry_over(logits, canvas, mask_token_id)
+    not_digit = torch.ones(beliefs.shape[-1], dtype=torch.bool, device=beliefs.device)
+    not_digit[sudoku.DIGIT_IDS] = False
+    return beliefs.masked_fill(not_digit, float("-inf"))
 
 
 def _bos_cache(model: nn.Module, batch_size: int, device: torch.device) -> KVCache:

@@ -237,3 +237,39 @@ def test_a_revising_canvas_stops_only_after_a_pass_that_changes_nothing():
     plain = denoise_step(state, sure, settings.replace(revise_probability=0.0), None, vocab_size=vocab,
                          mask_token_id=mask)
     assert plain.state.canvas.tolist() == [[1, 1, 1]] and bool(plain.state.stopped.all())  # kept tokens stand
+
+
+def test_think_passes_keep_nothing_on_a_stuck_canvas_then_keep_the_most_confident_token():
+    """think_passes = n: a canvas where no undecided token reaches the threshold re-reads its beliefs for n passes
+    that keep nothing, then keeps its most confident token anyway; a pass that keeps something starts the count
+    again. 0 (the default) keeps the most confident token at once."""
+    from canvaslm.diffusion.step import denoise_step, start_canvas
+
+    mask, vocab = 4, 5
+    settings = DiffusionSampling(sampler="greedy", t_max=1.0, t_min=0.99, acceptance="threshold",
+                                 accept_probability=0.999, think_passes=2)
+    unsure = torch.zeros(2, 3, vocab)
+    unsure[:, :, 1] = 2.0
+    unsure[:, 2, 1] = 3.0  # the most confident position of both rows, still far below 0.999
+    sure = unsure.clone()
+    sure[0, 0, 1] = 20.0   # row 0 becomes sure of position 0; row 1 stays stuck
+
+    def kept(state):
+        return (state.canvas != mask).tolist()
+
+    state = start_canvas(2, 3, vocab, settings, None, torch.device("cpu"), mask)
+    seen = []
+    for logits in (unsure, unsure, sure, unsure, unsure, unsure):
+        state = denoise_step(state, logits, settings, None, vocab_size=vocab, mask_token_id=mask).state
+        seen.append(kept(state))
+    assert seen == [[[False] * 3] * 2,                                     # think pass 1
+                    [[False] * 3] * 2,                                     # think pass 2
+                    [[True, False, False], [False, False, True]],          # row 0 sure; row 1 keeps its best
+                    [[True, False, False], [False, False, True]],          # both count from 0 again
+                    [[True, False, False], [False, False, True]],
+                    [[True, False, True], [True, False, True]]]            # forced again after 2 passes
+    assert not bool(state.stopped.any())
+    plain = start_canvas(2, 3, vocab, settings, None, torch.device("cpu"), mask)
+    plain = denoise_step(plain, unsure, settings.replace(think_passes=0), None, vocab_size=vocab,
+                         mask_token_id=mask).state
+    assert kept(plain) == [[False, False, True]] * 2

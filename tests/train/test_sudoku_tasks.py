@@ -99,30 +99,6 @@ def test_an_untrained_self_conditioning_block_adds_nothing(tmp_path):
                                atol=0, rtol=0)
 
 
-def test_grid_loss_with_self_conditioning_feeds_the_first_pass_beliefs(tmp_path):
-    from canvaslm.train.sudoku_tasks import grid_loss
-    from canvaslm.train.trainer import build_model
-
-    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=32"])
-    task, model = make_task(config), build_model(config.model)
-    batch = task.batch(0, 0, torch.Generator().manual_seed(0))
-    calls = []
-    decode = model.decode
-    model.decode = lambda canvas, cache, sc, rows=None: calls.append((canvas.clone(), sc, rows)) or decode(
-        canvas, cache, sc, rows)
-    grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
-    assert len(calls) == 1 and calls[0][1] is None
-    calls.clear()
-    loss, _ = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1), self_conditioning_p=0.5)
-    (canvas, first, _), (again, beliefs, rows) = calls
-    assert first is None and torch.equal(canvas, again) and loss.requires_grad and not beliefs.requires_grad
-    assert 0 < int(rows.sum()) < len(rows)  # about half the puzzles read the first pass
-    kept = canvas != sudoku.MASK  # givens and unmasked blanks: certain, as in sampling; the mask never proposed
-    assert bool((beliefs.argmax(-1)[kept] == canvas[kept]).all())
-    assert bool((beliefs[..., sudoku.MASK] == -torch.inf).all())
-    assert bool((beliefs.softmax(-1).amax(-1)[kept] == 1).all())
-
-
 def _record_canvases(model):
     """Make `model.decode` append a copy of every canvas it reads to the returned list; also returns the original
     decode."""
@@ -285,3 +261,50 @@ def test_grid_continue_config_trains_the_bundled_model_on_hard_masks(tmp_path):
     assert 0 <= result["eval_solve_rate"] <= 1
     bundled = canvaslm.load("sudoku").network.config
     assert canvaslm.load(tmp_path / "model").network.config.num_hidden_layers == bundled.num_hidden_layers
+
+
+def test_grid_loss_with_self_conditioning_feeds_beliefs_recycled_through_a_chain_of_passes(tmp_path):
+    """self_conditioning_p: the trained pass reads, in that share of the puzzles, the beliefs of passes without
+    gradients over the same canvases (run on those puzzles only), as sampling feeds them back: shown cells
+    certain, digits only. recycle_passes = k: a chain of 1..k such passes, each reading the last one's beliefs."""
+    from canvaslm.train.sudoku_tasks import digit_beliefs, grid_loss
+
+    config = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "optim.batch_size=16"])
+    task, model = make_task(config), build_model(config.model)
+    with torch.no_grad():  # a live block, so that the beliefs a pass reads change what it says
+        model.self_conditioning.down_proj.weight.normal_(0, 0.5)
+    batch = task.batch(0, 0, torch.Generator().manual_seed(0))
+    calls, decode = [], model.decode
+
+    def recording(canvas, cache, sc, rows=None):
+        out = decode(canvas, cache, sc, rows)
+        calls.append((canvas.clone(), sc, rows, out.detach()))
+        return out
+
+    model.decode = recording
+    grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(1))
+    assert len(calls) == 1 and calls[0][1] is None
+    chains = {}
+    for passes, seed in [(1, s) for s in range(3)] + [(3, s) for s in range(12)]:
+        calls.clear()
+        loss, _ = grid_loss(model, batch, sudoku.MASK, torch.Generator().manual_seed(seed), self_conditioning_p=0.5,
+                            recycle_passes=passes)
+        chains.setdefault(passes, set()).add(len(calls) - 1)
+        *chain, (noised, beliefs, rows, _) = calls
+        assert loss.requires_grad and not beliefs.requires_grad and 0 < int(rows.sum()) < len(rows)
+        picked = rows.nonzero().squeeze(1)
+        assert chain[0][1] is None and all(torch.equal(canvas, noised[picked]) for canvas, *_ in chain)
+        for (canvas, _, _, out), (_, sc, _, _) in zip(chain, chain[1:]):
+            torch.testing.assert_close(sc, digit_beliefs(out, canvas, sudoku.MASK), atol=0, rtol=0)
+        torch.testing.assert_close(beliefs[picked], digit_beliefs(chain[-1][3], chain[-1][0], sudoku.MASK),
+                                   atol=0, rtol=0)
+        canvas, read = noised[picked], beliefs[picked]
+        kept, masked = canvas != sudoku.MASK, canvas == sudoku.MASK  # givens and unmasked blanks: certain
+        assert bool((read.argmax(-1)[kept] == canvas[kept]).all())
+        assert bool((read.softmax(-1).amax(-1)[kept] == 1).all())
+        assert torch.allclose(read.softmax(-1)[masked][:, sudoku.DIGIT_IDS].sum(-1), torch.ones(int(masked.sum())))
+    assert chains == {1: {1}, 3: {1, 2, 3}}
+
+    bad = load_config(EXAMPLES / "grid.toml", TINY + [f"train.out_dir={tmp_path}", "data.recycle_passes=0"])
+    with pytest.raises(ConfigError, match="data.recycle_passes"):
+        make_task(bad)
