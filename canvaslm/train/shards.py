@@ -104,8 +104,9 @@ class Shards(Sequence[tuple[np.ndarray, np.ndarray]]):
 
 
 class PartedShards(Sequence[tuple[np.ndarray, np.ndarray]]):
-    """The finished parts of a `build_parts` directory read as one dataset, in part order. `refresh()` picks up
-    parts finished since (a trainer reading data that is still being built); example i stays example i."""
+    """The finished parts of a `build_parts` directory read as one dataset, in part order. `refresh()` appends
+    parts finished since (a trainer reading data that is still being built), whatever their numbers: two builders
+    (`--first-part 12` and `--first-part 112`) finish parts out of order. Example i stays example i."""
 
     def __init__(self, path: str | os.PathLike[str], tokenizer: Tokenizer | None = None) -> None:
         self.path, self.tokenizer = Path(path), tokenizer
@@ -116,10 +117,10 @@ class PartedShards(Sequence[tuple[np.ndarray, np.ndarray]]):
             raise CanvasError(f"{self.path}: no finished part (no {PART_PREFIX}*/{MANIFEST_FILE}) yet")
 
     def refresh(self) -> int:
-        """Open parts finished since the last call (only those after the last open one); returns how many."""
+        """Open the parts finished since the last call, appended in part order after the open ones (so a part
+        with a lower number than an open one comes after it); returns how many."""
         known = {p.path.name for p in self.parts}
         found = sorted(d for d in self.path.glob(f"{PART_PREFIX}*") if d.name not in known and is_data_dir(d))
-        found = [d for d in found if not self.parts or d.name > self.parts[-1].path.name]
         for directory in found:
             part = Shards(directory, self.tokenizer)
             if self.parts and part.manifest["tokenizer"]["vocab_sha256"] != self.manifest["tokenizer"]["vocab_sha256"]:

@@ -106,3 +106,24 @@ def test_unmerged_adapters_that_are_not_canvas_only_are_refused_on_save(tmp_path
     apply_lora(model, rank=2, alpha=4.0)
     with pytest.raises(Exception, match="merge"):
         hf.save_model(model, tmp_path / "m")
+
+
+@torch.no_grad()
+def test_an_adapter_that_never_saw_self_conditioning_is_skipped_and_a_trained_one_is_read():
+    model = copy.deepcopy(parent())
+    model.config = dataclasses.replace(model.config, canvas_adapters=True)
+    apply_lora(model, rank=4, alpha=8.0)  # wraps the self-conditioning block's down_proj too; its B starts at 0
+    down = model.self_conditioning.down_proj
+    assert isinstance(down, LoRALinear)
+    runs = []
+    model.self_conditioning.register_forward_hook(lambda *_: runs.append(1))
+    cache = model.new_cache(1)
+    prompt = torch.randint(2, 61, (1, 5))
+    model.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+    canvas, sc = torch.randint(2, 61, (1, CANVAS)), torch.randn(1, CANVAS, 61)
+    plain = model.decode(canvas, cache, None)
+    torch.testing.assert_close(model.decode(canvas, cache, sc), plain, atol=0, rtol=0)
+    assert not runs  # zero base and zero B: the block adds nothing, so the pass skips it
+    torch.nn.init.normal_(down.base.weight, std=0.3)
+    torch.nn.init.normal_(down.lora_B, std=0.3)
+    assert (model.decode(canvas, cache, sc) - plain).abs().max() > 1e-3 and runs

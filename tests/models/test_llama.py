@@ -183,9 +183,15 @@ def test_decode_of_fresh_block_needs_no_signal_and_learns_one(diffusion: Model) 
     diffusion.encode(ids, cache, valid)
     canvas = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     sc_logits = torch.randn(2, 6, VOCAB, generator=torch.Generator().manual_seed(4))
+    runs = []
+    diffusion.self_conditioning.register_forward_hook(lambda *_: runs.append(1))
     plain = diffusion.decode(canvas, cache, None)
     torch.testing.assert_close(diffusion.decode(canvas, cache, sc_logits), plain, atol=0, rtol=0)  # zero down_proj
-    torch.nn.init.normal_(diffusion.self_conditioning.down_proj.weight, std=0.1)
+    assert not runs  # an untrained block adds exactly nothing, so inference skips it
+    with torch.enable_grad():  # training runs it: its zero down_proj learns from that pass
+        diffusion.decode(canvas, cache, sc_logits).sum().backward()
+    assert runs and diffusion.self_conditioning.down_proj.weight.grad.abs().max() > 0
+    torch.nn.init.normal_(diffusion.self_conditioning.down_proj.weight, std=0.1)  # a trained block is read
     assert (diffusion.decode(canvas, cache, sc_logits) - plain).abs().max() > 1e-3
     torch.testing.assert_close(diffusion.decode(canvas, cache, None), plain, atol=0, rtol=0)
 

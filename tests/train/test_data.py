@@ -359,9 +359,15 @@ def test_a_build_in_parts_resumes_and_reads_as_one_dataset(smol, tmp_path):
     assert shards[11][1].tolist() == Shards(out / "part-00002")[0][1].tolist()
     with pytest.raises(IndexError):
         shards[15]
-    # a part finished while a reader is open is picked up by refresh
-    data.build_parts(cfg, out, 1, first=3, progress=False, lm=smol)
+    # a part finished while a reader is open is picked up by refresh, a lower-numbered one too (two builders finish
+    # out of order); the examples already open keep their indices
+    data.build_parts(cfg, out, 1, first=4, progress=False, lm=smol)
     assert shards.refresh() == 1 and len(shards) == 19
+    data.build_parts(cfg, out, 1, first=3, progress=False, lm=smol)
+    assert shards.refresh() == 1 and len(shards) == 23 and shards.refresh() == 0
+    assert shards.manifest["parts"] == ["part-00000", "part-00001", "part-00002", "part-00004", "part-00003"]
+    assert shards[11][1].tolist() == Shards(out / "part-00002")[0][1].tolist()
+    assert shards[19][1].tolist() == Shards(out / "part-00003")[0][1].tolist()
 
 
 def test_parts_refuse_a_single_data_directory(smol, built):
