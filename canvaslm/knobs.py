@@ -92,6 +92,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("revise_probability", float, 0.0, "masked models trained to revise (Sudoku's data.revision_p): a kept "
          "token changes to the model's most likely token when that one differs and has at least this probability; "
          "0 = a kept token is final", "diffusion", low=0, high=1),
+    Knob("sub_block", int, 0, "masked models: only the first sub-block of this many positions that still holds a "
+         "mask may keep tokens in a step, so a canvas fills left to right in chunks (Fast-dLLM v2's small blocks); "
+         "0 = the whole canvas", "diffusion", low=0, high=65536),
     Knob("think_passes", int, 0, "rule threshold on a masked model: passes a canvas may spend keeping nothing "
          "when no undecided token reaches accept_probability, re-reading its own beliefs through self-conditioning, "
          "before it keeps its most confident one anyway (models trained on recycled beliefs: Sudoku's "

@@ -67,6 +67,14 @@ def entropy_bound_accept(token_entropy: Tensor, bound: float) -> Tensor:
     return torch.zeros_like(selected).scatter(-1, order, selected)
 
 
+def open_sub_block(free: Tensor, size: int) -> Tensor:
+    """[B, C] bool: each row's first sub-block of `size` positions that still holds an undecided (`free`) one; a
+    row with none left gets its last sub-block."""
+    blocks = torch.arange(free.shape[-1], device=free.device) // size                            # [C]
+    current = torch.where(free, blocks, blocks[-1]).amin(dim=-1, keepdim=True)                 # [B, 1]
+    return blocks == current
+
+
 def threshold_accept(probs: Tensor, threshold: float, free: Tensor | None = None,
                      force: Tensor | None = None) -> Tensor:
     """Accept tokens whose top probability is >= threshold, and always the most confident one (Fast-dLLM).

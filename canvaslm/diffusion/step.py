@@ -24,6 +24,7 @@ from canvaslm.diffusion.sampling import (
     DiffusionSampling,
     accept,
     carry_over,
+    open_sub_block,
     pin,
     propose,
     random_canvas,
@@ -147,7 +148,14 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # passes before it keeps its most confident free token anyway
         waited = torch.zeros(free.shape[0], dtype=torch.long, device=free.device) if waited is None else waited
         force = waited >= settings.think_passes
-    accepted = accept(logits, token_entropy, settings, step, free, force)
+    ranked, deferred = token_entropy, None
+    if free is not None and settings.sub_block > 0:
+        # undecided positions past the first open sub-block wait: the canvas fills left to right in chunks
+        deferred = free & ~open_sub_block(free, settings.sub_block)
+        free, ranked = free & ~deferred, token_entropy.masked_fill(deferred, float("inf"))
+    accepted = accept(logits, ranked, settings, step, free, force)
+    if deferred is not None:
+        accepted &= ~deferred
     if force is not None:
         waited = torch.where((accepted & free).any(dim=-1), 0, waited + 1)
     if state.pins is not None:  # top-k and the like may not pick every pinned position

@@ -273,3 +273,28 @@ def test_think_passes_keep_nothing_on_a_stuck_canvas_then_keep_the_most_confiden
     plain = denoise_step(plain, unsure, settings.replace(think_passes=0), None, vocab_size=vocab,
                          mask_token_id=mask).state
     assert kept(plain) == [[False, False, True]] * 2
+
+
+@pytest.mark.parametrize("acceptance", ["entropy_bound", "threshold", "top_k", "adaptive"])
+def test_sub_blocks_fill_a_masked_canvas_left_to_right_in_chunks(acceptance):
+    """sub_block = 2 on a masked canvas of 6: a step keeps tokens only in the first pair that still holds a mask,
+    however sure the model is of later positions; 0 (the default) keeps the surest anywhere."""
+    from canvaslm.diffusion.step import denoise_step, start_canvas
+
+    mask, vocab = 4, 5
+    settings = DiffusionSampling(sampler="greedy", t_max=1.0, t_min=0.99, acceptance=acceptance,
+                                 accept_probability=0.9, accept_k=1, entropy_bound=0.5, sub_block=2)
+    logits = torch.zeros(1, 6, vocab)
+    logits[0, :, 1] = torch.tensor([3.0, 4.0, 30.0, 30.0, 30.0, 30.0])  # sure of 2..5, unsure of 0 and 1
+    state = start_canvas(1, 6, vocab, settings, None, torch.device("cpu"), mask)
+    seen = []
+    for _ in range(4):
+        state = denoise_step(state, logits, settings, None, vocab_size=vocab, mask_token_id=mask).state
+        seen.append((state.canvas != mask).int().tolist()[0])
+    assert seen[0][2:] == [0, 0, 0, 0] and 1 <= sum(seen[0]) <= 2           # only the first pair
+    assert next(s for s in seen if s[:2] == [1, 1])[4:] == [0, 0]          # pair 2 opens after pair 1 is full
+    # the later pairs are sure and stable, so the stop test ends the canvas with them drafted
+    assert bool(state.stopped.all()) and state.draft.tolist() == [[1] * 6]
+    whole = denoise_step(start_canvas(1, 6, vocab, settings, None, torch.device("cpu"), mask), logits,
+                         settings.replace(sub_block=0), None, vocab_size=vocab, mask_token_id=mask).state
+    assert (whole.canvas[0, 2:] != mask).any()  # without sub-blocks a sure later position goes first
