@@ -19,6 +19,7 @@ from canvaslm.errors import GenerationError
 
 ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
 SAMPLERS = ("reference", "fast", "greedy")
+ORDERS = ("confidence", "left_to_right")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("revise_probability", float, 0.0, "masked models trained to revise (Sudoku's data.revision_p): a kept "
          "token changes to the model's most likely token when that one differs and has at least this probability; "
          "0 = a kept token is final", "diffusion", low=0, high=1),
+    Knob("order", str, "confidence", "masked models: which undecided positions the acceptance rule looks at first: "
+         "confidence (the most certain anywhere in the canvas, the reference's way) or left_to_right (the rule "
+         "runs along the canvas and keeps a prefix of the undecided positions, the first always: no token is placed "
+         "ahead of text it cannot see yet)", "diffusion", choices=ORDERS),
     Knob("sub_block", int, 0, "masked models: only the first sub-block of this many positions that still holds a "
          "mask may keep tokens in a step, so a canvas fills left to right in chunks (Fast-dLLM v2's small blocks); "
          "0 = the whole canvas", "diffusion", low=0, high=65536),

@@ -215,6 +215,9 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
     scorer = judge if scorer is None else scorer
     if not prompts:
         raise CanvasError("quality needs at least one prompt")
+    for setting in settings:  # a bad setting fails now, not after the systems before it have run for an hour
+        setting = dict(setting)
+        model.resolve_sampling(setting, setting.pop("decoding", None))
     batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress, transient=True) as bar:
@@ -241,6 +244,17 @@ def _precision(lm: LM) -> dict[str, str]:
     return {"dtype": lm.dtype_name, "quantize": lm.quantization}
 
 
+SHORT_NAMES = {"entropy_bound": "bound", "accept_probability": "p", "max_denoising_steps": "steps"}
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """A sampler setting in a few words for a plot: `order=left_to_right,acceptance=threshold,accept_probability=0.9`
+    -> `left_to_right threshold p=0.9`."""
+    words = [str(v) if k in ("order", "acceptance", "sampler") else f"{SHORT_NAMES.get(k, k)}={v}"
+             for k, v in setting.items()]
+    return " ".join(words) or "defaults"
+
+
 def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
     """GenPPL against tokens per forward, one point per diffusion setting, the AR model as a reference line;
     False when matplotlib (the `train` extra) is missing."""
@@ -250,12 +264,10 @@ def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
         return False
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = figure.add_subplot()
-    points = report["diffusion"]
-    ax.plot([p["tokens_per_forward"] for p in points], [p["genppl"] for p in points], "o-", label="diffusion")
-    for p in points:
-        label = ", ".join(f"{k}={v}" for k, v in p["setting"].items()) or "defaults"
-        ax.annotate(label, (p["tokens_per_forward"], p["genppl"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+    for i, p in enumerate(report["diffusion"]):  # one marker per setting, named in the legend: labels beside
+        # close points would overlap
+        ax.plot([p["tokens_per_forward"]], [p["genppl"]], marker="os^vDP<>X*"[i % 10], linestyle="none",
+                label=f"diffusion: {setting_label(p['setting'])}")
     ar, checked = report["autoregressive"], report.get("verified")
     if checked:
         ax.plot([checked["tokens_per_forward"]], [checked["genppl"]], "s", color="green",
@@ -266,6 +278,6 @@ def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
     ax.set_xlabel("tokens per forward pass")
     ax.set_ylabel("GenPPL (AR judge)")
     ax.set_title(f"quality/speed frontier, {report['prompts']} prompts")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     figure.savefig(png, dpi=120)
     return True

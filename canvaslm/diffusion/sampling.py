@@ -114,12 +114,47 @@ def factor_accept(probs: Tensor, factor: float, free: Tensor | None = None) -> T
     return torch.zeros_like(ok).scatter(-1, order, ok)
 
 
+def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, free: Tensor,
+                         force: Tensor | None = None) -> Tensor:
+    """`settings.acceptance` applied along the canvas rather than by certainty (`order = "left_to_right"`): the
+    kept tokens are a prefix of the undecided (`free`) positions, the first of them always (in the rows of `force`;
+    None: all), then each next one while the rule still holds over the run so far:
+
+    * entropy_bound: sum(entropy) - max(entropy) of the run <= entropy_bound;
+    * threshold: each token's top probability >= accept_probability;
+    * top_k: accept_k new tokens per step;
+    * adaptive: the entropy bound, or the n-th token of the run has c_n >= 1 - accept_factor / (n + 1).
+
+    A masked model picked "the most certain anywhere" places a confident token (a full stop, a list mark) ahead of
+    text it cannot see yet, and the text between must then fit it; this order never does. Decided positions (kept
+    tokens, pins) are always kept. [B, C, V], [B, C] -> [B, C] bool."""
+    rank = free.long().cumsum(dim=-1)                        # n: the position's place among the undecided, 1-based
+    first = free & (rank == 1)
+    if force is not None:
+        first &= force[:, None]
+    rule = settings.acceptance
+    if rule == "top_k":
+        ok = rank <= settings.accept_k
+    elif rule == "threshold":
+        ok = logits.softmax(dim=-1).amax(dim=-1) >= settings.accept_probability
+    else:
+        run = token_entropy.masked_fill(~free, 0.0)
+        ok = run.cumsum(dim=-1) - run.cummax(dim=-1).values <= settings.entropy_bound
+        if rule == "adaptive":
+            ok |= logits.softmax(dim=-1).amax(dim=-1) >= 1 - settings.accept_factor / (rank + 1)
+    run = (ok | ~free | first).long().cumprod(dim=-1).bool()  # decided positions never break the run
+    return run | ~free
+
+
 def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1,
            free: Tensor | None = None, force: Tensor | None = None) -> Tensor:
     """The tokens denoising step `step` (1-based) keeps under `settings.acceptance`: [B, C, V] tempered logits
     -> [B, C] bool. `free` [B, C] bool: the positions still undecided (a masked model's mask tokens; None: all).
     `force` [B] bool (threshold rule): the rows that keep their most confident free token even below the
-    threshold (None: all)."""
+    threshold (None: all). With `free` and `settings.order = "left_to_right"` the rule runs along the canvas
+    (`left_to_right_accept`)."""
+    if free is not None and settings.order == "left_to_right":
+        return left_to_right_accept(logits, token_entropy, settings, free, force)
     rule = settings.acceptance
     if rule == "entropy_bound":
         return entropy_bound_accept(token_entropy, settings.entropy_bound)

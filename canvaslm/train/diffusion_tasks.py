@@ -22,6 +22,7 @@ from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import generate
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.errors import TrainingError
+from canvaslm.knobs import ORDERS
 from canvaslm.train import digits
 from canvaslm.train.batch import DiffusionBatch, collate
 from canvaslm.train.config import ConfigError, TrainConfig, read_section
@@ -40,6 +41,8 @@ class EvalOptions:
     """How many of them are answered by real sampling (0 turns sampling off)."""
     max_denoising_steps: int = 48
     entropy_bound: float = 0.1
+    order: str = field(default="confidence", metadata={"choices": ORDERS})
+    """The acceptance order sampling uses (the `order` knob): confidence or left_to_right."""
 
 
 class BlockDiffusionTask:
@@ -100,7 +103,8 @@ class BlockDiffusionTask:
         valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p, _ in examples], device=device)
         longest = max(len(r) for _, r in examples)
         settings = DiffusionSampling(max_denoising_steps=self.eval_options.max_denoising_steps,
-                                     entropy_bound=self.eval_options.entropy_bound)
+                                     entropy_bound=self.eval_options.entropy_bound,
+                                     order=self.eval_options.order)
         out = generate(model, ids, valid, longest, settings, [self.eos], self.pad,
                        torch.Generator(device).manual_seed(self.seed))
         correct = total = exact = 0

@@ -60,6 +60,11 @@ class ObjectiveOptions:
     """Probability that a canvas is corrupted the way verified decoding drafts (canvaslm/engine/verified.py): its
     first token clean (the anchor, already chosen), every other one replaced (t = 1 - 1/C), so the canvas learns to
     draft the tokens after a known one too (DFlash's layout, arXiv 2602.06036, in the model itself)."""
+    prefix_p: float = 0.0
+    """Probability that a canvas is corrupted the way left-to-right decoding (`order = "left_to_right"`) sees it: a
+    clean prefix of k ~ U{0, ..., C - 1} tokens, every token after it masked (t = (C - k) / C). Random masks spend
+    most of the training on layouts that decoder never meets (clean tokens right of a mask); a fully masked canvas
+    (k = 0) and an anchored one (k = 1) are its ends. Kind "masked" only."""
     complementary: bool = False
     """Score every example twice, the second copy corrupted exactly where the first is not (noise level 1 - t):
     each supervised token is predicted once from its context (Fast-dLLM v2's complementary masks)."""
@@ -75,12 +80,15 @@ class ObjectiveOptions:
             raise TrainingError(f"self_conditioning_p must be in [0, 1], got {self.self_conditioning_p!r}")
         if not self.ar_weight >= 0:
             raise TrainingError(f"ar_weight must be >= 0, got {self.ar_weight!r}")
-        for name in ("full_mask_p", "anchor_p"):
+        for name in ("full_mask_p", "anchor_p", "prefix_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TrainingError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.anchor_p > 0 and self.kind == "udlm":
             raise TrainingError('anchor_p needs objective kind "masked" or "flat": UDLM\'s NELBO has no weight for '
                                 'a fully replaced canvas')
+        if self.prefix_p > 0 and self.kind != "masked":
+            raise TrainingError(f'prefix_p needs objective kind "masked", got {self.kind!r}: with uniform noise '
+                                'every position is re-drawn at each step, so no decoder fills a canvas as a prefix')
         if self.kind == "masked" and self.mask_token_id is None:
             raise TrainingError('objective kind "masked" needs mask_token_id')
 
@@ -95,8 +103,8 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
     """The training loss of one batch (a scalar with gradients) and its metrics: loss, diffusion_loss, ar_loss
     (when it is trained), token_accuracy (argmax = clean token, over the scored positions) and mean_t (over
     canvases holding supervised tokens). Random draws, in order: t per canvas, full-mask canvases (when
-    full_mask_p > 0), anchored canvases (when anchor_p > 0), corruption, complementary corruption (when on),
-    self-conditioning rows.
+    full_mask_p > 0), anchored canvases (when anchor_p > 0), prefix canvases and their prefix lengths (when
+    prefix_p > 0), corruption, complementary corruption (when on), self-conditioning rows.
 
     Logits are computed only where they are scored (every supervised position; for kind "masked" the corrupted
     ones), from the model's hidden states: with a 49k vocabulary the head is a fifth of the forward's FLOPs."""
@@ -113,10 +121,20 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
     if options.anchor_p > 0:  # drafting canvases: all replaced but the first token
         anchored = _uniform(blocks, generator, device) < options.anchor_p
         t = torch.where(anchored, 1 - 1 / canvas, t)  # the share masked: its 1/t weight, and 1 - t for a complement
+    prefixed = None
+    if options.prefix_p > 0:  # left-to-right canvases: k clean tokens, then masks (an anchored canvas stays one)
+        prefixed = _uniform(blocks, generator, device) < options.prefix_p
+        if anchored is not None:
+            prefixed &= ~anchored
+        kept = (_uniform(blocks, generator, device) * canvas).long()                # k in 0..C-1
+        t = torch.where(prefixed, (canvas - kept) / canvas, t)
     t_token = t.repeat_interleave(canvas, dim=1)                                   # [B, R]
     rate = (1 - options.t_min) * t_token if options.kind == "udlm" else t_token
     if anchored is not None:
         rate = torch.where(anchored.repeat_interleave(canvas, dim=1), 1.0, rate)
+    if prefixed is not None:  # rate 0 on the prefix, 1 after it: the layout is exact, not drawn token by token
+        after = (torch.arange(canvas, device=device) >= kept[..., None]).float()  # [B, K, C]
+        rate = torch.where(prefixed.repeat_interleave(canvas, dim=1), after.view_as(rate), rate)
     noised, corrupted = corrupt(clean, batch.supervised, rate, model.vocab_size, options.absorbing_token, generator)
     if anchored is not None:
         first = torch.zeros_like(corrupted).view(*blocks, canvas)

@@ -94,6 +94,14 @@ def test_a_whole_report_on_tiny_models(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     with pytest.raises(CanvasError, match="diffusion model and an autoregressive judge"):
         quality_report(judge, judge, prompts, settings)
+    answered = []  # a setting the model does not take fails before anything is answered
+    model.generate = lambda *a, **k: answered.append(a)  # type: ignore[method-assign]
+    with pytest.raises(CanvasError, match=r"\['temperature'\] apply to autoregressive models"):
+        quality_report(model, judge, prompts, [{}, {"temperature": 0.0}], show_progress=False)
+    with pytest.raises(CanvasError, match="entropy_bound"):
+        quality_report(model, judge, prompts, [{"entropy_bound": -1.0}], show_progress=False)
+    assert answered == []
+    del model.generate
     assert report["precision"]["judge_scoring"] == {"dtype": "float32", "quantize": "none"}
     # another scorer (the CLI's float32 judge) scores the same answers differently
     rescored = quality_report(model, judge, prompts, settings[:1], max_new_tokens=8, batch_size=3, speed_prompts=0,

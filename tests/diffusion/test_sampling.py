@@ -298,3 +298,64 @@ def test_sub_blocks_fill_a_masked_canvas_left_to_right_in_chunks(acceptance):
     whole = denoise_step(start_canvas(1, 6, vocab, settings, None, torch.device("cpu"), mask), logits,
                          settings.replace(sub_block=0), None, vocab_size=vocab, mask_token_id=mask).state
     assert (whole.canvas[0, 2:] != mask).any()  # without sub-blocks a sure later position goes first
+
+
+def test_left_to_right_order_keeps_a_prefix_of_the_undecided_positions_under_every_rule():
+    """order = left_to_right on hand-made distributions: position 1 is decided, 0 and 4 are unsure, 2, 3 and 5
+    sure. By certainty the rules would keep 5 (and 2, 3) before 0; along the canvas they keep 0 first, then each next
+    position while the rule holds over the run, and stop at the first that breaks it."""
+    from canvaslm.diffusion.sampling import left_to_right_accept
+
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [1.0, 0, 0, 0], [0.95, 0.05 / 3, 0.05 / 3, 0.05 / 3],
+                          [0.97, 0.01, 0.01, 0.01], [0.5, 0.5, 0, 0], [0.999, 0.0005, 0.0005, 0]])[None]
+    logits = probs.log()
+    h = entropy(logits)
+    assert torch.allclose(h[0, [0, 2, 3, 4]], torch.tensor([1.2799, 0.2534, 0.1677, 0.6931]), atol=1e-4)
+    free = torch.tensor([[True, False, True, True, True, True]])
+    base = DiffusionSampling(order="left_to_right")
+
+    def kept(force=None, **rule):
+        return left_to_right_accept(logits, h, base.replace(**rule), free, force).int().tolist()[0]
+
+    # threshold 0.9: 0 goes first whatever its confidence, 2 and 3 pass, 4 (0.5) ends the run
+    assert kept(acceptance="threshold", accept_probability=0.9) == [1, 1, 1, 1, 0, 0]
+    # entropy bound: the run's sum minus its largest is 0, 0.25 (2), 0.42 (3), 1.11 (4), 1.12 (5)
+    assert kept(entropy_bound=0.5) == [1, 1, 1, 1, 0, 0]
+    assert kept(entropy_bound=1.1) == [1, 1, 1, 1, 0, 0] and kept(entropy_bound=1.2) == [1] * 6
+    assert kept(entropy_bound=0.1) == [1, 1, 0, 0, 0, 0]
+    assert kept(acceptance="top_k", accept_k=2) == [1, 1, 1, 0, 0, 0]  # two new tokens a step
+    # adaptive: bound 0.1 alone stops at 2; the factor rule keeps the 2nd (0.95 >= 1 - 1/3) and 3rd (0.97 >= 0.75)
+    # undecided tokens, not the 4th (0.5 < 0.8)
+    assert kept(acceptance="adaptive", entropy_bound=0.1, accept_factor=1.0) == [1, 1, 1, 1, 0, 0]
+    # a row not forced keeps nothing new when its first undecided token fails (a think pass), only what is decided
+    no = torch.tensor([False])
+    assert kept(no, acceptance="threshold", accept_probability=0.9) == [0, 1, 0, 0, 0, 0]
+    by_certainty = DiffusionSampling(acceptance="threshold", accept_probability=0.9)
+    from canvaslm.diffusion.sampling import accept
+    assert accept(logits, h, by_certainty, 1, free).int().tolist()[0] == [0, 1, 1, 1, 0, 1]
+
+
+@pytest.mark.parametrize("acceptance", ["entropy_bound", "threshold", "top_k", "adaptive"])
+def test_a_masked_canvas_fills_left_to_right_as_a_prefix(acceptance):
+    """Through the denoising step: with order = left_to_right every step's kept tokens form a prefix of the canvas,
+    the canvas fills completely, and a step always keeps at least one new token."""
+    from canvaslm.diffusion.step import denoise_step, start_canvas
+
+    mask, vocab, length = 4, 5, 8
+    torch.manual_seed(0)
+    settings = DiffusionSampling(sampler="fast", acceptance=acceptance, accept_probability=0.6, accept_k=2,
+                                 entropy_bound=0.5, order="left_to_right", max_denoising_steps=8)
+    logits = torch.randn(2, length, vocab) * 3
+    generator = torch.Generator().manual_seed(0)
+    state = start_canvas(2, length, vocab, settings, generator, torch.device("cpu"), mask)
+    before = 0
+    for _ in range(length):
+        state = denoise_step(state, logits, settings, generator, vocab_size=vocab, mask_token_id=mask).state
+        filled = (state.canvas != mask).int()
+        counts = filled.sum(dim=-1)
+        assert all(row[:n].all() and not row[n:].any() for row, n in zip(filled, counts.tolist()))  # a prefix
+        assert bool((counts > before).all() | (counts == length).all()) and bool((counts > before).any())
+        before = counts
+        if bool((counts == length).all()):
+            break
+    assert bool((state.canvas != mask).all())

@@ -276,3 +276,34 @@ def test_anchored_canvases_keep_their_first_token_and_mask_the_rest():
         ObjectiveOptions(anchor_p=1.5)
     with pytest.raises(TrainingError, match="anchor_p needs"):
         ObjectiveOptions(kind="udlm", anchor_p=0.5)
+
+
+def test_prefix_canvases_keep_a_clean_prefix_and_mask_everything_after_it():
+    """prefix_p trains the canvas as left-to-right decoding sees it: k clean tokens, then masks to the canvas end;
+    k varies from canvas to canvas, and the 1/t weight is the share masked."""
+    batch = collate([([2, 3], [2, 3, 2, 3, 2, 3, 2, 3] * 4), ([3], [3, 2, 3, 2, 2, 3] * 5)], canvas_length=8,
+                    eos_token_id=EOS, pad_token_id=PAD)
+    clean = batch.input_ids[:, batch.prompt_length:]
+    length = clean.shape[1]
+    stub = Stub(torch.zeros(2, batch.input_ids.shape[1], 5), torch.zeros(2, length, 5), canvas_length=8)
+    options = ObjectiveOptions(kind="masked", mask_token_id=4, self_conditioning_p=0.0, ar_weight=0.0, prefix_p=1.0)
+    loss, metrics = block_diffusion_loss(stub, batch, options, torch.Generator().manual_seed(0))
+    noised, supervised = stub.calls[0]["noised"], batch.supervised
+    prefixes, shares = [], []
+    for row in range(2):
+        for block in range(length // 8):
+            cells, scored = noised[row, 8 * block:8 * block + 8], supervised[row, 8 * block:8 * block + 8]
+            if not bool(scored.any()):
+                continue
+            masked = (cells == 4) & scored
+            k = int((~masked).long().cumprod(dim=0).sum())                        # the clean prefix
+            assert not bool((~masked[k:] & scored[k:]).any())                     # nothing clean after it
+            assert torch.equal(cells[:k], clean[row, 8 * block:8 * block + k])   # the prefix is the clean text
+            prefixes.append(k)
+            shares.append((8 - k) / 8)
+    assert len(set(prefixes)) > 2 and max(prefixes) < 8                         # k drawn per canvas, never all 8
+    assert metrics["mean_t"] == pytest.approx(sum(shares) / len(shares)) and math.isfinite(loss.item())
+    with pytest.raises(TrainingError, match="prefix_p must be in"):
+        ObjectiveOptions(kind="masked", mask_token_id=4, prefix_p=2.0)
+    with pytest.raises(TrainingError, match='prefix_p needs objective kind "masked"'):
+        ObjectiveOptions(kind="flat", prefix_p=0.5)
