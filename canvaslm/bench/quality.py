@@ -216,8 +216,9 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
     if not prompts:
         raise CanvasError("quality needs at least one prompt")
     for setting in settings:  # a bad setting fails now, not after the systems before it have run for an hour
-        setting = dict(setting)
-        model.resolve_sampling(setting, setting.pop("decoding", None))
+        options = dict(setting)
+        decoding = options.pop("decoding", None)
+        model.resolve_sampling(options, decoding)
     batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress, transient=True) as bar:

@@ -135,3 +135,13 @@ def test_an_out_dir_with_checkpoints_needs_resume(tmp_path, monkeypatch):
     config = toy_config(tmp_path)
     with pytest.raises(ConfigError, match="train.out_dir: already holds checkpoints.*train.resume = true"):
         trainer.train(config, make_task(config))
+
+
+def test_an_eval_sampling_order_outside_the_knob_choices_names_file_and_field():
+    """[eval] order is checked when the config is read (not at the first evaluation, an hour into a run)."""
+    from canvaslm.train.diffusion_tasks import EvalOptions
+
+    assert read_section(EvalOptions, {"order": "left_to_right"}, "run.toml", "eval").order == "left_to_right"
+    with pytest.raises(ConfigError, match=r"run\.toml: eval\.order: unsupported value; expected one of "
+                                          r"\['confidence', 'left_to_right'\]; found 'l2r'"):
+        read_section(EvalOptions, {"order": "l2r"}, "run.toml", "eval")
