@@ -74,6 +74,9 @@ class OptimConfig:
     grad_clip: float = field(default=1.0, metadata=NON_NEGATIVE)  # max global grad norm; 0 = no clipping
     grad_accum: int = field(default=1, metadata=POSITIVE)         # micro-batches per optimizer step (per rank)
     batch_size: int = field(default=1, metadata=POSITIVE)         # examples per micro-batch
+    # a wall-clock budget (a lease): the cosine decay runs on whichever of steps and minutes is further along, and
+    # the run stops, evaluates and saves once the minutes are spent; None = steps alone (and exact resume)
+    max_minutes: float | None = field(default=None, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)

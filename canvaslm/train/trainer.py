@@ -96,12 +96,15 @@ def train(config: TrainConfig, task: Task) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def lr_at(step: int, optim: OptimConfig) -> float:
+def lr_at(step: int, optim: OptimConfig, elapsed_s: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup reaching `lr` at step warmup_steps - 1, then
-    cosine decay from `lr` to lr * min_lr_ratio at the last step."""
+    cosine decay from `lr` to lr * min_lr_ratio at the last step; with `optim.max_minutes` the decay follows
+    whichever of steps and elapsed time (`elapsed_s`) is further along, so a run cut by its clock still anneals."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps - 1))
+    if optim.max_minutes is not None:
+        progress = max(progress, min(1.0, elapsed_s / (60.0 * optim.max_minutes)))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
 
@@ -217,12 +220,15 @@ class _Run:
         started = time.perf_counter() - state["elapsed"]  # elapsed time continues across resumes
         window = _Window(time.perf_counter())
         record: dict[str, Any] = {"step": start}
+        out_of_time = False
         self.objective.train()
         with _StopOnSigterm() as sigterm, _Progress(self.rt.main, start, max_steps) as progress:
             for step in range(start, max_steps):
-                record, stop = self._step(step, sigterm)
+                record, stop = self._step(step, sigterm, self._clock(started))
                 done = step + 1
-                last = done == max_steps
+                out_of_time = self._out_of_time(self._clock(started))
+                last = done == max_steps or out_of_time
+                stop = stop or out_of_time
                 window.tokens += record.get("tokens", 0.0)
                 record["elapsed"] = time.perf_counter() - started
                 if _due(done, self.config.train.log_every, last or stop):
@@ -236,13 +242,27 @@ class _Run:
                     self._save(done, record["elapsed"])
                 if stop:
                     break
-        return self._finish(record, stopped=record["step"] < max_steps)
+        return self._finish(record, stopped=record["step"] < max_steps and not out_of_time)  # the clock ends a run
 
     # -- one optimizer step -------------------------------------------------------------------------------------
 
-    def _step(self, step: int, sigterm: _StopOnSigterm) -> tuple[dict[str, Any], bool]:
+    def _clock(self, started: float) -> float:
+        """Seconds since the run began (resumes included). With `optim.max_minutes` the clock sets the learning
+        rate and the stop, which every rank must agree on: rank 0's clock is the run's."""
+        elapsed = time.perf_counter() - started
+        if self.config.optim.max_minutes is not None and self.rt.world_size > 1:
+            value = torch.tensor(elapsed, dtype=torch.float64, device=self.rt.device)
+            dist.broadcast(value, 0)
+            elapsed = float(value.item())
+        return elapsed
+
+    def _out_of_time(self, elapsed_s: float) -> bool:
+        minutes = self.config.optim.max_minutes
+        return minutes is not None and elapsed_s >= 60.0 * minutes
+
+    def _step(self, step: int, sigterm: _StopOnSigterm, elapsed_s: float) -> tuple[dict[str, Any], bool]:
         optim = self.config.optim
-        lr = lr_at(step, optim)
+        lr = lr_at(step, optim, elapsed_s)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, Tensor] = {}
@@ -473,6 +493,9 @@ def _to_device(value: Any, device: torch.device) -> Any:
         return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a task's batch type (DiffusionBatch)
+        return dataclasses.replace(value, **{f.name: _to_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 

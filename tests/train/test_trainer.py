@@ -45,6 +45,41 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert trainer.lr_at(0, OptimConfig(max_steps=5, lr=2.0)) == 2.0
 
 
+def test_a_minutes_budget_decays_on_the_clock_when_it_is_ahead_of_the_steps():
+    optim = OptimConfig(max_steps=1000, lr=1.0, warmup_steps=0, min_lr_ratio=0.1, max_minutes=2.0)
+    assert trainer.lr_at(0, optim, elapsed_s=60.0) == pytest.approx(0.55)  # half the minutes: halfway down
+    assert trainer.lr_at(0, optim, elapsed_s=500.0) == pytest.approx(0.1)
+    assert trainer.lr_at(999, optim, elapsed_s=0.0) == pytest.approx(0.1)  # the steps still end the decay
+    steps_only = OptimConfig(max_steps=1000, lr=1.0)
+    assert trainer.lr_at(10, steps_only, elapsed_s=1e6) == trainer.lr_at(10, steps_only) > 0.99  # no budget: no clock
+
+
+class SlowToy(CausalLMToy):
+    def batch(self, step, micro, generator):
+        time.sleep(0.2)
+        return super().batch(step, micro, generator)
+
+
+def test_a_run_out_of_minutes_evaluates_saves_and_exports_like_a_finished_one(tmp_path):
+    config = toy_config(tmp_path, optim={"max_steps": 10_000, "max_minutes": 0.04, "warmup_steps": 0})
+    result = trainer.train(config, SlowToy(config))
+    assert 3 <= result["step"] < 100 and not result["stopped_early"]  # 2.4 s of 0.2 s batches
+    assert result["checkpoint"] == str(tmp_path / f"checkpoint-{result['step']}") and "model" in result
+    assert "eval_loss" in result and records(tmp_path, "eval")[-1]["step"] == result["step"]
+    lrs = [r["lr"] for r in records(tmp_path)]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * lrs[0]  # annealed by the clock
+
+
+def test_batches_of_every_shape_reach_the_training_device():
+    from canvaslm.train.batch import DiffusionBatch
+    batch = DiffusionBatch(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool), 3,
+                           torch.ones(2, 2, dtype=torch.bool))
+    meta = torch.device("meta")  # stands in for an accelerator: a tensor left behind stays on the CPU
+    moved = trainer._to_device({"x": [torch.zeros(1)], "batch": batch}, meta)
+    assert moved["x"][0].device == meta and moved["batch"].prompt_length == 3
+    assert {t.device for t in (moved["batch"].input_ids, moved["batch"].valid, moved["batch"].supervised)} == {meta}
+
+
 def test_clip_gradients_returns_the_norm_before_clipping():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
