@@ -16,7 +16,7 @@ from canvaslm.knobs import DECODING, KNOBS
 from canvaslm.sudoku import cli as sudoku_cli
 from canvaslm.train import data_cli
 
-DEFAULT_MODEL = "smol-ar"
+DEFAULT_MODEL = "smol"  # the block-diffusion SmolLM2 (canvaslm/assets/smol); "smol-ar" is its AR parent
 SAMPLING_FLAGS = {k.name: k for k in KNOBS}  # passed to the model only when given
 
 

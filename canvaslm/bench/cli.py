@@ -8,7 +8,9 @@
 * `train`: training tokens/s of the float32 path and the fast path on one config (`train.py`);
 * `decoding`: a diffusion model's canvases, verified drafts and causal pass on the same weights (`decoding.py`);
 * `passes`: ms per causal and canvas pass by pass size, for several dtype / quantization variants (`passes.py`);
-* `peers`: llama.cpp on the same GGUF beside our AR loop, canvases and verified decoding, batch 1 (`peers.py`).
+* `peers`: llama.cpp on the same GGUF beside our AR loop, canvases and verified decoding, batch 1 (`peers.py`);
+* `ceiling`: the tokens per pass an AR parent's own distribution allows any canvas model of it under the
+  left-to-right threshold rule (`ceiling.py`).
 The quality report (`canvaslm quality`) is `quality.py`.
 """
 
@@ -40,6 +42,8 @@ def main(args) -> int:
         return _passes(args)
     if args.what == "peers":
         return _peers(args)
+    if args.what == "ceiling":
+        return _ceiling(args)
     lm = load_model(args)
     report: dict[str, Any] = {"model": args.model, "kind": lm.kind, "machine": machine()}
     if args.what in ("ar", "all"):
@@ -66,7 +70,7 @@ def main(args) -> int:
         from canvaslm.bench.decoding import bench_decoding, plot_decoding
 
         batches = [int(b) for b in (args.batch_sizes or "1,8").split(",")]
-        report["decoding"] = bench_decoding(lm, batches, args.new_tokens, args.temperature)
+        report["decoding"] = bench_decoding(lm, batches, args.new_tokens, args.temperature or 0.0)
         report["decoding"]["model"] = args.model
         if args.out and plot_decoding(report["decoding"], str(Path(args.out).with_suffix(".png"))):
             report["plot"] = str(Path(args.out).with_suffix(".png"))
@@ -103,6 +107,33 @@ def _peers(args) -> int:
     return _write(report, args.out, plot_peers)
 
 
+def _ceiling(args) -> int:
+    from canvaslm.bench.ceiling import ceiling, plot_ceiling
+    from canvaslm.bench.quality import read_prompts
+
+    if not args.prompts:
+        raise CanvasError("bench ceiling needs --prompts (a data directory or a JSONL file of prompts)")
+    judge = load_model(args)
+    if judge.kind != "autoregressive":
+        raise CanvasError(f"bench ceiling: --model must be the autoregressive parent; {args.model} is a {judge.kind} "
+                          "model")
+    prompts = read_prompts(args.prompts, args.limit, judge.require_tokenizer(), args.exclude)
+    canvas = int(args.canvas.split(",")[-1]) if args.canvas != CANVAS_DEFAULT else 16
+    temperature = 0.7 if args.temperature is None else args.temperature
+    if temperature <= 0:
+        raise CanvasError(f"bench ceiling: --temperature must be > 0 (the answers are samples), got {temperature}")
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("lookahead over answers", total=len(prompts))
+        result = ceiling(judge, prompts, temperature=temperature, max_new_tokens=args.new_tokens, canvas=canvas,
+                         seed=args.seed, progress=lambda: bar.advance(task))
+    report = {**result, "machine": machine()}
+    return _write(report, args.out, plot_ceiling)
+
+
 def _write(report: dict[str, Any], out: str | None, plot: Any) -> int:
     """Print the report as JSON; with `out`, also write it there and draw the PNG beside it."""
     if out and plot(report, Path(out).with_suffix(".png")):
@@ -136,12 +167,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed; writes JSON")
     p.add_argument("what", nargs="?", default="compare",
                    choices=["compare", "ar", "denoise", "all", "generate", "prompt", "serve", "structured", "train",
-                            "decoding", "passes", "peers"],
+                            "decoding", "passes", "peers", "ceiling"],
                    help="which benchmark (default compare)")
     threads_arg(p)
     p.add_argument("--model", "-m", default="smol-ar")
     p.add_argument("--device", default=None)
-    p.add_argument("--new-tokens", type=int, default=128, help="ar, generate: tokens generated per run")
+    p.add_argument("--new-tokens", type=int, default=128,
+                   help="ar, generate: tokens generated per run; ceiling: answer length")
     precision_args(p, dtype="float32", quantize="none")
     p.add_argument("--canvas", default=CANVAS_DEFAULT,
                    help="denoise: comma-separated canvas sizes (passes: default 1,16,32,64,128); prompt, "
@@ -150,8 +182,13 @@ def add_parser(sub) -> None:
                    f"dtype:quantize[:compile][:rows=N] (default {DEFAULT_VARIANTS})")
     p.add_argument("--batch-sizes", default=None, help="generate (default 1,8,64), decoding (default 1,8): "
                    "comma-separated batch sizes")
-    p.add_argument("--temperature", type=float, default=0.0, help="decoding: AR sampling temperature of the "
-                   "verified and autoregressive modes (0: greedy, where verified must equal autoregressive)")
+    p.add_argument("--temperature", type=float, default=None, help="decoding: AR sampling temperature of the "
+                   "verified and autoregressive modes (default 0: greedy, where verified must equal "
+                   "autoregressive); ceiling: the answers' and marginals' temperature (default 0.7)")
+    p.add_argument("--prompts", default=None, help="ceiling: data directory (its last N prompts) or JSONL")
+    p.add_argument("--limit", type=int, default=24, help="ceiling: number of prompts (default 24)")
+    p.add_argument("--exclude", action="append", default=None, help="ceiling: data directories whose prompts "
+                   "are skipped (repeatable)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="denoise, generate, prompt, train: prompt length")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-reference", action="store_true", help="ar: skip transformers")
@@ -168,7 +205,7 @@ def add_parser(sub) -> None:
                         "json_schema); they run in the batch, and each level reports passes by batch size")
     p.add_argument("--schema-tasks", type=int, default=50, help="structured: JSON-schema tasks")
     p.add_argument("--infill-tasks", type=int, default=50, help="structured: code-infill tasks (Python stdlib)")
-    p.add_argument("--seed", type=int, default=0, help="structured: task set and sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="structured: task set and sampling seed; ceiling: answers")
     p.add_argument("--steps", type=int, default=4, help="train: timed optimizer steps per path")
     p.add_argument("--warmup", type=int, default=1, help="train: untimed optimizer steps first")
     p.add_argument("--batch-size", type=int, default=8, help="train: examples per step")
