@@ -53,7 +53,7 @@ python3 - "$WORK/data" <<'PY' >&2
 import sys
 from canvaslm.train.shards import open_shards
 data = open_shards(sys.argv[1])
-parts = data.parts if hasattr(data, "parts") else [data]
+parts = data.parts  # a directory of parts, or one data directory as a single part
 tokens = sum(p.manifest["tokens"] for p in parts)
 print(f"data: {len(parts)} parts, {len(data)} examples, {tokens} tokens")
 PY
@@ -84,7 +84,7 @@ tokens = np.concatenate([np.concatenate([p, r]) for p, r in seen]).astype("<u4")
 tokens.tofile(out / "tokens.bin")
 offsets = np.cumsum([0] + [len(p) + len(r) for p, r in seen[:-1]]) if seen else []
 np.save(out / "index.npy", np.array([[o, len(p), len(r)] for o, (p, r) in zip(offsets, seen)], np.int64).reshape(-1, 3))
-first = data.parts[0] if hasattr(data, "parts") else data
+first = data.parts[0]
 manifest = {**first.manifest, "examples": len(seen), "tokens": int(tokens.size), "sources": [],
             "note": f"examples of {sys.argv[2]} whose prompt is one of {sys.argv[1]}"}
 (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
