@@ -13,6 +13,7 @@ import torch
 
 from canvaslm.bench.ceiling import ceiling, lookahead, plot_ceiling, replay
 from tests.bench.test_quality import tiny_lm
+from tests.reference import tiny_smol_diffusion
 
 
 def test_lookahead_marginals_equal_the_sum_over_every_path_in_between():
@@ -69,7 +70,7 @@ def test_the_ceiling_falls_as_the_threshold_rises_and_bounds_the_strict_count(tm
     assert plot_ceiling(report, tmp_path / "c.png") and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_ceiling_writes_the_report_and_plot_and_refuses_a_canvas_model(tmp_path):
+def test_bench_ceiling_writes_the_report_and_plot_and_refuses_bad_input_in_one_line(tmp_path):
     from tests.bench.test_bench import bench
     from tests.bench.test_train import tiny_ar_model
 
@@ -85,3 +86,10 @@ def test_bench_ceiling_writes_the_report_and_plot_and_refuses_a_canvas_model(tmp
     failed = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "ceiling", "-m", model], text=True,
                             capture_output=True, timeout=300)
     assert failed.returncode != 0 and "needs --prompts" in failed.stderr and "Traceback" not in failed.stderr
+    tiny_smol_diffusion(4, layers=1).save(tmp_path / "canvas")
+    for extra, message in ((["-m", str(tmp_path / "canvas")], "must be the autoregressive parent"),
+                           (["-m", model, "--temperature", "0"], "--temperature must be > 0")):
+        failed = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "ceiling", "--prompts", str(prompts),
+                                 *extra], text=True, capture_output=True, timeout=300)
+        assert failed.returncode != 0 and message in failed.stderr and "Traceback" not in failed.stderr
+        assert failed.stdout == ""
