@@ -220,13 +220,14 @@ class _Run:
         started = time.perf_counter() - state["elapsed"]  # elapsed time continues across resumes
         window = _Window(time.perf_counter())
         record: dict[str, Any] = {"step": start}
-        out_of_time = False
+        out_of_time, clock = False, self._clock(started)  # one clock reading a step: the stop, then the next lr
         self.objective.train()
         with _StopOnSigterm() as sigterm, _Progress(self.rt.main, start, max_steps) as progress:
             for step in range(start, max_steps):
-                record, stop = self._step(step, sigterm, self._clock(started))
+                record, stop = self._step(step, sigterm, clock)
                 done = step + 1
-                out_of_time = self._out_of_time(self._clock(started))
+                clock = self._clock(started)
+                out_of_time = self._out_of_time(clock)
                 last = done == max_steps or out_of_time
                 stop = stop or out_of_time
                 window.tokens += record.get("tokens", 0.0)
