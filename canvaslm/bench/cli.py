@@ -152,8 +152,16 @@ def _serve(args) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     if not 0 <= args.structured_share <= 1:
         raise CanvasError(f"--structured-share must be in [0, 1], got {args.structured_share}")
-    report = {**bench_serve(models, levels, args.requests, args.max_tokens,
-                            structured_share=args.structured_share), "machine": machine()}
+    decodings = [d.strip() for d in args.decodings.split(",") if d.strip()]
+    unknown = sorted(set(decodings) - {"diffusion", "verified", "autoregressive"})
+    if unknown or not decodings:
+        raise CanvasError(f"--decodings takes diffusion, verified, autoregressive (comma-separated), got "
+                          f"{args.decodings!r}")
+    flags = ["--dtype", args.dtype, "--quantize", args.quantize] + (["--compile"] if args.compile else []) + \
+        (["--threads", str(args.threads)] if args.threads else [])
+    report = {**bench_serve(models, levels, args.requests, args.max_tokens, structured_share=args.structured_share,
+                            server_flags=flags, decodings=decodings, temperature=args.temperature),
+              "machine": machine()}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -200,6 +208,9 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
     p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
+    p.add_argument("--decodings", default="diffusion", help="serve: the diffusion model's decodings to drive, "
+                   "comma-separated (diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, "
+                   "--compile, --threads and --temperature reach the servers and the requests")
     p.add_argument("--structured-share", type=float, default=0.0,
                    help="serve: share of the diffusion model's requests that ask for JSON (response_format "
                         "json_schema); they run in the batch, and each level reports passes by batch size")

@@ -87,13 +87,15 @@ class ServerProcess:
         self._log.close()
 
 
-def _one_request(url: str, prompt: str, max_tokens: int, seed: int, structured: bool = False) -> dict[str, float]:
-    """One streaming chat request (JSON under `SCHEMA` when `structured`): latency, time to first content,
-    completion tokens."""
+def _one_request(url: str, prompt: str, max_tokens: int, seed: int, structured: bool = False,
+                 extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """One streaming chat request (JSON under `SCHEMA` when `structured`; `extra` fields such as `decoding` and
+    `temperature` added to the body): latency, time to first content, completion tokens."""
     import httpx
 
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "seed": seed, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            "seed": seed, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+            **(extra or {})}
     if structured:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
     start = time.perf_counter()
@@ -140,7 +142,7 @@ def _passes_by_batch(before: dict[str, float], after: dict[str, float]) -> dict[
 
 
 def run_level(url: str, concurrency: int, requests: int, max_tokens: int,
-              structured_share: float = 0.0) -> dict[str, Any]:
+              structured_share: float = 0.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     results: list[dict[str, float]] = []
     errors: list[str] = []
     counter = iter(range(requests))
@@ -154,7 +156,7 @@ def run_level(url: str, concurrency: int, requests: int, max_tokens: int,
                 return
             structured = int((i + 1) * structured_share) > int(i * structured_share)
             try:
-                results.append(_one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens, i, structured))
+                results.append(_one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens, i, structured, extra))
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(repr(e))
 
@@ -191,32 +193,44 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens: int,
-                compare_streaming: bool = True, structured_share: float = 0.0) -> dict[str, Any]:
+                compare_streaming: bool = True, structured_share: float = 0.0, server_flags: list[str] = (),
+                decodings: list[str] = ("diffusion",), temperature: float | None = None) -> dict[str, Any]:
+    """Every model at every level. `server_flags` go to each `canvaslm serve` (precision, threads); a diffusion
+    model is driven once per entry of `decodings` (the request's `decoding` field, one server), reported as
+    "MODEL" for its canvases and "MODEL · verified" etc. for the others; `temperature` goes into every request."""
     report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "structured_share": structured_share,
-                              "models": {}}
+                              "server_flags": list(server_flags), "temperature": temperature, "models": {}}
+    sampling = {} if temperature is None else {"temperature": temperature}
     with Progress(transient=True) as progress:
         for model in models:
             task = progress.add_task(f"serving {model}", total=len(levels) + 1)
-            server = ServerProcess(model, [])
+            server = ServerProcess(model, list(server_flags))
             try:
                 kind = _kind(server.url)
                 _one_request(server.url, PROMPTS[0], 8, 0)  # warm-up
                 progress.advance(task)
-                entry: dict[str, Any] = {"kind": kind, "levels": []}
-                for level in levels:
-                    entry["levels"].append(run_level(server.url, level, max(requests, level), max_tokens,
-                                                     structured_share if kind == "diffusion" else 0.0))
-                    progress.advance(task)
+                for decoding in (decodings if kind == "diffusion" else ["autoregressive"]):
+                    name = model if decoding in ("diffusion", "autoregressive") else f"{model} · {decoding}"
+                    extra = {**sampling, **({"decoding": decoding} if kind == "diffusion" else {})}
+                    entry: dict[str, Any] = {"kind": kind, "decoding": decoding, "levels": []}
+                    if decoding != decodings[0]:
+                        progress.update(task, total=progress.tasks[task].total + len(levels))
+                    for level in levels:
+                        entry["levels"].append(run_level(
+                            server.url, level, max(requests, level), max_tokens,
+                            structured_share if decoding == "diffusion" else 0.0, extra))
+                        progress.advance(task)
+                    report["models"][name] = entry
             finally:
                 server.close()
-            if kind == "diffusion" and compare_streaming:
-                whole = ServerProcess(model, ["--no-pin-settled"])
+            if kind == "diffusion" and compare_streaming and "diffusion" in decodings:
+                whole = ServerProcess(model, ["--no-pin-settled", *server_flags])
                 try:
                     _one_request(whole.url, PROMPTS[0], 8, 0)
-                    entry["whole_canvas_streaming_c1"] = run_level(whole.url, 1, requests, max_tokens)
+                    report["models"][model]["whole_canvas_streaming_c1"] = run_level(
+                        whole.url, 1, requests, max_tokens, extra={**sampling, "decoding": "diffusion"})
                 finally:
                     whole.close()
-            report["models"][model] = entry
     return report
 
 
@@ -231,12 +245,13 @@ def plot_serve(report: dict[str, Any], png: str | Path) -> bool:
     if figure is None:
         return False
     throughput, latency = figure.subplots(1, 2)
-    for model, entry in report["models"].items():
+    for i, (model, entry) in enumerate(report["models"].items()):
         levels = [lv["concurrency"] for lv in entry["levels"]]
-        label = f"{model} ({entry['kind']})"
-        throughput.plot(levels, [lv["tokens_per_second"] for lv in entry["levels"]], "o-", label=label)
-        latency.plot(levels, [lv["latency_p50_s"] for lv in entry["levels"]], "o-", label=f"{label} p50")
-        latency.plot(levels, [lv["latency_p99_s"] for lv in entry["levels"]], "x--", label=f"{label} p99")
+        label, color = (model if "·" in model else f"{model} ({entry['kind']})"), f"C{i}"  # one colour a model
+        throughput.plot(levels, [lv["tokens_per_second"] for lv in entry["levels"]], "o-", color=color, label=label)
+        latency.plot(levels, [lv["latency_p50_s"] for lv in entry["levels"]], "o-", color=color, label=f"{label} p50")
+        latency.plot(levels, [lv["latency_p99_s"] for lv in entry["levels"]], "x--", color=color,
+                     label=f"{label} p99")
     for ax, title, unit in ((throughput, "throughput", "output tokens/s"), (latency, "request latency", "s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

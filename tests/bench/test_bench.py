@@ -43,12 +43,18 @@ def test_denoise_latencies(model_dir):
 
 
 def test_serve_throughput_and_latency(model_dir, tmp_path):
+    """Each decoding asked for is driven through the same server, with the bench's precision and threads."""
     report = bench("serve", "-m", model_dir, "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8",
+                   "--decodings", "diffusion,verified", "--temperature", "0.5", "--threads", "1",
                    "--out", str(tmp_path / "s.json"))
-    entry = report["models"][model_dir]
-    assert entry["kind"] == "diffusion" and [lv["concurrency"] for lv in entry["levels"]] == [1, 2]
-    assert all(lv["errors"] == 0 and lv["tokens_per_second"] > 0 for lv in entry["levels"])
-    assert entry["whole_canvas_streaming_c1"]["requests"] == 2
+    assert report["server_flags"] == ["--dtype", "float32", "--quantize", "none", "--threads", "1"]
+    assert report["temperature"] == 0.5 and list(report["models"]) == [model_dir, f"{model_dir} · verified"]
+    for name, decoding in ((model_dir, "diffusion"), (f"{model_dir} · verified", "verified")):
+        entry = report["models"][name]
+        assert (entry["kind"], entry["decoding"]) == ("diffusion", decoding)
+        assert [lv["concurrency"] for lv in entry["levels"]] == [1, 2]
+        assert all(lv["errors"] == 0 and lv["tokens_per_second"] > 0 for lv in entry["levels"])
+    assert report["models"][model_dir]["whole_canvas_streaming_c1"]["requests"] == 2
     assert (tmp_path / "s.png").stat().st_size > 5_000
 
 
@@ -116,6 +122,10 @@ def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and out.stdout == ""
     assert "--structured-share must be in [0, 1], got 2.0" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "serve", "--decodings", "diffusion,fast"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr
+    assert "--decodings takes diffusion, verified, autoregressive (comma-separated), got 'diffusion,fast'" in out.stderr
 
 
 def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
