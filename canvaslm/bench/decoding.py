@@ -1,8 +1,8 @@
 """`canvaslm bench decoding`: a diffusion model's three ways to write, side by side on the same weights and prompts
-(chat questions, batch 1 and 8): its canvases (`diffusion`), canvas drafts checked by its causal pass
-(`verified`), and the causal pass alone (`autoregressive`). Per mode and batch size: tokens/s, tokens per forward
-pass, passes; verified also its mean accepted length (tokens written per draft-and-check round) and its agreement
-with the autoregressive tokens (greedy: 1.0 up to float ties, which is the lossless claim)."""
+(the 8 chat questions of `bench serve`, in batches of 1 and 8): its canvases (`diffusion`), canvas drafts checked
+by its causal pass (`verified`), and the causal pass alone (`autoregressive`). Per mode and batch size: tokens/s,
+tokens per forward pass, passes; verified also its mean accepted length (tokens written per draft-and-check round)
+and its agreement with the autoregressive tokens (greedy: 1.0 up to float ties, which is the lossless claim)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.progress import Progress
 from canvaslm.bench.serve import PROMPTS
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.lm import LM
-from canvaslm.engine.verified import verified_generate
+from canvaslm.engine.verified import draft_size, verified_generate
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
 
@@ -24,50 +24,37 @@ ORDER = ("autoregressive", "verified", "diffusion")  # AR first: verified's agre
 
 def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature: float = 0.0,
                    diffusion: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run every decoding at every batch size on the first prompts of `PROMPTS` (repeated to fill a batch);
-    diffusion uses the model's defaults overridden by `diffusion`. Greedy by default (temperature 0)."""
+    """Run every decoding at every batch size over all of `PROMPTS`, in batches of that size (batch 1: each prompt
+    alone; a batch larger than the prompts repeats them); diffusion uses the model's defaults overridden by
+    `diffusion`. Greedy by default (temperature 0). Times, tokens and passes add up over the batches."""
     if lm.kind != "diffusion":
         raise CanvasError(f"{lm.source} is autoregressive: bench decoding compares a diffusion model's ways to write")
     prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
-    options = {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     rows = []
     with Progress(transient=True) as progress:
         task = progress.add_task("bench decoding", total=len(batch_sizes) * len(ORDER))
         for batch in batch_sizes:
-            batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
-            input_ids, valid = lm.batch(batch_prompts)
-            ar_tokens = None
+            groups = [[prompts[(start + i) % len(prompts)] for i in range(batch)]
+                      for start in range(0, len(prompts), batch)]
+            ar_tokens: list[list[int]] = []
             for mode in ORDER:
-                generator = torch.Generator(lm.device).manual_seed(seed)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    if mode == "autoregressive":
-                        out = ar_generate(lm.network, input_ids, valid, new_tokens, eos_token_ids=lm.eos_token_ids,
-                                          pad_token_id=lm.pad_token_id, generator=generator, **options)
-                        sequences, passes, extra = out.sequences, torch.full((batch,), out.forward_passes), {}
-                    elif mode == "verified":
-                        out = verified_generate(lm.network, input_ids, valid, new_tokens,
-                                                eos_token_ids=lm.eos_token_ids, pad_token_id=lm.pad_token_id,
-                                                generator=generator, **options)
-                        sequences, passes = out.sequences, out.forward_passes
-                        extra = {"rounds": int(out.rounds.sum()), "accepted_drafts": int(out.accepted.sum()),
-                                 "tokens_per_round": round(float(out.new_tokens.sum() / out.rounds.sum().clamp(min=1)),
-                                                           3)}
-                    else:
-                        result = lm.generate(batch_prompts, new_tokens, seed=seed, **(diffusion or {}))
-                        sequences, passes, extra = result.sequences, result.forward_passes, {}
-                seconds = time.perf_counter() - start
-                generated = [lm.decode_new(row, input_ids.shape[1])[0][:new_tokens] for row in sequences]
+                totals: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0,
+                                          "accepted": 0, "generated": []}
+                for group in groups:
+                    _run_group(lm, mode, group, new_tokens, temperature, diffusion, seed, totals)
+                row = {"decoding": mode, "batch": batch, "prompts": len(groups) * batch, "tokens": totals["tokens"],
+                       "seconds": round(totals["seconds"], 3),
+                       "tokens_per_second": round(totals["tokens"] / totals["seconds"], 2),
+                       # a step of a batch is one pass for all its rows: passes of each batch's slowest row
+                       "forward_passes": totals["max_passes"],
+                       "tokens_per_forward": round(totals["tokens"] / totals["passes"], 3)}
+                if mode == "verified":
+                    row.update(rounds=totals["rounds"], accepted_drafts=totals["accepted"],
+                               tokens_per_round=round(totals["tokens"] / max(1, totals["rounds"]), 3))
                 if mode == "autoregressive":
-                    ar_tokens = generated
-                tokens = sum(map(len, generated))
-                row = {"decoding": mode, "batch": batch, "tokens": tokens, "seconds": round(seconds, 3),
-                       "tokens_per_second": round(tokens / seconds, 2),
-                       # a step of a batch is one pass for all its rows: passes of the slowest row
-                       "forward_passes": int(passes.max()),
-                       "tokens_per_forward": round(tokens / batch / float(passes.float().mean()), 3), **extra}
-                if mode == "verified" and ar_tokens is not None:
-                    same = sum(_common_prefix(a, b) for a, b in zip(generated, ar_tokens, strict=True))
+                    ar_tokens = totals["generated"]
+                elif mode == "verified" and ar_tokens:
+                    same = sum(_common_prefix(a, b) for a, b in zip(totals["generated"], ar_tokens, strict=True))
                     row["agreement_with_autoregressive"] = round(same / max(1, sum(map(len, ar_tokens))), 4)
                 rows.append(row)
                 progress.advance(task)
@@ -76,7 +63,37 @@ def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature:
         r["speed_vs_autoregressive"] = round(r["tokens_per_second"] / by["autoregressive", r["batch"]]
                                              ["tokens_per_second"], 3)
     return {"new_tokens": new_tokens, "temperature": temperature, "prompts": len(PROMPTS),
+            "draft_size": draft_size(lm.network),
             "diffusion_settings": vars(lm.diffusion_settings(dict(diffusion or {}))), "runs": rows}
+
+
+def _run_group(lm: LM, mode: str, group: list[list[int]], new_tokens: int, temperature: float,
+               diffusion: dict[str, Any] | None, seed: int, totals: dict[str, Any]) -> None:
+    """One batch of prompts in one decoding; adds its time, tokens, passes (and verified's rounds) to `totals`."""
+    options = {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    input_ids, valid = lm.batch(group)
+    generator = torch.Generator(lm.device).manual_seed(seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if mode == "autoregressive":
+            out = ar_generate(lm.network, input_ids, valid, new_tokens, eos_token_ids=lm.eos_token_ids,
+                              pad_token_id=lm.pad_token_id, generator=generator, **options)
+            sequences, passes = out.sequences, torch.full((len(group),), out.forward_passes)
+        elif mode == "verified":
+            out = verified_generate(lm.network, input_ids, valid, new_tokens, eos_token_ids=lm.eos_token_ids,
+                                    pad_token_id=lm.pad_token_id, generator=generator, **options)
+            sequences, passes = out.sequences, out.forward_passes
+            totals["rounds"] += int(out.rounds.sum())
+            totals["accepted"] += int(out.accepted.sum())
+        else:
+            result = lm.generate(group, new_tokens, seed=seed, **(diffusion or {}))
+            sequences, passes = result.sequences, result.forward_passes
+    totals["seconds"] += time.perf_counter() - start
+    generated = [lm.decode_new(row, input_ids.shape[1])[0][:new_tokens] for row in sequences]
+    totals["generated"] += generated
+    totals["tokens"] += sum(map(len, generated))
+    totals["passes"] += float(passes.float().sum())
+    totals["max_passes"] += int(passes.max())
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

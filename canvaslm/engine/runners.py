@@ -47,7 +47,7 @@ from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import CanvasLogits, Draft
 from canvaslm.engine.request import Request, Sequence
-from canvaslm.engine.verified import accept, check_logits, draft_block, draft_logits, propose
+from canvaslm.engine.verified import accept, check_logits, draft_block, draft_logits, draft_size, propose
 from canvaslm.models.cache import KVCache
 
 SendTokens = Callable[[Sequence, list[int]], bool]
@@ -260,7 +260,7 @@ class VerifiedRunner(SharedCacheRunner):
         seq.anchor = sample_next(network.logits(hidden[:, -1]), options["temperature"], options["top_k"],
                                  options["top_p"], seq.generator)
         seq.passes = 1
-        self._join(seq).slack = network.canvas_length  # sliding layers keep what a rollback of one check needs
+        self._join(seq).slack = draft_size(network)  # sliding layers keep what a rollback of one check needs
         self.send(seq, seq.anchor.tolist())  # final once drawn; it may end the sequence (then released)
 
     def step(self, running: list[Sequence]) -> None:
@@ -275,7 +275,7 @@ class VerifiedRunner(SharedCacheRunner):
         verdicts = [accept(draft[i:i + 1], q, checked[i:i + 1], s.settings, s.generator)
                     for i, (s, (_, q)) in enumerate(zip(running, proposals, strict=True))]
         k = torch.cat([kept for kept, _ in verdicts])
-        cache.rollback(network.canvas_length, 1 + k)
+        cache.rollback(1 + draft.shape[1], 1 + k)
         for i, (seq, (_, y)) in enumerate(zip(list(running), verdicts, strict=True)):
             seq.passes += 2
             if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):

@@ -402,6 +402,7 @@ class Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
+        self.small_pass_rows: int | None = None  # set by quantize: rows its packed kernels run at ~1 row's cost
 
     @property
     def vocab_size(self) -> int:

@@ -433,6 +433,7 @@ class Model(nn.Module):
         # a plain attribute, not a buffer: model.to(bfloat16) must not round it, and it stays real under meta
         self.inv_freq = rope_inv_freq(config)  # [D / 2] float32
         self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
+        self.small_pass_rows: int | None = None  # set by quantize: rows its packed kernels run at ~1 row's cost
 
     @property
     def kind(self) -> str:

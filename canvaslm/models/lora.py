@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.canvas_pass = True          # False: act as the base layer (the causal pass of canvas-only adapters)
         self.canvas_weight: Tensor | None = None  # base + delta, kept by `cache_canvas_weights` for inference
+        self.canvas_packed: Any = None  # canvas_weight packed by canvaslm.models.quant.quantize (a PackedWeight)
         self._autocast_base: tuple[tuple[int, int, torch.dtype], Tensor] | None = None  # see `_frozen_base`
 
     @property
@@ -60,6 +62,9 @@ class LoRALinear(nn.Module):
         if not self.canvas_pass:
             return self._frozen_base(x)
         if self.canvas_weight is not None and not torch.is_grad_enabled():
+            if self.canvas_packed is not None and self.canvas_packed.takes(x):
+                y = self.canvas_packed(x)
+                return y if self.base.bias is None else y + self.base.bias
             return nn.functional.linear(x, self.canvas_weight, self.base.bias)
         update = nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)
         return self._frozen_base(x) + update * self.scaling
@@ -97,6 +102,7 @@ def cache_canvas_weights(model: nn.Module) -> None:
         if isinstance(module, LoRALinear):
             weight = module.base.weight
             module.canvas_weight = (weight.float() + module.delta()).to(weight.dtype).detach()
+            module.canvas_packed = None  # packed from the old weight: `quantize` packs the new one
 
 
 def lora_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:

@@ -27,6 +27,9 @@ def test_bench_decoding_reports_every_mode_and_verified_agrees_with_ar(tmp_path,
         assert verified["tokens_per_round"] >= 1 and verified["rounds"] >= 1
         assert runs["autoregressive", batch]["tokens_per_forward"] <= 1.0
         assert runs["autoregressive", batch]["speed_vs_autoregressive"] == 1.0
+        # every batch size covers all 8 prompts: batch 1 each alone, batch 3 in 3 batches (the last one wraps)
+        assert {r["prompts"] for r in report["runs"] if r["batch"] == batch} == {8 if batch == 1 else 9}
+    assert report["draft_size"] == 4  # float32, not packed: a whole canvas
     assert (tmp_path / "decoding.png").stat().st_size > 10_000
 
 

@@ -12,7 +12,7 @@ import torch
 
 import canvaslm
 from canvaslm.engine.lm import LM
-from canvaslm.engine.verified import accept_greedy, accept_sampled, verified_generate
+from canvaslm.engine.verified import accept_greedy, accept_sampled, draft_size, verified_generate
 from canvaslm.errors import GenerationError, UnsupportedError
 from canvaslm.models import llama
 from canvaslm.models.lora import LoRALinear, apply_lora
@@ -53,6 +53,37 @@ def test_greedy_verified_equals_the_models_own_autoregressive_decoding(which, ge
         verified = lm.generate(prompts, 40, decoding="verified", temperature=0.0)
         assert torch.equal(verified.sequences, ar.sequences)
         assert bool((verified.forward_passes > 1).all())
+
+
+@pytest.mark.parametrize("which", ["gemma", "shift_llama"])
+def test_short_drafts_write_the_same_tokens(which, gemma):
+    """A packed model drafts `small_pass_rows` tokens a round instead of a whole canvas (`draft_size`): fewer
+    tokens a round, the same greedy tokens, in the library and in the serving engine (sliding layers included)."""
+    import queue
+
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.request import Request
+
+    lm = gemma if which == "gemma" else shift_llama()
+    whole = lm.generate(PROMPTS, 40, decoding="verified", temperature=0.0)
+    lm.network.small_pass_rows = 3
+    try:
+        assert draft_size(lm.network) == 3
+        short = lm.generate(PROMPTS, 40, decoding="verified", temperature=0.0)
+        assert torch.equal(short.sequences, whole.sequences)
+        input_ids, valid = lm.batch(PROMPTS)
+        out = verified_generate(lm.network, input_ids, valid, 40, temperature=0.0, eos_token_ids=[], pad_token_id=0)
+        assert bool((out.new_tokens <= 3 * out.rounds).all())  # at most 2 drafts and the next token a round
+        engine = Engine(lm, pin_settled=False).start()
+        try:
+            inbox = queue.Queue()
+            engine.submit(Request(PROMPTS[1], 40, inbox.put, sampling={"temperature": 0.0}, decoding="verified"))
+            alone = lm.generate([PROMPTS[1]], 40, decoding="autoregressive", temperature=0.0).sequences[0]
+            assert tokens_of(inbox) == lm.decode_new(alone, len(PROMPTS[1]))[0][:40]
+        finally:
+            engine.stop()
+    finally:
+        lm.network.small_pass_rows = None
 
 
 def test_rows_stop_at_their_own_eos_and_budget():

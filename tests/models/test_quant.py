@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from canvaslm.hardware import bf16_is_fast, resolve_quantize
 from canvaslm.models import llama
 from canvaslm.models.lora import LoRALinear, apply_lora, cache_canvas_weights
-from canvaslm.models.quant import (GROUP_SIZE, PackedWeight, QuantizedLinear, dequantize_int4, quantize,
-                                   quantize_int4)
+from canvaslm.models.quant import (GROUP_SIZE, SMALL_PASS_ROWS, PackedWeight, QuantizedLinear, dequantize_int4,
+                                   quantize, quantize_int4)
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -88,7 +88,9 @@ def test_a_quantized_model_keeps_its_weights_and_follows_the_dense_one(mode):
 
 
 @torch.inference_mode()
-def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass():
+def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass_and_pack_small_drafts():
+    """A 16-token canvas runs the merged canvas weights dense (the canvas sampler's numerics stay); a pass of up to
+    SMALL_PASS_ROWS canvas tokens (a verified draft) runs them packed, close to the dense product."""
     model = tiny_model().to_diffusion(16)  # 16 rows: the int8 head is dense too (packed_max_rows)
     model.config = dataclasses.replace(model.config, canvas_adapters=True)
     apply_lora(model, rank=4, alpha=8)
@@ -111,6 +113,11 @@ def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass():
 
     assert torch.equal(canvas_logits(model), canvas_logits(dense))  # the merged canvas weights stay dense
     assert not torch.equal(last_logits(model, ids, 1), last_logits(dense, ids, 1))  # the causal step is packed
+    assert model.small_pass_rows == SMALL_PASS_ROWS and dense.small_pass_rows is None
+    canvas = canvas[:, :SMALL_PASS_ROWS]
+    packed, exact = canvas_logits(model), canvas_logits(dense)
+    assert not torch.equal(packed, exact)  # a draft-sized canvas runs the packed canvas weights
+    assert (packed.softmax(-1) - exact.softmax(-1)).abs().max() < 0.05
 
 
 def test_auto_picks_int4_only_where_bfloat16_is_fast():
