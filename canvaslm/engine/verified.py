@@ -7,7 +7,7 @@ converted model whose adapters act only in the canvas pass keeps its parent's ca
     draft   one decoder pass over the canvas [a, noise x (S-1)], a = the last token chosen (not yet in the cache),
             S = `draft_size` (the model's canvas C, or 4 tokens on weights packed for the CPU's int4 kernel):
             q_i = warp(logits_i), d_i ~ q_i (greedy: argmax) for i = 1 .. S-1, drawn independently;
-    check   one encoder pass of [a, d_1 .. d_{C-1}] into the cache: p_i = warp(causal logits after d_{i-1});
+    check   one encoder pass of [a, d_1 .. d_{S-1}] into the cache: p_i = warp(causal logits after d_{i-1});
     accept  greedy: the longest prefix with d_i = argmax p_i, then y = argmax p at the first mismatch (or the
             bonus after the last draft); sampling: d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)), the
             first rejected slot draws y from norm(max(0, p_i - q_i)), and a fully accepted block draws the bonus
@@ -82,8 +82,9 @@ def draft_size(model: Any) -> int:
     """The canvas a round drafts in, in tokens (the anchor and its drafts): the model's whole canvas, or, when its
     linears are packed for torch's int4 CPU kernel, the most rows that kernel runs at about the cost of one
     (`quant.SMALL_PASS_ROWS`): on a 2-core EPYC a draft of 3 and its check took 21 + 22 ms against 45 + 47 for a
-    whole 16-token canvas, and the longer drafts' extra tokens were mostly rejected (2.9 against 2.55 tokens per
-    round), so `smol` ran 50 tok/s against 28 (AR 45). The draft's length never changes which tokens are written."""
+    whole 16-token canvas, whose extra drafts were mostly rejected (2.6 against 2.4 tokens per round), so `smol`
+    ran 48.8 tok/s against 28.4 at batch 1 (AR 43.8-48.6). The draft's length never changes which tokens are
+    written."""
     return min(model.canvas_length, getattr(model, "small_pass_rows", None) or model.canvas_length)
 
 

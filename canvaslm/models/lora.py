@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
+from canvaslm.models.quant import PackedWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.canvas_pass = True          # False: act as the base layer (the causal pass of canvas-only adapters)
         self.canvas_weight: Tensor | None = None  # base + delta, kept by `cache_canvas_weights` for inference
-        self.canvas_packed: Any = None  # canvas_weight packed by canvaslm.models.quant.quantize (a PackedWeight)
+        self.canvas_packed: PackedWeight | None = None  # canvas_weight packed by canvaslm.models.quant.quantize
         self._autocast_base: tuple[tuple[int, int, torch.dtype], Tensor] | None = None  # see `_frozen_base`
 
     @property
