@@ -74,11 +74,12 @@ def test_short_drafts_write_the_same_tokens(which, gemma):
         input_ids, valid = lm.batch(PROMPTS)
         out = verified_generate(lm.network, input_ids, valid, 40, temperature=0.0, eos_token_ids=[], pad_token_id=0)
         assert bool((out.new_tokens <= 3 * out.rounds).all())  # at most 2 drafts and the next token a round
+        # before the engine starts: its thread and this one must not run the network at the same time
+        alone = lm.generate([PROMPTS[1]], 40, decoding="autoregressive", temperature=0.0).sequences[0]
         engine = Engine(lm, pin_settled=False).start()
         try:
             inbox = queue.Queue()
             engine.submit(Request(PROMPTS[1], 40, inbox.put, sampling={"temperature": 0.0}, decoding="verified"))
-            alone = lm.generate([PROMPTS[1]], 40, decoding="autoregressive", temperature=0.0).sequences[0]
             assert tokens_of(inbox) == lm.decode_new(alone, len(PROMPTS[1]))[0][:40]
         finally:
             engine.stop()
