@@ -203,18 +203,18 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
     sampling = {} if temperature is None else {"temperature": temperature}
     with Progress(transient=True) as progress:
         for model in models:
-            task = progress.add_task(f"serving {model}", total=len(levels) + 1)
+            task = progress.add_task(f"serving {model}", total=None)
             server = ServerProcess(model, list(server_flags))
             try:
                 kind = _kind(server.url)
+                driven = list(decodings) if kind == "diffusion" else ["autoregressive"]
+                progress.update(task, total=1 + len(levels) * len(driven))
                 _one_request(server.url, PROMPTS[0], 8, 0)  # warm-up
                 progress.advance(task)
-                for decoding in (decodings if kind == "diffusion" else ["autoregressive"]):
-                    name = model if decoding in ("diffusion", "autoregressive") else f"{model} · {decoding}"
+                for decoding in driven:
+                    name = model if decoding == "diffusion" or kind != "diffusion" else f"{model} · {decoding}"
                     extra = {**sampling, **({"decoding": decoding} if kind == "diffusion" else {})}
                     entry: dict[str, Any] = {"kind": kind, "decoding": decoding, "levels": []}
-                    if decoding != decodings[0]:
-                        progress.update(task, total=progress.tasks[task].total + len(levels))
                     for level in levels:
                         entry["levels"].append(run_level(
                             server.url, level, max(requests, level), max_tokens,

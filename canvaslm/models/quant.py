@@ -152,7 +152,7 @@ def quantize(model: nn.Module, mode: str) -> list[str]:
         if getattr(module, "canvas_weight", None) is not None and PackedWeight.fits(module.canvas_weight, mode):
             module.canvas_packed = PackedWeight(module.canvas_weight, mode, max_rows=SMALL_PASS_ROWS)
             packed.append(f"{name}.canvas_weight")
-    model.small_pass_rows = SMALL_PASS_ROWS
+    model.small_pass_rows = SMALL_PASS_ROWS if mode == "int4" else None  # the int4 kernel's small-pass path
     head = model.embed_tokens.weight if getattr(model, "lm_head", None) is None else model.lm_head.weight
     model.packed_head = PackedWeight(head, "int8") if PackedWeight.fits(head, "int8") else None
     return packed
