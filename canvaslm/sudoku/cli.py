@@ -21,6 +21,10 @@ from canvaslm.plotting import new_figure, save
 from canvaslm.sudoku import board as sudoku
 
 DEFAULT_MODEL = "sudoku"
+# A grid diffusion model reads each puzzle in this many symmetric forms, the likeliest answer kept, unless told
+# otherwise: the setting measured to solve the most (docs/sudoku.md, session 17); `solve()` itself defaults to one.
+DEFAULT_VIEWS = 4
+VIEW_KEYS = ("views", "views_combine")  # --setting keys that are the solver's, not the sampler's
 EVAL_SEED = 1_000_000  # seed streams of `eval` puzzles; training uses streams below 1,000
 
 
@@ -37,8 +41,12 @@ def add_parser(sub: Any, sampling_args: Any) -> None:
         p.add_argument("--constraints", action="store_true", help="also refuse digits a given in the same row, "
                        "column or box holds (reported separately from the model-alone mode)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--views", type=int, default=1, help="read each puzzle in this many symmetric forms and "
-                       "average the model's beliefs (grid models; that many times the compute per pass)")
+        p.add_argument("--views", type=int, default=None, help="read each puzzle in this many symmetric forms, "
+                       f"that many times the compute per pass (default: {DEFAULT_VIEWS} for a grid diffusion model, "
+                       "else 1)")
+        p.add_argument("--views-combine", default="likeliest", choices=("likeliest", "mean"),
+                       help="likeliest: decode each view on its own and keep the answer the model gives the highest "
+                            "probability (default); mean: average the views' beliefs at every pass")
         sampling_args(p)
 
     solve = commands.add_parser("solve", help="solve the puzzles of a JSONL file")
@@ -53,8 +61,8 @@ def add_parser(sub: Any, sampling_args: Any) -> None:
     evaluate.add_argument("--out", default=None, help="write the results as JSON here (and PNGs beside it)")
     evaluate.add_argument("--setting", action="append", default=[], metavar="K=V[,K=V]",
                           help="a sampler setting to evaluate, e.g. acceptance=threshold,accept_probability=0.9 "
-                               "or views=4 (repeatable; each model runs every setting; --out also plots the "
-                               "frontier)")
+                               "or views=4,views_combine=likeliest (repeatable; each model runs every setting; "
+                               "--out also plots the frontier)")
     common(evaluate)
     play = commands.add_parser("play", help="solve one puzzle, drawing the grid at every denoising step")
     play.add_argument("--puzzle", default=None, help="81 characters (default: a new one of --difficulty)")
@@ -90,6 +98,15 @@ def _load(name: str, device: str | None):
     return lm
 
 
+def _views(lm, asked: int | None) -> int:
+    """`--views` as asked, else `DEFAULT_VIEWS` for a grid diffusion model and 1 for any other."""
+    from canvaslm.sudoku.solver import is_grid_model
+
+    if asked is not None:
+        return asked
+    return DEFAULT_VIEWS if lm.kind == "diffusion" and is_grid_model(lm) else 1
+
+
 def _solve(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
     from canvaslm.sudoku.solver import solve
 
@@ -107,7 +124,7 @@ def _solve(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
     for start in range(0, len(parsed), max(args.batch_size, 1)):
         chunk = parsed[start:start + args.batch_size]
         answers = solve(lm, [cells for _, cells in chunk], rules=args.constraints, seed=args.seed,
-                        views=args.views, **sampling)
+                        views=_views(lm, args.views), views_combine=args.views_combine, **sampling)
         for (n, _), answer in zip(chunk, answers):
             results[n] = {"solution": answer.solution, "forward_passes": answer.forward_passes,
                           "valid": answer.solved}
@@ -138,7 +155,7 @@ def _read_lines(path: str) -> list[str]:
 
 
 def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, seed: int,
-             sampling: dict[str, Any], views: int = 1) -> dict[str, Any]:
+             sampling: dict[str, Any], views: int = 1, views_combine: str = "mean") -> dict[str, Any]:
     """Solve rate, blank cells right (vs the unique solution), forward passes per puzzle, seconds per puzzle and
     the solve rate by the hardest human technique a puzzle needs, on n held-out puzzles per difficulty."""
     from canvaslm.sudoku.solver import solve
@@ -151,7 +168,8 @@ def evaluate(lm, difficulties: list[str], n: int, batch_size: int, rules: bool, 
         start, answers = time.perf_counter(), []
         for first in range(0, n, batch_size):
             cells = [sudoku.parse(p) for p, _ in pairs[first:first + batch_size]]
-            answers += solve(lm, cells, rules=rules, seed=seed + first, views=views, **sampling)
+            answers += solve(lm, cells, rules=rules, seed=seed + first, views=views, views_combine=views_combine,
+                             **sampling)
         seconds = time.perf_counter() - start
         blanks = [(a.solution[i], solution[i]) for a, (puzzle, solution) in zip(answers, pairs, strict=True)
                   for i in range(81) if puzzle[i] in ".0"]
@@ -208,7 +226,7 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
     if unknown or not difficulties:
         raise CanvasError(f"--difficulty: unknown {unknown or 'empty list'}; expected among {sudoku.DIFFICULTIES}")
     report: dict[str, Any] = {"settings": {"puzzles_per_difficulty": args.puzzles, "constraints": args.constraints,
-                                           "views": args.views, "seed": args.seed, **sampling}, "models": {}}
+                                           "seed": args.seed, **sampling}, "models": {}}
     from canvaslm.cli_args import key_values
 
     settings = [key_values(s, "--setting") for s in args.setting] or [{}]
@@ -216,10 +234,14 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
         lm = _load(name, args.device)
         for setting in settings if lm.kind == "diffusion" else [{}]:
             label = name + "".join(f" {k}={v}" for k, v in setting.items())
-            views = int(setting.get("views", args.views)) if lm.kind == "diffusion" else 1
+            views = int(setting["views"]) if "views" in setting else _views(lm, args.views)
+            views = views if lm.kind == "diffusion" else 1
+            combine = str(setting.get("views_combine", args.views_combine))
             result = evaluate(lm, difficulties, args.puzzles, args.batch_size, args.constraints, args.seed,
-                              {**sampling, **{k: v for k, v in setting.items() if k != "views"}}, views)
-            report["models"][label] = {"kind": lm.kind, "setting": setting,
+                              {**sampling, **{k: v for k, v in setting.items() if k not in VIEW_KEYS}}, views,
+                              combine)
+            report["models"][label] = {"kind": lm.kind, "setting": setting, "views": views,
+                                       "views_combine": combine if views > 1 else None,
                                        "parameters": sum(p.numel() for p in lm.network.parameters()), **result}
             for difficulty, row in result.items():
                 print(f"{label}  {difficulty:6s}  solved {row['solve_rate']:.1%}  blanks right "
@@ -303,8 +325,8 @@ def _play(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
     if live is not None:
         live.start()
     try:
-        for event in solve_steps(lm, [cells], rules=args.constraints, seed=args.seed, views=args.views,
-                                 **sampling):
+        for event in solve_steps(lm, [cells], rules=args.constraints, seed=args.seed, views=_views(lm, args.views),
+                                 views_combine=args.views_combine, **sampling):
             if isinstance(event, DenoisingStep) and args.show_canvas:
                 grid = sudoku.decode_cells(event.draft[0].tolist())
                 view = grid_text(cells, grid, event.accepted[0].tolist(), f"step {event.step}/{event.max_steps}")

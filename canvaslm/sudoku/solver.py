@@ -47,6 +47,18 @@ DECODING: dict[str, float | int | str] = {"sampler": "greedy", "t_max": 1.0, "t_
 REVISING: dict[str, float | int | str] = {**DECODING, "revise_probability": 0.9}
 
 
+VIEWS_COMBINE = ("mean", "likeliest")  # how `views` > 1 symmetric forms of a puzzle make one answer
+
+
+def view_symmetries(views: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """The `views` symmetries (`board.symmetry`'s (order, digits)) a puzzle is read in: the identity, then random
+    ones drawn from `seed`."""
+    if views < 1:
+        raise CanvasError(f"views must be >= 1, got {views}")
+    rng = random.Random(seed)
+    return [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
+
+
 class SymmetricViews:
     """A grid model that reads each puzzle in `views` symmetric forms at once and answers with their average.
 
@@ -58,11 +70,8 @@ class SymmetricViews:
     Wraps the network for `generate_steps`: each batch row becomes `views` rows of the wrapped cache."""
 
     def __init__(self, network: Any, views: int, seed: int = 0) -> None:
-        if views < 1:
-            raise CanvasError(f"views must be >= 1, got {views}")
         self.network, self.views = network, views
-        rng = random.Random(seed)
-        symmetries = [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
+        symmetries = view_symmetries(views, seed)
         device = network.embed_tokens.weight.device
         self.order = torch.tensor([order for order, _ in symmetries], device=device)            # [K, 81]
         token = torch.arange(network.vocab_size)
@@ -165,14 +174,21 @@ def allowed_tokens(puzzles: Sequence[Sequence[int]], vocab_size: int, rules: boo
 
 
 def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0, views: int = 1,
-                **sampling: float | str) -> Iterator[object]:
+                views_combine: str = "mean", **sampling: float | str) -> Iterator[object]:
     """Solve parsed puzzles (81 ints, 0 = blank) in one batch, yielding the diffusion loop's events (for a live
-    view) and lastly the list of `Answer`s. `views` > 1 reads each puzzle in that many symmetric forms
-    (`SymmetricViews`; a grid diffusion model only)."""
+    view) and lastly the list of `Answer`s. `views` > 1 reads each puzzle in that many symmetric forms (a grid
+    diffusion model only), combined per `views_combine`: "mean" averages their beliefs at every pass
+    (`SymmetricViews`), "likeliest" decodes each on its own and keeps the answer the model finds likeliest
+    (`_likeliest_views`)."""
     check_model(lm)
     grid = is_grid_model(lm)
     if views != 1 and not (grid and lm.kind == "diffusion"):
         raise CanvasError(f"views = {views} needs a grid diffusion model (canvas_grid); {lm.source} is not one")
+    if views_combine not in VIEWS_COMBINE:
+        raise CanvasError(f"views_combine must be one of {', '.join(VIEWS_COMBINE)}; got {views_combine!r}")
+    if views > 1 and views_combine == "likeliest":
+        yield from _likeliest_views(lm, puzzles, rules, seed, views, sampling)
+        return
     ids = torch.tensor([sudoku.prompt_ids(sudoku.render(p), grid) for p in puzzles], device=lm.device)
     valid = torch.ones_like(ids, dtype=torch.bool)
     allowed = allowed_tokens(puzzles, lm.network.vocab_size, rules).to(lm.device)
@@ -208,6 +224,43 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
     yield answers
 
 
+def _likeliest_views(lm: LM, puzzles: Sequence[Sequence[int]], rules: bool, seed: int, views: int,
+                     sampling: dict[str, float | str]) -> Iterator[object]:
+    """Self-consistency over symmetric views: each puzzle is decoded in `views` symmetric forms, each on its own
+    (rows j * views + k of one batch), and its answer is the view whose kept digits the model gave the highest
+    joint probability (the sum of the log `certainty` over the blanks, each read at the pass that kept it). A
+    wrong guess tends to leave the digits after it less certain, so the likeliest view is usually a right one.
+    Still the model alone: no rule is checked, and the views run as one batch, so a puzzle costs the passes of
+    its slowest view (reported as its `forward_passes`). Events are the expanded batch's (row 0: puzzle 0 as
+    given)."""
+    symmetries = view_symmetries(views, seed)
+    forms = [[0 if cells[i] == 0 else digits[cells[i] - 1] for i in order]
+             for cells in puzzles for order, digits in symmetries]
+    answers: list[Answer] = []
+    for event in solve_steps(lm, forms, rules=rules, seed=seed, **sampling):
+        if isinstance(event, list):
+            answers = event
+        else:
+            yield event
+    chosen = []
+    for j, cells in enumerate(puzzles):
+        candidates = answers[j * views:(j + 1) * views]
+        score = [sum(math.log(max(a.certainty[i], 1e-30)) for i in range(81) if forms[j * views + k][i] == 0)
+                 for k, a in enumerate(candidates)]  # type: ignore[index]
+        k = max(range(views), key=score.__getitem__)  # the first (the puzzle as given) on a tie
+        order, digits = symmetries[k]
+        view, digit_of = candidates[k], {str(d): str(n + 1) for n, d in enumerate(digits)}
+        solution, certainty, kept_at = ["."] * 81, [1.0] * 81, [0] * 81
+        for i, source in enumerate(order):  # view cell i is cell `source` of the puzzle as given
+            solution[source] = digit_of.get(view.solution[i], ".")
+            certainty[source] = view.certainty[i]  # type: ignore[index]
+            kept_at[source] = view.kept_at[i]  # type: ignore[index]
+        grid = [int(c) if c != "." else 0 for c in solution]
+        chosen.append(Answer("".join(solution), sudoku.is_solution(cells, grid),
+                             max(a.forward_passes for a in candidates), certainty, kept_at))
+    yield chosen
+
+
 def _record_certainty(certainty: Tensor, kept_at: Tensor, kept: Tensor, step: DenoisingStep,
                       blank: Tensor) -> Tensor:
     """Write into `certainty` [B, 81] the probability of each digit `step` kept in a `blank` cell that was not kept
@@ -223,9 +276,10 @@ def _record_certainty(certainty: Tensor, kept_at: Tensor, kept: Tensor, step: De
 
 
 def solve(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False, seed: int = 0, views: int = 1,
-          **sampling: float | str) -> list[Answer]:
+          views_combine: str = "mean", **sampling: float | str) -> list[Answer]:
     """`solve_steps` run to the end."""
-    *_, answers = solve_steps(lm, puzzles, rules=rules, seed=seed, views=views, **sampling)
+    *_, answers = solve_steps(lm, puzzles, rules=rules, seed=seed, views=views, views_combine=views_combine,
+                              **sampling)
     return answers  # type: ignore[return-value]
 
 

@@ -14,7 +14,7 @@ from canvaslm import cli
 from canvaslm.errors import CanvasError
 from canvaslm.models import llama
 from canvaslm.sudoku import board as sudoku
-from canvaslm.sudoku.solver import SymmetricViews, solve
+from canvaslm.sudoku.solver import DECODING, SymmetricViews, solve
 from tests.sudoku.conftest import CONFIG, decode
 
 
@@ -73,12 +73,55 @@ def test_solving_with_views_fills_every_blank_and_keeps_the_givens(network):
         assert all(g == 0 or str(g) == c for g, c in zip(puzzle, answer.solution))
 
 
-def test_views_need_a_grid_diffusion_model():
+def test_likeliest_views_keep_the_view_whose_digits_the_model_found_likeliest(network):
+    """An independent computation: each symmetric form solved alone, scored by the log-probability the model gave
+    its kept digits, the best one mapped back cell by cell (greedy decoding: the batch does not change a row)."""
+    lm = canvaslm.LM(network, sudoku.tokenizer(), "tiny-grid")
+    views, seed, decoding = 3, 5, {**DECODING, "max_denoising_steps": 6}
+    puzzles = [sudoku.parse(p) for p, _ in sudoku.puzzles("hard", 4, seed=9)]
+    rng = random.Random(seed)
+    symmetries = [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
+    picked = []
+    for puzzle in puzzles:
+        best = None
+        for order, digits in symmetries:
+            form = [0 if puzzle[order[i]] == 0 else digits[puzzle[order[i]] - 1] for i in range(81)]
+            answer = solve(lm, [form], **decoding)[0]
+            score = sum(math.log(answer.certainty[i]) for i in range(81) if form[i] == 0)
+            back = ["."] * 81
+            for i in range(81):
+                back[order[i]] = str(digits.index(int(answer.solution[i])) + 1)
+            if best is None or score > best[0]:
+                best = (score, "".join(back), order is symmetries[0][0])
+        picked.append(best)
+    got = solve(lm, puzzles, views=views, views_combine="likeliest", seed=seed, **decoding)
+    assert [a.solution for a in got] == [solution for _, solution, _ in picked]
+    assert not all(as_given for _, _, as_given in picked)  # some puzzle's answer came from another view
+    alone = solve(lm, puzzles, **decoding)
+    assert [a.solution for a in got] != [a.solution for a in alone]
+    for answer, puzzle in zip(got, puzzles, strict=True):
+        assert all(g == 0 or str(g) == c for g, c in zip(puzzle, answer.solution))
+        assert all(answer.certainty[i] == 1.0 and answer.kept_at[i] == 0 for i in range(81) if puzzle[i])
+        assert 1 <= answer.forward_passes <= 6
+
+
+def test_views_combine_must_be_known(network):
+    lm = canvaslm.LM(network, sudoku.tokenizer(), "tiny-grid")
+    with pytest.raises(CanvasError, match="views_combine must be one of mean, likeliest; got 'vote'"):
+        solve(lm, [sudoku.parse(sudoku.puzzles("easy", 1, seed=1).__next__()[0])], views=2, views_combine="vote")
+
+
+def test_views_need_a_grid_diffusion_model(tmp_path, capsys):
     torch.manual_seed(0)
     plain = {k: v for k, v in CONFIG.items() if not k.startswith("canvas_grid")}
     lm = canvaslm.LM(llama.Model(llama.Config.from_hf(plain, "test")).to_diffusion(81), sudoku.tokenizer(), "1d")
     with pytest.raises(CanvasError, match="views = 2 needs a grid diffusion model"):
         solve(lm, [sudoku.parse(sudoku.puzzles("easy", 1, seed=1).__next__()[0])], views=2)
+    lm.save(tmp_path / "1d")  # by default the CLI reads such a model in one view
+    assert cli.main(["sudoku", "eval", "-m", str(tmp_path / "1d"), "--difficulty", "easy", "-n", "1",
+                     "--max-denoising-steps", "2", "--out", str(tmp_path / "1d.json")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "1d.json").read_text())["models"][str(tmp_path / "1d")]["views"] == 1
 
 
 def test_eval_compares_view_counts_as_settings(network, tmp_path, capsys):
@@ -86,10 +129,19 @@ def test_eval_compares_view_counts_as_settings(network, tmp_path, capsys):
     canvaslm.LM(network, sudoku.tokenizer(), "tiny-grid").save(model)
     out = tmp_path / "views.json"
     assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "2", "--max-denoising-steps",
-                     "2", "--setting", "views=1", "--setting", "views=3", "--out", str(out)]) == 0
+                     "2", "--setting", "views=1", "--setting", "views=3", "--setting", "views=3,views_combine=mean",
+                     "--setting", "accept_probability=0.9", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [row["setting"] for row in report["models"].values()] == [{"views": 1}, {"views": 3}]
+    rows = list(report["models"].values())
+    assert [row["setting"] for row in rows] == [{"views": 1}, {"views": 3}, {"views": 3, "views_combine": "mean"},
+                                                {"accept_probability": 0.9}]
+    # no views asked: a grid model reads 4, the likeliest answer kept (the measured headline setting)
+    assert [(row["views"], row["views_combine"]) for row in rows] == [(1, None), (3, "likeliest"), (3, "mean"),
+                                                                      (4, "likeliest")]
     assert all(row["hard"]["forward_passes"] <= 2 for row in report["models"].values())
     capsys.readouterr()
     assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "1", "--views", "0"]) != 0
     assert "views must be >= 1" in capsys.readouterr().err
+    assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "1", "--setting",
+                     "views=2,views_combine=best"]) != 0
+    assert "views_combine must be one of mean, likeliest; got 'best'" in capsys.readouterr().err
