@@ -234,7 +234,7 @@ def _eval(args: argparse.Namespace, models: list[str], sampling: dict[str, Any])
         lm = _load(name, args.device)
         for setting in settings if lm.kind == "diffusion" else [{}]:
             label = name + "".join(f" {k}={v}" for k, v in setting.items())
-            views = int(setting["views"]) if "views" in setting else _views(lm, args.views)
+            views = setting["views"] if "views" in setting else _views(lm, args.views)
             views = views if lm.kind == "diffusion" else 1
             combine = str(setting.get("views_combine", args.views_combine))
             result = evaluate(lm, difficulties, args.puzzles, args.batch_size, args.constraints, args.seed,
@@ -339,9 +339,12 @@ def _play(args: argparse.Namespace, lm, sampling: dict[str, Any]) -> int:
     finally:
         if live is not None:
             live.stop()
-    answer = answers[0]
+    answer, views = answers[0], _views(lm, args.views)
+    how = f" (the likeliest of {views} views; the steps drawn are the puzzle's as given)" if (
+        views > 1 and args.views_combine == "likeliest" and args.show_canvas) else ""
     console.print(grid_text(cells, [0 if c == '.' else int(c) for c in answer.solution], [True] * 81,
-                            f"{'solved' if answer.solved else 'NOT solved'} in {answer.forward_passes} forward passes"))
+                            f"{'solved' if answer.solved else 'NOT solved'} in {answer.forward_passes} forward "
+                            f"passes{how}"))
     return 0 if answer.solved else 1
 
 

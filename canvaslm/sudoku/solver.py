@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -54,7 +54,7 @@ def view_symmetries(views: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """The `views` symmetries (`board.symmetry`'s (order, digits)) a puzzle is read in: the identity, then random
     ones drawn from `seed`."""
     if views < 1:
-        raise CanvasError(f"views must be >= 1, got {views}")
+        raise CanvasError(f"views must be an integer >= 1, got {views!r}")
     rng = random.Random(seed)
     return [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
 
@@ -182,6 +182,8 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
     (`_likeliest_views`)."""
     check_model(lm)
     grid = is_grid_model(lm)
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise CanvasError(f"views must be an integer >= 1, got {views!r}")
     if views != 1 and not (grid and lm.kind == "diffusion"):
         raise CanvasError(f"views = {views} needs a grid diffusion model (canvas_grid); {lm.source} is not one")
     if views_combine not in VIEWS_COMBINE:
@@ -202,16 +204,19 @@ def solve_steps(lm: LM, puzzles: Sequence[Sequence[int]], *, rules: bool = False
             network = lm.network if views == 1 else SymmetricViews(lm.network, views, seed)
             certainty = torch.ones(pins.shape, device=lm.device)
             kept_at, kept = torch.zeros_like(pins), torch.full_like(pins, -1)  # -1: no digit kept yet
+            last = None
             for event in generate_steps(network, ids, valid, 81, settings, [], None, generator, constraint,
                                         skip_finished=True):
                 if isinstance(event, DiffusionResult):
                     result = event
                     continue
                 if isinstance(event, DenoisingStep):
-                    kept = _record_certainty(certainty, kept_at, kept, event, pins < 0)
+                    kept, last = _record_certainty(certainty, kept_at, kept, event, pins < 0), event
                 yield event
             assert result is not None
             grids, passes = result.sequences[:, ids.shape[1]:], result.forward_passes.tolist()
+            if last is not None:  # a blank the step budget ran out on holds its last draft: that pass's certainty
+                _record_certainty(certainty, kept_at, kept, replace(last, draft=grids, accepted=kept < 0), pins < 0)
             sure: list[list[float] | None] = certainty.tolist()
             when: list[list[int] | None] = kept_at.tolist()
         else:

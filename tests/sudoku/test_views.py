@@ -74,35 +74,39 @@ def test_solving_with_views_fills_every_blank_and_keeps_the_givens(network):
 
 
 def test_likeliest_views_keep_the_view_whose_digits_the_model_found_likeliest(network):
-    """An independent computation: each symmetric form solved alone, scored by the log-probability the model gave
-    its kept digits, the best one mapped back cell by cell (greedy decoding: the batch does not change a row)."""
+    """An independent computation: the symmetric forms solved in one plain batch (the same rows as the solver's,
+    so the same numbers), each scored by the log-probability the model gave its digits, the best one mapped back
+    cell by cell. Decoded to the end (81 steps) and with a step budget that leaves blanks never kept."""
     lm = canvaslm.LM(network, sudoku.tokenizer(), "tiny-grid")
-    views, seed, decoding = 3, 5, {**DECODING, "max_denoising_steps": 6}
+    views, seed = 3, 5
     puzzles = [sudoku.parse(p) for p, _ in sudoku.puzzles("hard", 4, seed=9)]
     rng = random.Random(seed)
     symmetries = [(list(range(81)), list(range(1, 10)))] + [sudoku.symmetry(rng) for _ in range(views - 1)]
-    picked = []
-    for puzzle in puzzles:
-        best = None
-        for order, digits in symmetries:
-            form = [0 if puzzle[order[i]] == 0 else digits[puzzle[order[i]] - 1] for i in range(81)]
-            answer = solve(lm, [form], **decoding)[0]
-            score = sum(math.log(answer.certainty[i]) for i in range(81) if form[i] == 0)
-            back = ["."] * 81
-            for i in range(81):
-                back[order[i]] = str(digits.index(int(answer.solution[i])) + 1)
-            if best is None or score > best[0]:
-                best = (score, "".join(back), order is symmetries[0][0])
-        picked.append(best)
-    got = solve(lm, puzzles, views=views, views_combine="likeliest", seed=seed, **decoding)
-    assert [a.solution for a in got] == [solution for _, solution, _ in picked]
-    assert not all(as_given for _, _, as_given in picked)  # some puzzle's answer came from another view
-    alone = solve(lm, puzzles, **decoding)
-    assert [a.solution for a in got] != [a.solution for a in alone]
-    for answer, puzzle in zip(got, puzzles, strict=True):
-        assert all(g == 0 or str(g) == c for g, c in zip(puzzle, answer.solution))
-        assert all(answer.certainty[i] == 1.0 and answer.kept_at[i] == 0 for i in range(81) if puzzle[i])
-        assert 1 <= answer.forward_passes <= 6
+    forms = [[0 if puzzle[order[i]] == 0 else digits[puzzle[order[i]] - 1] for i in range(81)]
+             for puzzle in puzzles for order, digits in symmetries]
+    for steps in (81, 6):
+        decoding = {**DECODING, "max_denoising_steps": steps}
+        plain = solve(lm, forms, seed=seed, **decoding)
+        picked = []
+        for j in range(len(puzzles)):
+            best = None
+            for k, (order, digits) in enumerate(symmetries):
+                answer, form = plain[j * views + k], forms[j * views + k]
+                assert all(answer.kept_at[i] > 0 for i in range(81) if form[i] == 0)  # every blank scored
+                score = sum(math.log(answer.certainty[i]) for i in range(81) if form[i] == 0)
+                back = ["."] * 81
+                for i in range(81):
+                    back[order[i]] = str(digits.index(int(answer.solution[i])) + 1)
+                if best is None or score > best[0]:
+                    best = (score, "".join(back), k, max(a.forward_passes for a in plain[j * views:(j + 1) * views]))
+            picked.append(best)
+        got = solve(lm, puzzles, views=views, views_combine="likeliest", seed=seed, **decoding)
+        assert [a.solution for a in got] == [solution for _, solution, _, _ in picked]
+        assert [a.forward_passes for a in got] == [passes for _, _, _, passes in picked]
+        assert any(k > 0 for _, _, k, _ in picked)  # some puzzle's answer came from another view
+        for answer, puzzle in zip(got, puzzles, strict=True):
+            assert all(g == 0 or str(g) == c for g, c in zip(puzzle, answer.solution))
+            assert all(answer.certainty[i] == 1.0 and answer.kept_at[i] == 0 for i in range(81) if puzzle[i])
 
 
 def test_views_combine_must_be_known(network):
@@ -141,7 +145,10 @@ def test_eval_compares_view_counts_as_settings(network, tmp_path, capsys):
     assert all(row["hard"]["forward_passes"] <= 2 for row in report["models"].values())
     capsys.readouterr()
     assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "1", "--views", "0"]) != 0
-    assert "views must be >= 1" in capsys.readouterr().err
+    assert "views must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "1", "--setting",
+                     "views=four"]) != 0
+    assert "views must be an integer >= 1, got 'four'" in capsys.readouterr().err
     assert cli.main(["sudoku", "eval", "-m", str(model), "--difficulty", "hard", "-n", "1", "--setting",
                      "views=2,views_combine=best"]) != 0
     assert "views_combine must be one of mean, likeliest; got 'best'" in capsys.readouterr().err
