@@ -1,8 +1,9 @@
 """`canvaslm bench decoding`: a diffusion model's three ways to write, side by side on the same weights and prompts
 (the 8 chat questions of `bench serve`, in batches of 1 and 8): its canvases (`diffusion`), canvas drafts checked
 by its causal pass (`verified`), and the causal pass alone (`autoregressive`). Per mode and batch size: tokens/s,
-tokens per forward pass, passes; verified also its mean accepted length (tokens written per draft-and-check round)
-and its agreement with the autoregressive tokens (greedy: 1.0 up to float ties, which is the lossless claim)."""
+tokens per forward pass, passes; verified also its mean accepted length (tokens written per draft-and-check round),
+its acceptance by draft position and its agreement with the autoregressive tokens (greedy: 1.0 up to float ties,
+which is the lossless claim)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature:
             ar_tokens: list[list[int]] = []
             for mode in ORDER:
                 totals: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0,
-                                          "accepted": 0, "generated": []}
+                                          "accepted": 0, "lengths": None, "generated": []}
                 for group in groups:
                     _run_group(lm, mode, group, new_tokens, temperature, diffusion, seed, totals)
                 row = {"decoding": mode, "batch": batch, "prompts": len(groups) * batch, "tokens": totals["tokens"],
@@ -49,8 +50,13 @@ def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature:
                        "forward_passes": totals["max_passes"],
                        "tokens_per_forward": round(totals["tokens"] / totals["passes"], 3)}
                 if mode == "verified":
+                    lengths = totals["lengths"]  # rounds that accepted 0..n drafts
                     row.update(rounds=totals["rounds"], accepted_drafts=totals["accepted"],
-                               tokens_per_round=round(totals["tokens"] / max(1, totals["rounds"]), 3))
+                               tokens_per_round=round(totals["tokens"] / max(1, totals["rounds"]), 3),
+                               # the share of rounds whose draft token j was accepted, j = 1..n (vLLM's
+                               # acceptance rate per position): where a drafter tuned for acceptance would gain
+                               acceptance_by_position=[round(float(lengths[j:].sum()) / max(1, totals["rounds"]), 3)
+                                                       for j in range(1, len(lengths))])
                 if mode == "autoregressive":
                     ar_tokens = totals["generated"]
                 elif mode == "verified" and ar_tokens:
@@ -85,6 +91,8 @@ def _run_group(lm: LM, mode: str, group: list[list[int]], new_tokens: int, tempe
             sequences, passes = out.sequences, out.forward_passes
             totals["rounds"] += int(out.rounds.sum())
             totals["accepted"] += int(out.accepted.sum())
+            totals["lengths"] = out.accepted_lengths if totals["lengths"] is None else (
+                totals["lengths"] + out.accepted_lengths)
         else:
             result = lm.generate(group, new_tokens, seed=seed, **(diffusion or {}))
             sequences, passes = result.sequences, result.forward_passes

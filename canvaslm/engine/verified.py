@@ -40,6 +40,7 @@ class VerifiedResult:
     new_tokens: Tensor      # [B] generated tokens per row, EOS included
     rounds: Tensor          # [B] draft-and-check rounds per row
     accepted: Tensor        # [B] draft tokens accepted in all (the checked tokens beyond one per round)
+    accepted_lengths: Tensor  # [n + 1] rounds, over all rows, that accepted 0, 1, ..., n of their n drafts
 
 
 def warp(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -153,8 +154,9 @@ def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_toke
     passes = torch.zeros(batch, dtype=torch.long, device=device)
     rounds = torch.zeros(batch, dtype=torch.long, device=device)
     accepted = torch.zeros(batch, dtype=torch.long, device=device)
+    lengths = torch.zeros(draft_size(model), dtype=torch.long, device=device)
     if max_new_tokens == 0:
-        return VerifiedResult(input_ids, passes, written, rounds, accepted)
+        return VerifiedResult(input_ids, passes, written, rounds, accepted, lengths)
     cache: KVCache = model.new_cache(batch, device)
     cache.slack = draft_size(model)  # sliding layers keep what a rollback of one check pass needs
     anchor = sample_next(prefill(model, input_ids, cache, valid), temperature, top_k, top_p, generator)
@@ -170,9 +172,10 @@ def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_toke
         passes[rows] += 2
         rounds[rows] += 1
         accepted[rows] += k
+        lengths += torch.bincount(k, minlength=len(lengths))
         done = _write(out, written, rows, settled_tokens(draft, k, next_anchor), k + 1, eos, max_new_tokens)
         rows, anchor = _drop(done, rows, next_anchor, cache)
-    return VerifiedResult(torch.cat([input_ids, out], dim=1), passes, written, rounds, accepted)
+    return VerifiedResult(torch.cat([input_ids, out], dim=1), passes, written, rounds, accepted, lengths)
 
 
 def _drop(done: Tensor, rows: Tensor, anchor: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:

@@ -112,6 +112,11 @@ def test_drafts_are_accepted_and_rows_accept_different_lengths():
     assert int(out.accepted.sum()) > 0 and len(set(out.accepted.tolist())) > 1
     assert bool((out.new_tokens == 48).all())
     assert torch.equal(out.forward_passes, 1 + 2 * out.rounds)
+    # the rounds by accepted length add up to the rounds and the accepted drafts, and more than one length occurred
+    lengths = out.accepted_lengths
+    assert len(lengths) == draft_size(lm.network) and int(lengths.sum()) == int(out.rounds.sum())
+    assert int((lengths * torch.arange(len(lengths))).sum()) == int(out.accepted.sum())
+    assert int((lengths > 0).sum()) > 1
 
 
 def test_the_acceptance_rules():
