@@ -39,13 +39,15 @@ class Engine:
     """Runs sequences from a bounded queue in one background thread, `max_batch` at a time."""
 
     def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
-                 on_step: Callable[[int, float], None] | None = None) -> None:
+                 on_step: Callable[[int, float], None] | None = None,
+                 on_verified: Callable[[list[int], int], None] | None = None) -> None:
         self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
         self._timed = Timer(on_step)    # (batch size, seconds) after every forward pass, for metrics
         self._runners: dict[str, Any] = {"autoregressive": ARRunner(lm, self._send, self._timed)}
         if lm.kind == "diffusion":
             self._runners["diffusion"] = DiffusionRunner(lm, self._send, self._timed, pin_settled)
-            self._runners["verified"] = VerifiedRunner(lm, self._send, self._timed)
+            # (per sequence: drafts kept, drafts proposed) after every verified step, for metrics
+            self._runners["verified"] = VerifiedRunner(lm, self._send, self._timed, on_verified)
         self._waiting: deque[Request] = deque()
         self._running: list[Sequence] = []
         self._cancelled: set[int] = set()

@@ -253,6 +253,11 @@ class ARRunner(SharedCacheRunner):
 
 
 class VerifiedRunner(SharedCacheRunner):
+    def __init__(self, lm: LM, send: SendTokens, timed: Timer,
+                 on_round: Callable[[list[int], int], None] | None = None) -> None:
+        super().__init__(lm, send, timed)
+        self.on_round = on_round
+
     def admit(self, seq: Sequence, hidden: Tensor) -> None:
         """After the prompt was encoded: its first token, drawn from the causal pass (the first anchor); its cache
         becomes the last row of the shared one."""
@@ -276,6 +281,8 @@ class VerifiedRunner(SharedCacheRunner):
                     for i, (s, (_, q)) in enumerate(zip(running, proposals, strict=True))]
         k = torch.cat([kept for kept, _ in verdicts])
         cache.rollback(1 + draft.shape[1], 1 + k)
+        if self.on_round is not None:
+            self.on_round(k.tolist(), draft.shape[1])
         for i, (seq, (_, y)) in enumerate(zip(list(running), verdicts, strict=True)):
             seq.passes += 2
             if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):

@@ -51,7 +51,7 @@ def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, p
     starts and stops with the app."""
     metrics = Metrics(name)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, pin_settled=pin_settled,
-                    on_step=metrics.forward_pass)
+                    on_step=metrics.forward_pass, on_verified=metrics.verified_round)
     server = Server(lm, name, engine, metrics, decoding)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

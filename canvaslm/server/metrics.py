@@ -37,6 +37,17 @@ class Metrics:
                              registry=registry)
         self.waiting = Gauge("canvaslm:num_requests_waiting", "sequences waiting in the queue", labels,
                              registry=registry)
+        # verified decoding's drafts, as vLLM counts speculative decoding's (acceptance rate = accepted / draft
+        # tokens; per position: how far into its drafts a round keeps going)
+        self.drafts = Counter("canvaslm:spec_decode_num_drafts", "verified rounds (one draft each)", labels,
+                              registry=registry)
+        self.draft_tokens = Counter("canvaslm:spec_decode_num_draft_tokens", "draft tokens proposed", labels,
+                                    registry=registry)
+        self.accepted_tokens = Counter("canvaslm:spec_decode_num_accepted_tokens", "draft tokens accepted", labels,
+                                       registry=registry)
+        self.accepted_per_position = Counter("canvaslm:spec_decode_num_accepted_tokens_per_pos",
+                                             "draft tokens accepted at each position of the draft (0-based)",
+                                             [*labels, "position"], registry=registry)
 
     def http_response(self, route: str, status: int) -> None:
         known = route if route in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
@@ -60,6 +71,14 @@ class Metrics:
     def forward_pass(self, batch: int, seconds: float) -> None:  # called from the engine thread
         self.forward.labels(self.model).observe(seconds)
         self.batch.labels(self.model).observe(batch)
+
+    def verified_round(self, accepted: Sequence[int], drafted: int) -> None:  # called from the engine thread
+        """One verified step: per sequence, how many of its `drafted` draft tokens the check kept."""
+        self.drafts.labels(self.model).inc(len(accepted))
+        self.draft_tokens.labels(self.model).inc(len(accepted) * drafted)
+        self.accepted_tokens.labels(self.model).inc(sum(accepted))
+        for position in range(drafted):
+            self.accepted_per_position.labels(self.model, str(position)).inc(sum(k > position for k in accepted))
 
     def queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model).set(running)

@@ -235,12 +235,29 @@ def test_a_server_whose_default_is_verified_decoding(model_dir):
 
     import canvaslm
 
+    from canvaslm.engine.verified import draft_size
+
     live = start_server(model_dir, "--decoding", "verified", "--no-pin-settled")
     try:
         client = openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0, timeout=120)
         r = client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=16, temperature=0.0)
         lm = canvaslm.load(model_dir, device="cpu")
         assert r.choices[0].text == lm.complete("the quick brown", 16, decoding="autoregressive", temperature=0.0).text
+        # its drafts in /metrics, counted as vLLM counts speculative decoding's
+        counts: dict[str, float] = {}
+        for line in httpx.get(live.url + "/metrics").text.splitlines():
+            if line.startswith("canvaslm:spec_decode_"):
+                name, value = line.rsplit(" ", 1)
+                counts[name.replace(f'model_name="{MODEL}"', "").replace("{}", "").replace("{,", "{")] = float(value)
+        rounds, drafted = counts["canvaslm:spec_decode_num_drafts_total"], counts[
+            "canvaslm:spec_decode_num_draft_tokens_total"]
+        by_position = [counts.get(f'canvaslm:spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}}', 0.0)
+                       for j in range(int(drafted / rounds))]
+        assert rounds >= 1 and drafted == rounds * (draft_size(lm.network) - 1)
+        assert sum(by_position) == counts["canvaslm:spec_decode_num_accepted_tokens_total"]
+        assert by_position == sorted(by_position, reverse=True)  # a draft token is kept only after the ones before
+        written = 1 + rounds + sum(by_position)  # the first token, then each round's drafts kept + 1 (the budget
+        assert written - draft_size(lm.network) < r.usage.completion_tokens <= written  # may cut the last round)
         canvas = [client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=16, seed=3,
                                             extra_body={"decoding": "diffusion"}).choices[0].text for _ in range(2)]
         assert canvas[0] == canvas[1] and canvas[0] != r.choices[0].text  # the canvases, seeded
