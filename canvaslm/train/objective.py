@@ -60,6 +60,10 @@ class ObjectiveOptions:
     """Probability that a canvas is corrupted the way verified decoding drafts (canvaslm/engine/verified.py): its
     first token clean (the anchor, already chosen), every other one replaced (t = 1 - 1/C), so the canvas learns to
     draft the tokens after a known one too (DFlash's layout, arXiv 2602.06036, in the model itself)."""
+    position_decay: float = 0.0
+    """gamma > 0: on anchored canvases, the k-th token after the anchor is weighted exp(-(k - 1) / gamma) (DFlash's
+    position-decayed loss, gamma 4-7 there: a verified round keeps a draft token only after every one before it,
+    so the first ones decide the accepted length); 0 weights them all alike. Needs anchor_p > 0."""
     prefix_p: float = 0.0
     """Probability that a canvas is corrupted the way left-to-right decoding (`order = "left_to_right"`) sees it: a
     clean prefix of k ~ U{0, ..., C - 1} tokens, every token after it masked (t = (C - k) / C). Random masks spend
@@ -80,6 +84,10 @@ class ObjectiveOptions:
             raise TrainingError(f"self_conditioning_p must be in [0, 1], got {self.self_conditioning_p!r}")
         if not self.ar_weight >= 0:
             raise TrainingError(f"ar_weight must be >= 0, got {self.ar_weight!r}")
+        if not self.position_decay >= 0:
+            raise TrainingError(f"position_decay must be >= 0, got {self.position_decay!r}")
+        if self.position_decay > 0 and self.anchor_p == 0:
+            raise TrainingError("position_decay weights the tokens after an anchor: it needs anchor_p > 0")
         for name in ("full_mask_p", "anchor_p", "prefix_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TrainingError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -141,6 +149,11 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
         first[..., 0] = anchored
         first = first.view_as(corrupted)
         noised, corrupted = torch.where(first, clean, noised), corrupted & ~first
+    weight = None
+    if anchored is not None and options.position_decay > 0:  # [B, R]: decayed after each anchor, 1 elsewhere
+        after = (torch.arange(canvas, device=device) - 1).clamp(min=0)
+        decay = torch.exp(-after / options.position_decay)
+        weight = torch.where(anchored[..., None], decay, 1.0).view_as(clean)
     if options.complementary:  # the same rows again, corrupted exactly where the first copy is clean
         flipped = batch.supervised & ~corrupted
         again, _ = corrupt(clean, flipped, flipped.float(), model.vocab_size, options.absorbing_token, generator)
@@ -148,6 +161,7 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
         clean, noised, corrupted = clean.repeat(2, 1), torch.cat([noised, again]), torch.cat([corrupted, flipped])
         t, t_token, rate = torch.cat([t, 1 - t]), torch.cat([t_token, 1 - t_token]), torch.cat([rate, 1 - rate])
         blocks = (2 * blocks[0], blocks[1])
+        weight = None if weight is None else torch.cat([weight, torch.ones_like(weight)])
     # 2. self-conditioning: rows drawn with probability p get the (no-grad) first pass's predictions
     sc_rows = _uniform((blocks[0],), generator, device) < options.self_conditioning_p
     sc_logits = None
@@ -172,6 +186,8 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
         alpha = 1 - rate[scored]
         per_token = udlm_nelbo(logits, targets, noised[scored], alpha,
                                torch.full_like(alpha, -(1 - options.t_min)))
+    if weight is not None:
+        per_token = per_token * weight[scored]
     diffusion = per_token.sum() / supervised.sum()
     loss, metrics = diffusion, {}
     if options.ar_weight > 0 and not _causal_pass_frozen(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -276,6 +277,30 @@ def test_anchored_canvases_keep_their_first_token_and_mask_the_rest():
         ObjectiveOptions(anchor_p=1.5)
     with pytest.raises(TrainingError, match="anchor_p needs"):
         ObjectiveOptions(kind="udlm", anchor_p=0.5)
+
+
+@pytest.mark.parametrize("kind", ["masked", "flat"])
+def test_position_decay_weights_the_k_th_token_after_an_anchor(kind):
+    """With one canvas position scored, the decayed loss is exactly exp(-(k - 1) / gamma) times the plain one
+    (same draws: the weights consume none); the anchor itself keeps weight 1."""
+    torch.manual_seed(0)
+    batch = collate([([2, 3], [2, 3, 2, 3, 2, 3, 2, 3]), ([3], [3, 2, 3, 2, 2, 3, 3, 2])], canvas_length=4,
+                    eos_token_id=EOS, pad_token_id=PAD)
+    stub = Stub(torch.randn(2, 14, 5), torch.randn(2, 12, 5), canvas_length=4)
+    options = dict(kind=kind, mask_token_id=4, self_conditioning_p=0.0, ar_weight=0.0, anchor_p=1.0)
+    for k in range(4):
+        only = dataclasses.replace(batch, supervised=batch.supervised & (torch.arange(12) % 4 == k))
+        losses = [block_diffusion_loss(stub, only, ObjectiveOptions(**options, position_decay=gamma),
+                                       torch.Generator().manual_seed(1))[0].item() for gamma in (0.0, 2.0)]
+        if kind == "masked" and k == 0:
+            assert losses == [0.0, 0.0]  # the anchor is never masked, so never scored
+        else:
+            assert losses[1] == pytest.approx(math.exp(-max(k - 1, 0) / 2.0) * losses[0], rel=1e-5)
+            assert losses[0] > 0
+    with pytest.raises(TrainingError, match="needs anchor_p > 0"):
+        ObjectiveOptions(kind="masked", mask_token_id=4, position_decay=4.0)
+    with pytest.raises(TrainingError, match="position_decay must be >= 0"):
+        ObjectiveOptions(kind="masked", mask_token_id=4, anchor_p=0.5, position_decay=-1.0)
 
 
 def test_prefix_canvases_keep_a_clean_prefix_and_mask_everything_after_it():
