@@ -22,7 +22,7 @@ from canvaslm.engine.guided import Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import Finished, Tokens, cut
 from canvaslm.engine.request import Request, Sequence
-from canvaslm.engine.runners import ARRunner, DiffusionRunner, Timer, VerifiedRunner
+from canvaslm.engine.runners import ARRunner, DiffusionRunner, Timer, VerifiedRound, VerifiedRunner
 from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
 from canvaslm.models.cache import encode_chunked
 
@@ -40,13 +40,12 @@ class Engine:
 
     def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
                  on_step: Callable[[int, float], None] | None = None,
-                 on_verified: Callable[[list[int], int], None] | None = None) -> None:
+                 on_verified: VerifiedRound | None = None) -> None:
         self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
         self._timed = Timer(on_step)    # (batch size, seconds) after every forward pass, for metrics
         self._runners: dict[str, Any] = {"autoregressive": ARRunner(lm, self._send, self._timed)}
         if lm.kind == "diffusion":
             self._runners["diffusion"] = DiffusionRunner(lm, self._send, self._timed, pin_settled)
-            # (per sequence: drafts kept, drafts proposed) after every verified step, for metrics
             self._runners["verified"] = VerifiedRunner(lm, self._send, self._timed, on_verified)
         self._waiting: deque[Request] = deque()
         self._running: list[Sequence] = []

@@ -52,6 +52,8 @@ from canvaslm.models.cache import KVCache
 
 SendTokens = Callable[[Sequence, list[int]], bool]
 """The core's output: send a sequence's new tokens up to an end-of-turn and its budget; True when it finished."""
+VerifiedRound = Callable[[list[int], int], None]
+"""After each verified step (for metrics): per running sequence the draft tokens kept, and the drafts proposed."""
 
 
 class Timer:
@@ -253,10 +255,9 @@ class ARRunner(SharedCacheRunner):
 
 
 class VerifiedRunner(SharedCacheRunner):
-    def __init__(self, lm: LM, send: SendTokens, timed: Timer,
-                 on_round: Callable[[list[int], int], None] | None = None) -> None:
+    def __init__(self, lm: LM, send: SendTokens, timed: Timer, on_verified: VerifiedRound | None = None) -> None:
         super().__init__(lm, send, timed)
-        self.on_round = on_round
+        self.on_verified = on_verified
 
     def admit(self, seq: Sequence, hidden: Tensor) -> None:
         """After the prompt was encoded: its first token, drawn from the causal pass (the first anchor); its cache
@@ -281,8 +282,8 @@ class VerifiedRunner(SharedCacheRunner):
                     for i, (s, (_, q)) in enumerate(zip(running, proposals, strict=True))]
         k = torch.cat([kept for kept, _ in verdicts])
         cache.rollback(1 + draft.shape[1], 1 + k)
-        if self.on_round is not None:
-            self.on_round(k.tolist(), draft.shape[1])
+        if self.on_verified is not None:
+            self.on_verified(k.tolist(), draft.shape[1])
         for i, (seq, (_, y)) in enumerate(zip(list(running), verdicts, strict=True)):
             seq.passes += 2
             if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):

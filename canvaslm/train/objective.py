@@ -61,9 +61,10 @@ class ObjectiveOptions:
     first token clean (the anchor, already chosen), every other one replaced (t = 1 - 1/C), so the canvas learns to
     draft the tokens after a known one too (DFlash's layout, arXiv 2602.06036, in the model itself)."""
     position_decay: float = 0.0
-    """gamma > 0: on anchored canvases, the k-th token after the anchor is weighted exp(-(k - 1) / gamma) (DFlash's
-    position-decayed loss, gamma 4-7 there: a verified round keeps a draft token only after every one before it,
-    so the first ones decide the accepted length); 0 weights them all alike. Needs anchor_p > 0."""
+    """gamma > 0: on anchored canvases, the k-th token after the anchor is weighted exp(-(k - 1) / gamma), scaled
+    to a mean of 1 over the C - 1 tokens so an anchored canvas weighs as much as before (DFlash's position-decayed
+    loss, gamma 4-7 there: a verified round keeps a draft token only after every one before it, so the first ones
+    decide the accepted length); 0 weights them all alike. Needs anchor_p > 0."""
     prefix_p: float = 0.0
     """Probability that a canvas is corrupted the way left-to-right decoding (`order = "left_to_right"`) sees it: a
     clean prefix of k ~ U{0, ..., C - 1} tokens, every token after it masked (t = (C - k) / C). Random masks spend
@@ -151,8 +152,8 @@ def block_diffusion_loss(model: BlockDiffusionModel, batch: DiffusionBatch, opti
         noised, corrupted = torch.where(first, clean, noised), corrupted & ~first
     weight = None
     if anchored is not None and options.position_decay > 0:  # [B, R]: decayed after each anchor, 1 elsewhere
-        after = (torch.arange(canvas, device=device) - 1).clamp(min=0)
-        decay = torch.exp(-after / options.position_decay)
+        decay = torch.exp(-torch.arange(canvas - 1, device=device) / options.position_decay)
+        decay = torch.cat([decay.new_ones(1), decay / decay.mean()])  # the anchor itself: 1
         weight = torch.where(anchored[..., None], decay, 1.0).view_as(clean)
     if options.complementary:  # the same rows again, corrupted exactly where the first copy is clean
         flipped = batch.supervised & ~corrupted

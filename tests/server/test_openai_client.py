@@ -235,6 +235,8 @@ def test_a_server_whose_default_is_verified_decoding(model_dir):
 
     import canvaslm
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     from canvaslm.engine.verified import draft_size
 
     live = start_server(model_dir, "--decoding", "verified", "--no-pin-settled")
@@ -244,18 +246,18 @@ def test_a_server_whose_default_is_verified_decoding(model_dir):
         lm = canvaslm.load(model_dir, device="cpu")
         assert r.choices[0].text == lm.complete("the quick brown", 16, decoding="autoregressive", temperature=0.0).text
         # its drafts in /metrics, counted as vLLM counts speculative decoding's
-        counts: dict[str, float] = {}
-        for line in httpx.get(live.url + "/metrics").text.splitlines():
-            if line.startswith("canvaslm:spec_decode_"):
-                name, value = line.rsplit(" ", 1)
-                counts[name.replace(f'model_name="{MODEL}"', "").replace("{}", "").replace("{,", "{")] = float(value)
-        rounds, drafted = counts["canvaslm:spec_decode_num_drafts_total"], counts[
-            "canvaslm:spec_decode_num_draft_tokens_total"]
-        by_position = [counts.get(f'canvaslm:spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}}', 0.0)
-                       for j in range(int(drafted / rounds))]
-        assert rounds >= 1 and drafted == rounds * (draft_size(lm.network) - 1)
-        assert sum(by_position) == counts["canvaslm:spec_decode_num_accepted_tokens_total"]
-        assert by_position == sorted(by_position, reverse=True)  # a draft token is kept only after the ones before
+        counts: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(httpx.get(live.url + "/metrics").text):
+            for sample in family.samples:
+                if sample.name.startswith("canvaslm:spec_decode_") and sample.name.endswith("_total"):
+                    counts[sample.name, sample.labels.get("position", "")] = sample.value
+        rounds = counts["canvaslm:spec_decode_num_drafts_total", ""]
+        assert rounds >= 1
+        drafts = draft_size(lm.network) - 1
+        assert counts["canvaslm:spec_decode_num_draft_tokens_total", ""] == rounds * drafts
+        by_position = [counts.get(("canvaslm:spec_decode_num_accepted_tokens_per_pos_total", str(j)), 0.0)
+                       for j in range(drafts)]
+        assert sum(by_position) == counts["canvaslm:spec_decode_num_accepted_tokens_total", ""]
         written = 1 + rounds + sum(by_position)  # the first token, then each round's drafts kept + 1 (the budget
         assert written - draft_size(lm.network) < r.usage.completion_tokens <= written  # may cut the last round)
         canvas = [client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=16, seed=3,

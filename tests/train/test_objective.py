@@ -281,8 +281,9 @@ def test_anchored_canvases_keep_their_first_token_and_mask_the_rest():
 
 @pytest.mark.parametrize("kind", ["masked", "flat"])
 def test_position_decay_weights_the_k_th_token_after_an_anchor(kind):
-    """With one canvas position scored, the decayed loss is exactly exp(-(k - 1) / gamma) times the plain one
-    (same draws: the weights consume none); the anchor itself keeps weight 1."""
+    """With one canvas position scored, the decayed loss is exactly exp(-(k - 1) / gamma) / mean weight times the
+    plain one (same draws: the weights consume none); the anchor itself keeps weight 1, and a canvas not drawn as
+    anchored keeps weight 1 everywhere."""
     torch.manual_seed(0)
     batch = collate([([2, 3], [2, 3, 2, 3, 2, 3, 2, 3]), ([3], [3, 2, 3, 2, 2, 3, 3, 2])], canvas_length=4,
                     eos_token_id=EOS, pad_token_id=PAD)
@@ -295,8 +296,16 @@ def test_position_decay_weights_the_k_th_token_after_an_anchor(kind):
         if kind == "masked" and k == 0:
             assert losses == [0.0, 0.0]  # the anchor is never masked, so never scored
         else:
-            assert losses[1] == pytest.approx(math.exp(-max(k - 1, 0) / 2.0) * losses[0], rel=1e-5)
+            mean = sum(math.exp(-j / 2.0) for j in range(3)) / 3
+            weight = 1.0 if k == 0 else math.exp(-(k - 1) / 2.0) / mean
+            assert losses[1] == pytest.approx(weight * losses[0], rel=1e-5)
             assert losses[0] > 0
+    if kind == "masked":  # half the canvases anchored: the third token weighs less in those alone
+        only = dataclasses.replace(batch, supervised=batch.supervised & (torch.arange(12) % 4 == 3))
+        mixed = [block_diffusion_loss(stub, only, ObjectiveOptions(**dict(options, anchor_p=0.5), position_decay=g),
+                                      torch.Generator().manual_seed(2))[0].item() for g in (0.0, 2.0)]
+        weight = math.exp(-1.0) / (sum(math.exp(-j / 2.0) for j in range(3)) / 3)
+        assert weight * mixed[0] < mixed[1] * 0.99 and mixed[1] < mixed[0] * 0.99
     with pytest.raises(TrainingError, match="needs anchor_p > 0"):
         ObjectiveOptions(kind="masked", mask_token_id=4, position_decay=4.0)
     with pytest.raises(TrainingError, match="position_decay must be >= 0"):
