@@ -136,7 +136,8 @@ class Answer:
     solved: bool         # a valid complete grid that keeps every given
     forward_passes: int  # decoder (or AR) forward passes spent on this puzzle
     certainty: list[float] | None = None  # per cell, the probability the model gave the digit it kept, at the
-                                          # pass that kept it (givens: 1); a diffusion model's answers only
+                                          # pass that kept it (givens: 1; a blank the step budget ran out on:
+                                          # its last draft's); a diffusion model's answers only
     kept_at: list[int] | None = None      # per cell, that pass (1-based; givens: 0)
 
 
