@@ -188,6 +188,11 @@ def _generate(args: argparse.Namespace) -> int:
         out = _answer(lm, prompt_ids, args)
     out.update(dtype=lm.dtype_name, quantize=lm.quantization)
     print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
+    if not args.chat and not out["token_ids"] and out["finish_reason"] == "stop" and lm.tokenizer.chat_template:
+        # An instruct model often ends a plain continuation of a finished question at once; say why nothing was
+        # written (on stderr: stdout stays one JSON object under --json).
+        print(f"canvaslm: {lm.source} ended the text at once (a plain continuation of the prompt); it has a chat "
+              "template: ask it with --chat, or end the prompt where the text should go on.", file=sys.stderr)
     return 0
 
 

@@ -103,3 +103,14 @@ def test_quality_and_asset_errors_are_one_line(model_dir, tmp_path):
     assert out.returncode == 2 and out.stderr.startswith("canvaslm: error:") and "adapter" in out.stderr
     out = run("asset", "pack", str(tmp_path), "--out", str(tmp_path / "asset"), "--set", "entropy_bound")
     assert out.returncode == 2 and "key=value" in out.stderr
+
+
+def test_a_plain_continuation_that_ends_at_once_says_why_on_stderr():
+    # SmolLM2-Instruct ends a finished question at once unless it is asked through its chat template.
+    plain = run("generate", "Why is the sky blue?", "-m", "smol-ar", "-n", "8", "--temperature", "0", "--json")
+    assert plain.returncode == 0, plain.stderr
+    result = json.loads(plain.stdout)  # stdout stays exactly one JSON object
+    assert result["token_ids"] == [] and result["finish_reason"] == "stop"
+    assert "ended the text at once" in plain.stderr and "--chat" in plain.stderr
+    asked = run("generate", "Why is the sky blue?", "-m", "smol-ar", "-n", "8", "--temperature", "0", "--chat")
+    assert asked.returncode == 0 and asked.stdout.strip() and "ended the text at once" not in asked.stderr
