@@ -318,6 +318,9 @@ class SelfConditioning(MLP):
             return False
         # an adapter adds B @ A, zero while B is (canvas adapters trained without self-conditioning: smol's)
         parts = (down.base.weight, down.lora_B) if isinstance(down, LoRALinear) else (down.weight,)
+        if any(p.is_inference() for p in parts):
+            # weights loaded under torch.inference_mode carry no version counter: look at them on every pass
+            return not any(bool(p.any()) for p in parts)
         key = tuple((p.data_ptr(), p._version) for p in parts)
         if self._zero is None or self._zero[0] != key:
             self._zero = key, not any(bool(p.any()) for p in parts)

@@ -186,3 +186,18 @@ def test_llama_converted_to_diffusion_saves_and_loads(tmp_path):
     a = loaded.generate([5, 6, 7], max_new_tokens=16, seed=3)
     b = loaded.generate([5, 6, 7], max_new_tokens=16, seed=3)
     assert torch.equal(a.sequences, b.sequences) and a.sequences.shape == (1, 19)
+
+
+def test_a_model_loaded_under_inference_mode_denoises_as_one_loaded_plainly(tmp_path):
+    """Weights made under torch.inference_mode carry no version counter; the canvas pass's check of an all-zero
+    self-conditioning block (kept per weight version) must still work, and answer as for plain weights."""
+    from tests.reference import tiny_smol_diffusion
+
+    tiny_smol_diffusion(8).save(tmp_path)
+    prompt = [[1, 500, 600, 700]]
+    plain = canvaslm.load(tmp_path, device="cpu").generate(prompt, 16, seed=0, max_denoising_steps=4)
+    with torch.inference_mode():
+        lm = canvaslm.load(tmp_path, device="cpu")
+        assert lm.network.self_conditioning.down_proj.weight.is_inference()
+        result = lm.generate(prompt, 16, seed=0, max_denoising_steps=4)
+    assert torch.equal(result.sequences, plain.sequences)
