@@ -114,8 +114,8 @@ def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, t
     if "error" in peer and n_batch > 1:
         # on AMX CPUs ggml repacks Q4_1 weights for its AMX kernels, whose batched (prompt) path dies when built
         # by GCC 12: its `_tile_loadconfig` tells the compiler that ldtilecfg reads 8 bytes, so the tile sizes
-        # are never stored and the first tile instruction faults (docs/performance.md; build with clang to avoid
-        # it). One token a time never enters that path and keeps the fast repacked weights.
+        # are never stored and the first tile instruction faults (docs/performance.md). One token a time never
+        # enters that path and keeps the fast repacked weights.
         first_error = peer["error"]
         peer = llama_cpp_rates(gguf_path, prompts, new_tokens, threads, 1)
         peer["n_batch_error"] = f"n_batch={n_batch}: {first_error}"
