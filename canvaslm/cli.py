@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--setting", action="append", default=[], metavar="K=V[,K=V]",
                          help="a diffusion sampler setting to evaluate (repeatable; the first is the default; "
                               "none = the model's defaults)")
+    quality.add_argument("--ar-temperature", type=float, action="append", default=[], metavar="T",
+                         help="also answer with the AR judge at this temperature (repeatable): a reference row for "
+                              "settings sharper than the parent at 0.7; the acceptance stays against 0.7")
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--no-verified", action="store_true",
                          help="skip the verified-decoding row (the model's canvas drafts checked by its causal pass)")
@@ -288,7 +291,7 @@ def _quality(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, args.limit, judge.require_tokenizer(), args.exclude)
     report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed,
-                            verified=not args.no_verified, scorer=scorer)
+                            verified=not args.no_verified, scorer=scorer, ar_temperatures=args.ar_temperature)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -12,6 +12,8 @@ answer with up to `max_new_tokens` tokens; then, per system:
 * tokens per forward (the reference's per-row metric, averaged), empty answers;
 * CPU tok/s at batch 1 on the first `speed_prompts` prompts: response tokens / wall time.
 
+Optional reference rows answer with the AR judge at other temperatures (`ar_temperatures`).
+
 `acceptance` compares the default diffusion setting with the AR model against the default-model targets, and
 `plot_frontier` draws GenPPL against tokens per forward for all settings.
 """
@@ -205,12 +207,15 @@ def check_systems(model: LM, judge: LM) -> None:
 
 def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings: Sequence[Mapping[str, Any]], *,
                    max_new_tokens: int = 128, batch_size: int = 16, speed_prompts: int = 10, seed: int = 0,
-                   show_progress: bool = True, verified: bool = True, scorer: LM | None = None) -> dict[str, Any]:
+                   show_progress: bool = True, verified: bool = True, scorer: LM | None = None,
+                   ar_temperatures: Sequence[float] = ()) -> dict[str, Any]:
     """The whole report: one entry per diffusion setting (the first is the default, timed at batch 1), the AR
     judge's own answers at temperature 0.7, the model's verified decoding at the same AR setting (its output has
     the distribution of the model's causal pass: the parent's, for canvas-only adapters), and the acceptance
     checks. `scorer` computes GenPPL (default: `judge` itself; the CLI passes the judge in float32 when the
-    systems run in another precision)."""
+    systems run in another precision). `ar_temperatures` adds the judge's answers at other temperatures as
+    reference rows (`ar_references`): a diffusion setting that writes sharper text than the parent at 0.7 can be
+    read next to the parent at its own temperature, while the acceptance stays against 0.7."""
     check_systems(model, judge)
     scorer = judge if scorer is None else scorer
     if not prompts:
@@ -219,7 +224,9 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
         options = dict(setting)
         decoding = options.pop("decoding", None)
         model.resolve_sampling(options, decoding)
-    batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified)
+    for temperature in ar_temperatures:
+        judge.resolve_sampling({"temperature": temperature}, None)
+    batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified + len(ar_temperatures))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress, transient=True) as bar:
         task = bar.add_task("answering", total=batches)
@@ -233,11 +240,15 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
         checked = (evaluate_system(model, scorer, "verified", prompts, {**AR_SETTING, "decoding": "verified"},
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    speed_prompts=speed_prompts, seed=seed, progress=step) if verified else None)
+        references = [evaluate_system(judge, scorer, f"autoregressive T={t:g}", prompts, {"temperature": t},
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, speed_prompts=0,
+                                      seed=seed, progress=step) for t in ar_temperatures]
     return {"model": model.source, "judge": judge.source, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "precision": {"systems": _precision(model), "judge_scoring": _precision(scorer)},
             "seed": seed, "device": str(model.device), "threads": torch.get_num_threads(),
             "autoregressive": asdict(ar), "diffusion": [asdict(d) for d in diffusion],
             "verified": None if checked is None else asdict(checked),
+            "ar_references": [asdict(r) for r in references],
             "targets": TARGETS, "acceptance": acceptance(diffusion[0], ar)}
 
 
@@ -274,6 +285,9 @@ def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
         ax.plot([checked["tokens_per_forward"]], [checked["genppl"]], "s", color="green",
                 label=f"verified, T=0.7 (GenPPL {checked['genppl']:.1f})")
     ax.axhline(ar["genppl"], color="grey", linestyle="--", label=f"AR, T=0.7 (GenPPL {ar['genppl']:.1f})")
+    for reference, style in zip(report.get("ar_references", []), ["-.", ":", (0, (5, 1))] * 4):
+        ax.axhline(reference["genppl"], color="grey", linestyle=style,
+                   label=f"AR, T={reference['setting']['temperature']:g} (GenPPL {reference['genppl']:.1f})")
     ax.axhline(ar["genppl"] * TARGETS["genppl_ratio_max"], color="red", linestyle=":", label="1.5x AR")
     ax.set_yscale("log")
     ax.set_xlabel("tokens per forward pass")

@@ -110,6 +110,26 @@ def test_a_whole_report_on_tiny_models(tmp_path):
     assert again["mean_response_tokens"] == ar["mean_response_tokens"] and again["genppl"] != ar["genppl"]
 
 
+def test_ar_reference_rows_answer_at_their_own_temperature_and_leave_the_acceptance_at_0_7(tmp_path):
+    model, judge = tiny_lm(True), tiny_lm(False, seed=1)
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    plain = quality_report(model, judge, prompts, [{}], max_new_tokens=8, batch_size=3, speed_prompts=0,
+                           show_progress=False, verified=False)
+    report = quality_report(model, judge, prompts, [{}], max_new_tokens=8, batch_size=3, speed_prompts=0,
+                            show_progress=False, verified=False, ar_temperatures=[0.0, 0.7])
+    greedy, again = report["ar_references"]
+    assert greedy["setting"] == {"temperature": 0.0} and greedy["name"] == "autoregressive T=0"
+    assert again["genppl"] == report["autoregressive"]["genppl"]  # the same setting and seed: the same answers
+    assert greedy["genppl"] < report["autoregressive"]["genppl"]  # the judge's own greedy answers score best
+    assert report["acceptance"] == plain["acceptance"] and plain["ar_references"] == []
+    assert plot_frontier(report, tmp_path / "frontier.png")
+    answered = []  # a temperature out of range fails before anything is answered
+    judge.generate = lambda *a, **k: answered.append(a)  # type: ignore[method-assign]
+    with pytest.raises(CanvasError, match="temperature"):
+        quality_report(model, judge, prompts, [{}], show_progress=False, ar_temperatures=[-1.0])
+    assert answered == []
+
+
 def test_prompts_from_jsonl_with_training_prompts_excluded(tmp_path):
     tokenizer = tiny_tokenizer(64)
     path = tmp_path / "prompts.jsonl"
