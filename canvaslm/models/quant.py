@@ -124,7 +124,10 @@ def head_logits(hidden: Tensor, weight: Tensor, packed: PackedWeight | None) -> 
     """hidden [..., H] @ weight.T through the packed head when it takes this pass (float32 logits [..., V])."""
     if packed is not None and packed.takes(hidden):
         return packed(hidden).float()
-    return F.linear(hidden, weight).float()
+    # as rows: a bfloat16 [B, 1, H] slice of a longer pass (the last position's hidden state) keeps its parent's
+    # strides, and F.linear then copies the whole [V, H] head per call (torch 2.13 on the CPU: ~80 ms, not ~2)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    return F.linear(rows, weight).float().view(*hidden.shape[:-1], weight.shape[0])
 
 
 def quantize(model: nn.Module, mode: str) -> list[str]:

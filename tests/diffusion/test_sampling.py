@@ -359,3 +359,25 @@ def test_a_masked_canvas_fills_left_to_right_as_a_prefix(acceptance):
         if bool((counts == length).all()):
             break
     assert bool((state.canvas != mask).all())
+
+
+def test_fast_exp_of_a_pinned_canvas_is_exact_and_zero_below_the_normal_range():
+    from canvaslm.diffusion.sampling import exp_probabilities, pin, propose
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 300, generator=g) * 3
+    logits[0, 0, :40] = torch.linspace(-120.0, -60.0, 40)  # across -87 (normal) and -104 (zero in float32)
+    pinned = pin(logits, torch.tensor([[-1, 7, -1, 9, 9, -1], [3, -1, -1, -1, 5, -1]]))  # -1e4 elsewhere
+    log_probs = pinned.log_softmax(dim=-1)
+    fast, plain = exp_probabilities(log_probs), log_probs.exp()
+    normal = log_probs > -87.0
+    assert torch.equal(fast[normal], plain[normal])                      # bit for bit where exp is a normal float
+    assert (fast[~normal] == 0).all() and (plain[~normal] < 1.2e-38).all()  # what is dropped was < 1.2e-38
+    # the proposal and entropy of every position (pinned ones included) are those of the plain exp
+    settings = DiffusionSampling(sampler="fast")
+    tokens, h = propose(pinned, settings, torch.Generator().manual_seed(1))
+    cdf = plain.cumsum(dim=-1)
+    u = torch.rand(*plain.shape[:-1], 1, generator=torch.Generator().manual_seed(1)) * cdf[..., -1:]
+    assert torch.equal(tokens, torch.searchsorted(cdf, u, right=True).squeeze(-1))
+    assert torch.equal(tokens[0, [1, 3, 4]], torch.tensor([7, 9, 9])) and (h[0, [1, 3, 4]] == 0).all()
+    assert torch.allclose(h, -(plain * log_probs.clamp(min=-3e38)).sum(-1), atol=1e-6)
