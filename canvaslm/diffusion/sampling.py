@@ -200,8 +200,11 @@ def revise(canvas: Tensor, previous: Tensor, logits: Tensor, pins: Tensor | None
 def pin(logits: Tensor, fixed: Tensor) -> Tensor:
     """Positions with a fixed token (fixed >= 0: a given, a suffix, a format's punctuation) predict it with
     certainty, so it is sampled, has entropy 0 and is accepted; -1 marks free positions. [B, C, V], [B, C]."""
-    certain = torch.full_like(logits, -1e4).scatter(-1, fixed.clamp(min=0)[..., None], 0.0)
-    return torch.where((fixed >= 0)[..., None], certain, logits)
+    keep, index = (fixed >= 0)[..., None], fixed.clamp(min=0)[..., None]
+    # one pass over [B, C, V] (the sampler runs this every step): -1e4 across the fixed positions, then 0 at each
+    # one's token; a free position gets its own logit back at the index scattered into
+    value = torch.where(keep, 0.0, logits.gather(-1, index))
+    return logits.masked_fill(keep, -1e4).scatter_(-1, index, value)
 
 
 def carry_over(logits: Tensor, canvas: Tensor, mask_token_id: int) -> Tensor:
@@ -225,11 +228,13 @@ def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tens
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def exp_probabilities(log_probs: Tensor) -> Tensor:
-    """exp(log_probs), with the probabilities below float32's normal range (< 1.2e-38) as 0. torch's vectorized
-    exp takes a slow path (~20x on this CPU) for arguments below -87, which every pinned or carried-over position
-    of a canvas is full of (its -1e4 logits); the clamp keeps it on the fast one, and nothing above -87 changes."""
-    return log_probs.clamp(min=-87.0).exp().masked_fill_(log_probs <= -87.0, 0.0)
+def exp_probabilities(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """(exp(log_probs) with the probabilities below float32's normal range (< 1.2e-38) as 0, log_probs clamped at
+    -87). torch's vectorized exp takes a slow path (~20x on this CPU) for arguments below -87, which every pinned or
+    carried-over position of a canvas is full of (its -1e4 logits); the clamp keeps it on the fast one, and nothing
+    above -87 changes. The clamped log-probabilities are finite, so p * log p needs no other clamp (0 below -87)."""
+    floor = log_probs.clamp(min=-87.0)
+    return floor.exp().masked_fill_(log_probs <= -87.0, 0.0), floor
 
 
 def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -237,8 +242,8 @@ def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Genera
     if settings.sampler == "reference":
         return sample_tokens(logits.softmax(dim=-1), generator), entropy(logits)
     log_probs = logits.log_softmax(dim=-1)
-    probs = exp_probabilities(log_probs)
-    token_entropy = -(probs * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(dim=-1)
+    probs, floor = exp_probabilities(log_probs)
+    token_entropy = -(probs * floor).sum(dim=-1)
     if settings.sampler == "greedy":
         return logits.argmax(dim=-1), token_entropy
     return sample_inverse_cdf(probs, generator), token_entropy

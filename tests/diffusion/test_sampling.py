@@ -95,6 +95,22 @@ def test_carry_over_keeps_unmasked_tokens_with_certainty():
     assert out[0, 1].argmax() == 2 and entropy(out)[0, 1] < 1e-6
 
 
+def test_pinning_writes_what_a_full_certain_canvas_would_and_passes_gradients_to_free_positions():
+    from canvaslm.diffusion.sampling import pin
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(2, 5, 11, generator=g) * 4).to(dtype).requires_grad_()
+        fixed = torch.tensor([[-1, 3, 0, -1, 10], [7, -1, -1, 7, -1]])
+        out = pin(logits, fixed)
+        certain = torch.full_like(logits, -1e4).scatter(-1, fixed.clamp(min=0)[..., None], 0.0)
+        expected = torch.where((fixed >= 0)[..., None], certain, logits)  # the plain definition
+        assert out.dtype == dtype and torch.equal(out, expected)
+        (grad,) = torch.autograd.grad((out * torch.arange(11.0).to(dtype)).sum(), logits)
+        free = (fixed < 0)[..., None].expand_as(grad)
+        assert torch.equal(grad[free], torch.arange(11.0).to(dtype).expand_as(grad)[free]) and (grad[~free] == 0).all()
+
+
 def test_threshold_rule_keeps_confident_tokens_and_always_the_best():
     from canvaslm.diffusion.sampling import threshold_accept
 
@@ -369,7 +385,8 @@ def test_fast_exp_of_a_pinned_canvas_is_exact_and_zero_below_the_normal_range():
     logits[0, 0, :40] = torch.linspace(-120.0, -60.0, 40)  # across -87 (normal) and -104 (zero in float32)
     pinned = pin(logits, torch.tensor([[-1, 7, -1, 9, 9, -1], [3, -1, -1, -1, 5, -1]]))  # -1e4 elsewhere
     log_probs = pinned.log_softmax(dim=-1)
-    fast, plain = exp_probabilities(log_probs), log_probs.exp()
+    (fast, floor), plain = exp_probabilities(log_probs), log_probs.exp()
+    assert torch.equal(floor, log_probs.clamp(min=-87.0))
     normal = log_probs > -87.0
     assert torch.equal(fast[normal], plain[normal])                      # bit for bit where exp is a normal float
     assert (fast[~normal] == 0).all() and (plain[~normal] < 1.2e-38).all()  # what is dropped was < 1.2e-38
