@@ -20,50 +20,34 @@ from canvaslm.engine.verified import draft_size, verified_generate
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
 
-ORDER = ("autoregressive", "verified", "diffusion")  # AR first: verified's agreement is measured against it
+ORDER = ("autoregressive", "verified", "diffusion")
 
 
 def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature: float = 0.0,
                    diffusion: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     """Run every decoding at every batch size over all of `PROMPTS`, in batches of that size (batch 1: each prompt
-    alone; a batch larger than the prompts repeats them); diffusion uses the model's defaults overridden by
-    `diffusion`. Greedy by default (temperature 0). Times, tokens and passes add up over the batches."""
+    alone; a batch larger than the prompts repeats them), the modes taking turns batch by batch; diffusion uses
+    the model's defaults overridden by `diffusion`. Greedy by default (temperature 0). Times, tokens and passes add
+    up over the batches."""
     if lm.kind != "diffusion":
         raise CanvasError(f"{lm.source} is autoregressive: bench decoding compares a diffusion model's ways to write")
     prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     rows = []
     with Progress(transient=True) as progress:
-        task = progress.add_task("bench decoding", total=len(batch_sizes) * len(ORDER))
         for batch in batch_sizes:
             groups = [[prompts[(start + i) % len(prompts)] for i in range(batch)]
                       for start in range(0, len(prompts), batch)]
-            ar_tokens: list[list[int]] = []
-            for mode in ORDER:
-                totals: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0,
-                                          "accepted": 0, "lengths": None, "generated": []}
-                for group in groups:
-                    _run_group(lm, mode, group, new_tokens, temperature, diffusion, seed, totals)
-                row = {"decoding": mode, "batch": batch, "prompts": len(groups) * batch, "tokens": totals["tokens"],
-                       "seconds": round(totals["seconds"], 3),
-                       "tokens_per_second": round(totals["tokens"] / totals["seconds"], 2),
-                       # a step of a batch is one pass for all its rows: passes of each batch's slowest row
-                       "forward_passes": totals["max_passes"],
-                       "tokens_per_forward": round(totals["tokens"] / totals["passes"], 3)}
-                if mode == "verified":
-                    lengths = totals["lengths"]  # rounds that accepted 0..n drafts
-                    row.update(rounds=totals["rounds"], accepted_drafts=totals["accepted"],
-                               tokens_per_round=round(totals["tokens"] / max(1, totals["rounds"]), 3),
-                               # the share of rounds whose draft token j was accepted, j = 1..n (vLLM's
-                               # acceptance rate per position): where a drafter tuned for acceptance would gain
-                               acceptance_by_position=[round(float(lengths[j:].sum()) / max(1, totals["rounds"]), 3)
-                                                       for j in range(1, len(lengths))])
-                if mode == "autoregressive":
-                    ar_tokens = totals["generated"]
-                elif mode == "verified" and ar_tokens:
-                    same = sum(_common_prefix(a, b) for a, b in zip(totals["generated"], ar_tokens, strict=True))
-                    row["agreement_with_autoregressive"] = round(same / max(1, sum(map(len, ar_tokens))), 4)
-                rows.append(row)
-                progress.advance(task)
+            task = progress.add_task(f"bench decoding, batch {batch}", total=len(groups) * len(ORDER))
+            totals = {mode: {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0,
+                             "accepted": 0, "lengths": None, "generated": []} for mode in ORDER}
+            # the modes take turns batch by batch: a shared machine's speed drifts by tens of percent within
+            # minutes, and mode after mode would give that drift to one of them
+            for group in groups:
+                for mode in ORDER:
+                    _run_group(lm, mode, group, new_tokens, temperature, diffusion, seed, totals[mode])
+                    progress.advance(task)
+            rows += [_row(mode, batch, len(groups) * batch, totals[mode], totals["autoregressive"]["generated"])
+                     for mode in ORDER]
     by = {(r["decoding"], r["batch"]): r for r in rows}
     for r in rows:
         r["speed_vs_autoregressive"] = round(r["tokens_per_second"] / by["autoregressive", r["batch"]]
@@ -71,6 +55,28 @@ def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature:
     return {"new_tokens": new_tokens, "temperature": temperature, "prompts": len(PROMPTS),
             "draft_size": draft_size(lm.network),
             "diffusion_settings": vars(lm.diffusion_settings(dict(diffusion or {}))), "runs": rows}
+
+
+def _row(mode: str, batch: int, prompts: int, totals: dict[str, Any], ar_tokens: list[list[int]]
+         ) -> dict[str, Any]:
+    """One mode's line of the report at one batch size, from its summed `totals`."""
+    row = {"decoding": mode, "batch": batch, "prompts": prompts, "tokens": totals["tokens"],
+           "seconds": round(totals["seconds"], 3),
+           "tokens_per_second": round(totals["tokens"] / totals["seconds"], 2),
+           # a step of a batch is one pass for all its rows: passes of each batch's slowest row
+           "forward_passes": totals["max_passes"],
+           "tokens_per_forward": round(totals["tokens"] / totals["passes"], 3)}
+    if mode == "verified":
+        lengths = totals["lengths"]  # rounds that accepted 0..n drafts
+        row.update(rounds=totals["rounds"], accepted_drafts=totals["accepted"],
+                   tokens_per_round=round(totals["tokens"] / max(1, totals["rounds"]), 3),
+                   # the share of rounds whose draft token j was accepted, j = 1..n (vLLM's acceptance rate per
+                   # position): where a drafter tuned for acceptance would gain
+                   acceptance_by_position=[round(float(lengths[j:].sum()) / max(1, totals["rounds"]), 3)
+                                           for j in range(1, len(lengths))])
+        same = sum(_common_prefix(a, b) for a, b in zip(totals["generated"], ar_tokens, strict=True))
+        row["agreement_with_autoregressive"] = round(same / max(1, sum(map(len, ar_tokens))), 4)
+    return row
 
 
 def _run_group(lm: LM, mode: str, group: list[list[int]], new_tokens: int, temperature: float,

@@ -44,3 +44,22 @@ def test_bench_decoding_needs_a_diffusion_model(tmp_path):
     ar = LM(llama.Model(llama.Config.from_hf({"model_type": "llama", **MODEL_INIT}, "t")).eval(), None, "ar")
     with pytest.raises(CanvasError, match="autoregressive"):
         bench_decoding(ar, [1], 4)
+
+
+def test_the_modes_take_turns_batch_by_batch_so_drift_hits_each_alike(tmp_path, monkeypatch):
+    import canvaslm.bench.decoding as decoding
+    from canvaslm import load
+
+    tiny_checkpoint(tmp_path / "dg", canvas_length=4, logit_gain=1.0)
+    calls, run_group = [], decoding._run_group
+
+    def recorded(lm, mode, group, *args):
+        calls.append((mode, len(group)))
+        return run_group(lm, mode, group, *args)
+
+    monkeypatch.setattr(decoding, "_run_group", recorded)
+    report = bench_decoding(load(str(tmp_path / "dg")), [1, 4], new_tokens=6)
+    turns = [(mode, 1) for mode in decoding.ORDER] * 8 + [(mode, 4) for mode in decoding.ORDER] * 2
+    assert calls == turns  # not all 8 prompts in one mode, then all in the next
+    assert [(r["decoding"], r["batch"]) for r in report["runs"]] == [(m, b) for b in (1, 4) for m in decoding.ORDER]
+    assert all(r["agreement_with_autoregressive"] == 1.0 for r in report["runs"] if r["decoding"] == "verified")
