@@ -10,7 +10,8 @@ answer with up to `max_new_tokens` tokens; then, per system:
 * unigram entropy: entropy of each response's token histogram, averaged over responses (low = repetition);
 * distinct-4: unique / total token 4-grams over all responses;
 * tokens per forward (the reference's per-row metric, averaged), empty answers;
-* CPU tok/s at batch 1 on the first `speed_prompts` prompts: response tokens / wall time.
+* CPU tok/s at batch 1 on the first `speed_prompts` prompts: response tokens / wall time, the AR judge, the
+  default setting and verified decoding taking turns prompt by prompt.
 
 Optional reference rows answer with the AR judge at other temperatures (`ar_temperatures`).
 
@@ -148,35 +149,37 @@ def distinct_ngrams(responses: Sequence[Sequence[int]], n: int = 4) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def tokens_per_second(lm: LM, prompts: Sequence[list[int]], setting: Mapping[str, Any], max_new_tokens: int,
-                      seed: int) -> float:
-    """Response tokens per wall-clock second, one prompt at a time (batch 1), after one warm-up call."""
-    lm.generate([prompts[0]], 8, seed=seed, **setting)
-    tokens, seconds = 0, 0.0
+def tokens_per_second(systems: Sequence[tuple[LM, Mapping[str, Any]]], prompts: Sequence[list[int]],
+                      max_new_tokens: int, seed: int) -> list[float]:
+    """Response tokens per wall-clock second of each (model, setting), one prompt at a time (batch 1), after one
+    warm-up call each. The systems take turns prompt by prompt: a shared machine's speed drifts by tens of percent
+    within minutes, and system after system would give that drift to one of them."""
+    for lm, setting in systems:
+        lm.generate([prompts[0]], 8, seed=seed, **setting)
+    tokens, seconds = [0] * len(systems), [0.0] * len(systems)
     for i, prompt in enumerate(prompts):
-        start = time.perf_counter()
-        out = lm.generate([prompt], max_new_tokens, seed=seed + i, **setting)
-        seconds += time.perf_counter() - start
-        tokens += len(lm.decode_new(out.sequences[0], len(prompt))[0][:max_new_tokens])
-    return tokens / seconds if seconds else 0.0
+        for j, (lm, setting) in enumerate(systems):
+            start = time.perf_counter()
+            out = lm.generate([prompt], max_new_tokens, seed=seed + i, **setting)
+            seconds[j] += time.perf_counter() - start
+            tokens[j] += len(lm.decode_new(out.sequences[0], len(prompt))[0][:max_new_tokens])
+    return [t / s if s else 0.0 for t, s in zip(tokens, seconds, strict=True)]
 
 
 def evaluate_system(lm: LM, judge: LM, name: str, prompts: Sequence[list[int]], setting: Mapping[str, Any], *,
-                    max_new_tokens: int, batch_size: int, speed_prompts: int, seed: int,
-                    progress: Any = None) -> SystemReport:
+                    max_new_tokens: int, batch_size: int, seed: int, progress: Any = None) -> SystemReport:
+    """The system's answers to `prompts`, scored by `judge` (its speed is timed apart: `tokens_per_second`)."""
     responses, stopped, tpf = answer(lm, prompts, setting, max_new_tokens, batch_size, seed, progress)
     nll, count = judge_nll(judge, prompts, responses, stopped)
     tokenizer = judge.tokenizer
     texts = [tokenizer.decode(r) for r in responses] if tokenizer is not None else []
-    speed = (tokens_per_second(lm, prompts[:speed_prompts], setting, max_new_tokens, seed)
-             if speed_prompts > 0 else None)
     return SystemReport(
         name=name, setting=dict(setting), genppl=math.exp(nll / count) if count else float("inf"),
         unigram_entropy=sum(map(unigram_entropy, responses)) / len(responses),
         distinct_4=distinct_ngrams(responses), tokens_per_forward=tpf,
         mean_response_tokens=sum(map(len, responses)) / len(responses),
         empty_answers=sum(not t.strip() for t in texts) if texts else sum(not r for r in responses),
-        tokens_per_second_batch1=speed, samples=texts[:5])
+        tokens_per_second_batch1=None, samples=texts[:5])
 
 
 def acceptance(diffusion: SystemReport, ar: SystemReport) -> dict[str, Any]:
@@ -232,17 +235,24 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
         task = bar.add_task("answering", total=batches)
         step = lambda: bar.advance(task)  # noqa: E731
         ar = evaluate_system(judge, scorer, "autoregressive", prompts, AR_SETTING, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, speed_prompts=speed_prompts, seed=seed, progress=step)
+                             batch_size=batch_size, seed=seed, progress=step)
         diffusion = [evaluate_system(model, scorer, f"diffusion {json.dumps(s)}", prompts, s,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     speed_prompts=speed_prompts if i == 0 else 0, seed=seed, progress=step)
-                     for i, s in enumerate(settings)]
-        checked = (evaluate_system(model, scorer, "verified", prompts, {**AR_SETTING, "decoding": "verified"},
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   speed_prompts=speed_prompts, seed=seed, progress=step) if verified else None)
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=step)
+                     for s in settings]
+        verified_setting = {**AR_SETTING, "decoding": "verified"}
+        checked = (evaluate_system(model, scorer, "verified", prompts, verified_setting,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=step)
+                   if verified else None)
         references = [evaluate_system(judge, scorer, f"autoregressive T={t:g}", prompts, {"temperature": t},
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, speed_prompts=0,
-                                      seed=seed, progress=step) for t in ar_temperatures]
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                      progress=step) for t in ar_temperatures]
+    if speed_prompts > 0:  # the AR judge, the default setting and verified decoding, timed side by side
+        timed = [(ar, judge, AR_SETTING), (diffusion[0], model, settings[0])]
+        timed += [(checked, model, verified_setting)] if checked is not None else []
+        speeds = tokens_per_second([(lm, setting) for _, lm, setting in timed], prompts[:speed_prompts],
+                                   max_new_tokens, seed)
+        for (report, _, _), speed in zip(timed, speeds, strict=True):
+            report.tokens_per_second_batch1 = speed
     return {"model": model.source, "judge": judge.source, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "precision": {"systems": _precision(model), "judge_scoring": _precision(scorer)},
             "seed": seed, "device": str(model.device), "threads": torch.get_num_threads(),

@@ -172,3 +172,32 @@ def test_prompts_seen_in_any_excluded_training_directory_are_dropped(tmp_path):
     assert read_prompts(prompts, 10, tokenizer, first) == [[4, 5], [7], [9]]
     assert read_prompts(prompts, 10, tokenizer, [first, second]) == [[4, 5], [9]]
     assert read_prompts(prompts, 1, tokenizer, [first, second]) == [[9]]
+
+
+def test_speeds_are_timed_with_the_systems_taking_turns_prompt_by_prompt():
+    """A shared machine's speed drifts within minutes: timing one system after the other gave it to one of them."""
+    from types import SimpleNamespace
+
+    from canvaslm.bench.quality import tokens_per_second
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name: str, writes: int) -> None:
+            self.name, self.writes = name, writes
+
+        def generate(self, prompts, max_new_tokens, seed, **setting):
+            calls.append((self.name, len(prompts[0]), max_new_tokens, seed, setting))
+            return SimpleNamespace(sequences=torch.zeros(1, len(prompts[0]) + self.writes, dtype=torch.long))
+
+        def decode_new(self, sequence, prompt_length):
+            return list(range(len(sequence) - prompt_length)), ""
+
+    prompts = [[1], [1, 2], [1, 2, 3]]
+    speeds = tokens_per_second([(Recorder("ar", 3), {"t": 0.7}), (Recorder("canvas", 6), {"p": 0.9})], prompts,
+                               max_new_tokens=4, seed=5)
+    warm_up = [("ar", 1, 8, 5, {"t": 0.7}), ("canvas", 1, 8, 5, {"p": 0.9})]
+    turns = [(name, n, 4, 5 + i, setting) for i, n in enumerate((1, 2, 3))
+             for name, setting in (("ar", {"t": 0.7}), ("canvas", {"p": 0.9}))]
+    assert calls == warm_up + turns
+    assert len(speeds) == 2 and all(v > 0 for v in speeds)
