@@ -219,11 +219,15 @@ def sample_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
 
 
-def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None, rows: Tensor | None = None) -> Tensor:
     """One draw per position from [B, C, V] probabilities with a single uniform each (inverse CDF): the same
-    distribution as `sample_tokens`, a different random stream, far cheaper than V exponential draws."""
+    distribution as `sample_tokens`, a different random stream, far cheaper than V exponential draws. With `rows`
+    [B, C] bool, probs [n, V] holds only those positions: the uniforms are drawn for all of [B, C] (the random
+    stream is the same as without `rows`) and those of `rows` are used."""
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(*probs.shape[:-1], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[..., -1:]
+    shape = probs.shape[:-1] if rows is None else rows.shape
+    u = torch.rand(*shape, 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = (u if rows is None else u[rows]) * cdf[..., -1:]
     # right=True: the first index whose cdf exceeds u, so a draw of exactly 0 never lands on a zero-probability token
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
@@ -237,16 +241,27 @@ def exp_probabilities(log_probs: Tensor) -> tuple[Tensor, Tensor]:
     return floor.exp().masked_fill_(log_probs <= -87.0, 0.0), floor
 
 
-def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(sampled tokens [B, C], token entropy [B, C]) of one step's tempered logits, by `settings.sampler`."""
+def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Generator | None,
+            fixed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(sampled tokens [B, C], token entropy [B, C]) of one step's tempered logits, by `settings.sampler`.
+
+    `fixed` [B, C] (the fast and greedy samplers): the token of each position that `pin` made certain, -1 at the
+    others. Only the others are worked out, over [n, V] instead of [B, C, V] (about half of a canvas, on average,
+    is kept tokens); a fixed position proposes its token with entropy -0.0, which is what the whole computation
+    gives for it, and the random stream is the same."""
     if settings.sampler == "reference":
         return sample_tokens(logits.softmax(dim=-1), generator), entropy(logits)
-    log_probs = logits.log_softmax(dim=-1)
+    rows = None if fixed is None else fixed < 0
+    open_logits = logits if rows is None else logits[rows]
+    log_probs = open_logits.log_softmax(dim=-1)
     probs, floor = exp_probabilities(log_probs)
     token_entropy = -(probs * floor).sum(dim=-1)
-    if settings.sampler == "greedy":
-        return logits.argmax(dim=-1), token_entropy
-    return sample_inverse_cdf(probs, generator), token_entropy
+    tokens = open_logits.argmax(dim=-1) if settings.sampler == "greedy" else \
+        sample_inverse_cdf(probs, generator, rows)
+    if rows is None:
+        return tokens, token_entropy
+    return (fixed.masked_scatter(rows, tokens),
+            torch.full_like(fixed, -0.0, dtype=token_entropy.dtype).masked_scatter(rows, token_entropy))
 
 
 def stable_and_confident(history: Tensor, argmax: Tensor, token_entropy: Tensor,

@@ -23,7 +23,6 @@ from torch import Tensor
 from canvaslm.diffusion.sampling import (
     DiffusionSampling,
     accept,
-    carry_over,
     open_sub_block,
     pin,
     propose,
@@ -136,11 +135,13 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     constrained = logits
     if state.pins is not None:
         logits = pin(logits, state.pins)
+    kept = None  # a masked canvas's kept tokens (pins included), -1 where it is still masked
     if mask_token_id is not None:
-        logits = carry_over(logits, state.canvas, mask_token_id)
+        kept = state.canvas.masked_fill(state.canvas == mask_token_id, -1)
+        logits = pin(logits, kept)  # carry-over
         # a drawn mask token would read as "still masked": never propose it
-        logits[..., mask_token_id] = float("-inf")  # in place: carry_over returned a new tensor
-    proposal, token_entropy = propose(logits, settings, generator)
+        logits[..., mask_token_id] = float("-inf")  # in place: pin returned a new tensor
+    proposal, token_entropy = propose(logits, settings, generator, kept)
     free = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
     waited, force = state.waited, None
     if free is not None and settings.think_passes > 0 and settings.acceptance == "threshold":
@@ -166,9 +167,11 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         canvas, revised = revise(canvas, state.canvas, constrained, state.pins, mask_token_id,
                                  settings.revise_probability)
         accepted = accepted | revised
-    draft = logits.argmax(dim=-1)
-    if mask_token_id is not None:  # absorbing state: a kept token stands, so the draft shows it (not the argmax)
-        draft = torch.where(canvas != mask_token_id, canvas, draft)
+    if mask_token_id is None:
+        draft = logits.argmax(dim=-1)
+    else:  # absorbing state: a kept token stands, so the draft shows it (the argmax only where still masked)
+        masked = canvas == mask_token_id
+        draft = canvas.masked_scatter(masked, logits[masked].argmax(dim=-1))
     if hold is not None and bool(hold.any()):
         canvas, draft = torch.where(hold, state.draft, canvas), torch.where(hold, state.draft, draft)
     stopped = state.stopped

@@ -398,3 +398,23 @@ def test_fast_exp_of_a_pinned_canvas_is_exact_and_zero_below_the_normal_range():
     assert torch.equal(tokens, torch.searchsorted(cdf, u, right=True).squeeze(-1))
     assert torch.equal(tokens[0, [1, 3, 4]], torch.tensor([7, 9, 9])) and (h[0, [1, 3, 4]] == 0).all()
     assert torch.allclose(h, -(plain * log_probs.clamp(min=-3e38)).sum(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["fast", "greedy"])
+def test_proposing_only_the_open_positions_gives_what_the_whole_canvas_gives(sampler):
+    from canvaslm.diffusion.sampling import pin, propose
+
+    g = torch.Generator().manual_seed(3)
+    settings = DiffusionSampling(sampler=sampler)
+    for fixed in (torch.tensor([[-1, 5, -1, 9, 9, -1], [3, -1, -1, -1, 0, -1]]),   # some kept
+                  torch.full((2, 6), -1), torch.tensor([[1, 2, 3, 4, 5, 6]] * 2)):  # none, all
+        logits = pin(torch.randn(2, 6, 40, generator=g) * 3, fixed)
+        logits[..., 7] = float("-inf")  # the mask token, as denoise_step forbids it
+        whole = propose(logits, settings, torch.Generator().manual_seed(1))
+        some = propose(logits, settings, torch.Generator().manual_seed(1), fixed)
+        assert torch.equal(some[0], whole[0]) and torch.equal(some[1], whole[1])
+        assert torch.equal(torch.signbit(some[1]), torch.signbit(whole[1]))  # even the -0.0 of a kept position
+    # the random stream goes on alike: the next draw after either is the same
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    propose(logits, settings, a), propose(logits, settings, b, fixed)
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
