@@ -207,10 +207,16 @@ def pin(logits: Tensor, fixed: Tensor) -> Tensor:
     return logits.masked_fill(keep, -1e4).scatter_(-1, index, value)
 
 
+def kept_tokens(canvas: Tensor, mask_token_id: int) -> Tensor:
+    """A masked canvas's kept tokens [B, C] (pins included), -1 where it is still masked: what `pin` and
+    `propose` take."""
+    return canvas.masked_fill(canvas == mask_token_id, -1)
+
+
 def carry_over(logits: Tensor, canvas: Tensor, mask_token_id: int) -> Tensor:
     """Absorbing-state (masked) models: a position whose token is not the mask keeps it with certainty (MDLM's
     SUBS parameterisation), since such models are only trained to predict masked positions. [B, C, V]."""
-    return pin(logits, canvas.masked_fill(canvas == mask_token_id, -1))
+    return pin(logits, kept_tokens(canvas, mask_token_id))
 
 
 def sample_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:

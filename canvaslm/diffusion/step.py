@@ -23,6 +23,8 @@ from torch import Tensor
 from canvaslm.diffusion.sampling import (
     DiffusionSampling,
     accept,
+    carry_over,
+    kept_tokens,
     open_sub_block,
     pin,
     propose,
@@ -135,12 +137,12 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     constrained = logits
     if state.pins is not None:
         logits = pin(logits, state.pins)
-    kept = None  # a masked canvas's kept tokens (pins included), -1 where it is still masked
+    kept = None
     if mask_token_id is not None:
-        kept = state.canvas.masked_fill(state.canvas == mask_token_id, -1)
-        logits = pin(logits, kept)  # carry-over
+        logits = carry_over(logits, state.canvas, mask_token_id)
         # a drawn mask token would read as "still masked": never propose it
-        logits[..., mask_token_id] = float("-inf")  # in place: pin returned a new tensor
+        logits[..., mask_token_id] = float("-inf")  # in place: carry_over returned a new tensor
+        kept = kept_tokens(state.canvas, mask_token_id)  # certain now: propose works out only the others
     proposal, token_entropy = propose(logits, settings, generator, kept)
     free = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
     waited, force = state.waited, None
