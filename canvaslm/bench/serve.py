@@ -1,9 +1,9 @@
 """`canvaslm bench serve`: throughput and latency through the real HTTP server, for a diffusion model and its AR
 base side by side.
 
-For each model a `canvaslm serve` subprocess is started on a free local port; at each concurrency level, that many
-client threads send streaming chat requests (the same prompts for both models, `ignore_eos` so every request writes
-`max_tokens` tokens) until `requests` have completed. Reported per level: output tokens/s over the wall time, p50 and
+For each model a `canvaslm serve` subprocess is started on a free local port, all at once; at each concurrency level
+(every system in turn, then the next level), that many client threads send streaming chat requests (the same prompts
+for both models, `ignore_eos` so every request writes `max_tokens` tokens) until `requests` have completed. Reported per level: output tokens/s over the wall time, p50 and
 p99 request latency and time to first token. For the diffusion model the first-token time is also measured with
 whole-canvas streaming (`--no-pin-settled`), against settled-prefix streaming, at concurrency 1.
 
@@ -197,33 +197,43 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
                 decodings: list[str] = ("diffusion",), temperature: float | None = None) -> dict[str, Any]:
     """Every model at every level. `server_flags` go to each `canvaslm serve` (precision, threads); a diffusion
     model is driven once per entry of `decodings` (the request's `decoding` field, one server), reported as
-    "MODEL" for its canvases and "MODEL · verified" etc. for the others; `temperature` goes into every request."""
+    "MODEL" for its canvases and "MODEL · verified" etc. for the others; `temperature` goes into every request.
+
+    All servers run at once and the systems take turns level by level (every system at 1 client, then every one at
+    8, ...): a machine whose speed drifts over minutes (a busy host, a throttled CPU) then shifts every system's
+    row at a level alike, instead of whichever model happened to run last. An idle server costs no CPU."""
     report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "structured_share": structured_share,
                               "server_flags": list(server_flags), "temperature": temperature, "models": {}}
     sampling = {} if temperature is None else {"temperature": temperature}
+    servers: dict[str, ServerProcess] = {}
     with Progress(transient=True) as progress:
-        for model in models:
-            task = progress.add_task(f"serving {model}", total=None)
-            server = ServerProcess(model, list(server_flags))
-            try:
+        try:
+            systems = []  # (report name, server, structured share, request fields)
+            for model in models:
+                task = progress.add_task(f"starting the server for {model}", total=None)
+                servers[model] = server = ServerProcess(model, list(server_flags))
                 kind = _kind(server.url)
-                driven = list(decodings) if kind == "diffusion" else ["autoregressive"]
-                progress.update(task, total=1 + len(levels) * len(driven))
                 _one_request(server.url, PROMPTS[0], 8, 0)  # warm-up
-                progress.advance(task)
-                for decoding in driven:
+                progress.remove_task(task)
+                for decoding in (list(decodings) if kind == "diffusion" else ["autoregressive"]):
                     name = model if decoding == "diffusion" or kind != "diffusion" else f"{model} · {decoding}"
                     extra = {**sampling, **({"decoding": decoding} if kind == "diffusion" else {})}
-                    entry: dict[str, Any] = {"kind": kind, "decoding": decoding, "levels": []}
-                    for level in levels:
-                        entry["levels"].append(run_level(
-                            server.url, level, max(requests, level), max_tokens,
-                            structured_share if decoding == "diffusion" else 0.0, extra))
-                        progress.advance(task)
-                    report["models"][name] = entry
-            finally:
+                    report["models"][name] = {"kind": kind, "decoding": decoding, "levels": []}
+                    systems.append((name, server, structured_share if decoding == "diffusion" else 0.0, extra))
+            task = progress.add_task("serving", total=len(levels) * len(systems))
+            for level in levels:
+                for name, server, share, extra in systems:
+                    progress.update(task, description=f"{name} at {level} clients")
+                    report["models"][name]["levels"].append(run_level(
+                        server.url, level, max(requests, level), max_tokens, share, extra))
+                    progress.advance(task)
+        finally:
+            for server in servers.values():
                 server.close()
-            if kind == "diffusion" and compare_streaming and "diffusion" in decodings:
+        if compare_streaming and "diffusion" in decodings:
+            for model in models:
+                if report["models"].get(model, {}).get("kind") != "diffusion":
+                    continue
                 whole = ServerProcess(model, ["--no-pin-settled", *server_flags])
                 try:
                     _one_request(whole.url, PROMPTS[0], 8, 0)

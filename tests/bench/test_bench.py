@@ -181,3 +181,36 @@ def test_llama_cpp_beside_our_loops_on_the_same_gguf(tmp_path):
     else:
         assert others == []
     assert (tmp_path / "peers.png").stat().st_size > 5_000
+
+
+def test_serve_runs_every_server_at_once_and_the_systems_take_turns_level_by_level(monkeypatch):
+    """A drifting machine shifts all systems' rows at a level alike: each level is run by every system in turn
+    (the AR base between the canvas and verified runs, not an hour later), and every server is closed."""
+    from canvaslm.bench import serve
+
+    runs, opened, closed = [], [], []
+
+    class FakeServer:
+        def __init__(self, model, flags):
+            self.url, self.flags = f"http://{model}", flags
+            opened.append((model, tuple(flags)))
+
+        def close(self):
+            closed.append(self.url)
+
+    monkeypatch.setattr(serve, "ServerProcess", FakeServer)
+    monkeypatch.setattr(serve, "_kind", lambda url: "diffusion" if url == "http://canvas" else "autoregressive")
+    monkeypatch.setattr(serve, "_one_request", lambda *a, **k: None)
+
+    def run_level(url, concurrency, requests, max_tokens, structured_share=0.0, extra=None):
+        runs.append((url, concurrency, (extra or {}).get("decoding")))
+        return {"concurrency": concurrency, "tokens_per_second": 1.0}
+
+    monkeypatch.setattr(serve, "run_level", run_level)
+    report = serve.bench_serve(["canvas", "parent"], [1, 8], 4, 16, compare_streaming=False,
+                               decodings=["diffusion", "verified"])
+    assert runs == [("http://canvas", 1, "diffusion"), ("http://canvas", 1, "verified"), ("http://parent", 1, None),
+                    ("http://canvas", 8, "diffusion"), ("http://canvas", 8, "verified"), ("http://parent", 8, None)]
+    assert list(report["models"]) == ["canvas", "canvas · verified", "parent"]
+    assert [lv["concurrency"] for lv in report["models"]["parent"]["levels"]] == [1, 8]
+    assert sorted(closed) == ["http://canvas", "http://parent"] and len(opened) == 2
