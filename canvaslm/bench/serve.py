@@ -3,9 +3,10 @@ base side by side.
 
 For each model a `canvaslm serve` subprocess is started on a free local port, all at once; at each concurrency level
 (every system in turn, then the next level), that many client threads send streaming chat requests (the same prompts
-for both models, `ignore_eos` so every request writes `max_tokens` tokens) until `requests` have completed. Reported per level: output tokens/s over the wall time, p50 and
-p99 request latency and time to first token. For the diffusion model the first-token time is also measured with
-whole-canvas streaming (`--no-pin-settled`), against settled-prefix streaming, at concurrency 1.
+for both models, `ignore_eos` so every request writes `max_tokens` tokens) until `requests` have completed. Reported
+per level: output tokens/s over the wall time, p50 and p99 request latency and time to first token. For the diffusion
+model the first-token time is also measured with whole-canvas streaming (`--no-pin-settled`), against settled-prefix
+streaming, at concurrency 1.
 
 `structured_share` > 0 makes that share of the requests ask for JSON (`response_format` json_schema, `SCHEMA`): on a
 diffusion model they run inside the continuous batch, and each level reports the histogram of sequences per decoder
