@@ -5,12 +5,13 @@ admitted, advanced by one decoder pass shared with its neighbours, and released.
 Diffusion: every sequence keeps its own KV cache of its prompt and committed canvases. Each step stacks the running
 sequences' caches (`KVCache.stack`; rebuilt only when a sequence joins, leaves or commits a canvas), runs one
 decoder pass over all their canvases, then advances each sequence with `denoise_step`, the step `generate_steps`
-takes, with its own temperature step, settings and random generator. A sequence's tokens therefore do not depend on
-its neighbours (up to float rounding), and a sequence alone draws exactly what `LM.generate` draws for the same
-seed. After each step the longest left-to-right prefix of the canvas whose tokens are accepted and unchanged since
-the previous step is *settled*; with `pin_settled` it is sent at once and held (kept in the canvas and the
-committed result), so streamed text is never taken back. Without pinning tokens are sent when their canvas is
-committed, and results equal `LM.generate`.
+takes, with its own temperature step, settings and random generator; the canvases finished in that step are
+committed in one causal pass over their stacked caches (`KVCache.unstack` gives each its own back). A sequence's
+tokens therefore do not depend on its neighbours (up to float rounding), and a sequence alone draws exactly what
+`LM.generate` draws for the same seed. After each step the longest left-to-right prefix of the canvas whose tokens
+are accepted and unchanged since the previous step is *settled*; with `pin_settled` it is sent at once and held
+(kept in the canvas and the committed result), so streamed text is never taken back. Without pinning tokens are sent
+when their canvas is committed, and results equal `LM.generate`.
 
 Verified (a diffusion model's canvas drafts, its causal pass checks; `canvaslm.engine.verified`): the running
 sequences share one cache like the AR ones; each step is one draft pass and one check pass over all of them, and
@@ -94,11 +95,14 @@ class DiffusionRunner:
             sc = torch.cat([s.state.sc_logits if s.state.sc_logits is not None else empty for s in running])
         logits = self.timed(len(running), lambda: self.lm.network.decode(canvases, cache, sc,
                                                                           None if bool(with_sc.all()) else with_sc))
+        finished = []
         for i, seq in enumerate(list(running)):
             row = logits[i:i + 1]
             if seq.before is not None:  # as generate_steps: canvas token i is read from output i - 1
                 row = torch.cat([seq.before, row[:, :-1]], dim=1)
-            self._denoise(seq, row)
+            if self._denoise(seq, row):
+                finished.append(seq)
+        self._commit(finished)
 
     def release(self, seq: Sequence, row: int, running: int) -> None:
         """Nothing to give back: the stacked cache is rebuilt when the set of sequences changes."""
@@ -131,7 +135,7 @@ class DiffusionRunner:
         pinned = pins_only(pins, region, self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0)
         if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
             seq.state.draft = pinned
-            self._commit(seq)
+            self._commit([seq])
 
     def _constraint(self, request: Request) -> Constraint | None:
         """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..
@@ -147,9 +151,9 @@ class DiffusionRunner:
             pins = torch.where(suffix >= 0, suffix, pins)
         return Constraint(pins) if request.constraint is None else dataclasses.replace(request.constraint, pins=pins)
 
-    def _denoise(self, seq: Sequence, logits: Tensor) -> None:
+    def _denoise(self, seq: Sequence, logits: Tensor) -> bool:
         """One denoising step of one sequence from its decoder logits [1, C, V] (`denoise_step`, as
-        `generate_steps` takes it); the settled prefix already streamed is held."""
+        `generate_steps` takes it); the settled prefix already streamed is held. True when its canvas is done."""
         network, settings, before = self.lm.network, seq.settings, seq.state
         seq.passes += 1
         hold = None
@@ -166,25 +170,41 @@ class DiffusionRunner:
         if seq.request.drafts:
             seq.request.emit(Draft(seq.canvas_index, state.step, draft[0].tolist()))
         if bool(state.stopped.all()) or state.step == settings.max_denoising_steps:
-            self._commit(seq)
-        elif self.pin_settled if seq.request.pin_settled is None else seq.request.pin_settled:
+            return True
+        if self.pin_settled if seq.request.pin_settled is None else seq.request.pin_settled:
             settled = outcome.accepted & (draft == before.draft)
             settled[:, :seq.pinned] = True
             run = int(settled[0].long().cumprod(0).sum())  # length of the settled left-to-right prefix
             if run > seq.pinned:
                 new, seq.pinned = draft[0, seq.pinned:run].tolist(), run
                 self.send(seq, new)
+        return False
 
-    def _commit(self, seq: Sequence) -> None:
-        if seq.last_logits is not None:
-            seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
-        if self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
+    def _commit(self, finished: list[Sequence]) -> None:
+        """Send the finished canvases' tokens; those that go on are encoded into their caches in one causal pass
+        (their caches stacked, then each row its own again: a commit alone costs about what several do), then
+        start their next canvas."""
+        going = []
+        for seq in finished:
+            if seq.last_logits is not None:
+                seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
+            if not self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
+                going.append(seq)
+        if not going:
             return
-        committed = seq.state.draft
-        hidden = self.lm.network.encode(committed, seq.cache, torch.ones_like(committed, dtype=torch.bool))
-        self._keep_before(seq, hidden)
-        seq.canvas_index += 1
-        self._new_canvas(seq)
+        committed = torch.cat([seq.state.draft for seq in going])
+        valid = torch.ones_like(committed, dtype=torch.bool)
+        if len(going) == 1:
+            hidden = self.lm.network.encode(committed, going[0].cache, valid)
+        else:
+            cache = KVCache.stack([seq.cache for seq in going])
+            hidden = self.lm.network.encode(committed, cache, valid)
+            for seq, row in zip(going, cache.unstack(), strict=True):
+                seq.cache = row
+        for i, seq in enumerate(going):
+            self._keep_before(seq, hidden[i:i + 1])
+            seq.canvas_index += 1
+            self._new_canvas(seq)
 
 
 class SharedCacheRunner:

@@ -10,6 +10,7 @@ skip its own left padding (`offsets`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -49,6 +50,19 @@ class KVCache:
                                   else c.offsets) + (length - c.length) for c in caches])
         out.slack = max(c.slack for c in caches)  # takes effect from the next pass (stacking keeps no slack keys)
         return out
+
+    def unstack(self) -> list[KVCache]:
+        """Each row as a cache of its own, the inverse of `stack`: the row without the left padding the batch gave
+        it, its positions its own (`offsets` None again where it had none)."""
+        rows = []
+        for b in range(self.batch_size):
+            row = copy.copy(self)
+            row.keys, row.values = list(self.keys), list(self.values)
+            row.select(torch.tensor([b], device=self.valid.device))  # drops the slots that are padding in it
+            if row.offsets is not None and not bool(row.offsets.any()):
+                row.offsets = None
+            rows.append(row)
+        return rows
 
     def positions(self, n: int) -> Tensor:
         """Positions of the next n slots: [n], shared by all rows, or [B, n] for a stacked cache."""

@@ -104,6 +104,29 @@ def test_batched_requests_get_their_solo_tokens(lm, pin):
     assert together == solo
 
 
+def test_canvases_finished_in_one_step_are_committed_in_one_causal_pass(lm, monkeypatch):
+    """Each commit alone is a whole pass over the weights for one canvas: the canvases that finish together go into
+    the caches in one pass (stacked, then unstacked), and the tokens stay what each request writes alone."""
+    specs = [dict(prompt=p, max_new_tokens=16, seed=i, sampling={"entropy_bound": 1.0, "max_denoising_steps": 3})
+             for i, p in enumerate(PROMPTS)]
+    engine = Engine(lm).start()
+    try:
+        solo = [run(engine, [spec])[0][0] for spec in specs]
+        encode, rows = lm.network.encode, []
+
+        def counted(input_ids, cache, valid):
+            rows.append(input_ids.shape[0])
+            return encode(input_ids, cache, valid)
+
+        monkeypatch.setattr(lm.network, "encode", counted)
+        together = [tokens for tokens, _, _ in run(engine, specs)]
+    finally:
+        engine.stop()
+    assert together == solo
+    # 4 prompts one by one, then canvases of at most 3 steps, begun in one step: several commit in one pass
+    assert rows[:4] == [1, 1, 1, 1] and max(rows[4:]) > 1, rows
+
+
 def test_streaming_pins_settled_tokens_and_drafts_are_opt_in(lm):
     engine = Engine(lm, pin_settled=True).start()
     try:

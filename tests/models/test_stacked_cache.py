@@ -146,3 +146,38 @@ def test_rollback_on_sliding_layers_needs_slack(tmp_path):
         network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool))
     with pytest.raises(ValueError, match="needs slack >= 3"):
         cache.rollback(3, torch.tensor([1]))
+
+
+@pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
+def test_a_stacked_commit_unstacks_into_the_caches_each_row_would_have_alone(build, tmp_path):
+    """The serving engine commits the canvases finished in one step in one causal pass over their stacked caches,
+    then gives each row its own cache back (`unstack`): the same length, no padding, no offsets, keys within
+    float rounding of a commit alone, and the next canvas decodes the same."""
+    network = build(tmp_path)
+    torch.manual_seed(3)
+    prompts = [torch.randint(3, 30, (1, n)) for n in (3, 9, 6)]  # shorter and longer than the sliding window
+    committed = torch.randint(3, 30, (3, network.canvas_length))
+    canvases = torch.randint(3, 30, (3, network.canvas_length))
+    ones = torch.ones_like(committed, dtype=torch.bool)
+    with torch.no_grad():
+        alone, caches, solo_hidden = [], [], []
+        for i, prompt in enumerate(prompts):
+            for target in (alone, caches):
+                cache = network.new_cache(1, "cpu")
+                network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+                target.append(cache)
+            solo_hidden.append(network.encode(committed[i:i + 1], alone[i], ones[i:i + 1]))
+        stacked = KVCache.stack(caches)
+        hidden = network.encode(committed, stacked, ones)
+        rows = stacked.unstack()
+        for i, (row, solo) in enumerate(zip(rows, alone, strict=True)):
+            assert (row.length, row.offsets, row.batch_size) == (solo.length, None, 1)
+            assert bool(row.valid.all())
+            for layer in range(len(row.windows)):
+                assert row.keys[layer].shape == solo.keys[layer].shape
+                torch.testing.assert_close(row.keys[layer], solo.keys[layer], atol=1e-5, rtol=0)
+                torch.testing.assert_close(row.values[layer], solo.values[layer], atol=1e-5, rtol=0)
+            torch.testing.assert_close(hidden[i:i + 1], solo_hidden[i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(network.decode(canvases[i:i + 1], row, None),
+                                       network.decode(canvases[i:i + 1], solo, None), atol=1e-4, rtol=0)
+
