@@ -122,14 +122,15 @@ def pins_only(pins: Tensor | None, region: int, filler: int) -> Tensor | None:
 def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling,
                  generator: torch.Generator | None, *, vocab_size: int, mask_token_id: int | None = None,
                  allowed: Tensor | None = None, hold: Tensor | None = None,
-                 sc_dtype: torch.dtype = torch.float32) -> StepOutcome:
+                 sc_dtype: torch.dtype | None = torch.float32) -> StepOutcome:
     """Advance `state` by one step from the decoder's logits [B, C, V] for its canvas (already shifted for
     shift-trained models).
 
     `allowed` [B, C, V] bool restricts each position to its tokens (a `Constraint`'s mask for this canvas).
     `hold` [B, C] bool marks positions whose last draft token stays in the canvas and the draft whatever the
     logits say (the serving engine's settled, already streamed prefix). Rows in `state.stopped` keep their
-    whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does)."""
+    whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does); None
+    keeps none (a model that does not read them, `reads_self_conditioning`)."""
     step = state.step + 1
     logits = logits / temperature_at(settings.max_denoising_steps - state.step, settings)
     if allowed is not None:
@@ -180,14 +181,16 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     if bool(stopped.any()):  # rows that already stopped keep their state (their stop flag stays set)
         draft = torch.where(stopped[:, None], state.draft, draft)
         canvas = torch.where(stopped[:, None], state.canvas, canvas)
-        kept = state.sc_logits if state.sc_logits is not None else torch.zeros((), device=logits.device)
-        logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
+        if sc_dtype is not None:
+            kept = state.sc_logits if state.sc_logits is not None else torch.zeros((), device=logits.device)
+            logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
     stop, history = stable_and_confident(state.history, draft, token_entropy, settings.confidence_threshold)
     if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
         settled = (canvas != mask_token_id).all(dim=-1)
         stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read
     new = dataclasses.replace(state, canvas=canvas, draft=draft, history=history, stopped=stopped | stop,
-                              sc_logits=logits.to(sc_dtype), step=step, waited=waited)
+                              sc_logits=None if sc_dtype is None else logits.to(sc_dtype), step=step,
+                              waited=waited)
     return StepOutcome(new, accepted, token_entropy, constrained)
 
 
@@ -200,6 +203,15 @@ def self_conditioning(state: CanvasState) -> tuple[Tensor | None, Tensor | None]
         return state.sc_logits, None
     rows = state.waited > 0
     return (state.sc_logits, rows) if bool(rows.any()) else (None, None)
+
+
+def reads_self_conditioning(model: object) -> bool:
+    """Whether the model's next pass reads self-conditioning logits: not when its block adds exactly nothing (a
+    model trained without self-conditioning, such as `smol`; `SelfConditioning.adds_nothing`), so a loop need not
+    keep or stack them (a 32-sequence serving step stacked 50 MB of them for nothing)."""
+    block = getattr(model, "self_conditioning", None)
+    adds_nothing = getattr(block, "adds_nothing", None)
+    return not (callable(adds_nothing) and adds_nothing())
 
 
 def self_conditioning_dtype(model: object) -> torch.dtype:

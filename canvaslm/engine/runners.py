@@ -39,6 +39,7 @@ from canvaslm.diffusion.step import (
     Constraint,
     denoise_step,
     pins_only,
+    reads_self_conditioning,
     self_conditioning,
     self_conditioning_dtype,
     start_canvas,
@@ -162,7 +163,8 @@ class DiffusionRunner:
             hold[:, :seq.pinned] = True
         outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
                                mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed, hold=hold,
-                               sc_dtype=self_conditioning_dtype(network))
+                               sc_dtype=self_conditioning_dtype(network) if reads_self_conditioning(network)
+                               else None)
         seq.state = state = outcome.state
         draft = state.draft
         if seq.constraint is not None and seq.constraint.keep_logits:

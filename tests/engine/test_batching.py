@@ -61,6 +61,38 @@ def test_a_request_alone_equals_generate(lm):
         engine.stop()
 
 
+def test_self_conditioning_is_kept_and_stacked_only_for_a_model_that_reads_it(monkeypatch):
+    """A model trained without self-conditioning (its block adds exactly nothing, as smol's) gets no logits fed
+    back: the engine keeps none and stacks none (50 MB a step at 32 sequences), and still writes what generate
+    writes; once the block adds something, every pass after a canvas's first reads the last step's logits."""
+    torch.manual_seed(0)
+    config = llama.Config.from_hf({"model_type": "llama", **MODEL_INIT, "eos_token_id": 1, "pad_token_id": 0}, "t")
+    model = LM(llama.Model(config).to_diffusion(4).eval(), None, "sc")
+    fed = []
+    decode = model.network.decode
+
+    def spied(canvas_ids, cache, sc=None, rows=None):
+        fed.append(sc is not None)
+        return decode(canvas_ids, cache, sc, rows)
+
+    monkeypatch.setattr(model.network, "decode", spied)
+    for reads in (False, True):
+        if reads:
+            with torch.no_grad():
+                torch.nn.init.normal_(model.network.self_conditioning.down_proj.weight, std=0.2)
+        options = {"max_denoising_steps": 4, "confidence_threshold": 1e-9}  # 4 passes a canvas
+        expected, _ = model.decode_new(model.generate([PROMPTS[1]], 12, seed=5, **options).sequences[0],
+                                       len(PROMPTS[1]))
+        fed.clear()
+        engine = Engine(model, pin_settled=False).start()
+        try:
+            tokens, _, _ = run(engine, [dict(prompt=PROMPTS[1], max_new_tokens=12, seed=5, sampling=options)])[0]
+        finally:
+            engine.stop()
+        assert tokens == expected[:12]
+        assert fed == ([False, True, True, True] * 3 if reads else [False] * 12), fed
+
+
 def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes():
     """The default model's layout (masked noise, shift, canvas-only adapters) through the engine: a request alone
     draws exactly LM.generate's tokens, the canvas's first token coming from the last encoded position."""
