@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.guided import Matcher, llg_tokenizer
@@ -24,7 +25,7 @@ from canvaslm.engine.output import Finished, Tokens, cut
 from canvaslm.engine.request import Request, Sequence
 from canvaslm.engine.runners import ARRunner, DiffusionRunner, Timer, VerifiedRound, VerifiedRunner
 from canvaslm.errors import CanvasError, GenerationError, UnsupportedError
-from canvaslm.models.cache import encode_chunked
+from canvaslm.models.cache import KVCache, encode_prompts, prefill_groups
 
 
 class QueueFull(CanvasError):
@@ -135,9 +136,8 @@ class Engine:
                         self._drop_cancelled()
                         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                             admitted.append(self._waiting.popleft())
-                    while admitted:
-                        self._admit(admitted[0])
-                        admitted.popleft()
+                    if admitted:
+                        self._admit(admitted)
                     for mode, runner in self._runners.items():  # one shared pass (or two) per decoding mode
                         group = self._group(mode)
                         if group:
@@ -164,23 +164,31 @@ class Engine:
             request.emit(Finished("abort", 0, 0, 0.0))
         self._cancelled.clear()
 
-    def _admit(self, request: Request) -> None:
-        """Encode the prompt into the sequence's own cache, then hand it to the runner."""
+    def _admit(self, admitted: deque[Request]) -> None:
+        """Encode the admitted prompts into their sequences' own caches, those of similar length in one pass
+        (`prefill_groups`), then hand each sequence to its runner, in the order they came (a runner's rows)."""
         lm = self.lm
-        generator = torch.Generator(lm.device)
-        generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seq = Sequence(request, generator, lm.network.new_cache(1, lm.device), self.check(request),
-                       mode=lm.decoding_mode(request.decoding))
-        prompt = torch.tensor([request.prompt], device=lm.device)
-        valid = torch.ones_like(prompt, dtype=torch.bool)
-        hidden = self._timed(1, lambda: encode_chunked(lm.network, prompt, seq.cache, valid))
-        self._running.append(seq)
-        try:
-            self._runners[seq.mode].admit(seq, hidden)
-        except CanvasError:  # this request's own problem (a grammar llguidance refuses): it alone ends
-            if seq in self._running:
-                self._running.remove(seq)
-            request.emit(Finished("abort", seq.emitted, seq.passes, 0.0))
+        caches: dict[int, KVCache] = {}
+        hidden: dict[int, Tensor] = {}
+        for group in prefill_groups([len(request.prompt) for request in admitted]):
+            prompts = [admitted[i].prompt for i in group]
+            encoded, last = self._timed(len(group), lambda: encode_prompts(lm.network, prompts, lm.device))
+            for j, i in enumerate(group):
+                caches[i], hidden[i] = encoded[j], last[j:j + 1]
+        for i in range(len(admitted)):
+            request = admitted.popleft()
+            generator = torch.Generator(lm.device)
+            generator.manual_seed(request.seed if request.seed is not None
+                                  else int(torch.randint(0, 2**62, ()).item()))
+            seq = Sequence(request, generator, caches[i], self.check(request),
+                           mode=lm.decoding_mode(request.decoding))
+            self._running.append(seq)
+            try:
+                self._runners[seq.mode].admit(seq, hidden[i])
+            except CanvasError:  # this request's own problem (a grammar llguidance refuses): it alone ends
+                if seq in self._running:
+                    self._running.remove(seq)
+                request.emit(Finished("abort", seq.emitted, seq.passes, 0.0))
 
     def _group(self, mode: str) -> list[Sequence]:
         """The running sequences of one decoding mode, in the order they joined (their runner's row order)."""

@@ -189,6 +189,50 @@ def encode_chunked(model: Any, input_ids: Tensor, cache: KVCache, valid: Tensor,
     return hidden[:, -1:]
 
 
+PREFILL_PADDING = 0.25
+"""Prompts admitted together share a causal pass while padding them to the longest adds at most this share of
+their own positions (plus `PREFILL_SLACK`): a burst of chat requests, alike in length, then costs a few passes."""
+PREFILL_SLACK = 32
+PREFILL_POSITIONS = 8 * PREFILL_CHUNK
+"""At most this many (padded) positions in one shared prompt pass."""
+
+
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """The indices of prompts of these lengths, in groups to encode together (`encode_prompts`): shortest first,
+    a group growing while its padding stays within `PREFILL_PADDING` and `PREFILL_SLACK` and its padded positions
+    within `PREFILL_POSITIONS`."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            padded = lengths[i] * (len(group) + 1)  # sorted: this prompt is the group's longest
+            real = total + lengths[i]
+            if padded <= (1 + PREFILL_PADDING) * real + PREFILL_SLACK and padded <= PREFILL_POSITIONS:
+                group.append(i)
+                total = real
+                continue
+        groups.append([i])
+        total = lengths[i]
+    return groups
+
+
+def encode_prompts(model: Any, prompts: list[list[int]], device: torch.device | str) -> tuple[list[KVCache], Tensor]:
+    """Each prompt into a KV cache of its own, all in one chunked causal pass: the prompts left-padded to the
+    longest, each row at its own positions (`offsets`) and the padding masked, then unstacked, so every cache is the
+    one its prompt alone gives (up to float rounding; a single prompt takes exactly the plain path). Returns the
+    caches and the final hidden state of each prompt's last position [k, 1, H]."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    valid = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts], device=device)
+    cache = model.new_cache(len(prompts), device)
+    if len(prompts) == 1:
+        return [cache], encode_chunked(model, ids, cache, valid)
+    cache.offsets = (~valid).sum(dim=1)  # a row's first real token is its position 0
+    hidden = encode_chunked(model, ids, cache, valid)
+    return cache.unstack(), hidden
+
+
 def encoder_mask(cache: KVCache, layer: int, valid_new: Tensor) -> Tensor:
     """Causal (and windowed) mask [B, 1, n, kept + n] for a chunk of n new positions appended after the cache.
 

@@ -181,3 +181,42 @@ def test_a_stacked_commit_unstacks_into_the_caches_each_row_would_have_alone(bui
             torch.testing.assert_close(network.decode(canvases[i:i + 1], row, None),
                                        network.decode(canvases[i:i + 1], solo, None), atol=1e-4, rtol=0)
 
+
+
+@pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
+def test_prompts_encoded_together_give_the_caches_each_prompt_gives_alone(build, tmp_path):
+    """The serving engine's batched prefill: prompts of different lengths in one left-padded pass, each row at its
+    own positions; every cache it returns is the one that prompt alone gives (no padding left, no offsets), and so
+    are the last hidden states."""
+    from canvaslm.models.cache import encode_prompts
+
+    network = build(tmp_path)
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 30, (n,)).tolist() for n in (3, 9, 6)]  # shorter and longer than the window
+    canvas = torch.randint(3, 30, (1, network.canvas_length))
+    with torch.no_grad():
+        caches, hidden = encode_prompts(network, prompts, "cpu")
+        assert hidden.shape[:2] == (3, 1)
+        for i, prompt in enumerate(prompts):
+            solo = network.new_cache(1, "cpu")
+            ids = torch.tensor([prompt])
+            solo_hidden = network.encode(ids, solo, torch.ones_like(ids, dtype=torch.bool))[:, -1:]
+            row = caches[i]
+            assert (row.length, row.offsets, row.batch_size, bool(row.valid.all())) == (len(prompt), None, 1, True)
+            for layer in range(len(row.windows)):
+                torch.testing.assert_close(row.keys[layer], solo.keys[layer], atol=1e-5, rtol=0)
+                torch.testing.assert_close(row.values[layer], solo.values[layer], atol=1e-5, rtol=0)
+            torch.testing.assert_close(hidden[i:i + 1], solo_hidden, atol=1e-5, rtol=0)
+            torch.testing.assert_close(network.decode(canvas, row, None), network.decode(canvas, solo, None),
+                                       atol=1e-4, rtol=0)
+
+
+def test_prefill_groups_batch_prompts_of_like_length_and_never_pad_a_short_one_to_a_long_one():
+    from canvaslm.models.cache import PREFILL_POSITIONS, prefill_groups
+
+    assert prefill_groups([40, 42, 45, 41]) == [[0, 3, 1, 2]]  # a burst of chat prompts: one pass, shortest first
+    assert prefill_groups([5]) == [[0]]
+    assert prefill_groups([30, 2000, 35]) == [[0, 2], [1]]  # the long prompt is not padded into the short ones
+    many = prefill_groups([512] * 20)
+    assert [len(g) for g in many] == [PREFILL_POSITIONS // 512, PREFILL_POSITIONS // 512, 4]
+    assert sorted(i for g in many for i in g) == list(range(20))
