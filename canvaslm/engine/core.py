@@ -100,6 +100,8 @@ class Engine:
                 raise UnsupportedError(f"{self.lm.source}: a grammar needs an end-of-turn token to stop at")
             # llguidance installed and the grammar compiles: refused here, not in the engine thread
             Matcher(llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size), request.grammar)
+        if not request.prompt:  # a causal pass needs a position to start from (and the shared prefill a row)
+            raise GenerationError("a request's prompt must hold at least one token id")
         self.lm.check_length(len(request.prompt) + len(request.suffix), request.max_new_tokens)
         if request.constraint is not None:
             if not isinstance(request.constraint, Constraint):

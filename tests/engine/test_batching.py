@@ -277,7 +277,7 @@ def test_kept_logits_come_before_each_canvas_and_all_pin_canvases_cost_no_pass(l
         assert isinstance(got[first_tokens_after], (Tokens, Finished))  # logits, then that canvas's tokens
 
 
-def test_a_malformed_constraint_is_refused_at_submit_and_the_engine_stays_up(lm):
+def test_a_malformed_constraint_or_an_empty_prompt_is_refused_at_submit_and_the_engine_stays_up(lm):
     engine = Engine(lm).start()
     try:
         vocab = lm.network.vocab_size
@@ -286,6 +286,8 @@ def test_a_malformed_constraint_is_refused_at_submit_and_the_engine_stays_up(lm)
                            (Constraint(allowed=torch.ones(1, 3, vocab - 1, dtype=torch.bool)), "bool tensor")]:
             with pytest.raises(canvaslm.errors.GenerationError, match=match):
                 engine.submit(Request(prompt=PROMPTS[0], max_new_tokens=4, emit=queue.Queue().put, constraint=bad))
+        with pytest.raises(canvaslm.errors.GenerationError, match="prompt must hold at least one token id"):
+            engine.submit(Request(prompt=[], max_new_tokens=4, emit=queue.Queue().put))
         tokens, finished, _ = run(engine, [dict(prompt=PROMPTS[0], max_new_tokens=4, seed=0)])[0]
         assert engine.alive and finished.reason in ("stop", "length")
     finally:
