@@ -150,6 +150,8 @@ def _serve(args) -> int:
 
     models = [args.model] + ([args.ar] if args.ar else [])
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.rounds < 1:
+        raise CanvasError(f"--rounds must be >= 1, got {args.rounds}")
     if not 0 <= args.structured_share <= 1:
         raise CanvasError(f"--structured-share must be in [0, 1], got {args.structured_share}")
     decodings = [d.strip() for d in args.decodings.split(",") if d.strip()]
@@ -160,7 +162,8 @@ def _serve(args) -> int:
     flags = ["--dtype", args.dtype, "--quantize", args.quantize] + (["--compile"] if args.compile else []) + \
         (["--threads", str(args.threads)] if args.threads else [])
     report = {**bench_serve(models, levels, args.requests, args.max_tokens, structured_share=args.structured_share,
-                            server_flags=flags, decodings=decodings, temperature=args.temperature),
+                            server_flags=flags, decodings=decodings, temperature=args.temperature,
+                            rounds=args.rounds),
               "machine": machine()}
     text = json.dumps(report, indent=2)
     if args.out:
@@ -207,6 +210,8 @@ def add_parser(sub) -> None:
     p.add_argument("--n-batch", type=int, default=512, help="peers: llama.cpp's prompt batch (a crash retries 1)")
     p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
     p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
+    p.add_argument("--rounds", type=int, default=1, help="serve: turns each system takes at each level (the "
+                   "systems alternate); the median is reported")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
     p.add_argument("--decodings", default="diffusion", help="serve: the diffusion model's decodings to drive, "
                    "comma-separated (diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, "

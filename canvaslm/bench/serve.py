@@ -186,6 +186,30 @@ def run_level(url: str, concurrency: int, requests: int, max_tokens: int,
     return level
 
 
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's rounds as one row: the median of each rate and time, the counts summed, each round's tokens/s
+    kept (`tokens_per_second_rounds`); a single run as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if key in ("requests", "errors", "structured_requests"):
+            out[key] = sum(run.get(key, 0) for run in runs)
+        elif key == "passes_by_batch_size":
+            sizes: dict[str, int] = {}
+            for run in runs:
+                for size, count in run[key].items():
+                    sizes[size] = sizes.get(size, 0) + count
+            out[key] = sizes
+        elif key != "concurrency" and isinstance(value, (int, float)):
+            out[key] = round(statistics.median(run[key] for run in runs), 3)
+    out["tokens_per_second_rounds"] = [run["tokens_per_second"] for run in runs]
+    errors = [run["first_error"] for run in runs if "first_error" in run]
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
 def _quantile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -195,16 +219,21 @@ def _quantile(values: list[float], q: float) -> float:
 
 def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens: int,
                 compare_streaming: bool = True, structured_share: float = 0.0, server_flags: list[str] = (),
-                decodings: list[str] = ("diffusion",), temperature: float | None = None) -> dict[str, Any]:
+                decodings: list[str] = ("diffusion",), temperature: float | None = None,
+                rounds: int = 1) -> dict[str, Any]:
     """Every model at every level. `server_flags` go to each `canvaslm serve` (precision, threads); a diffusion
     model is driven once per entry of `decodings` (the request's `decoding` field, one server), reported as
     "MODEL" for its canvases and "MODEL · verified" etc. for the others; `temperature` goes into every request.
 
     All servers run at once and the systems take turns level by level (every system at 1 client, then every one at
     8, ...): a machine whose speed drifts over minutes (a busy host, a throttled CPU) then shifts every system's
-    row at a level alike, instead of whichever model happened to run last. An idle server costs no CPU."""
+    row at a level alike, instead of whichever model happened to run last. An idle server costs no CPU. With
+    `rounds` > 1 the systems take that many turns at each level, and each level reports the median (`_combine`)."""
+    if rounds < 1:
+        raise CanvasError(f"rounds must be >= 1, got {rounds}")
     report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "structured_share": structured_share,
-                              "server_flags": list(server_flags), "temperature": temperature, "models": {}}
+                              "server_flags": list(server_flags), "temperature": temperature, "rounds": rounds,
+                              "models": {}}
     sampling = {} if temperature is None else {"temperature": temperature}
     servers: dict[str, ServerProcess] = {}
     with Progress(transient=True) as progress:
@@ -221,13 +250,17 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
                     extra = {**sampling, **({"decoding": decoding} if kind == "diffusion" else {})}
                     report["models"][name] = {"kind": kind, "decoding": decoding, "levels": []}
                     systems.append((name, server, structured_share if decoding == "diffusion" else 0.0, extra))
-            task = progress.add_task("serving", total=len(levels) * len(systems))
+            task = progress.add_task("serving", total=len(levels) * rounds * len(systems))
             for level in levels:
-                for name, server, share, extra in systems:
-                    progress.update(task, description=f"{name} at {level} clients")
-                    report["models"][name]["levels"].append(run_level(
-                        server.url, level, max(requests, level), max_tokens, share, extra))
-                    progress.advance(task)
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in systems}
+                for turn in range(rounds):
+                    for name, server, share, extra in systems:
+                        progress.update(task, description=f"{name} at {level} clients, round {turn + 1}/{rounds}")
+                        runs[name].append(run_level(server.url, level, max(requests, level), max_tokens, share,
+                                                    extra))
+                        progress.advance(task)
+                for name, levels_run in runs.items():
+                    report["models"][name]["levels"].append(_combine(levels_run))
         finally:
             for server in servers.values():
                 server.close()

@@ -126,6 +126,10 @@ def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr
     assert "--decodings takes diffusion, verified, autoregressive (comma-separated), got 'diffusion,fast'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "serve", "--rounds", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr
+    assert "--rounds must be >= 1, got 0" in out.stderr
 
 
 def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
@@ -204,13 +208,24 @@ def test_serve_runs_every_server_at_once_and_the_systems_take_turns_level_by_lev
 
     def run_level(url, concurrency, requests, max_tokens, structured_share=0.0, extra=None):
         runs.append((url, concurrency, (extra or {}).get("decoding")))
-        return {"concurrency": concurrency, "tokens_per_second": 1.0}
+        return {"concurrency": concurrency, "requests": requests, "errors": 0, "tokens_per_second": float(len(runs)),
+                "latency_p50_s": 2.0 * len(runs), "passes_by_batch_size": {"1": 1, "2-4": len(runs)}}
 
     monkeypatch.setattr(serve, "run_level", run_level)
     report = serve.bench_serve(["canvas", "parent"], [1, 8], 4, 16, compare_streaming=False,
                                decodings=["diffusion", "verified"])
-    assert runs == [("http://canvas", 1, "diffusion"), ("http://canvas", 1, "verified"), ("http://parent", 1, None),
-                    ("http://canvas", 8, "diffusion"), ("http://canvas", 8, "verified"), ("http://parent", 8, None)]
+    turn = [("http://canvas", "diffusion"), ("http://canvas", "verified"), ("http://parent", None)]
+    assert runs == [(url, level, decoding) for level in (1, 8) for url, decoding in turn]
     assert list(report["models"]) == ["canvas", "canvas · verified", "parent"]
     assert [lv["concurrency"] for lv in report["models"]["parent"]["levels"]] == [1, 8]
     assert sorted(closed) == ["http://canvas", "http://parent"] and len(opened) == 2
+
+    runs.clear()  # rounds: the systems alternate within a level, and each level reports the median of its turns
+    report = serve.bench_serve(["canvas", "parent"], [1, 8], 4, 16, compare_streaming=False,
+                               decodings=["diffusion", "verified"], rounds=3)
+    assert runs == [(url, level, decoding) for level in (1, 8) for _ in range(3) for url, decoding in turn]
+    parent = report["models"]["parent"]["levels"]
+    assert parent[0]["tokens_per_second_rounds"] == [3.0, 6.0, 9.0] and parent[0]["tokens_per_second"] == 6.0
+    assert parent[0]["latency_p50_s"] == 12.0 and parent[0]["requests"] == 12 and parent[0]["concurrency"] == 1
+    assert parent[0]["passes_by_batch_size"] == {"1": 3, "2-4": 18}
+    assert parent[1]["tokens_per_second_rounds"] == [12.0, 15.0, 18.0] and report["rounds"] == 3
