@@ -96,12 +96,13 @@ class DiffusionRunner:
             sc = torch.cat([s.state.sc_logits if s.state.sc_logits is not None else empty for s in running])
         logits = self.timed(len(running), lambda: self.lm.network.decode(canvases, cache, sc,
                                                                           None if bool(with_sc.all()) else with_sc))
-        finished = []
+        network, finished = self.lm.network, []
+        sc_dtype = self_conditioning_dtype(network) if reads_self_conditioning(network) else None
         for i, seq in enumerate(list(running)):
             row = logits[i:i + 1]
             if seq.before is not None:  # as generate_steps: canvas token i is read from output i - 1
                 row = torch.cat([seq.before, row[:, :-1]], dim=1)
-            if self._denoise(seq, row):
+            if self._denoise(seq, row, sc_dtype):
                 finished.append(seq)
         self._commit(finished)
 
@@ -152,9 +153,10 @@ class DiffusionRunner:
             pins = torch.where(suffix >= 0, suffix, pins)
         return Constraint(pins) if request.constraint is None else dataclasses.replace(request.constraint, pins=pins)
 
-    def _denoise(self, seq: Sequence, logits: Tensor) -> bool:
+    def _denoise(self, seq: Sequence, logits: Tensor, sc_dtype: torch.dtype | None) -> bool:
         """One denoising step of one sequence from its decoder logits [1, C, V] (`denoise_step`, as
-        `generate_steps` takes it); the settled prefix already streamed is held. True when its canvas is done."""
+        `generate_steps` takes it; self-conditioning logits kept in `sc_dtype`, None: none); the settled prefix
+        already streamed is held. True when its canvas is done."""
         network, settings, before = self.lm.network, seq.settings, seq.state
         seq.passes += 1
         hold = None
@@ -163,8 +165,7 @@ class DiffusionRunner:
             hold[:, :seq.pinned] = True
         outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
                                mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed, hold=hold,
-                               sc_dtype=self_conditioning_dtype(network) if reads_self_conditioning(network)
-                               else None)
+                               sc_dtype=sc_dtype)
         seq.state = state = outcome.state
         draft = state.draft
         if seq.constraint is not None and seq.constraint.keep_logits:
