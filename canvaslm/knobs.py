@@ -20,6 +20,7 @@ from canvaslm.errors import GenerationError
 ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
 SAMPLERS = ("reference", "fast", "greedy")
 ORDERS = ("confidence", "left_to_right")
+FIRST_TOKENS = ("decoder", "causal")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ KNOBS: tuple[Knob, ...] = (
          "confidence (the most certain anywhere in the canvas, the reference's way) or left_to_right (the rule "
          "runs along the canvas and keeps a prefix of the undecided positions, the first always: no token is placed "
          "ahead of text it cannot see yet)", "diffusion", choices=ORDERS),
+    Knob("first_token", str, "decoder", "shift-trained masked models (`smol`): where each canvas's first token comes "
+         "from: decoder (the canvas's first decoder pass, the reference's way) or causal (drawn, at the first step's "
+         "temperature, from the causal pass that encoded the text before it, which such a model's first pass reads "
+         "it from anyway: one decoder pass fewer per canvas, and the next pass sees it)", "diffusion",
+         choices=FIRST_TOKENS),
     Knob("sub_block", int, 0, "masked models: only the first sub-block of this many positions that still holds a "
          "mask may keep tokens in a step, so a canvas fills left to right in chunks (Fast-dLLM v2's small blocks); "
          "0 = the whole canvas", "diffusion", low=0, high=65536),

@@ -19,6 +19,7 @@ from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.diffusion.step import (
     Constraint,
     denoise_step,
+    first_from_causal,
     pins_only,
     self_conditioning,
     self_conditioning_dtype,
@@ -120,6 +121,9 @@ def generate_steps(
         pinned = pins_only(pins, region, int(eos[0]) if len(eos) else 0)
         if pinned is not None:  # nothing to write; positions past max_new_tokens are never returned
             draft, steps = pinned, 0
+        else:  # `first_token = "causal"`: the first token from the causal pass, a decoder pass fewer
+            state = first_from_causal(state, before, settings, generator, mask_token_id=mask_id, allowed=allowed)
+            draft, steps = state.draft, steps - state.step
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
             forward_passes += ~(state.stopped | done)

@@ -110,6 +110,33 @@ def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: Diff
     return CanvasState(canvas, canvas, history, stopped, pins)
 
 
+def first_from_causal(state: CanvasState, before: Tensor | None, settings: DiffusionSampling,
+                      generator: torch.Generator | None, *, mask_token_id: int | None = None,
+                      allowed: Tensor | None = None) -> CanvasState:
+    """`first_token = "causal"`: a fresh canvas's first token drawn from `before` [B, 1, V], the causal pass's logits
+    at the last encoded position. A shift-trained masked model's first decoder pass reads that token from exactly
+    these logits (`generate_steps`), at the first step's temperature, and its left-to-right rule always keeps it; so
+    it is drawn here the way `denoise_step` draws it (temperature, allowed tokens, never the mask token, the
+    sampler), it stands in the canvas as a kept token, and the step counts as done without a decoder pass. The
+    first pass then sees it, where it would have read only masks.
+
+    The state is returned as it is for another setting, a model without the shift or the mask, a budget of one step
+    (its one pass must write the whole draft) or a canvas already begun; rows that stopped (finished) or whose
+    first position is pinned keep theirs."""
+    if settings.first_token != "causal" or before is None or mask_token_id is None or state.step > 0 \
+            or settings.max_denoising_steps < 2:
+        return state
+    logits = before.float() / temperature_at(settings.max_denoising_steps, settings)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed[:, :1], float("-inf"))
+    logits[..., mask_token_id] = float("-inf")  # in place: the division made a new tensor
+    token, _ = propose(logits, settings, generator)                                              # [B, 1]
+    free = (state.canvas[:, :1] == mask_token_id) & ~state.stopped[:, None]
+    canvas = torch.cat([torch.where(free, token, state.canvas[:, :1]), state.canvas[:, 1:]], dim=1)
+    draft = torch.cat([torch.where(free, token, state.draft[:, :1]), state.draft[:, 1:]], dim=1)
+    return dataclasses.replace(state, canvas=canvas, draft=draft, step=1)
+
+
 def pins_only(pins: Tensor | None, region: int, filler: int) -> Tensor | None:
     """The committed canvas [B, C] when its first `region` positions (the part still to be generated) are all
     pinned (an infill's suffix, a schema's closing brackets): the pins, `filler` elsewhere; it then costs no decoder

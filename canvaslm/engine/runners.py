@@ -38,6 +38,7 @@ from torch import Tensor
 from canvaslm.diffusion.step import (
     Constraint,
     denoise_step,
+    first_from_causal,
     pins_only,
     reads_self_conditioning,
     self_conditioning,
@@ -138,6 +139,9 @@ class DiffusionRunner:
         if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
             seq.state.draft = pinned
             self._commit([seq])
+        else:
+            seq.state = first_from_causal(seq.state, seq.before, seq.settings, seq.generator,
+                                          mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed)
 
     def _constraint(self, request: Request) -> Constraint | None:
         """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..

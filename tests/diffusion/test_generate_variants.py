@@ -162,3 +162,44 @@ def test_skipping_finished_rows_keeps_the_tokens_and_saves_decoder_rows(tmp_path
     assert torch.equal(exact.forward_passes, fast.forward_passes)
     assert len(set(exact.forward_passes.tolist())) > 1            # rows did stop at different steps
     assert sum(fast_rows) == int(fast.forward_passes.sum()) < sum(exact_rows)
+
+
+def _left_to_right(**overrides) -> DiffusionSampling:
+    """The shipped default's rule, asking more (0.99) than the stub's outputs give at temperature ~1 (0.93): one
+    token kept a pass."""
+    return DiffusionSampling(order="left_to_right", acceptance="threshold", accept_probability=0.99,
+                             max_denoising_steps=CANVAS, sampler="greedy", t_max=1.0, t_min=0.99, **overrides)
+
+
+def test_the_first_token_from_the_causal_pass_saves_a_decoder_pass_per_canvas_and_the_first_pass_sees_it():
+    """`first_token = "causal"`: each canvas's first token is the one the first decoder pass would read from the
+    last encoded position anyway (token 9), drawn without that pass; the pass that follows sees it instead of a mask,
+    and each canvas costs one decoder pass fewer for the same tokens."""
+    written = {}
+    for first in ("decoder", "causal"):
+        model = Stub(shift=True, mask_token_id=11)
+        result = generate(model, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), 2 * CANVAS,
+                          _left_to_right(first_token=first), [], None, torch.Generator().manual_seed(0))
+        written[first] = result.sequences[0, 2:].tolist()
+        passes = CANVAS if first == "decoder" else CANVAS - 1  # one token kept a pass
+        assert int(result.forward_passes[0]) == len(model.seen) == 2 * passes
+        assert model.seen[0][0].tolist() == ([11] * CANVAS if first == "decoder" else [9] + [11] * (CANVAS - 1))
+    assert written["decoder"] == written["causal"] == [9, 3, 4, 5] * 2
+
+
+def test_the_first_token_stays_with_the_decoder_where_the_causal_pass_cannot_give_it():
+    """No shift (the first output is the canvas's own), no mask, a pinned first position or a one-step budget: the
+    loop runs as without the setting."""
+    prompt, valid = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool)
+    for model_args, settings, constraint in [
+            (dict(mask_token_id=11), {}, None),                       # unshifted
+            (dict(shift=True), {}, None),                             # uniform noise, no mask
+            (dict(shift=True, mask_token_id=11), {}, Constraint(torch.tensor([[7, -1, -1, -1]]))),
+            (dict(shift=True, mask_token_id=11), dict(max_denoising_steps=1), None)]:
+        runs = []
+        for first in ("decoder", "causal"):
+            model = Stub(**model_args)
+            result = generate(model, prompt, valid, CANVAS, _left_to_right(first_token=first).replace(**settings),
+                              [], None, torch.Generator().manual_seed(0), constraint)
+            runs.append((result.sequences.tolist(), int(result.forward_passes[0]), [s.tolist() for s in model.seen]))
+        assert runs[0] == runs[1], model_args

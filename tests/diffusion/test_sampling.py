@@ -418,3 +418,34 @@ def test_proposing_only_the_open_positions_gives_what_the_whole_canvas_gives(sam
     a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     propose(logits, settings, a), propose(logits, settings, b, fixed)
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+
+
+def test_the_first_token_from_the_causal_pass_is_drawn_as_the_first_step_draws_it():
+    """`first_from_causal` samples the first position from the causal logits at the first step's temperature
+    (t_max), never the mask token nor a token the constraint forbids; the rest of the canvas stays masked, the
+    step counts as done, and rows that stopped or whose first position is pinned keep theirs."""
+    from canvaslm.diffusion.step import first_from_causal, start_canvas
+
+    rows, vocab, mask = 40000, 6, 5
+    settings = DiffusionSampling(sampler="fast", first_token="causal", t_max=0.8, t_min=0.4, max_denoising_steps=4)
+    before = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5, 9.0]).expand(rows, 1, vocab)
+    allowed = torch.ones(rows, 4, vocab, dtype=torch.bool)
+    allowed[:, 0, 3] = False
+    state = start_canvas(rows, 4, vocab, settings, None, torch.device("cpu"), mask)
+    after = first_from_causal(state, before, settings, torch.Generator().manual_seed(0), mask_token_id=mask,
+                              allowed=allowed)
+    assert after.step == 1 and bool((after.canvas[:, 1:] == mask).all()) and torch.equal(after.draft, after.canvas)
+    expected = (before[0, 0] / 0.8).masked_fill(torch.tensor([False, False, False, True, False, True]),
+                                                float("-inf")).softmax(-1)
+    seen = torch.bincount(after.canvas[:, 0], minlength=vocab).float() / rows
+    assert seen[3] == 0 and seen[mask] == 0
+    assert torch.allclose(seen, expected, atol=0.01), (seen, expected)
+
+    pins = torch.tensor([[4, -1, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1]])
+    state = start_canvas(3, 4, vocab, settings, None, torch.device("cpu"), mask, pins,
+                         stopped=torch.tensor([False, True, False]))
+    after = first_from_causal(state, before[:3], settings, torch.Generator().manual_seed(0), mask_token_id=mask)
+    assert after.canvas[:2].tolist() == state.canvas[:2].tolist() and int(after.canvas[2, 0]) != mask
+    for unchanged in (settings.replace(first_token="decoder"), settings.replace(max_denoising_steps=1)):
+        assert first_from_causal(state, before[:3], unchanged, None, mask_token_id=mask) is state
+    assert first_from_causal(state, None, settings, None, mask_token_id=mask) is state

@@ -93,9 +93,11 @@ def test_self_conditioning_is_kept_and_stacked_only_for_a_model_that_reads_it(mo
         assert fed == ([False, True, True, True] * 3 if reads else [False] * 12), fed
 
 
-def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes():
+@pytest.mark.parametrize("first_token", ["decoder", "causal"])
+def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(first_token):
     """The default model's layout (masked noise, shift, canvas-only adapters) through the engine: a request alone
-    draws exactly LM.generate's tokens, the canvas's first token coming from the last encoded position."""
+    draws exactly LM.generate's tokens, the canvas's first token coming from the last encoded position (read by the
+    first decoder pass, or drawn from the causal pass before it: `first_token`)."""
     import dataclasses
 
     from canvaslm.models.lora import LoRALinear, apply_lora
@@ -112,8 +114,10 @@ def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(
     engine = Engine(shifted, pin_settled=False).start()
     try:
         for prompt, seed in [(PROMPTS[0], 0), (PROMPTS[1], 5)]:
-            expected, _ = shifted.decode_new(shifted.generate([prompt], 12, seed=seed).sequences[0], len(prompt))
-            tokens, _, _ = run(engine, [dict(prompt=prompt, max_new_tokens=12, seed=seed)])[0]
+            alone = shifted.generate([prompt], 12, seed=seed, first_token=first_token)
+            expected, _ = shifted.decode_new(alone.sequences[0], len(prompt))
+            tokens, _, _ = run(engine, [dict(prompt=prompt, max_new_tokens=12, seed=seed,
+                                             sampling={"first_token": first_token})])[0]
             assert tokens == expected[:12]
     finally:
         engine.stop()
