@@ -24,6 +24,7 @@ from canvaslm.diffusion.step import (
     self_conditioning,
     self_conditioning_dtype,
     start_canvas,
+    works_out_open_rows_only,
 )
 from canvaslm.models.cache import KVCache, encode_chunked
 
@@ -110,6 +111,9 @@ def generate_steps(
     sc_dtype = self_conditioning_dtype(model)
     # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
     mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
+    open_only = works_out_open_rows_only(model, settings, constraint is not None and constraint.keep_logits)
+    if open_only:
+        sc_dtype = None  # such a model reads no self-conditioning
     for canvas_index in range(n_canvases):
         hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
         before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
@@ -128,7 +132,11 @@ def generate_steps(
         for _ in range(steps):                                                                # 1.c
             forward_passes += ~(state.stopped | done)
             sc, sc_rows = self_conditioning(state)
-            if skip_finished and bool(state.stopped.any()):
+            if open_only and not bool(state.stopped.any()):  # the head and the sampler on the masked positions
+                hidden = model.decode(state.canvas, cache, sc, hidden_states=True)
+                logits = open_logits(model.logits(hidden[read_outputs(state.canvas, mask_id, shift)]),
+                                     state.canvas, mask_id, before)
+            elif skip_finished and bool(state.stopped.any()):
                 active = (~state.stopped).nonzero().squeeze(1)
                 if rows is None or not torch.equal(rows, active):
                     rows, row_cache = active, copy.copy(cache)
@@ -138,7 +146,7 @@ def generate_steps(
                 logits[rows] = _decode(model, state.canvas[rows], row_cache, sc, sc_rows).to(logits.dtype)
             else:
                 logits = _decode(model, state.canvas, cache, sc, sc_rows)
-            if shift:  # canvas token i is read from output i - 1, token 0 from the last encoded position
+            if shift and logits.dim() == 3:  # token i is read from output i - 1, token 0 from the last encoded one
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
             outcome = denoise_step(state, logits, settings, generator, vocab_size=model.vocab_size,
                                    mask_token_id=mask_id, allowed=allowed, sc_dtype=sc_dtype)
@@ -161,6 +169,31 @@ def generate_steps(
     generated = sequences[:, input_ids.shape[1]:]
     counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
+
+
+def read_outputs(canvas: Tensor, mask_token_id: int, shift: bool) -> Tensor:
+    """[B, C] bool: the decoder outputs a step that works out only a masked canvas's masked positions reads (their
+    own, or with the shift, which reads position i from output i - 1, the ones before them; a masked position 0 then
+    reads the causal pass's logits instead)."""
+    masked = canvas == mask_token_id
+    return torch.nn.functional.pad(masked[:, 1:], (0, 1)) if shift else masked
+
+
+def open_logits(head_rows: Tensor, canvas: Tensor, mask_token_id: int, before: Tensor | None) -> Tensor:
+    """[n, V] logits of a masked canvas's n masked positions, row-major (what `denoise_step` takes as open rows),
+    from the head's rows [m, V] of `read_outputs`. With the shift a masked position 0 (a canvas whose first token
+    the decoder writes) takes its row of `before` [B, 1, V], the last encoded position's logits."""
+    first = canvas[:, 0] == mask_token_id
+    if before is None or not bool(first.any()):
+        return head_rows
+    masked = canvas == mask_token_id
+    at_first = torch.zeros_like(masked)
+    at_first[:, 0] = True
+    at_first = at_first[masked]                                                          # [n]: which rows are a 0
+    rows = head_rows.new_empty(at_first.shape[0], head_rows.shape[-1])
+    rows[at_first] = before[first, 0].to(rows.dtype)
+    rows[~at_first] = head_rows
+    return rows
 
 
 def _decode(model: DiffusionModel, canvas: Tensor, cache: KVCache, sc: Tensor | None, sc_rows: Tensor | None

@@ -75,16 +75,16 @@ def open_sub_block(free: Tensor, size: int) -> Tensor:
     return blocks == current
 
 
-def threshold_accept(probs: Tensor, threshold: float, free: Tensor | None = None,
+def threshold_accept(top: Tensor, threshold: float, free: Tensor | None = None,
                      force: Tensor | None = None) -> Tensor:
     """Accept tokens whose top probability is >= threshold, and always the most confident one (Fast-dLLM).
 
-    probs [B, C, V] -> [B, C] bool. `free` [B, C] bool marks the positions still undecided (a masked model's mask
-    tokens): the most confident one is taken among them, since a kept token or a pin is certain and would
-    otherwise always be "the most confident", leaving a step that keeps nothing new (and, with a greedy sampler,
-    every later step too). `force` [B] bool: the rows that take that most confident one (None: all); another row
-    keeps only what reaches the threshold, so a pass may keep nothing (a "think pass", `think_passes`)."""
-    top = probs.amax(dim=-1)
+    top [B, C] (each position's top probability) -> [B, C] bool. `free` [B, C] bool marks the positions still
+    undecided (a masked model's mask tokens): the most confident one is taken among them, since a kept token or a
+    pin is certain and would otherwise always be "the most confident", leaving a step that keeps nothing new (and,
+    with a greedy sampler, every later step too). `force` [B] bool: the rows that take that most confident one
+    (None: all); another row keeps only what reaches the threshold, so a pass may keep nothing (a "think pass",
+    `think_passes`)."""
     ranked = top if free is None else top.masked_fill(~free, -1.0)
     best = torch.zeros_like(top, dtype=torch.bool).scatter(-1, ranked.argmax(dim=-1, keepdim=True), True)
     if force is not None:
@@ -100,13 +100,12 @@ def top_k_accept(token_entropy: Tensor, k: int) -> Tensor:
     return torch.zeros_like(token_entropy, dtype=torch.bool).scatter(-1, order, True)
 
 
-def factor_accept(probs: Tensor, factor: float, free: Tensor | None = None) -> Tensor:
+def factor_accept(top: Tensor, factor: float, free: Tensor | None = None) -> Tensor:
     """Fast-dLLM v2's factor rule: with top probabilities sorted c_1 >= c_2 >= ..., accept the longest prefix with
     c_n >= 1 - factor / (n + 1) (the (n + 1) * eps <= 1 bound of its parallel-decoding theorem, with slack).
 
-    probs [B, C, V] -> [B, C] bool; the most confident token is always accepted. With `free` (as in
-    `threshold_accept`) only the undecided positions are ranked: decided ones would fill the prefix."""
-    top = probs.amax(dim=-1)
+    top [B, C] (each position's top probability) -> [B, C] bool; the most confident token is always accepted. With
+    `free` (as in `threshold_accept`) only the undecided positions are ranked: decided ones would fill the prefix."""
     top, order = (top if free is None else top.masked_fill(~free, -1.0)).sort(dim=-1, descending=True)
     n = torch.arange(1, top.shape[-1] + 1, device=top.device, dtype=top.dtype)
     ok = (top >= 1 - factor / (n + 1)).cumprod(dim=-1).bool()
@@ -115,7 +114,7 @@ def factor_accept(probs: Tensor, factor: float, free: Tensor | None = None) -> T
 
 
 def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, free: Tensor,
-                         force: Tensor | None = None) -> Tensor:
+                         force: Tensor | None = None, top: Tensor | None = None) -> Tensor:
     """`settings.acceptance` applied along the canvas rather than by certainty (`order = "left_to_right"`): the
     kept tokens are a prefix of the undecided (`free`) positions, the first of them always (in the rows of `force`;
     None: all), then each next one while the rule still holds over the run so far:
@@ -127,7 +126,8 @@ def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: Diffus
 
     A masked model picked "the most certain anywhere" places a confident token (a full stop, a list mark) ahead of
     text it cannot see yet, and the text between must then fit it; this order never does. Decided positions (kept
-    tokens, pins) are always kept. [B, C, V], [B, C] -> [B, C] bool."""
+    tokens, pins) are always kept. [B, C, V], [B, C] -> [B, C] bool. `top` [B, C]: each position's top
+    probability when the caller has it (then `logits` is not read)."""
     rank = free.long().cumsum(dim=-1)                        # n: the position's place among the undecided, 1-based
     first = free & (rank == 1)
     if force is not None:
@@ -136,35 +136,41 @@ def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: Diffus
     if rule == "top_k":
         ok = rank <= settings.accept_k
     elif rule == "threshold":
-        ok = logits.softmax(dim=-1).amax(dim=-1) >= settings.accept_probability
+        ok = top_probability(logits, top) >= settings.accept_probability
     else:
         run = token_entropy.masked_fill(~free, 0.0)
         ok = run.cumsum(dim=-1) - run.cummax(dim=-1).values <= settings.entropy_bound
         if rule == "adaptive":
-            ok |= logits.softmax(dim=-1).amax(dim=-1) >= 1 - settings.accept_factor / (rank + 1)
+            ok |= top_probability(logits, top) >= 1 - settings.accept_factor / (rank + 1)
     run = (ok | ~free | first).long().cumprod(dim=-1).bool()  # decided positions never break the run
     return run | ~free
 
 
-def accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1,
-           free: Tensor | None = None, force: Tensor | None = None) -> Tensor:
+def top_probability(logits: Tensor | None, top: Tensor | None = None) -> Tensor:
+    """Each position's top probability [B, C]: `top` when the caller has it, else from the logits [B, C, V]."""
+    return top if top is not None else logits.softmax(dim=-1).amax(dim=-1)
+
+
+def accept(logits: Tensor | None, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1,
+           free: Tensor | None = None, force: Tensor | None = None, top: Tensor | None = None) -> Tensor:
     """The tokens denoising step `step` (1-based) keeps under `settings.acceptance`: [B, C, V] tempered logits
     -> [B, C] bool. `free` [B, C] bool: the positions still undecided (a masked model's mask tokens; None: all).
     `force` [B] bool (threshold rule): the rows that keep their most confident free token even below the
     threshold (None: all). With `free` and `settings.order = "left_to_right"` the rule runs along the canvas
-    (`left_to_right_accept`)."""
+    (`left_to_right_accept`). `top` [B, C]: each position's top probability when the caller has it (a step that
+    worked out only the undecided positions passes no logits)."""
     if free is not None and settings.order == "left_to_right":
-        return left_to_right_accept(logits, token_entropy, settings, free, force)
+        return left_to_right_accept(logits, token_entropy, settings, free, force, top)
     rule = settings.acceptance
     if rule == "entropy_bound":
         return entropy_bound_accept(token_entropy, settings.entropy_bound)
     if rule == "top_k":
         return top_k_accept(token_entropy, settings.accept_k * step)
-    probs = logits.softmax(dim=-1)
+    top = top_probability(logits, top)
     if rule == "threshold":
-        return threshold_accept(probs, settings.accept_probability, free, force)
+        return threshold_accept(top, settings.accept_probability, free, force)
     bounded = entropy_bound_accept(token_entropy, settings.entropy_bound)
-    return bounded | factor_accept(probs, settings.accept_factor, free)
+    return bounded | factor_accept(top, settings.accept_factor, free)
 
 
 def random_canvas(batch_size: int, canvas_length: int, vocab_size: int, generator: torch.Generator | None,
@@ -254,11 +260,12 @@ def propose(logits: Tensor, settings: DiffusionSampling, generator: torch.Genera
     `fixed` [B, C] (the fast and greedy samplers): the token of each position that `pin` made certain, -1 at the
     others. Only the others are worked out, over [n, V] instead of [B, C, V] (about half of a canvas, on average,
     is kept tokens); a fixed position proposes its token with entropy -0.0, which is what the whole computation
-    gives for it, and the random stream is the same."""
+    gives for it, and the random stream is the same. Logits [n, V] are those open positions' already (row-major:
+    a step that worked out only them)."""
     if settings.sampler == "reference":
         return sample_tokens(logits.softmax(dim=-1), generator), entropy(logits)
     rows = None if fixed is None else fixed < 0
-    open_logits = logits if rows is None else logits[rows]
+    open_logits = logits if rows is None or logits.dim() == 2 else logits[rows]
     log_probs = open_logits.log_softmax(dim=-1)
     probs, floor = exp_probabilities(log_probs)
     token_entropy = -(probs * floor).sum(dim=-1)

@@ -15,6 +15,8 @@ The pieces are the pure functions of `canvaslm.diffusion.sampling`; this module 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -151,27 +153,39 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
                  allowed: Tensor | None = None, hold: Tensor | None = None,
                  sc_dtype: torch.dtype | None = torch.float32) -> StepOutcome:
     """Advance `state` by one step from the decoder's logits [B, C, V] for its canvas (already shifted for
-    shift-trained models).
+    shift-trained models), or, where `works_out_open_rows_only` allows, from [n, V]: those of the canvas's n masked
+    positions alone, row-major (`open_logits`). A kept position's logits are never read (it keeps its token with
+    certainty), so both give the same step; the second skips the kept positions' head rows and sampler work.
 
     `allowed` [B, C, V] bool restricts each position to its tokens (a `Constraint`'s mask for this canvas).
     `hold` [B, C] bool marks positions whose last draft token stays in the canvas and the draft whatever the
     logits say (the serving engine's settled, already streamed prefix). Rows in `state.stopped` keep their
     whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does); None
-    keeps none (a model that does not read them, `reads_self_conditioning`)."""
+    keeps none (a model that does not read them, `reads_self_conditioning`). `StepOutcome.logits` is [n, V] for
+    open rows."""
     step = state.step + 1
+    open_rows = logits.dim() == 2
+    if open_rows:
+        _check_open_rows(state, logits, settings, mask_token_id, sc_dtype)
     logits = logits / temperature_at(settings.max_denoising_steps - state.step, settings)
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(~(allowed[state.canvas == mask_token_id] if open_rows else allowed),
+                                    float("-inf"))
     constrained = logits
-    if state.pins is not None:
+    if state.pins is not None and not open_rows:  # pins sit in the canvas: never among the open rows
         logits = pin(logits, state.pins)
     kept = None
     if mask_token_id is not None:
-        logits = carry_over(logits, state.canvas, mask_token_id)
+        if not open_rows:
+            logits = carry_over(logits, state.canvas, mask_token_id)
         # a drawn mask token would read as "still masked": never propose it
-        logits[..., mask_token_id] = float("-inf")  # in place: carry_over returned a new tensor
+        logits[..., mask_token_id] = float("-inf")  # in place: carry_over or the temperature made a new tensor
         kept = kept_tokens(state.canvas, mask_token_id)  # certain now: propose works out only the others
     proposal, token_entropy = propose(logits, settings, generator, kept)
+    top = None
+    if open_rows and settings.acceptance in ("threshold", "adaptive"):  # a kept token is certain
+        top = torch.ones(state.canvas.shape, dtype=logits.dtype, device=logits.device)
+        top[state.canvas == mask_token_id] = logits.softmax(dim=-1).amax(dim=-1)
     free = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
     waited, force = state.waited, None
     if free is not None and settings.think_passes > 0 and settings.acceptance == "threshold":
@@ -184,7 +198,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # undecided positions past the first open sub-block wait: the canvas fills left to right in chunks
         deferred = free & ~open_sub_block(free, settings.sub_block)
         free, ranked = free & ~deferred, token_entropy.masked_fill(deferred, float("inf"))
-    accepted = accept(logits, ranked, settings, step, free, force)
+    accepted = accept(None if open_rows else logits, ranked, settings, step, free, force, top)
     if deferred is not None:
         accepted &= ~deferred
     if force is not None:
@@ -201,7 +215,11 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         draft = logits.argmax(dim=-1)
     else:  # absorbing state: a kept token stands, so the draft shows it (the argmax only where still masked)
         masked = canvas == mask_token_id
-        draft = canvas.masked_scatter(masked, logits[masked].argmax(dim=-1))
+        if open_rows:  # the argmax of every open row, then kept where the position is still masked
+            draft = torch.where(masked, state.canvas.masked_scatter(state.canvas == mask_token_id,
+                                                                    logits.argmax(dim=-1)), canvas)
+        else:
+            draft = canvas.masked_scatter(masked, logits[masked].argmax(dim=-1))
     if hold is not None and bool(hold.any()):
         canvas, draft = torch.where(hold, state.draft, canvas), torch.where(hold, state.draft, draft)
     stopped = state.stopped
@@ -219,6 +237,34 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
                               sc_logits=None if sc_dtype is None else logits.to(sc_dtype), step=step,
                               waited=waited)
     return StepOutcome(new, accepted, token_entropy, constrained)
+
+
+def works_out_open_rows_only(model: object, settings: DiffusionSampling, keep_logits: bool = False) -> bool:
+    """Whether a step of `model` under `settings` may be given only its masked positions' logits (`denoise_step`):
+    a masked model whose decoder hands out its hidden states (`decode(..., hidden_states=True)`), which reads no
+    self-conditioning, under a sampler that draws position by position (not the reference's multinomial) and
+    without revision or kept logits, which read every position."""
+    return (getattr(model, "mask_token_id", None) is not None and settings.sampler != "reference"
+            and settings.revise_probability == 0 and not keep_logits and not reads_self_conditioning(model)
+            and _decodes_hidden_states(type(model)))
+
+
+@functools.cache
+def _decodes_hidden_states(model_type: type) -> bool:
+    decode = getattr(model_type, "decode", None)
+    return decode is not None and "hidden_states" in inspect.signature(decode).parameters
+
+
+def _check_open_rows(state: CanvasState, logits: Tensor, settings: DiffusionSampling, mask_token_id: int | None,
+                     sc_dtype: torch.dtype | None) -> None:
+    """A ValueError unless open-row logits [n, V] fit this step (`works_out_open_rows_only`)."""
+    if mask_token_id is None or sc_dtype is not None or settings.revise_probability > 0 \
+            or settings.sampler == "reference" or bool(state.stopped.any()):
+        raise ValueError("open-row logits need a masked model without self-conditioning, revision, stopped rows "
+                         "or the reference sampler")
+    if logits.shape[0] != int((state.canvas == mask_token_id).sum()):
+        raise ValueError(f"{logits.shape[0]} open-row logits for {int((state.canvas == mask_token_id).sum())} "
+                         "masked positions")
 
 
 def self_conditioning(state: CanvasState) -> tuple[Tensor | None, Tensor | None]:

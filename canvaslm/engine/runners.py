@@ -44,7 +44,9 @@ from canvaslm.diffusion.step import (
     self_conditioning,
     self_conditioning_dtype,
     start_canvas,
+    works_out_open_rows_only,
 )
+from canvaslm.diffusion.generate import open_logits, read_outputs
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
@@ -95,17 +97,38 @@ class DiffusionRunner:
         if bool(with_sc.any()):
             empty = torch.zeros_like(next(s.state.sc_logits for s in running if s.state.sc_logits is not None))
             sc = torch.cat([s.state.sc_logits if s.state.sc_logits is not None else empty for s in running])
-        logits = self.timed(len(running), lambda: self.lm.network.decode(canvases, cache, sc,
-                                                                          None if bool(with_sc.all()) else with_sc))
+        sc_rows = None if bool(with_sc.all()) else with_sc
         network, finished = self.lm.network, []
         sc_dtype = self_conditioning_dtype(network) if reads_self_conditioning(network) else None
-        for i, seq in enumerate(list(running)):
-            row = logits[i:i + 1]
-            if seq.before is not None:  # as generate_steps: canvas token i is read from output i - 1
+        open_only = [works_out_open_rows_only(network, s.settings,
+                                              s.constraint is not None and s.constraint.keep_logits) for s in running]
+        if any(open_only):  # the head runs once, on the rows the steps read
+            rows = self.timed(len(running), lambda: self._head_rows(running, open_only, canvases, cache, sc, sc_rows))
+        else:
+            logits = self.timed(len(running), lambda: network.decode(canvases, cache, sc, sc_rows))
+            rows = [logits[i:i + 1] for i in range(len(running))]
+        for seq, row, packed in zip(list(running), rows, open_only, strict=True):
+            if packed:
+                row = open_logits(row, seq.state.canvas, network.mask_token_id, seq.before)
+            elif seq.before is not None:  # as generate_steps: canvas token i is read from output i - 1
                 row = torch.cat([seq.before, row[:, :-1]], dim=1)
             if self._denoise(seq, row, sc_dtype):
                 finished.append(seq)
         self._commit(finished)
+
+    def _head_rows(self, running: list[Sequence], open_only: list[bool], canvases: Tensor, cache: KVCache,
+                   sc: Tensor | None, sc_rows: Tensor | None) -> list[Tensor]:
+        """One decoder pass, then the head once over the outputs each sequence's step reads: a sequence that works
+        out only its masked positions gets those rows [m, V] (`read_outputs`), another all of its canvas [1, C, V]."""
+        network = self.lm.network
+        hidden = network.decode(canvases, cache, sc, sc_rows, hidden_states=True)                  # [B, C, H]
+        shift = getattr(network, "canvas_shift", False)
+        reads = torch.stack([read_outputs(s.state.canvas[0:1], network.mask_token_id, shift)[0] if packed
+                             else torch.ones_like(s.state.canvas[0], dtype=torch.bool)
+                             for s, packed in zip(running, open_only, strict=True)])
+        logits = network.logits(hidden[reads])                                                     # [M, V]
+        rows = list(logits.split(reads.sum(dim=-1).tolist()))
+        return [row if packed else row[None] for row, packed in zip(rows, open_only, strict=True)]
 
     def release(self, seq: Sequence, row: int, running: int) -> None:
         """Nothing to give back: the stacked cache is rebuilt when the set of sequences changes."""

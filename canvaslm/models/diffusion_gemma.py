@@ -436,9 +436,10 @@ class Model(nn.Module):
         return x
 
     def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None = None,
-               self_conditioning_rows: Tensor | None = None) -> Tensor:
+               self_conditioning_rows: Tensor | None = None, hidden_states: bool = False) -> Tensor:
         """Bidirectional pass over canvas_ids [B, C] after the cached prefix (read only). Returns float32
-        softcapped logits [B, C, V]. `self_conditioning_logits` [B, C, V]: the previous step's logits, if any, used
+        softcapped logits [B, C, V] (`hidden_states`: the final-normed hidden states [B, C, H], for `logits` of the
+        positions a step reads). `self_conditioning_logits` [B, C, V]: the previous step's logits, if any, used
         only in the rows where self_conditioning_rows [B] is True when that is given."""
         if canvas_ids.shape[0] != cache.batch_size:
             raise GenerationError(f"batch of {canvas_ids.shape[0]} canvases for a cache of {cache.batch_size} rows")
@@ -456,7 +457,8 @@ class Model(nn.Module):
             return (k, v) if old_k is None else (torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2))
 
         masks = {w: decoder_mask(cache, cache.windows.index(w), canvas_ids.shape[1]) for w in set(cache.windows)}
-        return self.logits(self._stack(x, cache, read, masks, encoder=False))
+        hidden = self._stack(x, cache, read, masks, encoder=False)
+        return hidden if hidden_states else self.logits(hidden)
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,

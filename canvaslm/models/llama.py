@@ -494,11 +494,12 @@ class Model(nn.Module):
         return self.logits(self.encode(input_ids, cache, valid))
 
     def decode(self, canvas_ids: Tensor, cache: KVCache, self_conditioning_logits: Tensor | None,
-               self_conditioning_rows: Tensor | None = None) -> Tensor:
+               self_conditioning_rows: Tensor | None = None, hidden_states: bool = False) -> Tensor:
         """Bidirectional pass over a canvas [B, C] placed after the cached prefix, which it reads but never writes.
 
         self_conditioning_logits [B, C, V] are the previous step's logits (None on the first step), used only in
-        the rows where self_conditioning_rows [B] is True when that is given. Returns float32 logits [B, C, V]."""
+        the rows where self_conditioning_rows [B] is True when that is given. Returns float32 logits [B, C, V]
+        (`hidden_states`: the final-normed hidden states [B, C, H], for `logits` of the positions a step reads)."""
         if self.self_conditioning is None:
             raise GenerationError("decode needs a diffusion model; call to_diffusion(canvas_length) first")
         self._pass(canvas=True)
@@ -517,7 +518,7 @@ class Model(nn.Module):
                 mask = self.canvas_grid.attention_bias(i, mask, canvas_ids.shape[1],
                                                        cache.kept(i) + canvas_ids.shape[1], x.dtype)
             x = layer(x, rope, cache, mask, write=False)
-        return self.logits(self.norm(x))
+        return self.norm(x) if hidden_states else self.logits(self.norm(x))
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,

@@ -115,7 +115,7 @@ def test_threshold_rule_keeps_confident_tokens_and_always_the_best():
     from canvaslm.diffusion.sampling import threshold_accept
 
     probs = torch.tensor([[[0.95, 0.05], [0.6, 0.4], [0.91, 0.09]], [[0.5, 0.5], [0.7, 0.3], [0.6, 0.4]]])
-    assert threshold_accept(probs, 0.9).tolist() == [[True, False, True], [False, True, False]]
+    assert threshold_accept(probs.amax(-1), 0.9).tolist() == [[True, False, True], [False, True, False]]
 
 
 def test_top_k_rule_keeps_the_k_lowest_entropies():
@@ -139,8 +139,8 @@ def test_factor_rule_accepts_the_longest_prefix_under_the_parallel_decoding_boun
 
     # sorted top probabilities 0.99, 0.8, 0.7: n=1 needs >= 0.5, n=2 >= 2/3, n=3 >= 0.75 -> the first two
     probs = torch.tensor([[[0.7, 0.3], [0.99, 0.01], [0.8, 0.2]]])
-    assert factor_accept(probs, 1.0).tolist() == [[False, True, True]]
-    assert factor_accept(probs, 2.0).tolist() == [[True, True, True]]  # slack 2: n=3 needs >= 0.5
+    assert factor_accept(probs.amax(-1), 1.0).tolist() == [[False, True, True]]
+    assert factor_accept(probs.amax(-1), 2.0).tolist() == [[True, True, True]]  # slack 2: n=3 needs >= 0.5
 
 
 @pytest.mark.parametrize("rule", ["entropy_bound", "threshold", "top_k", "adaptive"])
@@ -208,9 +208,9 @@ def test_a_masked_canvas_keeps_a_new_token_every_step_under_every_rule():
     logits = carry_over(torch.tensor([[[0.0, 0.3, 0.1, 0.0, -9.0]] * 4]), canvas, mask)
     probs = logits.softmax(-1)
     free = canvas == mask
-    assert threshold_accept(probs, 0.9)[free].sum() == 0  # without `free`: nothing new
-    assert threshold_accept(probs, 0.9, free)[free].sum() == 1
-    assert factor_accept(probs, 1.0, free)[free].sum() >= 1
+    assert threshold_accept(probs.amax(-1), 0.9)[free].sum() == 0  # without `free`: nothing new
+    assert threshold_accept(probs.amax(-1), 0.9, free)[free].sum() == 1
+    assert factor_accept(probs.amax(-1), 1.0, free)[free].sum() >= 1
     for rule in ("threshold", "adaptive", "entropy_bound"):
         settings = DiffusionSampling(acceptance=rule, accept_probability=0.99, entropy_bound=1e-6)
         assert accept(logits, entropy(logits), settings, 1, free)[free].sum() >= 1, rule
@@ -449,3 +449,42 @@ def test_the_first_token_from_the_causal_pass_is_drawn_as_the_first_step_draws_i
     for unchanged in (settings.replace(first_token="decoder"), settings.replace(max_denoising_steps=1)):
         assert first_from_causal(state, before[:3], unchanged, None, mask_token_id=mask) is state
     assert first_from_causal(state, None, settings, None, mask_token_id=mask) is state
+
+
+@pytest.mark.parametrize("rule", [dict(order="left_to_right", acceptance="threshold", accept_probability=0.3),
+                                  dict(acceptance="threshold", accept_probability=0.3),
+                                  dict(acceptance="adaptive", entropy_bound=0.5),
+                                  dict(acceptance="entropy_bound", entropy_bound=2.0),
+                                  dict(acceptance="top_k", accept_k=2),
+                                  dict(order="left_to_right", acceptance="threshold", sub_block=4, sampler="greedy")])
+def test_a_step_from_the_masked_positions_logits_alone_is_the_step_from_the_whole_canvas(rule):
+    """`denoise_step` given only the masked positions' logits [n, V] (the rows a kept position would never have
+    read) takes the very step it takes from the whole canvas's [B, C, V]: same tokens kept, canvas, draft, entropy
+    and random draws, under every rule, with allowed tokens and pins."""
+    from canvaslm.diffusion.step import denoise_step, start_canvas
+
+    mask, vocab, length = 9, 10, 8
+    settings = DiffusionSampling(sampler="fast", max_denoising_steps=8).replace(**rule)
+    pins = torch.tensor([[-1, -1, -1, 5, -1, -1, -1, -1], [-1] * 8, [2, -1, -1, -1, -1, -1, -1, 7]])
+    state = start_canvas(3, length, vocab, settings, None, torch.device("cpu"), mask, pins)
+    state.canvas[0, :2] = torch.tensor([1, 4])  # kept in earlier steps
+    state.canvas[1, 5] = 3
+    state.step = 2
+    torch.manual_seed(0)
+    logits = torch.randn(3, length, vocab) * 3
+    allowed = torch.rand(3, length, vocab) > 0.2
+    allowed[..., 0] = True
+    masked = state.canvas == mask
+    whole = denoise_step(state, logits, settings, torch.Generator().manual_seed(1), vocab_size=vocab,
+                         mask_token_id=mask, allowed=allowed, sc_dtype=None)
+    alone = denoise_step(state, logits[masked], settings, torch.Generator().manual_seed(1), vocab_size=vocab,
+                         mask_token_id=mask, allowed=allowed, sc_dtype=None)
+    for name in ("canvas", "draft", "stopped", "history"):
+        assert torch.equal(getattr(whole.state, name), getattr(alone.state, name)), name
+    assert torch.equal(whole.accepted, alone.accepted) and torch.equal(whole.entropy, alone.entropy)
+    assert bool((alone.state.canvas != mask).sum() > (state.canvas != mask).sum())  # the step kept something
+    with pytest.raises(ValueError, match="open-row logits"):
+        denoise_step(state, logits[masked][1:], settings, None, vocab_size=vocab, mask_token_id=mask, sc_dtype=None)
+    with pytest.raises(ValueError, match="reference sampler"):
+        denoise_step(state, logits[masked], settings.replace(sampler="reference"), None, vocab_size=vocab,
+                     mask_token_id=mask, sc_dtype=None)

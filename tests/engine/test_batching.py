@@ -93,11 +93,8 @@ def test_self_conditioning_is_kept_and_stacked_only_for_a_model_that_reads_it(mo
         assert fed == ([False, True, True, True] * 3 if reads else [False] * 12), fed
 
 
-@pytest.mark.parametrize("first_token", ["decoder", "causal"])
-def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(first_token):
-    """The default model's layout (masked noise, shift, canvas-only adapters) through the engine: a request alone
-    draws exactly LM.generate's tokens, the canvas's first token coming from the last encoded position (read by the
-    first decoder pass, or drawn from the causal pass before it: `first_token`)."""
+def shift_lm() -> LM:
+    """The default model's layout (masked noise, shift, canvas-only adapters) on a tiny random Llama, canvas 4."""
     import dataclasses
 
     from canvaslm.models.lora import LoRALinear, apply_lora
@@ -107,10 +104,18 @@ def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(
     network = llama.Model(config).to_diffusion(4)
     network.config = dataclasses.replace(network.config, canvas_shift=True, mask_token_id=3, canvas_adapters=True)
     apply_lora(network, rank=2, alpha=4.0)
-    for module in network.modules():
-        if isinstance(module, LoRALinear):
+    for name, module in network.named_modules():
+        if isinstance(module, LoRALinear) and not name.startswith("self_conditioning"):  # smol reads none
             torch.nn.init.normal_(module.lora_B, std=0.2)
-    shifted = LM(network.eval(), None, "shift")
+    return LM(network.eval(), None, "shift")
+
+
+@pytest.mark.parametrize("first_token", ["decoder", "causal"])
+def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(first_token):
+    """The default model's layout through the engine: a request alone draws exactly LM.generate's tokens, the
+    canvas's first token coming from the last encoded position (read by the first decoder pass, or drawn from the
+    causal pass before it: `first_token`)."""
+    shifted = shift_lm()
     engine = Engine(shifted, pin_settled=False).start()
     try:
         for prompt, seed in [(PROMPTS[0], 0), (PROMPTS[1], 5)]:
@@ -119,6 +124,47 @@ def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(
             tokens, _, _ = run(engine, [dict(prompt=prompt, max_new_tokens=12, seed=seed,
                                              sampling={"first_token": first_token})])[0]
             assert tokens == expected[:12]
+    finally:
+        engine.stop()
+
+
+LEFT_TO_RIGHT = dict(order="left_to_right", acceptance="threshold", accept_probability=0.3, sampler="fast",
+                     max_denoising_steps=4)
+
+
+@pytest.mark.parametrize("first_token", ["decoder", "causal"])
+def test_steps_that_work_out_only_the_masked_positions_write_what_whole_canvases_write(first_token, monkeypatch):
+    """The shipped default's sampler on the default model's layout: the head and the sampler run on the masked
+    positions alone (`works_out_open_rows_only`), in LM.generate and in the engine. They write exactly the tokens
+    the whole canvas's logits write, with fewer head rows; a request with the reference sampler (which draws over
+    every position) shares the engine's batch and still gets its own tokens."""
+    import canvaslm.diffusion.generate as loop
+
+    lm, head_rows = shift_lm(), []
+    head = lm.network.logits
+    monkeypatch.setattr(lm.network, "logits", lambda hidden: head_rows.append(hidden.shape[:-1].numel()) or
+                        head(hidden))
+    settings = dict(LEFT_TO_RIGHT, first_token=first_token)
+    written = {}
+    for way in ("masked positions", "whole canvas"):
+        if way == "whole canvas":
+            monkeypatch.setattr(loop, "works_out_open_rows_only", lambda *args, **kwargs: False)
+        head_rows.clear()
+        written[way] = [lm.generate([p], 12, seed=seed, **settings).sequences[0].tolist()
+                        for seed, p in enumerate(PROMPTS[:3])]
+        written[way + " rows"] = sum(head_rows)
+    assert written["masked positions"] == written["whole canvas"]
+    assert written["masked positions rows"] < 0.7 * written["whole canvas rows"]
+    monkeypatch.undo()
+
+    reference = dict(settings, sampler="reference")
+    alone = [lm.decode_new(lm.generate([p], 12, seed=seed, **options).sequences[0], len(p))[0][:12]
+             for seed, (p, options) in enumerate(zip(PROMPTS[:3], [settings, reference, settings]))]
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        results = run(engine, [dict(prompt=p, max_new_tokens=12, seed=seed, sampling=options)
+                               for seed, (p, options) in enumerate(zip(PROMPTS[:3], [settings, reference, settings]))])
+        assert [tokens for tokens, _, _ in results] == alone
     finally:
         engine.stop()
 
