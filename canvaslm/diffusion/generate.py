@@ -94,7 +94,8 @@ def generate_steps(
 
     Phases (numbered as in the reference):
       1.a encode the new tokens (the prompt, then each committed canvas) into the cache
-      1.b start a canvas of uniform random tokens
+      1.b start a canvas of uniform random tokens (or mask tokens; with `first_token = "causal"` its first token
+          drawn from the causal pass's last position)
       1.c for each step N..1: decode, then `denoise_step`: temperature; sample; accept by entropy bound;
           renoise the rest; stop rows that are stable and confident; keep the logits for self-conditioning
       1.d commit the argmax canvas; 1.e pad after EOS, stop when every row is finished

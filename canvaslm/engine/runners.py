@@ -4,7 +4,8 @@ admitted, advanced by one decoder pass shared with its neighbours, and released.
 
 Diffusion: every sequence keeps its own KV cache of its prompt and committed canvases. Each step stacks the running
 sequences' caches (`KVCache.stack`; rebuilt only when a sequence joins, leaves or commits a canvas), runs one
-decoder pass over all their canvases, then advances each sequence with `denoise_step`, the step `generate_steps`
+decoder pass over all their canvases (the head once, over the outputs the steps read: a masked model's masked
+positions, `works_out_open_rows_only`), then advances each sequence with `denoise_step`, the step `generate_steps`
 takes, with its own temperature step, settings and random generator; the canvases finished in that step are
 committed in one causal pass over their stacked caches (`KVCache.unstack` gives each its own back). A sequence's
 tokens therefore do not depend on its neighbours (up to float rounding), and a sequence alone draws exactly what
