@@ -58,13 +58,17 @@ def lookahead(model: Any, prompt: Sequence[int], answer_ids: Sequence[int], temp
     return best, missing
 
 
-def replay(sure: Tensor, canvas: int) -> list[int]:
+def replay(sure: Tensor, canvas: int, first_from_causal: bool = False) -> list[int]:
     """The tokens each pass of the left-to-right rule keeps along one answer, where sure[j, d] says whether a pass
     starting at j keeps position j + d (if it kept those before it); a pass never crosses a canvas boundary
-    (canvases start at the answer's start)."""
+    (canvases start at the answer's start). `first_from_causal` (`first_token = "causal"`): each canvas's first
+    token comes from the causal pass before it, so no decoder pass starts at a canvas's first position."""
     n, depth = sure.shape
     j, kept_per_pass = 0, []
     while j < n:
+        if first_from_causal and j % canvas == 0:
+            j += 1
+            continue
         end = min(n, (j // canvas + 1) * canvas)
         kept = 1
         while kept < depth and j + kept < end and bool(sure[j, kept]):
@@ -79,7 +83,8 @@ def ceiling(judge: Any, prompts: Sequence[list[int]], *, temperature: float = 0.
             batch_size: int = 8, seed: int = 0, progress: Any = None) -> dict[str, Any]:
     """The report: the judge's own answers at `temperature` (as the quality report's AR row), then per threshold
     the tokens per pass a perfect canvas model keeps under the left-to-right threshold rule: at most
-    `tokens_per_pass` (the generous bound), at least `tokens_per_pass_strict`, and the share of passes that reach
+    `tokens_per_pass` (the generous bound), at least `tokens_per_pass_strict`, the generous bound when each
+    canvas's first token comes from the causal pass (`tokens_per_pass_first_causal`), and the share of passes that reach
     the deepest position judged (1 + len(widths): a ceiling near it is cut by the depth, not by the parent)."""
     responses, _, _ = answer(judge, prompts, {"temperature": temperature}, max_new_tokens, batch_size, seed)
     bounds = []
@@ -94,8 +99,10 @@ def ceiling(judge: Any, prompts: Sequence[list[int]], *, temperature: float = 0.
     for tau in thresholds:
         generous = [k for b, m in bounds for k in replay(b + m >= tau, canvas)]
         strict = sum(len(replay(b >= tau, canvas)) for b, _ in bounds)
+        first_causal = sum(len(replay(b + m >= tau, canvas, first_from_causal=True)) for b, m in bounds)
         rows.append({"accept_probability": tau, "tokens_per_pass": tokens / max(1, len(generous)),
                      "tokens_per_pass_strict": tokens / max(1, strict),
+                     "tokens_per_pass_first_causal": tokens / max(1, first_causal),
                      "passes_at_depth_share": sum(k == depth for k in generous) / max(1, len(generous))})
     sure = torch.cat([b + m for b, m in bounds]) if bounds else torch.zeros(0, depth)
     return {"judge": judge.source, "temperature": temperature, "prompts": len(prompts), "answer_tokens": tokens,
@@ -105,7 +112,7 @@ def ceiling(judge: Any, prompts: Sequence[list[int]], *, temperature: float = 0.
 
 
 def plot_ceiling(report: dict[str, Any], path: Any) -> bool:
-    """Tokens per pass against the threshold: the ceiling's two bounds."""
+    """Tokens per pass against the threshold: the ceiling's two bounds, and the ceiling with the causal first token."""
     try:
         import matplotlib
 
@@ -118,6 +125,9 @@ def plot_ceiling(report: dict[str, Any], path: Any) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(taus, [r["tokens_per_pass"] for r in rows], "o-", label="ceiling (a model no surer than the parent)")
     ax.plot(taus, [r["tokens_per_pass_strict"] for r in rows], "s--", label="strict bound (expanded candidates)")
+    if all("tokens_per_pass_first_causal" in r for r in rows):
+        ax.plot(taus, [r["tokens_per_pass_first_causal"] for r in rows], "^:",
+                label="ceiling, each canvas's first token from the causal pass")
     ax.set_xlabel("accept_probability (left-to-right threshold rule)")
     ax.set_ylabel("tokens per pass")
     ax.set_title(f"{report['judge']} at T = {report['temperature']}: {report['answer_tokens']} answer tokens",

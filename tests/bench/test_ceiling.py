@@ -56,6 +56,9 @@ def test_replay_keeps_a_prefix_of_sure_positions_and_never_crosses_a_canvas():
                          [True, True, True, True]])    # j = 6: 6, then the answer ends
     assert replay(sure, canvas=5) == [3, 2, 1, 1]
     assert replay(sure[:, :1], canvas=5) == [1] * 7  # depth 1: one token a pass
+    # each canvas's first token (0 and 5) from the causal pass: the passes start at 1 (keeps 1, 2, 3, 4) and 6
+    assert replay(sure, canvas=5, first_from_causal=True) == [4, 1]
+    assert replay(sure[:, :1], canvas=5, first_from_causal=True) == [1] * 5
 
 
 def test_the_ceiling_falls_as_the_threshold_rises_and_bounds_the_strict_count(tmp_path):
@@ -67,6 +70,7 @@ def test_the_ceiling_falls_as_the_threshold_rises_and_bounds_the_strict_count(tm
     generous = [r["tokens_per_pass"] for r in rows]
     assert generous == sorted(generous, reverse=True) and 1.0 <= generous[-1] and generous[0] <= 3.0
     assert all(r["tokens_per_pass"] >= r["tokens_per_pass_strict"] >= 1.0 for r in rows)
+    assert all(r["tokens_per_pass_first_causal"] > r["tokens_per_pass"] for r in rows)
     assert plot_ceiling(report, tmp_path / "c.png") and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
