@@ -164,13 +164,13 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     keeps none (a model that does not read them, `reads_self_conditioning`). `StepOutcome.logits` is [n, V] for
     open rows."""
     step = state.step + 1
+    undecided = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
     open_rows = logits.dim() == 2
     if open_rows:
         _check_open_rows(state, logits, settings, mask_token_id, sc_dtype)
     logits = logits / temperature_at(settings.max_denoising_steps - state.step, settings)
     if allowed is not None:
-        logits = logits.masked_fill(~(allowed[state.canvas == mask_token_id] if open_rows else allowed),
-                                    float("-inf"))
+        logits = logits.masked_fill(~(allowed[undecided] if open_rows else allowed), float("-inf"))
     constrained = logits
     if state.pins is not None and not open_rows:  # pins sit in the canvas: never among the open rows
         logits = pin(logits, state.pins)
@@ -185,8 +185,8 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     top = None
     if open_rows and settings.acceptance in ("threshold", "adaptive"):  # a kept token is certain
         top = torch.ones(state.canvas.shape, dtype=logits.dtype, device=logits.device)
-        top[state.canvas == mask_token_id] = logits.softmax(dim=-1).amax(dim=-1)
-    free = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
+        top[undecided] = logits.softmax(dim=-1).amax(dim=-1)
+    free = undecided
     waited, force = state.waited, None
     if free is not None and settings.think_passes > 0 and settings.acceptance == "threshold":
         # a stuck canvas (nothing free reaches the threshold) re-reads its own beliefs for up to think_passes
@@ -216,8 +216,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     else:  # absorbing state: a kept token stands, so the draft shows it (the argmax only where still masked)
         masked = canvas == mask_token_id
         if open_rows:  # the argmax of every open row, then kept where the position is still masked
-            draft = torch.where(masked, state.canvas.masked_scatter(state.canvas == mask_token_id,
-                                                                    logits.argmax(dim=-1)), canvas)
+            draft = torch.where(masked, state.canvas.masked_scatter(undecided, logits.argmax(dim=-1)), canvas)
         else:
             draft = canvas.masked_scatter(masked, logits[masked].argmax(dim=-1))
     if hold is not None and bool(hold.any()):
@@ -262,9 +261,9 @@ def _check_open_rows(state: CanvasState, logits: Tensor, settings: DiffusionSamp
             or settings.sampler == "reference" or bool(state.stopped.any()):
         raise ValueError("open-row logits need a masked model without self-conditioning, revision, stopped rows "
                          "or the reference sampler")
-    if logits.shape[0] != int((state.canvas == mask_token_id).sum()):
-        raise ValueError(f"{logits.shape[0]} open-row logits for {int((state.canvas == mask_token_id).sum())} "
-                         "masked positions")
+    masked = int((state.canvas == mask_token_id).sum())
+    if logits.shape[0] != masked:
+        raise ValueError(f"{logits.shape[0]} open-row logits for {masked} masked positions")
 
 
 def self_conditioning(state: CanvasState) -> tuple[Tensor | None, Tensor | None]:
