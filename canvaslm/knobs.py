@@ -103,6 +103,10 @@ KNOBS: tuple[Knob, ...] = (
          "temperature, from the causal pass that encoded the text before it, which such a model's first pass reads "
          "it from anyway: one decoder pass fewer per canvas, and the next pass sees it)", "diffusion",
          choices=FIRST_TOKENS),
+    Knob("canvas_size", int, 0, "tokens a canvas holds at decoding time, at most the canvas the model was "
+         "trained on (0 = that canvas): a smaller one is fewer rows a decoder pass and a commit more often, which "
+         "pays where rows cost (a batch of requests, int4 CPU kernels); `smol`, trained on clean prefixes, writes as "
+         "well in canvases of 4", "diffusion", low=0, high=65536),
     Knob("sub_block", int, 0, "masked models: only the first sub-block of this many positions that still holds a "
          "mask may keep tokens in a step, so a canvas fills left to right in chunks (Fast-dLLM v2's small blocks); "
          "0 = the whole canvas", "diffusion", low=0, high=65536),

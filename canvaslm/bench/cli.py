@@ -23,7 +23,7 @@ from typing import Any
 from canvaslm.bench.passes import DEFAULT_VARIANTS
 from canvaslm.bench.speed import (bench_ar, bench_compare, bench_denoise, bench_generate, bench_prompt, machine,
                                   plot_compare, plot_generate)
-from canvaslm.cli_args import precision_args, threads_arg
+from canvaslm.cli_args import key_values, precision_args, threads_arg
 from canvaslm.loading import load_model
 from canvaslm.errors import CanvasError
 
@@ -70,7 +70,8 @@ def main(args) -> int:
         from canvaslm.bench.decoding import bench_decoding, plot_decoding
 
         batches = [int(b) for b in (args.batch_sizes or "1,8").split(",")]
-        report["decoding"] = bench_decoding(lm, batches, args.new_tokens, args.temperature or 0.0)
+        report["decoding"] = bench_decoding(lm, batches, args.new_tokens, args.temperature or 0.0,
+                                            [key_values(s, "--setting") for s in args.setting] or [{}])
         report["decoding"]["model"] = args.model
         if args.out and plot_decoding(report["decoding"], str(Path(args.out).with_suffix(".png"))):
             report["plot"] = str(Path(args.out).with_suffix(".png"))
@@ -163,7 +164,7 @@ def _serve(args) -> int:
         (["--threads", str(args.threads)] if args.threads else [])
     report = {**bench_serve(models, levels, args.requests, args.max_tokens, structured_share=args.structured_share,
                             server_flags=flags, decodings=decodings, temperature=args.temperature,
-                            rounds=args.rounds),
+                            rounds=args.rounds, settings=[key_values(s, "--setting") for s in args.setting] or [{}]),
               "machine": machine()}
     text = json.dumps(report, indent=2)
     if args.out:
@@ -209,6 +210,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gguf", default=None, help="peers: the GGUF llama.cpp runs (default: --ar's file)")
     p.add_argument("--n-batch", type=int, default=512, help="peers: llama.cpp's prompt batch (a crash retries 1)")
     p.add_argument("--concurrency", default="1,8,32", help="serve: comma-separated client counts")
+    p.add_argument("--setting", action="append", default=[], metavar="K=V[,K=V]",
+                   help="serve, decoding: a sampler setting for the diffusion model's canvases (repeatable: one row "
+                        "each, timed side by side; e.g. canvas_size=4)")
     p.add_argument("--requests", type=int, default=16, help="serve: requests per level (at least the level)")
     p.add_argument("--rounds", type=int, default=1, help="serve: turns each system takes at each level (the "
                    "systems alternate); the median is reported")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
+from canvaslm.bench.quality import setting_label
 from canvaslm.bench.serve import PROMPTS
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.lm import LM
@@ -20,41 +21,44 @@ from canvaslm.engine.verified import draft_size, verified_generate
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
 
-ORDER = ("autoregressive", "verified", "diffusion")
-
-
 def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature: float = 0.0,
-                   diffusion: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+                   settings: list[dict[str, Any]] = ({},), seed: int = 0) -> dict[str, Any]:
     """Run every decoding at every batch size over all of `PROMPTS`, in batches of that size (batch 1: each prompt
-    alone; a batch larger than the prompts repeats them), the modes taking turns batch by batch; diffusion uses
-    the model's defaults overridden by `diffusion`. Greedy by default (temperature 0). Times, tokens and passes add
-    up over the batches."""
+    alone; a batch larger than the prompts repeats them), the modes taking turns batch by batch. The canvases run
+    once per entry of `settings` (the model's defaults overridden by it; a row "diffusion · <setting>" where it is
+    not empty). Greedy by default (temperature 0). Times, tokens and passes add up over the batches."""
     if lm.kind != "diffusion":
         raise CanvasError(f"{lm.source} is autoregressive: bench decoding compares a diffusion model's ways to write")
+    for setting in settings:
+        lm.diffusion_settings(dict(setting))  # a bad setting is refused before the first timing
+    # mode -> the canvases' setting (None for the two AR-distributed modes)
+    modes: dict[str, dict[str, Any] | None] = {"autoregressive": None, "verified": None}
+    modes.update({"diffusion" + (f" · {setting_label(s)}" if s else ""): dict(s) for s in settings})
     prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     rows = []
     with Progress(transient=True) as progress:
         for batch in batch_sizes:
             groups = [[prompts[(start + i) % len(prompts)] for i in range(batch)]
                       for start in range(0, len(prompts), batch)]
-            task = progress.add_task(f"bench decoding, batch {batch}", total=len(groups) * len(ORDER))
+            task = progress.add_task(f"bench decoding, batch {batch}", total=len(groups) * len(modes))
             totals = {mode: {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0,
-                             "accepted": 0, "lengths": None, "generated": []} for mode in ORDER}
+                             "accepted": 0, "lengths": None, "generated": []} for mode in modes}
             # the modes take turns batch by batch: a shared machine's speed drifts by tens of percent within
             # minutes, and mode after mode would give that drift to one of them
             for group in groups:
-                for mode in ORDER:
-                    _run_group(lm, mode, group, new_tokens, temperature, diffusion, seed, totals[mode])
+                for mode, setting in modes.items():
+                    _run_group(lm, mode, group, new_tokens, temperature, setting, seed, totals[mode])
                     progress.advance(task)
             rows += [_row(mode, batch, len(groups) * batch, totals[mode], totals["autoregressive"]["generated"])
-                     for mode in ORDER]
+                     for mode in modes]
     by = {(r["decoding"], r["batch"]): r for r in rows}
     for r in rows:
         r["speed_vs_autoregressive"] = round(r["tokens_per_second"] / by["autoregressive", r["batch"]]
                                              ["tokens_per_second"], 3)
     return {"new_tokens": new_tokens, "temperature": temperature, "prompts": len(PROMPTS),
             "draft_size": draft_size(lm.network),
-            "diffusion_settings": vars(lm.diffusion_settings(dict(diffusion or {}))), "runs": rows}
+            "diffusion_settings": {mode: vars(lm.diffusion_settings(setting)) for mode, setting in modes.items()
+                                   if setting is not None}, "runs": rows}
 
 
 def _row(mode: str, batch: int, prompts: int, totals: dict[str, Any], ar_tokens: list[list[int]]
@@ -126,8 +130,9 @@ def plot_decoding(report: dict[str, Any], png: str) -> bool:
         return False
     axes = figure.subplots(1, 2)
     batches = sorted({r["batch"] for r in report["runs"]})
-    width = 0.8 / len(ORDER)
-    for i, mode in enumerate(ORDER):
+    modes = list(dict.fromkeys(r["decoding"] for r in report["runs"]))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
         runs = {r["batch"]: r for r in report["runs"] if r["decoding"] == mode}
         for ax, key in zip(axes, ("tokens_per_second", "tokens_per_forward"), strict=True):
             ax.bar([j + i * width for j in range(len(batches))], [runs[b][key] for b in batches], width, label=mode)

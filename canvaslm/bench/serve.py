@@ -28,6 +28,7 @@ from typing import Any
 
 from rich.progress import Progress
 
+from canvaslm.bench.quality import setting_label
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
 
@@ -220,10 +221,12 @@ def _quantile(values: list[float], q: float) -> float:
 def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens: int,
                 compare_streaming: bool = True, structured_share: float = 0.0, server_flags: list[str] = (),
                 decodings: list[str] = ("diffusion",), temperature: float | None = None,
-                rounds: int = 1) -> dict[str, Any]:
+                rounds: int = 1, settings: list[dict[str, Any]] = ({},)) -> dict[str, Any]:
     """Every model at every level. `server_flags` go to each `canvaslm serve` (precision, threads); a diffusion
     model is driven once per entry of `decodings` (the request's `decoding` field, one server), reported as
     "MODEL" for its canvases and "MODEL · verified" etc. for the others; `temperature` goes into every request.
+    Its canvases are driven once per sampler setting of `settings` (request fields such as `canvas_size`), as
+    "MODEL · <setting>" where the setting is not the model's defaults.
 
     All servers run at once and the systems take turns level by level (every system at 1 client, then every one at
     8, ...): a machine whose speed drifts over minutes (a busy host, a throttled CPU) then shifts every system's
@@ -233,7 +236,8 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
         raise CanvasError(f"rounds must be >= 1, got {rounds}")
     report: dict[str, Any] = {"max_tokens": max_tokens, "levels": levels, "structured_share": structured_share,
                               "server_flags": list(server_flags), "temperature": temperature, "rounds": rounds,
-                              "models": {}}
+                              "settings": [dict(s) for s in settings], "models": {}}
+    canvases: dict[str, tuple[str, dict[str, Any]]] = {}  # model -> its first canvases' row and request fields
     sampling = {} if temperature is None else {"temperature": temperature}
     servers: dict[str, ServerProcess] = {}
     with Progress(transient=True) as progress:
@@ -246,10 +250,15 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
                 _one_request(server.url, PROMPTS[0], 8, 0)  # warm-up
                 progress.remove_task(task)
                 for decoding in (list(decodings) if kind == "diffusion" else ["autoregressive"]):
-                    name = model if decoding == "diffusion" or kind != "diffusion" else f"{model} · {decoding}"
-                    extra = {**sampling, **({"decoding": decoding} if kind == "diffusion" else {})}
-                    report["models"][name] = {"kind": kind, "decoding": decoding, "levels": []}
-                    systems.append((name, server, structured_share if decoding == "diffusion" else 0.0, extra))
+                    for setting in (settings if kind == "diffusion" and decoding == "diffusion" else [{}]):
+                        name = model if decoding == "diffusion" or kind != "diffusion" else f"{model} · {decoding}"
+                        name = f"{name} · {setting_label(setting)}" if setting else name
+                        extra = {**sampling, **({"decoding": decoding} if kind == "diffusion" else {}), **setting}
+                        report["models"][name] = {"kind": kind, "decoding": decoding, "setting": dict(setting),
+                                                  "levels": []}
+                        systems.append((name, server, structured_share if decoding == "diffusion" else 0.0, extra))
+                        if kind == "diffusion" and decoding == "diffusion":
+                            canvases.setdefault(model, (name, extra))
             task = progress.add_task("serving", total=len(levels) * rounds * len(systems))
             for level in levels:
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in systems}
@@ -265,14 +274,12 @@ def bench_serve(models: list[str], levels: list[int], requests: int, max_tokens:
             for server in servers.values():
                 server.close()
         if compare_streaming and "diffusion" in decodings:
-            for model in models:
-                if report["models"].get(model, {}).get("kind") != "diffusion":
-                    continue
+            for model, (name, extra) in canvases.items():
                 whole = ServerProcess(model, ["--no-pin-settled", *server_flags])
                 try:
                     _one_request(whole.url, PROMPTS[0], 8, 0)
-                    report["models"][model]["whole_canvas_streaming_c1"] = run_level(
-                        whole.url, 1, requests, max_tokens, extra={**sampling, "decoding": "diffusion"})
+                    report["models"][name]["whole_canvas_streaming_c1"] = run_level(
+                        whole.url, 1, requests, max_tokens, extra=extra)
                 finally:
                     whole.close()
     return report

@@ -18,6 +18,7 @@ from torch import Tensor
 from canvaslm.diffusion.sampling import DiffusionSampling
 from canvaslm.diffusion.step import (
     Constraint,
+    canvas_size,
     denoise_step,
     first_from_causal,
     pins_only,
@@ -100,7 +101,7 @@ def generate_steps(
           renoise the rest; stop rows that are stable and confident; keep the logits for self-conditioning
       1.d commit the argmax canvas; 1.e pad after EOS, stop when every row is finished
     """
-    batch, canvas_length, device = input_ids.shape[0], model.canvas_length, input_ids.device
+    batch, canvas_length, device = input_ids.shape[0], canvas_size(model, settings), input_ids.device
     if constraint is not None:
         constraint.check(batch, model.vocab_size)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)

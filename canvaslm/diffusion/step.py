@@ -100,6 +100,16 @@ class StepOutcome:
     logits: Tensor                   # [B, C, V] this step's tempered logits under the allowed mask (before pins)
 
 
+def canvas_size(model: object, settings: DiffusionSampling) -> int:
+    """Tokens each canvas holds when `model` decodes under `settings`: `canvas_size`, or the canvas the model was
+    trained on (0); a GenerationError when asked for more than that, which the model never saw."""
+    trained = model.canvas_length  # type: ignore[attr-defined]
+    if settings.canvas_size > trained:
+        raise GenerationError(f"canvas_size must be at most this model's trained canvas of {trained} tokens "
+                              f"(or 0 for that canvas), got {settings.canvas_size}")
+    return settings.canvas_size or trained
+
+
 def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: DiffusionSampling,
                  generator: torch.Generator | None, device: torch.device, mask_token_id: int | None = None,
                  pins: Tensor | None = None, stopped: Tensor | None = None) -> CanvasState:

@@ -19,7 +19,7 @@ from canvaslm.checkpoints import hf
 from canvaslm.checkpoints.tokenizer import Tokenizer
 from canvaslm.diffusion.generate import DiffusionResult, generate_steps
 from canvaslm.diffusion.sampling import DiffusionSampling
-from canvaslm.diffusion.step import Constraint
+from canvaslm.diffusion.step import Constraint, canvas_size
 from canvaslm.engine.ar import ar_generate
 from canvaslm.engine.structured import SlotGrammars, StructuredResult, generate_json
 from canvaslm.engine.verified import verified_generate
@@ -307,7 +307,9 @@ class LM:
         if ar_only:
             raise GenerationError(f"{ar_only} apply to autoregressive models; this diffusion model takes "
                                   f"{sorted(DiffusionSampling.__dataclass_fields__)}")
-        return self.diffusion_defaults.replace(**sampling)
+        settings = self.diffusion_defaults.replace(**sampling)
+        canvas_size(self.network, settings)  # a canvas the model never saw is refused here, not in a loop
+        return settings
 
     def ar_settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(sampling) - set(AR_SAMPLING))

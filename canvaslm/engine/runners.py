@@ -38,6 +38,7 @@ from torch import Tensor
 
 from canvaslm.diffusion.step import (
     Constraint,
+    canvas_size,
     denoise_step,
     first_from_causal,
     pins_only,
@@ -76,10 +77,19 @@ class Timer:
         return out
 
 
+def by_canvas_size(sequences: list[Sequence]) -> dict[int, list[Sequence]]:
+    """The sequences grouped by the size of their canvas (`canvas_size`): a pass takes canvases of one size."""
+    sizes: dict[int, list[Sequence]] = {}
+    for seq in sequences:
+        sizes.setdefault(seq.state.canvas.shape[1], []).append(seq)
+    return sizes
+
+
 class DiffusionRunner:
     def __init__(self, lm: LM, send: SendTokens, timed: Timer, pin_settled: bool) -> None:
         self.lm, self.send, self.timed, self.pin_settled = lm, send, timed, pin_settled
-        self._stacked: tuple[tuple[tuple[int, int], ...], KVCache] | None = None
+        # per canvas size: the running sequences' stacked cache, and which sequences at which lengths it holds
+        self._stacked: dict[int, tuple[tuple[tuple[int, int], ...], KVCache]] = {}
 
     def admit(self, seq: Sequence, hidden: Tensor) -> None:
         """After the prompt was encoded (`hidden` [1, P, D]): its first canvas; one that is all pins commits (and
@@ -89,6 +99,15 @@ class DiffusionRunner:
         self._new_canvas(seq)
 
     def step(self, running: list[Sequence]) -> None:
+        """One decoder pass per canvas size among the running sequences (`canvas_size`), a step of each, then one
+        commit pass for the canvases that finished."""
+        sizes = by_canvas_size(running)
+        self._stacked = {size: kept for size, kept in self._stacked.items() if size in sizes}
+        self._commit([seq for group in sizes.values() for seq in self._step(group)])
+
+    def _step(self, running: list[Sequence]) -> list[Sequence]:
+        """A decoder pass over canvases of one size and a denoising step of each; the sequences whose canvas is
+        done."""
         cache = self._batch_cache(running)
         canvases = torch.cat([s.state.canvas for s in running])
         feeds = [self_conditioning(s.state) for s in running]  # per sequence: (logits or None, rows or None)
@@ -115,7 +134,7 @@ class DiffusionRunner:
                 row = torch.cat([seq.before, row[:, :-1]], dim=1)
             if self._denoise(seq, row, sc_dtype):
                 finished.append(seq)
-        self._commit(finished)
+        return finished
 
     def _head_rows(self, running: list[Sequence], open_only: list[bool], canvases: Tensor, cache: KVCache,
                    sc: Tensor | None, sc_rows: Tensor | None) -> list[Tensor]:
@@ -135,7 +154,7 @@ class DiffusionRunner:
         """Nothing to give back: the stacked cache is rebuilt when the set of sequences changes."""
 
     def reset(self) -> None:
-        self._stacked = None
+        self._stacked = {}
 
     def _keep_before(self, seq: Sequence, hidden: Tensor) -> None:
         """Shift-trained models predict a canvas's first token from the last encoded position."""
@@ -143,22 +162,24 @@ class DiffusionRunner:
             seq.before = self.lm.network.logits(hidden[:, -1:])
 
     def _batch_cache(self, running: list[Sequence]) -> KVCache:
-        """The stacked cache of the running sequences, rebuilt only when one joined, left or committed."""
-        key = tuple((s.request.id, s.cache.length) for s in running)
-        if self._stacked is None or self._stacked[0] != key:
-            self._stacked = (key, running[0].cache if len(running) == 1
-                             else KVCache.stack([s.cache for s in running]))
-        return self._stacked[1]
+        """The stacked cache of the running sequences (canvases of one size), rebuilt only when one joined, left or
+        committed."""
+        key, size = tuple((s.request.id, s.cache.length) for s in running), running[0].state.canvas.shape[1]
+        if size not in self._stacked or self._stacked[size][0] != key:
+            self._stacked[size] = (key, running[0].cache if len(running) == 1
+                                   else KVCache.stack([s.cache for s in running]))
+        return self._stacked[size][1]
 
     def _new_canvas(self, seq: Sequence) -> None:
         network = self.lm.network
+        size = canvas_size(network, seq.settings)
         pins, seq.allowed = (None, None) if seq.constraint is None else \
-            seq.constraint.for_canvas(seq.canvas_index, network.canvas_length)
-        seq.state = start_canvas(1, network.canvas_length, network.vocab_size, seq.settings, seq.generator,
+            seq.constraint.for_canvas(seq.canvas_index, size)
+        seq.state = start_canvas(1, size, network.vocab_size, seq.settings, seq.generator,
                                  self.lm.device, getattr(network, "mask_token_id", None), pins)
         seq.pinned, seq.last_logits = 0, None
         total = seq.request.max_new_tokens + len(seq.request.suffix)
-        region = min(network.canvas_length, total - seq.canvas_index * network.canvas_length)
+        region = min(size, total - seq.canvas_index * size)
         pinned = pins_only(pins, region, self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0)
         if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
             seq.state.draft = pinned
@@ -221,21 +242,20 @@ class DiffusionRunner:
                 seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
             if not self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
                 going.append(seq)
-        if not going:
-            return
-        committed = torch.cat([seq.state.draft for seq in going])
-        valid = torch.ones_like(committed, dtype=torch.bool)
-        if len(going) == 1:
-            hidden = self.lm.network.encode(committed, going[0].cache, valid)
-        else:
-            cache = KVCache.stack([seq.cache for seq in going])
-            hidden = self.lm.network.encode(committed, cache, valid)
-            for seq, row in zip(going, cache.unstack(), strict=True):
-                seq.cache = row
-        for i, seq in enumerate(going):
-            self._keep_before(seq, hidden[i:i + 1])
-            seq.canvas_index += 1
-            self._new_canvas(seq)
+        for group in by_canvas_size(going).values():  # one causal pass per canvas size
+            committed = torch.cat([seq.state.draft for seq in group])
+            valid = torch.ones_like(committed, dtype=torch.bool)
+            if len(group) == 1:
+                hidden = self.lm.network.encode(committed, group[0].cache, valid)
+            else:
+                cache = KVCache.stack([seq.cache for seq in group])
+                hidden = self.lm.network.encode(committed, cache, valid)
+                for seq, row in zip(group, cache.unstack(), strict=True):
+                    seq.cache = row
+            for i, seq in enumerate(group):
+                self._keep_before(seq, hidden[i:i + 1])
+                seq.canvas_index += 1
+                self._new_canvas(seq)
 
 
 class SharedCacheRunner:

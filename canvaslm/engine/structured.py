@@ -27,7 +27,7 @@ from torch import Tensor
 from canvaslm.diffusion.generate import CanvasCommitted
 from canvaslm.diffusion.grammar import (INTEGER, NUMBER, STRING, Automaton, TokenGrammar, bounded_string, literals,
                                         number_range, token_texts)
-from canvaslm.diffusion.step import Constraint
+from canvaslm.diffusion.step import Constraint, canvas_size
 from canvaslm.errors import CanvasError
 
 IGNORED = {"title", "description", "$schema", "$id", "default", "examples", "additionalProperties", "required",
@@ -269,12 +269,15 @@ class JsonPlan:
     of the serving engine's batch), and `judge` turns its canvases' last logits into an answer or into the pins of
     the next round (the values that broke the schema are freed, the others kept)."""
 
-    def __init__(self, lm: Any, prompt: list[int], schema: Mapping[str, Any], budget: Budget = Budget()) -> None:
+    def __init__(self, lm: Any, prompt: list[int], schema: Mapping[str, Any], budget: Budget = Budget(),
+                 sampling: Mapping[str, Any] | None = None) -> None:
         self.schema, self.tokenizer = schema, lm.require_tokenizer()
         self.layout = scaffold(schema, lambda text: self.tokenizer.encode(text, add_special_tokens=False), budget)
         lm.check_length(len(prompt), len(self.layout.fixed))
         self.grammars = lm.slot_grammars()
-        self.vocab, self.canvas, self.device = lm.network.vocab_size, lm.network.canvas_length, lm.device
+        # the canvases the rounds decode in (`sampling`'s canvas_size): the answer is read canvas by canvas
+        self.canvas = canvas_size(lm.network, lm.diffusion_settings(dict(sampling or {})))
+        self.vocab, self.device = lm.network.vocab_size, lm.device
         self.size = len(self.layout.fixed)               # tokens of the region the schema occupies
         allowed = allowed_mask(self.layout, self.grammars, self.vocab).to(self.device)
         self.allowed = torch.cat([allowed, allowed.new_ones(-self.size % self.canvas, self.vocab)])  # whole canvases
@@ -321,7 +324,7 @@ def generate_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], *, seed
                   rounds: int = ROUNDS, budget: Budget = Budget(), **sampling: Any) -> StructuredResult:
     """Answer `prompt` with JSON that validates against `schema` (see the module docstring), or raise
     `StructuredOutputError` after `rounds` denoising rounds."""
-    plan = JsonPlan(lm, prompt, schema, budget)
+    plan = JsonPlan(lm, prompt, schema, budget, sampling)
     seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
     passes = 0
     for attempt in range(rounds):

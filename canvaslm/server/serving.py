@@ -186,7 +186,8 @@ class Server:
         validate) is one engine request that shares decoder passes with every other request; the same answer as
         `LM.generate_json` for the same seed."""
         schema = body.response_format.target_schema()  # type: ignore[union-attr]
-        plan = await asyncio.to_thread(JsonPlan, self.lm, prompt, schema)  # the first builds the slot grammars
+        # the first plan builds the slot grammars
+        plan = await asyncio.to_thread(JsonPlan, self.lm, prompt, schema, sampling=body.sampling(True))
         seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
         for attempt in range(ROUNDS):
             events = await self._run(http, prompt=prompt, max_new_tokens=plan.size, sampling=body.sampling(True),

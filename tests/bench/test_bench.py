@@ -229,3 +229,13 @@ def test_serve_runs_every_server_at_once_and_the_systems_take_turns_level_by_lev
     assert parent[0]["latency_p50_s"] == 12.0 and parent[0]["requests"] == 12 and parent[0]["concurrency"] == 1
     assert parent[0]["passes_by_batch_size"] == {"1": 3, "2-4": 18}
     assert parent[1]["tokens_per_second_rounds"] == [12.0, 15.0, 18.0] and report["rounds"] == 3
+
+    runs.clear()  # settings: the canvases are driven once per setting, side by side, the setting in each request
+    monkeypatch.setattr(serve, "run_level", lambda url, concurrency, requests, max_tokens, structured_share=0.0,
+                        extra=None: runs.append((url, concurrency, dict(extra or {}))) or {"concurrency": concurrency})
+    report = serve.bench_serve(["canvas", "parent"], [8], 4, 16, compare_streaming=False,
+                               decodings=["diffusion", "verified"], settings=[{}, {"canvas_size": 4}])
+    assert list(report["models"]) == ["canvas", "canvas · canvas_size=4", "canvas · verified", "parent"]
+    assert [extra for _, _, extra in runs] == [{"decoding": "diffusion"}, {"decoding": "diffusion", "canvas_size": 4},
+                                               {"decoding": "verified"}, {}]
+    assert report["models"]["canvas · canvas_size=4"]["setting"] == {"canvas_size": 4}

@@ -58,8 +58,30 @@ def test_the_modes_take_turns_batch_by_batch_so_drift_hits_each_alike(tmp_path, 
         return run_group(lm, mode, group, *args)
 
     monkeypatch.setattr(decoding, "_run_group", recorded)
+    order = ("autoregressive", "verified", "diffusion")
     report = bench_decoding(load(str(tmp_path / "dg")), [1, 4], new_tokens=6)
-    turns = [(mode, 1) for mode in decoding.ORDER] * 8 + [(mode, 4) for mode in decoding.ORDER] * 2
+    turns = [(mode, 1) for mode in order] * 8 + [(mode, 4) for mode in order] * 2
     assert calls == turns  # not all 8 prompts in one mode, then all in the next
-    assert [(r["decoding"], r["batch"]) for r in report["runs"]] == [(m, b) for b in (1, 4) for m in decoding.ORDER]
+    assert [(r["decoding"], r["batch"]) for r in report["runs"]] == [(m, b) for b in (1, 4) for m in order]
     assert all(r["agreement_with_autoregressive"] == 1.0 for r in report["runs"] if r["decoding"] == "verified")
+
+
+def test_settings_of_the_canvases_take_their_turns_beside_the_other_modes(tmp_path, capsys):
+    """`--setting`: the canvases run once per sampler setting, each a row timed in the same turns as the others;
+    the rows differ by what the setting does (here canvases of 2: more commits, other tokens); a setting the
+    model refuses is a one-line error before any timing."""
+    tiny_checkpoint(tmp_path / "dg", canvas_length=4, logit_gain=1.0)
+    out = tmp_path / "decoding.json"
+    assert main(["bench", "decoding", "-m", str(tmp_path / "dg"), "--batch-sizes", "1", "--new-tokens", "12",
+                 "--setting", "canvas_size=4", "--setting", "canvas_size=2", "--out", str(out), "--threads", "1"]) == 0
+    report = json.loads(out.read_text())["decoding"]
+    assert [r["decoding"] for r in report["runs"]] == ["autoregressive", "verified", "diffusion · canvas_size=4",
+                                                       "diffusion · canvas_size=2"]
+    assert report["diffusion_settings"]["diffusion · canvas_size=2"]["canvas_size"] == 2
+    four, two = report["runs"][2:]
+    assert four["tokens"] > 0 and two["tokens"] > 0
+    assert (four["tokens"], four["forward_passes"]) != (two["tokens"], two["forward_passes"])
+    capsys.readouterr()
+    assert main(["bench", "decoding", "-m", str(tmp_path / "dg"), "--setting", "canvas_size=8", "--threads", "1"]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and "canvas_size must be at most this model's trained canvas of 4" in err.err

@@ -169,6 +169,42 @@ def test_steps_that_work_out_only_the_masked_positions_write_what_whole_canvases
         engine.stop()
 
 
+def test_a_smaller_canvas_decodes_as_the_model_trained_on_it_alone_and_in_a_mixed_batch():
+    """`canvas_size`: a canvas-4 model asked for canvases of 2 writes exactly what its weights write when 2 is their
+    trained canvas, committing every 2 tokens; in the engine a request with canvases of 2 and one with the trained
+    canvas take turns in the same steps and each gets its tokens alone; a canvas larger than the trained one is
+    refused, naming the limit."""
+    import copy
+    import dataclasses
+
+    from canvaslm.diffusion.generate import CanvasCommitted
+    from canvaslm.errors import GenerationError
+
+    lm = shift_lm()
+    settings = dict(LEFT_TO_RIGHT, first_token="causal")
+    trained_on_2 = copy.deepcopy(lm)
+    trained_on_2.network.config = dataclasses.replace(trained_on_2.network.config, canvas_length=2)
+    for seed, prompt in enumerate(PROMPTS[:3]):
+        events = list(lm.generate_steps([prompt], 12, seed=seed, canvas_size=2, **settings))
+        assert {e.tokens.shape[1] for e in events if isinstance(e, CanvasCommitted)} == {2}
+        assert torch.equal(events[-1].sequences,
+                           trained_on_2.generate([prompt], 12, seed=seed, **settings).sequences)
+    two = dict(settings, canvas_size=2)
+    alone = [lm.decode_new(lm.generate([p], 12, seed=seed, **options).sequences[0], len(p))[0][:12]
+             for seed, (p, options) in enumerate(zip(PROMPTS[:3], [two, settings, two]))]
+    assert alone[0] != lm.decode_new(lm.generate([PROMPTS[0]], 12, seed=0, **settings).sequences[0],
+                                     len(PROMPTS[0]))[0][:12]  # the size changes what is written
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        results = run(engine, [dict(prompt=p, max_new_tokens=12, seed=seed, sampling=options)
+                               for seed, (p, options) in enumerate(zip(PROMPTS[:3], [two, settings, two]))])
+        assert [tokens for tokens, _, _ in results] == alone
+    finally:
+        engine.stop()
+    with pytest.raises(GenerationError, match="canvas_size must be at most this model's trained canvas of 4"):
+        lm.generate([PROMPTS[0]], 12, canvas_size=5)
+
+
 @pytest.mark.parametrize("pin", [False, True])
 def test_batched_requests_get_their_solo_tokens(lm, pin):
     # Batched and solo decoder passes agree to ~1e-5, not bitwise; this random model's self-conditioning loop

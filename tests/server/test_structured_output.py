@@ -78,6 +78,23 @@ def test_a_json_schema_answer_joins_the_batch_and_equals_generate_json(served, c
     assert _passes_with_company(httpx.get(server.url + "/metrics").text) > before
 
 
+def test_a_json_schema_answer_in_smaller_canvases_is_generate_jsons_and_a_canvas_too_large_is_a_400(served, client):
+    """`canvas_size` reaches the schema's rounds: the served answer is LM.generate_json's in the same canvases, read
+    back canvas by canvas; a canvas larger than the trained one is refused before any work, naming the limit."""
+    import canvaslm
+
+    lm = canvaslm.load(served[0], device="cpu")
+    prompt = lm.chat_prompt_ids([{"role": "user", "content": "A city?"}])
+    expected = lm.generate_json(prompt, SCHEMA, seed=3, canvas_size=4)
+    r = ask(client, response_format=FORMAT, seed=3, extra_body={"canvas_size": 4})
+    assert r.choices[0].message.content == expected.text
+    jsonschema.validate(json.loads(expected.text), SCHEMA)
+    with pytest.raises(openai.BadRequestError, match="at most this model's trained canvas of 16"):
+        ask(client, response_format=FORMAT, seed=3, extra_body={"canvas_size": 32})
+    with pytest.raises(openai.BadRequestError, match="at most this model's trained canvas of 16"):
+        ask(client, max_tokens=8, extra_body={"canvas_size": 17})
+
+
 def test_bad_schema_is_a_400_naming_the_sub_schema(client):
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}}}
