@@ -62,6 +62,8 @@ class LM:
         settings = dict(generation_config or {})
         diffusion_keys = {k: settings[k] for k in DiffusionSampling.__dataclass_fields__ if k in settings}
         self.diffusion_defaults = DiffusionSampling().replace(**diffusion_keys)
+        if self.kind == "diffusion":
+            canvas_size(network, self.diffusion_defaults)  # a default canvas_size must fit the trained canvas
         self.ar_defaults = {k: settings.get(k, v) for k, v in AR_SAMPLING.items()}
         eos = settings.get("eos_token_id", getattr(self.config, "eos_token_id", None))
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

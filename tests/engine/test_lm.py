@@ -129,6 +129,16 @@ def test_generation_config_json_sets_defaults(checkpoint, tmp_path):
     out = lm.generate([5, 6], max_new_tokens=8, seed=0)
     assert int(out.forward_passes.max()) <= 7
 
+    # a default canvas the model never saw is refused when the model loads, naming the field and the limit
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"canvas_size": 64}))
+    with pytest.raises(GenerationError, match="canvas_size must be at most this model's trained canvas of"):
+        canvaslm.load(tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"canvas_size": 2}))
+    from canvaslm.diffusion.generate import CanvasCommitted
+
+    events = canvaslm.load(tmp_path / "m").generate_steps([5, 6], max_new_tokens=8, seed=0)
+    assert {e.tokens.shape[1] for e in events if isinstance(e, CanvasCommitted)} == {2}  # the default applies
+
 
 def test_bad_calls_raise_clear_errors(lm):
     with pytest.raises(GenerationError, match="temperature"):
