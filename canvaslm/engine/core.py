@@ -85,7 +85,8 @@ class Engine:
     def check(self, request: Request) -> Any:
         """The request's settings, or a CanvasError for options this model (in the request's decoding) does not
         take or values out of range."""
-        return self.lm.resolve_sampling(dict(request.sampling), request.decoding)
+        sampling = self.lm.infill_sampling(request.sampling) if request.suffix else dict(request.sampling)
+        return self.lm.resolve_sampling(sampling, request.decoding)
 
     def submit(self, request: Request) -> None:
         mode = self.lm.decoding_mode(request.decoding)

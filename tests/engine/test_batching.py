@@ -391,6 +391,29 @@ def test_a_constraint_slices_into_canvases():
     assert third == (None, None)
 
 
+def test_an_infill_decodes_in_the_trained_canvas_unless_it_asks_for_another():
+    """A model whose default canvas is smaller than its trained one (`smol`: 4 of 16) still fills a middle in the
+    trained canvas, where the middle can see the suffix: through the engine and `LM.infill`'s options alike; a
+    request that names canvas_size gets it."""
+    import dataclasses
+
+    lm = shift_lm()
+    lm.diffusion_defaults = dataclasses.replace(lm.diffusion_defaults, canvas_size=2, **LEFT_TO_RIGHT)
+    assert lm.infill_sampling({}) == {"canvas_size": 0} and lm.infill_sampling({"canvas_size": 2})["canvas_size"] == 2
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        widths = {}
+        for name, sampling in (("default", {}), ("asked", {"canvas_size": 2})):
+            spec = dict(prompt=PROMPTS[0], max_new_tokens=6, seed=0, suffix=[7, 8], drafts=True, sampling=sampling)
+            _, _, events = run(engine, [spec])[0]
+            widths[name] = {len(e.ids) for e in events if isinstance(e, Draft)}
+        plain = dict(prompt=PROMPTS[0], max_new_tokens=6, seed=0, drafts=True)
+        widths["no suffix"] = {len(e.ids) for e in run(engine, [plain])[0][2] if isinstance(e, Draft)}
+    finally:
+        engine.stop()
+    assert widths == {"default": {4}, "asked": {2}, "no suffix": {2}}
+
+
 def test_infill_holds_the_suffix_fixed_after_the_middle(lm):
     engine = Engine(lm, pin_settled=False).start()
     try:

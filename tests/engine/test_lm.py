@@ -113,6 +113,16 @@ def test_infill_pins_the_suffix_after_the_middle(lm, middle):
     r = lm.infill("the quick", " brown fox", max_new_tokens=middle, seed=0)
     assert len(r.token_ids) <= middle and r.finish_reason in ("stop", "length") and r.forward_passes >= 1
     assert r.tokens_per_forward == len(r.token_ids) / r.forward_passes
+    # a default canvas smaller than the trained one does not reach an infill (the middle would not see the suffix)
+    import dataclasses
+
+    defaults = lm.diffusion_defaults
+    try:
+        lm.diffusion_defaults = dataclasses.replace(defaults, canvas_size=2)
+        small = lm.infill("the quick", " brown fox", max_new_tokens=middle, seed=0)
+        assert (small.token_ids, small.forward_passes) == (r.token_ids, r.forward_passes)
+    finally:
+        lm.diffusion_defaults = defaults
 
 
 def test_generation_config_json_sets_defaults(checkpoint, tmp_path):
