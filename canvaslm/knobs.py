@@ -105,8 +105,9 @@ KNOBS: tuple[Knob, ...] = (
          choices=FIRST_TOKENS),
     Knob("canvas_size", int, 0, "tokens a canvas holds at decoding time, at most the canvas the model was "
          "trained on (0 = that canvas): a smaller one is fewer rows a decoder pass and a commit more often, which "
-         "pays where rows cost (a batch of requests, int4 CPU kernels); `smol`, trained on clean prefixes, writes as "
-         "well in canvases of 4", "diffusion", low=0, high=65536),
+         "pays where rows cost (a batch of requests, int4 CPU kernels); `smol`, trained on clean prefixes, writes "
+         "better text in canvases of 4. An infill keeps the trained canvas unless this is given: a middle sees "
+         "its suffix only inside the suffix's canvas", "diffusion", low=0, high=65536),
     Knob("sub_block", int, 0, "masked models: only the first sub-block of this many positions that still holds a "
          "mask may keep tokens in a step, so a canvas fills left to right in chunks (Fast-dLLM v2's small blocks); "
          "0 = the whole canvas", "diffusion", low=0, high=65536),
