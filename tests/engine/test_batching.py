@@ -128,6 +128,21 @@ def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(
         engine.stop()
 
 
+def alone_and_together(lm: LM, options: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """The first 12 tokens of PROMPTS[i] under options[i] (seed i): each from LM.generate alone, and all from one
+    engine that serves them together."""
+    prompts = PROMPTS[:len(options)]
+    alone = [lm.decode_new(lm.generate([p], 12, seed=seed, **o).sequences[0], len(p))[0][:12]
+             for seed, (p, o) in enumerate(zip(prompts, options, strict=True))]
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        results = run(engine, [dict(prompt=p, max_new_tokens=12, seed=seed, sampling=o)
+                               for seed, (p, o) in enumerate(zip(prompts, options, strict=True))])
+    finally:
+        engine.stop()
+    return alone, [tokens for tokens, _, _ in results]
+
+
 LEFT_TO_RIGHT = dict(order="left_to_right", acceptance="threshold", accept_probability=0.3, sampler="fast",
                      max_denoising_steps=4)
 
@@ -157,16 +172,8 @@ def test_steps_that_work_out_only_the_masked_positions_write_what_whole_canvases
     assert written["masked positions rows"] < 0.7 * written["whole canvas rows"]
     monkeypatch.undo()
 
-    reference = dict(settings, sampler="reference")
-    alone = [lm.decode_new(lm.generate([p], 12, seed=seed, **options).sequences[0], len(p))[0][:12]
-             for seed, (p, options) in enumerate(zip(PROMPTS[:3], [settings, reference, settings]))]
-    engine = Engine(lm, pin_settled=False).start()
-    try:
-        results = run(engine, [dict(prompt=p, max_new_tokens=12, seed=seed, sampling=options)
-                               for seed, (p, options) in enumerate(zip(PROMPTS[:3], [settings, reference, settings]))])
-        assert [tokens for tokens, _, _ in results] == alone
-    finally:
-        engine.stop()
+    alone, together = alone_and_together(lm, [settings, dict(settings, sampler="reference"), settings])
+    assert together == alone
 
 
 def test_a_smaller_canvas_decodes_as_the_model_trained_on_it_alone_and_in_a_mixed_batch():
@@ -190,17 +197,10 @@ def test_a_smaller_canvas_decodes_as_the_model_trained_on_it_alone_and_in_a_mixe
         assert torch.equal(events[-1].sequences,
                            trained_on_2.generate([prompt], 12, seed=seed, **settings).sequences)
     two = dict(settings, canvas_size=2)
-    alone = [lm.decode_new(lm.generate([p], 12, seed=seed, **options).sequences[0], len(p))[0][:12]
-             for seed, (p, options) in enumerate(zip(PROMPTS[:3], [two, settings, two]))]
+    alone, together = alone_and_together(lm, [two, settings, two])
     assert alone[0] != lm.decode_new(lm.generate([PROMPTS[0]], 12, seed=0, **settings).sequences[0],
                                      len(PROMPTS[0]))[0][:12]  # the size changes what is written
-    engine = Engine(lm, pin_settled=False).start()
-    try:
-        results = run(engine, [dict(prompt=p, max_new_tokens=12, seed=seed, sampling=options)
-                               for seed, (p, options) in enumerate(zip(PROMPTS[:3], [two, settings, two]))])
-        assert [tokens for tokens, _, _ in results] == alone
-    finally:
-        engine.stop()
+    assert together == alone
     with pytest.raises(GenerationError, match="canvas_size must be at most this model's trained canvas of 4"):
         lm.generate([PROMPTS[0]], 12, canvas_size=5)
 
