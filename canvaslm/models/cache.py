@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+PUT_SPARE = 16
+"""Padding slots `KVCache.put` adds at least, when a row it writes back has outgrown the batch: a serving step
+commits canvases of a few tokens, and every pad copies the whole cache."""
+
+
 class KVCache:
     """Encoder-written, decoder-read cache. Only `extend` + `commit` write to it; the decoder uses `read`."""
 
@@ -63,6 +68,54 @@ class KVCache:
                 row.offsets = None
             rows.append(row)
         return rows
+
+    def take(self, rows: Tensor) -> KVCache:
+        """A cache of some rows (an index tensor), copied out: passes over it leave this cache alone until `put`
+        writes them back."""
+        part = copy.copy(self)
+        part.keys, part.values = list(self.keys), list(self.values)
+        part.select(rows)
+        return part
+
+    def put(self, rows: Tensor, part: KVCache) -> None:
+        """Write back rows `take` copied out, after passes appended positions to them: this cache keeps its other
+        rows as they are, and each written row ends at the last slot again (its left padding shrinks by what it
+        grew; `offsets` keep its positions its own). Where a row's padding is too short, every row is padded on
+        the left first, by at least `PUT_SPARE` slots, so that the next few writes find room."""
+        longest = part.length - (0 if part.offsets is None else int(part.offsets.min()))  # a row's real slots
+        if longest > self.length:
+            self.pad_left(max(longest - self.length, PUT_SPARE))
+        for layer in range(len(self.windows)):
+            for name in ("keys", "values"):
+                into, new = getattr(self, name)[layer], getattr(part, name)[layer]
+                if into is None or new is None:  # a layer that stores no keys of its own
+                    continue
+                slots = into.shape[2]
+                into[rows] = F.pad(new, (0, 0, slots - new.shape[2], 0)) if new.shape[2] < slots \
+                    else new[:, :, new.shape[2] - slots:]
+        own = torch.zeros(part.batch_size, dtype=torch.long, device=self.valid.device) if part.offsets is None \
+            else part.offsets
+        self.valid[rows] = F.pad(part.valid, (self.length - part.length, 0), value=False) \
+            if part.length < self.length else part.valid[:, part.length - self.length:]
+        if self.offsets is None:
+            self.offsets = torch.zeros(self.batch_size, dtype=torch.long, device=self.valid.device)
+        self.offsets[rows] = own + (self.length - part.length)
+
+    def pad_left(self, n: int) -> None:
+        """n padding slots before every row: the positions of the rows stay their own (`offsets`)."""
+        for layer, window in enumerate(self.windows):
+            for name in ("keys", "values"):
+                stored = getattr(self, name)[layer]
+                if stored is None:
+                    continue
+                slots = stored.shape[2]  # a sliding layer pads only up to what its window shows
+                add = n if window is None else max(0, min(slots + n, window - 1) - slots)
+                if add:
+                    getattr(self, name)[layer] = F.pad(stored, (0, 0, add, 0))
+        self.valid = F.pad(self.valid, (n, 0), value=False)
+        self.length += n
+        self.offsets = (torch.zeros(self.batch_size, dtype=torch.long, device=self.valid.device)
+                        if self.offsets is None else self.offsets) + n
 
     def positions(self, n: int) -> Tensor:
         """Positions of the next n slots: [n], shared by all rows, or [B, n] for a stacked cache."""

@@ -17,6 +17,7 @@ from canvaslm.engine.output import CanvasLogits, Draft, Finished, Tokens
 from canvaslm.engine.request import Request
 from canvaslm.engine.lm import LM
 from canvaslm.models import llama
+from canvaslm.models.cache import KVCache
 from tests.reference import tiny_checkpoint
 from tests.train.toy_config import MODEL_INIT
 
@@ -222,28 +223,39 @@ def test_batched_requests_get_their_solo_tokens(lm, pin):
     assert together == solo
 
 
-def test_canvases_finished_in_one_step_are_committed_in_one_causal_pass(lm, monkeypatch):
+def test_canvases_finished_in_one_step_are_committed_in_one_causal_pass_into_the_batch_cache(lm, monkeypatch):
     """Each commit alone is a whole pass over the weights for one canvas: the canvases that finish together go into
-    the caches in one pass (stacked, then unstacked), and the tokens stay what each request writes alone."""
-    specs = [dict(prompt=p, max_new_tokens=16, seed=i, sampling={"entropy_bound": 1.0, "max_denoising_steps": 3})
+    the caches in one pass, written into their rows of the running batch's stacked cache (`KVCache.take` /
+    `put`), which is stacked only as requests join; the tokens stay what each request writes alone."""
+    specs = [dict(prompt=p, max_new_tokens=16, seed=i,
+                  sampling={"entropy_bound": 1.0, "max_denoising_steps": 2 + i % 2})  # canvases end out of step
              for i, p in enumerate(PROMPTS)]
     engine = Engine(lm).start()
     try:
         solo = [run(engine, [spec])[0][0] for spec in specs]
-        encode, rows = lm.network.encode, []
+        encode, rows, calls = lm.network.encode, [], {"stack": 0, "put": 0}
 
         def counted(input_ids, cache, valid):
             rows.append(input_ids.shape[0])
             return encode(input_ids, cache, valid)
 
+        def counting(name, method):
+            def call(*args, **kwargs):
+                calls[name] += 1
+                return method(*args, **kwargs)
+            return call
+
         monkeypatch.setattr(lm.network, "encode", counted)
+        monkeypatch.setattr(KVCache, "stack", counting("stack", KVCache.stack))
+        monkeypatch.setattr(KVCache, "put", counting("put", KVCache.put))
         together = [tokens for tokens, _, _ in run(engine, specs)]
     finally:
         engine.stop()
     assert together == solo
-    # the 4 prompts in one pass (admitted together), then canvases of at most 3 steps, begun in one step: several
-    # commit in one pass
+    # the 4 prompts in one pass (admitted together), then canvases of 2 or 3 steps, begun in one step: several
+    # commit in one pass, and steps that commit only some rows write them back in place
     assert rows[0] == 4 and max(rows[1:]) > 1, rows
+    assert calls["put"] > 0 and calls["stack"] == 3, calls  # 3 requests joined the first
 
 
 def test_streaming_pins_settled_tokens_and_drafts_are_opt_in(lm):

@@ -9,7 +9,7 @@ import torch
 
 import canvaslm
 from canvaslm.models import llama
-from canvaslm.models.cache import KVCache, encode_chunked
+from canvaslm.models.cache import PUT_SPARE, KVCache, encode_chunked
 from tests.reference import tiny_checkpoint
 from tests.train.toy_config import MODEL_INIT
 
@@ -149,38 +149,51 @@ def test_rollback_on_sliding_layers_needs_slack(tmp_path):
 
 
 @pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
-def test_a_stacked_commit_unstacks_into_the_caches_each_row_would_have_alone(build, tmp_path):
-    """The serving engine commits the canvases finished in one step in one causal pass over their stacked caches,
-    then gives each row its own cache back (`unstack`): the same length, no padding, no offsets, keys within
-    float rounding of a commit alone, and the next canvas decodes the same."""
+def test_commits_written_back_into_the_batch_leave_every_row_its_own_cache(build, tmp_path):
+    """The serving engine keeps its running sequences' caches stacked: the canvases finished in a step are
+    encoded over their rows copied out (`take`) and written back in place (`put`), the batch padded on the left
+    when a row outgrows it. Every row, committed or not, then decodes as its own cache alone does (sliding windows
+    included), and so after a second round of commits and after a row leaves."""
     network = build(tmp_path)
     torch.manual_seed(3)
     prompts = [torch.randint(3, 30, (1, n)) for n in (3, 9, 6)]  # shorter and longer than the sliding window
-    committed = torch.randint(3, 30, (3, network.canvas_length))
-    canvases = torch.randint(3, 30, (3, network.canvas_length))
-    ones = torch.ones_like(committed, dtype=torch.bool)
+    size = network.canvas_length
+    rounds = [([1, 2], torch.randint(3, 30, (2, size))), ([0, 1], torch.randint(3, 30, (2, size)))]
+    canvases = torch.randint(3, 30, (3, size))
     with torch.no_grad():
-        alone, caches, solo_hidden = [], [], []
-        for i, prompt in enumerate(prompts):
-            for target in (alone, caches):
-                cache = network.new_cache(1, "cpu")
-                network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
-                target.append(cache)
-            solo_hidden.append(network.encode(committed[i:i + 1], alone[i], ones[i:i + 1]))
-        stacked = KVCache.stack(caches)
-        hidden = network.encode(committed, stacked, ones)
-        rows = stacked.unstack()
-        for i, (row, solo) in enumerate(zip(rows, alone, strict=True)):
-            assert (row.length, row.offsets, row.batch_size) == (solo.length, None, 1)
-            assert bool(row.valid.all())
-            for layer in range(len(row.windows)):
-                assert row.keys[layer].shape == solo.keys[layer].shape
-                torch.testing.assert_close(row.keys[layer], solo.keys[layer], atol=1e-5, rtol=0)
-                torch.testing.assert_close(row.values[layer], solo.values[layer], atol=1e-5, rtol=0)
-            torch.testing.assert_close(hidden[i:i + 1], solo_hidden[i], atol=1e-5, rtol=0)
-            torch.testing.assert_close(network.decode(canvases[i:i + 1], row, None),
-                                       network.decode(canvases[i:i + 1], solo, None), atol=1e-4, rtol=0)
+        alone = []
+        for prompt in prompts:
+            cache = network.new_cache(1, "cpu")
+            network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
+            alone.append(cache)
+        batch = KVCache.stack([copy_of(network, cache) for cache in alone])
+        for rows, committed in rounds:
+            ones = torch.ones_like(committed, dtype=torch.bool)
+            index = torch.tensor(rows)
+            part = batch.take(index)
+            hidden = network.encode(committed, part, ones)
+            batch.put(index, part)
+            for i, row in enumerate(rows):
+                solo = network.encode(committed[i:i + 1], alone[row], ones[i:i + 1])
+                torch.testing.assert_close(hidden[i:i + 1], solo, atol=1e-5, rtol=0)
+        assert 2 * size <= PUT_SPARE and batch.length == 9 + PUT_SPARE  # one pad made room for both rounds
+        assert batch.positions(1)[:, 0].tolist() == [c.length for c in alone] == [3 + size, 9 + 2 * size, 6 + size]
+        together = network.decode(canvases, batch, None)
+        for i in range(3):
+            torch.testing.assert_close(together[i:i + 1], network.decode(canvases[i:i + 1], alone[i], None),
+                                       atol=1e-4, rtol=0)
+        batch.select(torch.tensor([0, 2]))
+        torch.testing.assert_close(network.decode(canvases[[0, 2]], batch, None), together[[0, 2]],
+                                   atol=1e-4, rtol=0)
 
+
+def copy_of(network, cache: KVCache) -> KVCache:
+    """The same cache in tensors of its own (`put` writes into the batch, never into the caches stacked)."""
+    out = network.new_cache(1, "cpu")
+    out.keys = [None if k is None else k.clone() for k in cache.keys]
+    out.values = [None if v is None else v.clone() for v in cache.values]
+    out.valid, out.length = cache.valid.clone(), cache.length
+    return out
 
 
 @pytest.mark.parametrize("build", [_diffusion_gemma, _llama], ids=["diffusion_gemma", "llama"])
