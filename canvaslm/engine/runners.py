@@ -109,7 +109,7 @@ class DiffusionRunner:
         """After the prompt was encoded (`hidden` [1, P, D]): its cache joins the batch of its canvas size, then
         its first canvas; one that is all pins commits (and may finish) at once."""
         seq.constraint = self._constraint(seq.request)
-        self._keep_before(seq, hidden)
+        self._keep_before([seq], hidden)
         size = canvas_size(self.lm.network, seq.settings)
         batch = self._batches.get(size)
         if batch is None:
@@ -196,10 +196,13 @@ class DiffusionRunner:
     def reset(self) -> None:
         self._batches = {}
 
-    def _keep_before(self, seq: Sequence, hidden: Tensor) -> None:
-        """Shift-trained models predict a canvas's first token from the last encoded position."""
+    def _keep_before(self, seqs: list[Sequence], hidden: Tensor) -> None:
+        """Shift-trained models predict a canvas's first token from the last encoded position (`hidden` [k, n, D],
+        a row per sequence): the head runs once for all of them."""
         if getattr(self.lm.network, "canvas_shift", False):
-            seq.before = self.lm.network.logits(hidden[:, -1:])
+            logits = self.lm.network.logits(hidden[:, -1:])
+            for i, seq in enumerate(seqs):
+                seq.before = logits[i:i + 1]
 
     def _new_canvas(self, seq: Sequence) -> None:
         network = self.lm.network
@@ -286,8 +289,8 @@ class DiffusionRunner:
                 part = batch.cache.take(index)
                 hidden = self.lm.network.encode(committed, part, valid)
                 batch.cache.put(index, part)
-            for i, seq in enumerate(group):
-                self._keep_before(seq, hidden[i:i + 1])
+            self._keep_before(group, hidden)
+            for seq in group:
                 seq.canvas_index += 1
                 self._new_canvas(seq)
 
