@@ -127,3 +127,32 @@ def test_an_adapter_that_never_saw_self_conditioning_is_skipped_and_a_trained_on
     torch.nn.init.normal_(down.base.weight, std=0.3)
     torch.nn.init.normal_(down.lora_B, std=0.3)
     assert (model.decode(canvas, cache, sc) - plain).abs().max() > 1e-3 and runs
+
+
+def test_switching_passes_finds_the_adapters_once_and_again_after_they_come_or_go(monkeypatch):
+    """`set_canvas_pass` runs before most passes: it walks the model once, and again only after adapters were
+    added, taken out or merged, so a switch never misses an adapter nor touches one that left; a copy of the
+    model switches its own adapters."""
+    from canvaslm.models.lora import without_adapters
+
+    adapted = with_canvas_adapters(parent())
+    adapters = [m for m in adapted.modules() if isinstance(m, LoRALinear)]
+    set_canvas_pass(adapted, True)
+    copied = copy.deepcopy(adapted)
+    set_canvas_pass(copied, False)
+    assert all(m.canvas_pass for m in adapters)
+    assert not any(m.canvas_pass for m in copied.modules() if isinstance(m, LoRALinear))
+    walks = []
+    modules = adapted.modules
+    monkeypatch.setattr(adapted, "modules", lambda: walks.append(1) or modules())
+    for canvas in (False, True, False):
+        set_canvas_pass(adapted, canvas)
+    assert not walks and adapters and not any(m.canvas_pass for m in adapters)
+    with without_adapters(adapted):
+        set_canvas_pass(adapted, True)  # no adapter in place: nothing to switch
+        assert not any(m.canvas_pass for m in adapters)
+    set_canvas_pass(adapted, True)  # back in place: every one of them switches
+    assert all(m.canvas_pass for m in adapters) and len(walks) == 2
+    merge_lora(adapted)
+    set_canvas_pass(adapted, False)
+    assert all(m.canvas_pass for m in adapters) and len(walks) == 3
