@@ -275,17 +275,15 @@ class DiffusionRunner:
                 seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
             if not self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
                 going.append(seq)
-        for size, group in by_canvas_size(going).items():  # one causal pass per canvas size, in the rows' order
+        for size, group in by_canvas_size(going).items():  # one causal pass per canvas size
             batch = self._batches[size]
-            rows = batch.rows(group)
-            group = [seq for _, seq in sorted(zip(rows, group, strict=True), key=lambda pair: pair[0])]
-            rows = sorted(rows)
+            group = [seq for seq in batch.seqs if any(seq is done for done in group)]  # in the rows' order
             committed = torch.cat([seq.state.draft for seq in group])
             valid = torch.ones_like(committed, dtype=torch.bool)
             if len(group) == len(batch.seqs):  # every row commits: in place
                 hidden = self.lm.network.encode(committed, batch.cache, valid)
             else:
-                index = torch.tensor(rows, dtype=torch.long, device=self.lm.device)
+                index = torch.tensor(batch.rows(group), dtype=torch.long, device=self.lm.device)
                 part = batch.cache.take(index)
                 hidden = self.lm.network.encode(committed, part, valid)
                 batch.cache.put(index, part)
