@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-pin-settled", action="store_true", help="stream whole canvases only (results then "
                        "equal canvaslm generate for the same seed)")
     _decoding_arg(serve, "requests without a 'decoding' field: ")
+    serve.add_argument("--max-draft-batch", type=int, default=None, metavar="N",
+                       help="verified decoding drafts while at most N sequences run; above that each step is one "
+                       "autoregressive step, the same distribution (default: 1 on CPUs, where a draft's rows cost; "
+                       "no limit elsewhere)")
     serve.add_argument("--device", default=None)
     precision_args(serve)
     asset = sub.add_parser("asset", help="pack a finished LoRA run into a shippable asset folder")
@@ -325,12 +329,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from canvaslm.server.app import build_app
 
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise CanvasError("--max-batch and --max-queue must be >= 1")
+    if args.max_batch < 1 or args.max_queue < 1 or (args.max_draft_batch is not None and args.max_draft_batch < 1):
+        raise CanvasError("--max-batch, --max-queue and --max-draft-batch must be >= 1")
     lm = load_model(args)
     lm.require_tokenizer()  # the HTTP API takes text
     app = build_app(lm, args.served_model_name or args.model, max_batch=args.max_batch, max_queue=args.max_queue,
-                    pin_settled=not args.no_pin_settled, decoding=args.decoding)
+                    pin_settled=not args.no_pin_settled, decoding=args.decoding, max_draft_batch=args.max_draft_batch)
     print(f"canvaslm: serving {args.model} ({lm.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -94,6 +94,13 @@ def test_bad_sampling_option_is_a_one_line_error(model_dir):
     assert out.returncode == 2 and "autoregressive" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_serve_refuses_batch_limits_below_one_before_loading(model_dir):
+    for flag in ("--max-batch", "--max-draft-batch"):
+        out = run("serve", model_dir, flag, "0")
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+        assert out.stderr.strip() == "canvaslm: error: --max-batch, --max-queue and --max-draft-batch must be >= 1"
+
+
 def test_quality_and_asset_errors_are_one_line(model_dir, tmp_path):
     out = run("quality", model_dir, "--judge", model_dir, "--prompts", str(tmp_path / "none.jsonl"),
               "--out", str(tmp_path / "q.json"))

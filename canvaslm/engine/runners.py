@@ -19,7 +19,10 @@ text is never taken back. Without pinning tokens are sent when their canvas is c
 Verified (a diffusion model's canvas drafts, its causal pass checks; `canvaslm.engine.verified`): the running
 sequences share one cache like the AR ones; each step is one draft pass and one check pass over all of them, and
 each row keeps its own accepted length (`KVCache.rollback`), draws with its own generator, and alone writes what
-`LM.generate(decoding="verified")` writes for the same seed.
+`LM.generate(decoding="verified")` writes for the same seed. With more running sequences than `max_draft_batch`
+(on CPUs: more than one, `verified.max_draft_batch`) a step is one AR step for all instead, as vLLM turns
+speculative decoding off above a batch size: the same distribution, where drafts' rows would cost more than they
+keep.
 
 Autoregressive: all running sequences write their next token in one pass over one stacked cache, which rows join
 (stacked in after their own prefill) and leave (selected out) as requests come and go. A request with a grammar
@@ -361,9 +364,12 @@ class ARRunner(SharedCacheRunner):
 
 
 class VerifiedRunner(SharedCacheRunner):
-    def __init__(self, lm: LM, send: SendTokens, timed: Timer, on_verified: VerifiedRound | None = None) -> None:
+    def __init__(self, lm: LM, send: SendTokens, timed: Timer, on_verified: VerifiedRound | None = None,
+                 max_draft_batch: int | None = None) -> None:
+        """max_draft_batch: the most running sequences a step drafts for; above it a step is one AR step for all
+        (None: no limit)."""
         super().__init__(lm, send, timed)
-        self.on_verified = on_verified
+        self.on_verified, self.max_draft_batch = on_verified, max_draft_batch
 
     def admit(self, seq: Sequence, hidden: Tensor) -> None:
         """After the prompt was encoded: its first token, drawn from the causal pass (the first anchor); its cache
@@ -377,7 +383,10 @@ class VerifiedRunner(SharedCacheRunner):
 
     def step(self, running: list[Sequence]) -> None:
         """One draft pass and one check pass for every running sequence; each keeps its accepted drafts and the
-        next token, its own length."""
+        next token, its own length. With more sequences than `max_draft_batch`, one AR step instead."""
+        if self.max_draft_batch is not None and len(running) > self.max_draft_batch:
+            self._ar_step(running)
+            return
         network, cache = self.lm.network, self._cache
         blocks = torch.cat([draft_block(s.anchor, network, s.generator) for s in running])
         logits = self.timed(len(running), lambda: draft_logits(network, blocks, cache))
@@ -395,3 +404,15 @@ class VerifiedRunner(SharedCacheRunner):
             if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):
                 seq.anchor = y
 
+    def _ar_step(self, running: list[Sequence]) -> None:
+        """One causal pass writes every sequence's anchor into the shared cache, and each draws its next token from
+        the logits after it: the distribution a round keeps, at one row a sequence where a round costs two passes
+        of `draft_size` rows. A sequence that only takes these steps draws what an autoregressive one draws."""
+        anchors = torch.cat([s.anchor for s in running])[:, None]
+        logits = self.timed(len(running), lambda: advance(self.lm.network, self._cache, anchors))
+        for i, seq in enumerate(list(running)):
+            options = seq.settings
+            seq.anchor = sample_next(logits[i:i + 1], options["temperature"], options["top_k"], options["top_p"],
+                                     seq.generator)
+            seq.passes += 1
+            self.send(seq, seq.anchor.tolist())  # final once drawn, as a round's next anchor; may end the sequence

@@ -89,6 +89,16 @@ def draft_size(model: Any) -> int:
     return min(model.canvas_length, getattr(model, "small_pass_rows", None) or model.canvas_length)
 
 
+def max_draft_batch(device: torch.device | str) -> int | None:
+    """The most running sequences a serving step drafts for (`runners.VerifiedRunner`); with more, each step is
+    one causal pass writing every sequence's next token, an AR step, which keeps the same distribution. On CPUs a
+    pass's rows cost: a round of two 4-row passes per sequence loses to AR steps as soon as two sequences run
+    (`smol`, 2-core Xeon with AMX, 64-token bursts at T 0.7, tok/s verified / AR: int4 weights 25.4 / 23.6 alone,
+    30.0 / 51.5 at two, 45.8 / 88.6 at four; dense bf16 13.3 / 12.6 alone, 20.3 / 24.1 at two), so only a
+    sequence alone drafts there. None (no limit) elsewhere: not measured."""
+    return 1 if torch.device(device).type == "cpu" else None
+
+
 def draft_block(anchor: Tensor, model: Any, generator: torch.Generator | None) -> Tensor:
     """The canvas a round drafts in, [B, `draft_size`]: the anchor [B] (the last token chosen, not yet in the
     cache), then the model's noise (mask tokens, or uniform random tokens)."""

@@ -46,12 +46,12 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
 
 
 def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
-              decoding: str | None = None) -> FastAPI:
-    """The FastAPI app serving `lm` as model `name` (`decoding`: for requests that name none); the engine thread
-    starts and stops with the app."""
+              decoding: str | None = None, max_draft_batch: int | None = None) -> FastAPI:
+    """The FastAPI app serving `lm` as model `name` (`decoding`: for requests that name none; `max_draft_batch`:
+    see `Engine`); the engine thread starts and stops with the app."""
     metrics = Metrics(name)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, pin_settled=pin_settled,
-                    on_step=metrics.forward_pass, on_verified=metrics.verified_round)
+                    on_step=metrics.forward_pass, on_verified=metrics.verified_round, max_draft_batch=max_draft_batch)
     server = Server(lm, name, engine, metrics, decoding)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

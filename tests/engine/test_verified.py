@@ -233,7 +233,7 @@ def test_the_serving_engine_runs_every_decoding_of_a_diffusion_model_side_by_sid
         out = lm.generate([prompt], 24, seed=seed, decoding=decoding, **options)
         expected.append(lm.decode_new(out.sequences[0], len(prompt))[0][:24])
     batches = []
-    engine = Engine(lm, pin_settled=False, on_step=lambda b, _: batches.append(b)).start()
+    engine = Engine(lm, pin_settled=False, on_step=lambda b, _: batches.append(b), max_draft_batch=8).start()
     try:
         inboxes = [queue.Queue() for _ in cases]
         for inbox, (prompt, decoding, options, seed) in zip(inboxes, cases, strict=True):
@@ -247,6 +247,51 @@ def test_the_serving_engine_runs_every_decoding_of_a_diffusion_model_side_by_sid
         Engine(lm).submit(Request(PROMPTS[0], 8, print, suffix=[5, 6], decoding="verified"))
     with pytest.raises(GenerationError, match="apply to autoregressive"):
         Engine(lm).submit(Request(PROMPTS[0], 8, print, sampling={"temperature": 0.5}))
+
+
+def test_more_verified_sequences_than_max_draft_batch_take_autoregressive_steps_of_the_same_distribution():
+    """Above `max_draft_batch` running sequences a verified step is one AR step for all (a draft's rows cost on a
+    CPU): greedy, the AR tokens still, with rounds only for a sequence alone; sampled, a verified request that
+    never drafts writes what an autoregressive request with its seed writes, token for token."""
+    import queue
+
+    from canvaslm.engine.core import Engine
+    from canvaslm.engine.request import Request
+
+    lm = shift_llama()
+
+    def served(cases, **engine_options):
+        """Each case's tokens (prompt, budget, decoding, options, seed), all submitted before the engine's first
+        step; the kept drafts of each verified round (a list per round); the rows of each pass."""
+        rounds, passes = [], []
+        engine = Engine(lm, pin_settled=False, on_verified=lambda kept, _: rounds.append(kept),
+                        on_step=lambda rows, _: passes.append(rows), **engine_options).start()
+        try:
+            inboxes = [queue.Queue() for _ in cases]
+            with engine._wake:  # the engine thread waits on this lock: it admits them all at once
+                for inbox, (prompt, budget, decoding, options, seed) in zip(inboxes, cases, strict=True):
+                    engine.submit(Request(prompt, budget, inbox.put, sampling=options, seed=seed, decoding=decoding,
+                                          ignore_eos=True))
+            return [tokens_of(inbox) for inbox in inboxes], rounds, passes
+        finally:
+            engine.stop()
+
+    greedy = [(PROMPTS[i], budget, "verified", {"temperature": 0.0}, 0) for i, budget in enumerate((8, 16, 40))]
+    got, rounds, passes = served(greedy, max_draft_batch=1)
+    want, _, _ = served([(p, n, "autoregressive", o, s) for p, n, _, o, s in greedy])
+    assert got == want and [len(t) for t in got] == [8, 16, 40]
+    assert rounds and all(len(kept) == 1 for kept in rounds)  # only the last one, alone, drafted
+    assert 3 in passes and 2 in passes  # one AR pass over all three, then over two
+    _, rounds, _ = served(greedy, max_draft_batch=3)
+    assert max(len(kept) for kept in rounds) == 3  # under the limit all three draft, in one round
+
+    sampled = [(PROMPTS[i], 24, "verified", {"temperature": 1.0}, 7 + i) for i in range(2)]
+    got, rounds, _ = served(sampled, max_draft_batch=1)
+    want, _, _ = served([(p, n, "autoregressive", o, s) for p, n, _, o, s in sampled])
+    assert got == want and not rounds
+    with pytest.raises(GenerationError, match="max_draft_batch must be >= 1"):
+        Engine(lm, max_draft_batch=0)
+    assert Engine(lm)._runners["verified"].max_draft_batch == 1  # this CPU's default
 
 
 def test_chunked_prompts_give_the_same_verified_tokens(gemma, monkeypatch):
@@ -270,7 +315,7 @@ def test_verified_requests_joining_a_running_batch_on_sliding_window_layers(gemm
 
     expected = [gemma.decode_new(gemma.generate([p], 30, decoding="verified", temperature=0.0).sequences[0],
                                  len(p))[0][:30] for p in PROMPTS]
-    engine = Engine(gemma, pin_settled=False).start()
+    engine = Engine(gemma, pin_settled=False, max_draft_batch=8).start()  # rounds, not AR steps, while joining
     try:
         inboxes = []
         for prompt in PROMPTS:
