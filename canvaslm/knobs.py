@@ -29,7 +29,7 @@ class Knob:
     kind: type                    # int, float or str
     default: Any
     help: str
-    mode: str                     # "ar" (autoregressive models) or "diffusion"
+    mode: str                     # "ar" (autoregressive decoding), "diffusion" (canvases) or "both"
     low: float | None = None      # smallest value (excluded when low_open)
     low_open: bool = False
     high: float | None = None     # largest value (included)
@@ -115,13 +115,18 @@ KNOBS: tuple[Knob, ...] = (
          "when no undecided token reaches accept_probability, re-reading its own beliefs through self-conditioning, "
          "before it keeps its most confident one anyway (models trained on recycled beliefs: Sudoku's "
          "data.recycle_passes); 0 = keep it at once", "diffusion", low=0, high=64),
+    # every decoding (OpenAI's penalties, counted over the generated tokens only, as OpenAI and vLLM count them)
+    Knob("presence_penalty", float, 0.0, "subtracted from the logit of every token the answer already holds "
+         "(a canvas: its committed text and the tokens it keeps)", "both", low=-2, high=2),
+    Knob("frequency_penalty", float, 0.0, "subtracted from a token's logit once per time the answer already holds "
+         "it", "both", low=-2, high=2),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 
 
 def knobs(mode: str) -> tuple[Knob, ...]:
-    """The knobs of "ar" or "diffusion" models."""
-    return tuple(knob for knob in KNOBS if knob.mode == mode)
+    """The knobs of "ar" or "diffusion" decoding (those of both included)."""
+    return tuple(knob for knob in KNOBS if knob.mode in (mode, "both"))
 
 
 def defaults(mode: str) -> dict[str, Any]:
@@ -131,4 +136,5 @@ def defaults(mode: str) -> dict[str, Any]:
 DECODING = ("diffusion", "verified", "autoregressive")
 """How a diffusion model writes: its canvases (`diffusion`); canvas drafts checked by its causal pass, with exactly
 the AR distribution (`verified`, `canvaslm.engine.verified`); or its causal pass alone, token by token
-(`autoregressive`). The last two take the AR options (temperature, top_p, top_k). An AR model only does the last."""
+(`autoregressive`). The last two take the AR options (temperature, top_p, top_k; the penalties, which every decoding
+takes). An AR model only does the last."""

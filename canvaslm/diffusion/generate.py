@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import DiffusionSampling
+from canvaslm.diffusion.sampling import DiffusionSampling, count_tokens, penalties_on
 from canvaslm.diffusion.step import (
     Constraint,
     canvas_size,
@@ -114,6 +114,8 @@ def generate_steps(
     # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
     mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
     open_only = works_out_open_rows_only(model, settings, constraint is not None and constraint.keep_logits)
+    # the committed text's tokens, which the penalties read (None: off)
+    counts = torch.zeros(batch, model.vocab_size, device=device) if penalties_on(settings) else None
     if open_only:
         sc_dtype = None  # such a model reads no self-conditioning
     for canvas_index in range(n_canvases):
@@ -128,7 +130,8 @@ def generate_steps(
         if pinned is not None:  # nothing to write; positions past max_new_tokens are never returned
             draft, steps = pinned, 0
         else:  # `first_token = "causal"`: the first token from the causal pass, a decoder pass fewer
-            state = first_from_causal(state, before, settings, generator, mask_token_id=mask_id, allowed=allowed)
+            state = first_from_causal(state, before, settings, generator, mask_token_id=mask_id, allowed=allowed,
+                                      counts=counts)
             draft, steps = state.draft, steps - state.step
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
@@ -151,7 +154,7 @@ def generate_steps(
             if shift and logits.dim() == 3:  # token i is read from output i - 1, token 0 from the last encoded one
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
             outcome = denoise_step(state, logits, settings, generator, vocab_size=model.vocab_size,
-                                   mask_token_id=mask_id, allowed=allowed, sc_dtype=sc_dtype)
+                                   mask_token_id=mask_id, allowed=allowed, sc_dtype=sc_dtype, counts=counts)
             state, draft = outcome.state, outcome.state.draft
             if constraint is not None and constraint.keep_logits:
                 last_logits = outcome.logits
@@ -160,6 +163,7 @@ def generate_steps(
             if bool(state.stopped.all()):
                 break
         tokens, finished_now = _finalize_canvas(draft, eos, pad_token_id, done)                # 1.d, 1.e
+        count_tokens(counts, tokens)
         done |= finished_now
         if canvas_index == n_canvases - 1:
             done[:] = True  # max length reached, as the reference's MaxLengthCriteria

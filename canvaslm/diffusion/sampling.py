@@ -44,6 +44,30 @@ DiffusionSampling.__doc__ = "How a canvas is denoised:\n\n" + "\n".join(
     f"* {k.name} ({k.kind.__name__}, default {k.default!r}): {k.help}" for k in knobs("diffusion"))
 
 
+def penalize(logits: Tensor, counts: Tensor | None, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties: logits [..., V] less `presence` for every token the answer already holds and
+    `frequency` times how often it holds it, counts [..., V] (broadcast against the logits). Applied before the
+    temperature, as vLLM does. The logits themselves when both are 0 or there are no counts."""
+    if counts is None or (presence == 0 and frequency == 0):
+        return logits
+    return logits - (presence * (counts > 0) + frequency * counts).to(logits.dtype)
+
+
+def count_tokens(counts: Tensor | None, tokens: Tensor, weight: Tensor | None = None) -> Tensor | None:
+    """counts [B, V] plus each row's tokens [B, n] (weighted [B, n]: 0 leaves one out), in place; None stays None
+    (penalties off)."""
+    if counts is not None:
+        counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=counts.dtype) if weight is None
+                            else weight.to(counts.dtype))
+    return counts
+
+
+def penalties_on(options: Any) -> bool:
+    """Whether a decoding's settings (a DiffusionSampling or the AR options dict) penalize anything."""
+    get = options.get if isinstance(options, dict) else lambda name, default: getattr(options, name, default)
+    return bool(get("presence_penalty", 0.0) or get("frequency_penalty", 0.0))
+
+
 def temperature_at(step: int, settings: DiffusionSampling) -> Tensor:
     """Temperature when `step` steps remain (N..1): t_min + (t_max - t_min) * step / N, in float32 like the
     reference (which turns the step into an int32 tensor)."""

@@ -28,6 +28,7 @@ from canvaslm.diffusion.sampling import (
     carry_over,
     kept_tokens,
     open_sub_block,
+    penalize,
     pin,
     propose,
     random_canvas,
@@ -122,9 +123,29 @@ def start_canvas(batch: int, canvas_length: int, vocab_size: int, settings: Diff
     return CanvasState(canvas, canvas, history, stopped, pins)
 
 
+def held_tokens(counts: Tensor | None, canvas: Tensor, mask_token_id: int | None) -> Tensor | None:
+    """[B, V] how often each row's answer holds each token while this canvas is written: the committed text's
+    counts [B, V] and the tokens the canvas keeps (a masked model's unmasked positions; a uniform-noise canvas keeps
+    nothing final). None when there are no counts (penalties off)."""
+    if counts is None or mask_token_id is None:
+        return counts
+    return counts.scatter_add(1, canvas, (canvas != mask_token_id).to(counts.dtype))
+
+
+def _penalized(logits: Tensor, state: CanvasState, settings: DiffusionSampling, counts: Tensor | None,
+               mask_token_id: int | None) -> Tensor:
+    """A step's logits [B, C, V] (or open rows [n, V], row-major over the masked positions) with the settings'
+    presence and frequency penalties for what each row's answer holds (`held_tokens`)."""
+    if counts is None or not (settings.presence_penalty or settings.frequency_penalty):
+        return logits
+    held = held_tokens(counts, state.canvas, mask_token_id)
+    held = held[(state.canvas == mask_token_id).nonzero()[:, 0]] if logits.dim() == 2 else held[:, None]
+    return penalize(logits, held, settings.presence_penalty, settings.frequency_penalty)
+
+
 def first_from_causal(state: CanvasState, before: Tensor | None, settings: DiffusionSampling,
                       generator: torch.Generator | None, *, mask_token_id: int | None = None,
-                      allowed: Tensor | None = None) -> CanvasState:
+                      allowed: Tensor | None = None, counts: Tensor | None = None) -> CanvasState:
     """`first_token = "causal"`: a fresh canvas's first token drawn from `before` [B, 1, V], the causal pass's logits
     at the last encoded position. A shift-trained masked model's first decoder pass reads that token from exactly
     these logits (`generate_steps`), at the first step's temperature, and its left-to-right rule always keeps it; so
@@ -134,10 +155,11 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
 
     The state is returned as it is for another setting, a model without the shift or the mask, a budget of one step
     (its one pass must write the whole draft) or a canvas already begun; rows that stopped (finished) or whose
-    first position is pinned keep theirs."""
+    first position is pinned keep theirs. `counts` [B, V]: the committed text's tokens, for the penalties."""
     if settings.first_token != "causal" or before is None or mask_token_id is None or state.step > 0 \
             or settings.max_denoising_steps < 2:
         return state
+    before = _penalized(before, state, settings, counts, mask_token_id)
     logits = before.float() / temperature_at(settings.max_denoising_steps, settings)
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, :1], float("-inf"))
@@ -161,7 +183,7 @@ def pins_only(pins: Tensor | None, region: int, filler: int) -> Tensor | None:
 def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling,
                  generator: torch.Generator | None, *, vocab_size: int, mask_token_id: int | None = None,
                  allowed: Tensor | None = None, hold: Tensor | None = None,
-                 sc_dtype: torch.dtype | None = torch.float32) -> StepOutcome:
+                 sc_dtype: torch.dtype | None = torch.float32, counts: Tensor | None = None) -> StepOutcome:
     """Advance `state` by one step from the decoder's logits [B, C, V] for its canvas (already shifted for
     shift-trained models), or, where `works_out_open_rows_only` allows, from [n, V]: those of the canvas's n masked
     positions alone, row-major (`open_logits`). A kept position's logits are never read (it keeps its token with
@@ -172,12 +194,14 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     logits say (the serving engine's settled, already streamed prefix). Rows in `state.stopped` keep their
     whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does); None
     keeps none (a model that does not read them, `reads_self_conditioning`). `StepOutcome.logits` is [n, V] for
-    open rows."""
+    open rows. `counts` [B, V]: the committed text's tokens, which with the canvas's kept ones the settings'
+    presence and frequency penalties read (`held_tokens`)."""
     step = state.step + 1
     undecided = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
     open_rows = logits.dim() == 2
     if open_rows:
         _check_open_rows(state, logits, settings, mask_token_id, sc_dtype)
+    logits = _penalized(logits, state, settings, counts, mask_token_id)
     logits = logits / temperature_at(settings.max_denoising_steps - state.step, settings)
     if allowed is not None:
         logits = logits.masked_fill(~(allowed[undecided] if open_rows else allowed), float("-inf"))

@@ -64,7 +64,9 @@ class LM:
         self.diffusion_defaults = DiffusionSampling().replace(**diffusion_keys)
         if self.kind == "diffusion":
             canvas_size(network, self.diffusion_defaults)  # a default canvas_size must fit the trained canvas
-        self.ar_defaults = {k: settings.get(k, v) for k, v in AR_SAMPLING.items()}
+        # a diffusion model's generation config tunes its canvases: the penalties there are not its causal pass's
+        self.ar_defaults = {k: settings.get(k, v) if self.kind != "diffusion" or BY_NAME[k].mode == "ar" else v
+                            for k, v in AR_SAMPLING.items()}
         eos = settings.get("eos_token_id", getattr(self.config, "eos_token_id", None))
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer is not None:
@@ -313,7 +315,7 @@ class LM:
         return options
 
     def diffusion_settings(self, sampling: dict[str, Any]) -> DiffusionSampling:
-        ar_only = sorted(set(sampling) & set(AR_SAMPLING))
+        ar_only = sorted(name for name in sampling if name in BY_NAME and BY_NAME[name].mode == "ar")
         if ar_only:
             raise GenerationError(f"{ar_only} apply to autoregressive models; this diffusion model takes "
                                   f"{sorted(DiffusionSampling.__dataclass_fields__)}")

@@ -60,3 +60,5 @@ class Sequence:
     matcher: Any = None             # AR under a grammar: its `guided.Matcher`
     before: Tensor | None = None    # shift-trained diffusion: logits [1, 1, V] of the last encoded position,
                                     # the prediction of the canvas's first token
+    counts: Tensor | None = None    # [1, V] the tokens its answer holds (committed, or verified: in the cache),
+                                    # which the penalties read; None when its settings have none

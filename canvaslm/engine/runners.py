@@ -54,12 +54,14 @@ from canvaslm.diffusion.step import (
     works_out_open_rows_only,
 )
 from canvaslm.diffusion.generate import open_logits, read_outputs
+from canvaslm.diffusion.sampling import count_tokens, penalties_on
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import CanvasLogits, Draft
 from canvaslm.engine.request import Request, Sequence
-from canvaslm.engine.verified import accept, check_logits, draft_block, draft_logits, draft_size, propose
+from canvaslm.engine.verified import (accept, check_logits, draft_block, draft_logits, draft_size, held_through,
+                                     penalized, propose)
 from canvaslm.models.cache import KVCache
 
 SendTokens = Callable[[Sequence, list[int]], bool]
@@ -80,6 +82,11 @@ class Timer:
         if self.on_step is not None:
             self.on_step(batch, time.perf_counter() - start)
         return out
+
+
+def new_counts(lm: LM, seq: Sequence) -> Tensor | None:
+    """A sequence's token counts [1, V] for its penalties, all zero; None when its settings have none."""
+    return torch.zeros(1, lm.network.vocab_size, device=lm.device) if penalties_on(seq.settings) else None
 
 
 def by_canvas_size(sequences: list[Sequence]) -> dict[int, list[Sequence]]:
@@ -112,6 +119,7 @@ class DiffusionRunner:
         """After the prompt was encoded (`hidden` [1, P, D]): its cache joins the batch of its canvas size, then
         its first canvas; one that is all pins commits (and may finish) at once."""
         seq.constraint = self._constraint(seq.request)
+        seq.counts = new_counts(self.lm, seq)
         self._keep_before([seq], hidden)
         size = canvas_size(self.lm.network, seq.settings)
         batch = self._batches.get(size)
@@ -223,7 +231,8 @@ class DiffusionRunner:
             self._commit([seq])
         else:
             seq.state = first_from_causal(seq.state, seq.before, seq.settings, seq.generator,
-                                          mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed)
+                                          mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed,
+                                          counts=seq.counts)
 
     def _constraint(self, request: Request) -> Constraint | None:
         """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..
@@ -251,7 +260,7 @@ class DiffusionRunner:
             hold[:, :seq.pinned] = True
         outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
                                mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed, hold=hold,
-                               sc_dtype=sc_dtype)
+                               sc_dtype=sc_dtype, counts=seq.counts)
         seq.state = state = outcome.state
         draft = state.draft
         if seq.constraint is not None and seq.constraint.keep_logits:
@@ -277,6 +286,7 @@ class DiffusionRunner:
             if seq.last_logits is not None:
                 seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
             if not self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
+                count_tokens(seq.counts, seq.state.draft)
                 going.append(seq)
         for size, group in by_canvas_size(going).items():  # one causal pass per canvas size
             batch = self._batches[size]
@@ -328,6 +338,7 @@ class ARRunner(SharedCacheRunner):
         """After the prompt was encoded: its next-token logits, and its cache becomes the last row of the shared
         one (the core appended it last to the running sequences)."""
         seq.next_logits, seq.passes = self.lm.network.logits(hidden[:, -1]), 1
+        seq.counts = new_counts(self.lm, seq)
         if seq.request.grammar is not None:
             seq.matcher = Matcher(llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size),
                                   seq.request.grammar)
@@ -342,7 +353,9 @@ class ARRunner(SharedCacheRunner):
             options, matcher = seq.settings, seq.matcher
             allowed = None if matcher is None else matcher.allowed(vocab, seq.next_logits.device)
             token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
-                                seq.generator, allowed)
+                                seq.generator, allowed, seq.counts, options["presence_penalty"],
+                                options["frequency_penalty"])
+            count_tokens(seq.counts, token[:, None])
             ids = [int(token)]
             if matcher is not None:
                 try:
@@ -377,7 +390,7 @@ class VerifiedRunner(SharedCacheRunner):
         options, network = seq.settings, self.lm.network
         seq.anchor = sample_next(network.logits(hidden[:, -1]), options["temperature"], options["top_k"],
                                  options["top_p"], seq.generator)
-        seq.passes = 1
+        seq.passes, seq.counts = 1, new_counts(self.lm, seq)  # counts: the generated tokens in its cache row
         self._join(seq).slack = draft_size(network)  # sliding layers keep what a rollback of one check needs
         self.send(seq, seq.anchor.tolist())  # final once drawn; it may end the sequence (then released)
 
@@ -390,10 +403,13 @@ class VerifiedRunner(SharedCacheRunner):
         network, cache = self.lm.network, self._cache
         blocks = torch.cat([draft_block(s.anchor, network, s.generator) for s in running])
         logits = self.timed(len(running), lambda: draft_logits(network, blocks, cache))
-        proposals = [propose(logits[i:i + 1], s.settings, s.generator) for i, s in enumerate(running)]
+        proposals = [propose(penalized(logits[i:i + 1], held_through(s.counts, s.anchor[:, None]), s.settings),
+                             s.settings, s.generator) for i, s in enumerate(running)]
         draft, anchors = torch.cat([d for d, _ in proposals]), torch.cat([s.anchor for s in running])
         checked = self.timed(len(running), lambda: check_logits(network, anchors, draft, cache))
-        verdicts = [accept(draft[i:i + 1], q, checked[i:i + 1], s.settings, s.generator)
+        tokens = torch.cat([anchors[:, None], draft], dim=1)  # what each check position has read through
+        verdicts = [accept(draft[i:i + 1], q, penalized(checked[i:i + 1], held_through(s.counts, tokens[i:i + 1]),
+                                                        s.settings), s.settings, s.generator)
                     for i, (s, (_, q)) in enumerate(zip(running, proposals, strict=True))]
         k = torch.cat([kept for kept, _ in verdicts])
         cache.rollback(1 + draft.shape[1], 1 + k)
@@ -402,6 +418,7 @@ class VerifiedRunner(SharedCacheRunner):
         for i, (seq, (_, y)) in enumerate(zip(list(running), verdicts, strict=True)):
             seq.passes += 2
             if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):
+                count_tokens(seq.counts, tokens[i:i + 1, :1 + int(k[i])])  # the anchor and the kept drafts
                 seq.anchor = y
 
     def _ar_step(self, running: list[Sequence]) -> None:
@@ -412,7 +429,9 @@ class VerifiedRunner(SharedCacheRunner):
         logits = self.timed(len(running), lambda: advance(self.lm.network, self._cache, anchors))
         for i, seq in enumerate(list(running)):
             options = seq.settings
+            count_tokens(seq.counts, seq.anchor[:, None])  # now in the cache
             seq.anchor = sample_next(logits[i:i + 1], options["temperature"], options["top_k"], options["top_p"],
-                                     seq.generator)
+                                     seq.generator, None, seq.counts, options["presence_penalty"],
+                                     options["frequency_penalty"])
             seq.passes += 1
             self.send(seq, seq.anchor.tolist())  # final once drawn, as a round's next anchor; may end the sequence

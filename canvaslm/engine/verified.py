@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import random_canvas, sample_inverse_cdf
+from canvaslm.diffusion.sampling import count_tokens, penalize, random_canvas, sample_inverse_cdf
 from canvaslm.engine.ar import check_options, prefill, sample_next, top_k_filter, top_p_filter
 from canvaslm.models.cache import KVCache
 
@@ -123,6 +123,22 @@ def propose(logits: Tensor, options: Mapping[str, Any], generator: torch.Generat
     return sample_inverse_cdf(q, generator), q
 
 
+def held_through(counts: Tensor | None, tokens: Tensor) -> Tensor | None:
+    """[B, m, V]: what each row's answer holds after each of tokens [B, m] (the anchor, then the drafts), given
+    counts [B, V] of what its cache already holds; None when penalties are off. Position i of a check predicts the
+    token after tokens[:, i], so its penalties read the counts through it (exactness: p is the AR distribution with
+    penalties at every position, q any distribution the drafts were drawn from)."""
+    if counts is None:
+        return None
+    return counts[:, None] + torch.nn.functional.one_hot(tokens, counts.shape[-1]).to(counts.dtype).cumsum(dim=1)
+
+
+def penalized(logits: Tensor, held: Tensor | None, options: Mapping[str, Any]) -> Tensor:
+    """`options`' presence and frequency penalties on logits [B, m, V] for what the answer holds (held [B, m or 1,
+    V], `held_through`)."""
+    return penalize(logits, held, options["presence_penalty"], options["frequency_penalty"])
+
+
 def check_logits(model: Any, anchor: Tensor, draft: Tensor, cache: KVCache) -> Tensor:
     """The commit pass, which checks: [anchor, draft] encoded causally into the cache (roll back what is not
     kept); the next-token logits [B, n + 1, V] after each of them."""
@@ -149,13 +165,16 @@ def settled_tokens(draft: Tensor, k: Tensor, next_anchor: Tensor) -> Tensor:
 @torch.inference_mode()
 def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                       eos_token_ids: list[int], pad_token_id: int | None = None,
                       generator: torch.Generator | None = None) -> VerifiedResult:
     """Generate after left-padded prompts input_ids [B, L] (valid [B, L]) with a block-diffusion `model`,
     drafting with its canvas pass and checking with its causal pass: the tokens have the distribution of
-    `ar_generate` on the same model (greedy: the same tokens, up to float rounding near ties)."""
-    check_options(max_new_tokens, temperature, top_p, top_k)
-    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    `ar_generate` on the same model and options, penalties included (greedy: the same tokens, up to float rounding
+    near ties)."""
+    check_options(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty)
+    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "presence_penalty": presence_penalty,
+               "frequency_penalty": frequency_penalty}
     device, batch = input_ids.device, input_ids.shape[0]
     eos = set(eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else eos_token_ids[0] if eos_token_ids else 0
@@ -171,30 +190,37 @@ def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_toke
     cache.slack = draft_size(model)  # sliding layers keep what a rollback of one check pass needs
     anchor = sample_next(prefill(model, input_ids, cache, valid), temperature, top_k, top_p, generator)
     passes += 1
+    # the generated tokens each row's cache holds (the anchor is not in it yet), for the penalties; None: off
+    counts = torch.zeros(batch, model.vocab_size, device=device) if presence_penalty or frequency_penalty else None
     rows = torch.arange(batch, device=device)   # the rows still generating, in cache order
     # the anchor is final once drawn: written (and maybe the end of its row) before the round that drafts after it
     done = _write(out, written, rows, anchor[:, None], torch.ones_like(anchor), eos, max_new_tokens)
-    rows, anchor = _drop(done, rows, anchor, cache)
+    rows, anchor, counts = _drop(done, rows, anchor, cache, counts)
     while len(rows):
-        draft, q = propose(draft_logits(model, draft_block(anchor, model, generator), cache), options, generator)
-        k, next_anchor = accept(draft, q, check_logits(model, anchor, draft, cache), options, generator)
+        drafted = draft_logits(model, draft_block(anchor, model, generator), cache)
+        draft, q = propose(penalized(drafted, held_through(counts, anchor[:, None]), options), options, generator)
+        checked = torch.cat([anchor[:, None], draft], dim=1)
+        k, next_anchor = accept(draft, q, penalized(check_logits(model, anchor, draft, cache),
+                                                    held_through(counts, checked), options), options, generator)
         cache.rollback(1 + draft.shape[1], 1 + k)
+        count_tokens(counts, checked, torch.arange(checked.shape[1], device=device)[None] <= k[:, None])
         passes[rows] += 2
         rounds[rows] += 1
         accepted[rows] += k
         lengths += torch.bincount(k, minlength=len(lengths))
         done = _write(out, written, rows, settled_tokens(draft, k, next_anchor), k + 1, eos, max_new_tokens)
-        rows, anchor = _drop(done, rows, next_anchor, cache)
+        rows, anchor, counts = _drop(done, rows, next_anchor, cache, counts)
     return VerifiedResult(torch.cat([input_ids, out], dim=1), passes, written, rounds, accepted, lengths)
 
 
-def _drop(done: Tensor, rows: Tensor, anchor: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """The rows (and their anchors) that go on; the finished ones leave the cache."""
+def _drop(done: Tensor, rows: Tensor, anchor: Tensor, cache: KVCache, counts: Tensor | None
+          ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rows (their anchors and token counts) that go on; the finished ones leave the cache."""
     if not bool(done.any()):
-        return rows, anchor
+        return rows, anchor, counts
     keep = (~done).nonzero().squeeze(1)
     cache.select(keep)
-    return rows[keep], anchor[keep]
+    return rows[keep], anchor[keep], None if counts is None else counts[keep]
 
 
 def _write(out: Tensor, written: Tensor, rows: Tensor, tokens: Tensor, counts: Tensor, eos: set[int],

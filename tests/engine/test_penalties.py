@@ -1,0 +1,146 @@
+"""OpenAI's presence and frequency penalties in every decoding: autoregressive (library, grammar and engine), verified
+(still exactly the AR distribution, now the penalized one) and the canvases (the committed text and the tokens a
+canvas keeps)."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+
+import pytest
+import torch
+
+from canvaslm.diffusion.sampling import DiffusionSampling, penalize
+from canvaslm.diffusion.step import denoise_step, first_from_causal, start_canvas
+from canvaslm.engine.core import Engine
+from canvaslm.engine.request import Request
+from canvaslm.errors import GenerationError
+from tests.engine.test_verified import PROMPTS, chi_square_p, first_tokens, shift_llama, tokens_of
+
+PENALTIES = {"presence_penalty": 1.5, "frequency_penalty": 0.5}
+
+
+def test_penalize_subtracts_presence_once_and_frequency_per_time():
+    logits = torch.zeros(2, 4)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(penalize(logits, counts, 1.5, 0.5), torch.tensor([[0.0, -2.0, -3.0, 0.0],
+                                                                         [-2.5, 0.0, 0.0, 0.0]]))
+    assert penalize(logits, counts, 0.0, 0.0) is logits and penalize(logits, None, 1.0, 1.0) is logits
+
+
+def naive_greedy(lm, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy decoding that re-reads the whole text each step (no cache) and penalizes by hand."""
+    out: list[int] = []
+    for _ in range(n):
+        ids = torch.tensor([prompt + out])
+        with torch.no_grad():
+            hidden = lm.network.encode(ids, lm.network.new_cache(1), torch.ones_like(ids, dtype=torch.bool))
+            logits = lm.network.logits(hidden)[0, -1].float()
+        for token in set(out):
+            logits[token] -= presence + frequency * out.count(token)
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("decoding", ["autoregressive", "verified"])
+def test_greedy_penalized_decoding_matches_a_hand_penalized_loop(decoding):
+    """The AR loop and verified decoding (whose checks penalize each position by the drafts before it) write the
+    tokens of a loop that recomputes everything and subtracts the penalties by hand; without them the text differs."""
+    lm = shift_llama(gain=3.0)
+    lm.eos_token_ids = []
+    for prompt in PROMPTS:
+        want = naive_greedy(lm, prompt, 24, **{k.split("_")[0]: v for k, v in PENALTIES.items()})
+        out = lm.generate([prompt], 24, decoding=decoding, temperature=0.0, **PENALTIES)
+        assert lm.decode_new(out.sequences[0], len(prompt))[0] == want
+    plain = lm.generate(PROMPTS, 24, decoding=decoding, temperature=0.0).sequences
+    assert not torch.equal(plain, lm.generate(PROMPTS, 24, decoding=decoding, temperature=0.0, **PENALTIES).sequences)
+    batched = lm.generate(PROMPTS, 24, decoding=decoding, temperature=0.0, **PENALTIES)
+    for row, prompt in enumerate(PROMPTS):  # rows of one batch count their own tokens
+        width = max(map(len, PROMPTS))
+        assert lm.decode_new(batched.sequences[row], width)[0] == naive_greedy(lm, prompt, 24, 1.5, 0.5)
+
+
+def penalized_joint(lm, prompt: list[int], n: int, presence: float, frequency: float) -> torch.Tensor:
+    """p(t_1 .. t_n | prompt) under AR sampling at temperature 1 with the penalties, for every n tokens, [V] * n."""
+    vocab = lm.network.vocab_size
+    grid = torch.cartesian_prod(*[torch.arange(vocab)] * n).reshape(-1, n)
+    ids = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], dim=1)
+    with torch.inference_mode():
+        cache = lm.network.new_cache(len(ids))
+        logits = lm.network.logits(lm.network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool)))
+        logits = logits.float()[:, len(prompt) - 1:-1]                                         # [N, n, V]
+    held = torch.nn.functional.one_hot(grid, vocab).float().cumsum(dim=1)
+    held = torch.cat([torch.zeros_like(held[:, :1]), held[:, :-1]], dim=1)  # position i holds the tokens before it
+    log_probs = penalize(logits, held, presence, frequency).log_softmax(dim=-1)
+    return log_probs.gather(2, grid[:, :, None]).squeeze(2).sum(dim=1).exp().reshape([vocab] * n)
+
+
+def test_sampled_penalized_verified_tokens_have_the_penalized_autoregressive_distribution():
+    """Three tokens, 6000 draws, a 12-token vocabulary with peaked logits: verified decoding with penalties fits
+    the penalized AR joint (as AR sampling does), and the unpenalized joint is far from it."""
+    lm = shift_llama(canvas=4, gain=3.0, vocab=12)
+    lm.eos_token_ids = []
+    prompt, n, samples = [2, 5, 7], 3, 6000
+    expected = penalized_joint(lm, prompt, n, 1.5, 0.5).flatten() * samples
+    plain = penalized_joint(lm, prompt, n, 0.0, 0.0).flatten() * samples
+
+    def counts(decoding: str, seed: int) -> torch.Tensor:
+        out = lm.generate([prompt] * samples, n, seed=seed, decoding=decoding, temperature=1.0, **PENALTIES)
+        tokens = out.sequences[:, len(prompt):len(prompt) + n]
+        return torch.bincount((tokens * torch.tensor([144, 12, 1])).sum(dim=1), minlength=12 ** 3).double()
+
+    verified = counts("verified", 0)
+    assert chi_square_p(verified, expected) > 1e-3
+    assert chi_square_p(counts("autoregressive", 1), expected) > 1e-3
+    assert chi_square_p(verified, plain) < 1e-6
+    unpenalized = first_tokens(lm, prompt, n, samples, "verified", 0)
+    index = (unpenalized * torch.tensor([144, 12, 1])).sum(dim=1)
+    assert chi_square_p(torch.bincount(index, minlength=12 ** 3).double(), expected) < 1e-6
+
+
+def test_a_canvas_step_penalizes_the_committed_text_and_the_tokens_it_keeps():
+    """A greedy canvas step whose two best tokens are one the committed text holds (7) and one the canvas keeps
+    (5) writes neither under a presence penalty; the first token drawn from the causal pass neither."""
+    vocab, mask = 10, 3
+    settings = DiffusionSampling(sampler="greedy", acceptance="threshold", accept_probability=0.01,
+                                 order="left_to_right", first_token="causal", max_denoising_steps=4, t_min=1.0,
+                                 t_max=1.1, presence_penalty=2.0)
+    fresh = start_canvas(1, 3, vocab, settings, None, torch.device("cpu"), mask, None)
+    canvas = torch.tensor([[5, mask, mask]])
+    state = dataclasses.replace(fresh, canvas=canvas, draft=canvas.clone(), step=1)
+    logits = torch.zeros(1, 3, vocab)
+    logits[..., 7], logits[..., 5], logits[..., 8] = 1.5, 1.2, 1.0
+    counts = torch.zeros(1, vocab)
+    counts[0, 7] = 1
+    step = denoise_step(state, logits, settings, None, vocab_size=vocab, mask_token_id=mask, counts=counts,
+                        sc_dtype=None)
+    assert step.state.draft[0, 1:].tolist() == [8, 8]
+    plain = denoise_step(state, logits, settings, None, vocab_size=vocab, mask_token_id=mask, sc_dtype=None)
+    assert plain.state.draft[0, 1:].tolist() == [7, 7]
+    first = first_from_causal(fresh, logits[:, :1], settings, None, mask_token_id=mask, counts=counts)
+    assert int(first.canvas[0, 0]) == 5  # 7 is held; 5 is not kept yet in a fresh canvas
+
+
+def test_each_decoding_in_the_engine_alone_draws_what_generate_draws_with_penalties():
+    """Sampled, with penalties: an autoregressive, a verified and a canvas request, each alone on the engine,
+    write what LM.generate writes for their seeds; a canvas request's penalties change its text."""
+    lm = shift_llama(gain=3.0)
+    cases = [(PROMPTS[0], "autoregressive", {"temperature": 1.0, **PENALTIES}, 3),
+             (PROMPTS[1], "verified", {"temperature": 1.0, **PENALTIES}, 4),
+             (PROMPTS[2], None, {"max_denoising_steps": 4, **PENALTIES}, 5),
+             (PROMPTS[2], None, {"max_denoising_steps": 4}, 5)]
+    got = []
+    for prompt, decoding, options, seed in cases:
+        out = lm.generate([prompt], 24, seed=seed, decoding=decoding, **options)
+        want = lm.decode_new(out.sequences[0], len(prompt))[0][:24]
+        engine = Engine(lm, pin_settled=False).start()
+        try:
+            inbox = queue.Queue()
+            engine.submit(Request(prompt, 24, inbox.put, sampling=options, seed=seed, decoding=decoding))
+            got.append(tokens_of(inbox))
+        finally:
+            engine.stop()
+        assert got[-1] == want
+    assert got[2] != got[3]
+    with pytest.raises(GenerationError, match="presence_penalty must be a number in"):
+        lm.generate([PROMPTS[0]], 4, presence_penalty=2.5)
