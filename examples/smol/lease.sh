@@ -34,7 +34,8 @@ SETTINGS=(--setting order=left_to_right,acceptance=threshold,accept_probability=
           --setting order=left_to_right,acceptance=threshold,accept_probability=0.5
           --setting entropy_bound=0.3 --setting entropy_bound=1.0)
 DEFAULTS=(--set order=left_to_right --set acceptance=threshold --set accept_probability=0.9
-          --set max_denoising_steps=16 --set sampler=fast --set first_token=causal --set canvas_size=4)
+          --set max_denoising_steps=16 --set sampler=fast --set first_token=causal --set canvas_size=4
+          --set t_max=0.45 --set t_min=0.4 --set presence_penalty=1.0)
 mkdir -p "$WORK" "$RESULTS"
 results() {  # what the lease returns besides the adapter; written twice, in case the quality stage is cut off
   tar -czf "$RESULTS/results.tar.gz" -C "$WORK" --ignore-failed-read asset/asset.json \

@@ -144,3 +144,14 @@ def test_each_decoding_in_the_engine_alone_draws_what_generate_draws_with_penalt
     assert got[2] != got[3]
     with pytest.raises(GenerationError, match="presence_penalty must be a number in"):
         lm.generate([PROMPTS[0]], 4, presence_penalty=2.5)
+
+
+def test_a_diffusion_models_generation_config_penalizes_its_canvases_not_its_causal_pass():
+    """`smol`'s asset sets a presence penalty for its canvases; its AR and verified decodings stay the parent's."""
+    from canvaslm.engine.lm import LM
+
+    network = shift_llama().network
+    lm = LM(network, None, "x", {"presence_penalty": 1.0, "t_max": 0.45, "t_min": 0.4})
+    assert lm.diffusion_defaults.presence_penalty == 1.0
+    assert lm.ar_defaults["presence_penalty"] == 0.0
+    assert lm.resolve_sampling({}, "verified")["presence_penalty"] == 0.0
