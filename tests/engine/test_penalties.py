@@ -15,7 +15,7 @@ from canvaslm.diffusion.step import denoise_step, first_from_causal, start_canva
 from canvaslm.engine.core import Engine
 from canvaslm.engine.request import Request
 from canvaslm.errors import GenerationError
-from tests.engine.test_verified import PROMPTS, chi_square_p, first_tokens, shift_llama, tokens_of
+from tests.engine.test_verified import PROMPTS, chi_square_p, exact_joint, first_tokens, shift_llama, tokens_of
 
 PENALTIES = {"presence_penalty": 1.5, "frequency_penalty": 0.5}
 
@@ -60,29 +60,14 @@ def test_greedy_penalized_decoding_matches_a_hand_penalized_loop(decoding):
         assert lm.decode_new(batched.sequences[row], width)[0] == naive_greedy(lm, prompt, 24, 1.5, 0.5)
 
 
-def penalized_joint(lm, prompt: list[int], n: int, presence: float, frequency: float) -> torch.Tensor:
-    """p(t_1 .. t_n | prompt) under AR sampling at temperature 1 with the penalties, for every n tokens, [V] * n."""
-    vocab = lm.network.vocab_size
-    grid = torch.cartesian_prod(*[torch.arange(vocab)] * n).reshape(-1, n)
-    ids = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], dim=1)
-    with torch.inference_mode():
-        cache = lm.network.new_cache(len(ids))
-        logits = lm.network.logits(lm.network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool)))
-        logits = logits.float()[:, len(prompt) - 1:-1]                                         # [N, n, V]
-    held = torch.nn.functional.one_hot(grid, vocab).float().cumsum(dim=1)
-    held = torch.cat([torch.zeros_like(held[:, :1]), held[:, :-1]], dim=1)  # position i holds the tokens before it
-    log_probs = penalize(logits, held, presence, frequency).log_softmax(dim=-1)
-    return log_probs.gather(2, grid[:, :, None]).squeeze(2).sum(dim=1).exp().reshape([vocab] * n)
-
-
 def test_sampled_penalized_verified_tokens_have_the_penalized_autoregressive_distribution():
     """Three tokens, 6000 draws, a 12-token vocabulary with peaked logits: verified decoding with penalties fits
     the penalized AR joint (as AR sampling does), and the unpenalized joint is far from it."""
     lm = shift_llama(canvas=4, gain=3.0, vocab=12)
     lm.eos_token_ids = []
     prompt, n, samples = [2, 5, 7], 3, 6000
-    expected = penalized_joint(lm, prompt, n, 1.5, 0.5).flatten() * samples
-    plain = penalized_joint(lm, prompt, n, 0.0, 0.0).flatten() * samples
+    expected = exact_joint(lm, prompt, n, 1.5, 0.5).flatten() * samples
+    plain = exact_joint(lm, prompt, n).flatten() * samples
 
     def counts(decoding: str, seed: int) -> torch.Tensor:
         out = lm.generate([prompt] * samples, n, seed=seed, decoding=decoding, temperature=1.0, **PENALTIES)

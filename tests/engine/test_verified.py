@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import canvaslm
+from canvaslm.diffusion.sampling import penalize
 from canvaslm.engine.lm import LM
 from canvaslm.engine.verified import accept_greedy, accept_sampled, draft_size, verified_generate
 from canvaslm.errors import GenerationError, UnsupportedError
@@ -154,15 +155,19 @@ def first_tokens(lm: LM, prompt: list[int], n: int, samples: int, decoding: str,
     return out.sequences[:, len(prompt):len(prompt) + n]
 
 
-def exact_joint(lm: LM, prompt: list[int], n: int) -> torch.Tensor:
-    """p(t_1 .. t_n | prompt) of the causal pass for every sequence of n tokens, [V] * n."""
+def exact_joint(lm: LM, prompt: list[int], n: int, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+    """p(t_1 .. t_n | prompt) of the causal pass sampled at temperature 1 (with these penalties, `penalize`) for
+    every sequence of n tokens, [V] * n."""
     vocab = lm.network.vocab_size
     grid = torch.cartesian_prod(*[torch.arange(vocab)] * n).reshape(-1, n)
     ids = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], dim=1)
     with torch.inference_mode():
         cache = lm.network.new_cache(len(ids))
-        log_probs = lm.network.logits(lm.network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool)))
-        log_probs = log_probs.float().log_softmax(dim=-1)[:, len(prompt) - 1:-1]            # [N, n, V]
+        logits = lm.network.logits(lm.network.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool)))
+        logits = logits.float()[:, len(prompt) - 1:-1]                                         # [N, n, V]
+    held = torch.nn.functional.one_hot(grid, vocab).float().cumsum(dim=1)
+    held = torch.cat([torch.zeros_like(held[:, :1]), held[:, :-1]], dim=1)  # position i holds the tokens before it
+    log_probs = penalize(logits, held, presence, frequency).log_softmax(dim=-1)
     joint = log_probs.gather(2, grid[:, :, None]).squeeze(2).sum(dim=1).exp()
     return joint.reshape([vocab] * n)
 
