@@ -21,7 +21,7 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
                         f"elsewhere on CPUs; default {dtype})")
     p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=quantize,
                    help=f"weight-only quantized linears for small passes on CPUs (auto: int4 where bfloat16 is "
-                        f"fast, else none; default {quantize})")
+                        f"fast or the CPU has AVX2, else none; default {quantize})")
     p.add_argument("--compile", action="store_true", help="compile the causal pass with torch.compile: minutes "
                    "on the first passes, then AR steps ~1.6x faster on a 2-core CPU")
 

@@ -64,13 +64,22 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return getattr(torch, name)
 
 
+def int4_pays(device: torch.device | str = "cpu") -> bool:
+    """True where torch's int4 weight-only kernel beats the dense weight at batch 1: CPUs where bfloat16 is fast,
+    and x86 CPUs with AVX2 (the kernel casts its rows to bfloat16 there too, yet reads a quarter of float32's bytes).
+    One AR step of `smol`, 2 threads, float32 activations elsewhere: 84.7 ms dense float32 against 48.8 ms with int4
+    weights on a 2-core AMD EPYC with AVX2 and no AVX-512 (`canvaslm bench passes`, docs/performance.md)."""
+    if torch.device(device).type != "cpu":
+        return False
+    return bf16_is_fast("cpu") or "avx2" in cpu_flags()
+
+
 def resolve_quantize(name: str, device: torch.device | str = "cpu") -> str:
-    """"auto" -> "int4" on CPUs where bfloat16 is fast (torch's weight-only kernels need bfloat16 activations to
-    pay: canvaslm.models.quant), else "none"; the others as given."""
+    """"auto" -> "int4" where `int4_pays(device)`, else "none"; the others as given."""
     if name not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {name!r}")
     if name == "auto":
-        return "int4" if torch.device(device).type == "cpu" and bf16_is_fast("cpu") else "none"
+        return "int4" if int4_pays(device) else "none"
     return name
 
 

@@ -16,6 +16,17 @@ def test_auto_follows_the_cpu_flags(monkeypatch):
     assert hardware.resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice is kept
 
 
+def test_auto_quantizes_to_int4_where_bfloat16_is_fast_or_the_cpu_has_avx2(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_bf16"}))
+    assert hardware.resolve_quantize("auto", "cpu") == "int4" and hardware.resolve_dtype("auto") == torch.bfloat16
+    # AVX2 alone: float32 activations with int4 weights (an AR step 84.7 -> 48.8 ms on such an EPYC)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert hardware.resolve_quantize("auto", "cpu") == "int4" and hardware.resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"sse4_2", "avx"}))  # untested ground: dense
+    assert hardware.resolve_quantize("auto", "cpu") == "none"
+    assert hardware.resolve_quantize("auto", "cuda") == "none" and hardware.resolve_quantize("none", "cpu") == "none"
+
+
 def test_a_bad_dtype_name_is_refused():
     with pytest.raises(ValueError, match="dtype must be one of"):
         hardware.resolve_dtype("fp8")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from canvaslm.hardware import bf16_is_fast, resolve_quantize
+from canvaslm.hardware import int4_pays, resolve_quantize
 from canvaslm.models import llama
 from canvaslm.models.lora import LoRALinear, apply_lora, cache_canvas_weights
 from canvaslm.models.quant import (GROUP_SIZE, SMALL_PASS_ROWS, PackedWeight, QuantizedLinear, dequantize_int4,
@@ -121,8 +121,8 @@ def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass_and_
     assert (packed.softmax(-1) - exact.softmax(-1)).abs().max() < 0.05
 
 
-def test_auto_picks_int4_only_where_bfloat16_is_fast():
-    assert resolve_quantize("auto", "cpu") == ("int4" if bf16_is_fast("cpu") else "none")
+def test_auto_picks_int4_where_the_kernel_pays():
+    assert resolve_quantize("auto", "cpu") == ("int4" if int4_pays("cpu") else "none")
     assert resolve_quantize("auto", "cuda") == "none" and resolve_quantize("int8", "cpu") == "int8"
     with pytest.raises(ValueError, match="quantize must be one of"):
         resolve_quantize("int3", "cpu")
