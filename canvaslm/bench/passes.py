@@ -20,8 +20,9 @@ import torch
 from rich.progress import Progress
 
 from canvaslm.errors import CanvasError
-from canvaslm.hardware import packed_max_rows
+from canvaslm.hardware import packed_max_rows, resolve_quantize
 from canvaslm.models.cache import KVCache
+from canvaslm.models.quant import quantize as quantize_weights
 from canvaslm.plotting import new_figure, save
 
 DEFAULT_VARIANTS = "float32:none,bfloat16:none,bfloat16:int4"
@@ -32,21 +33,25 @@ class Variant(NamedTuple):
     quantize: str
     compiled: bool = False
     packed_rows: int | None = None  # most rows a packed linear takes (None: the machine's crossover)
+    fused: bool = True  # q/k/v and gate/up packed as one weight each (`canvaslm.models.quant.FusedLinears`)
 
 
 def parse_variants(text: str) -> list[Variant]:
     """"float32:none,bfloat16:int4:compile,bfloat16:int4:rows=64" -> Variants, checked. `rows=N` overrides
-    `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover."""
+    `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover; `unfused` packs every
+    linear alone (to time what fusing q/k/v and gate/up saves)."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         dtype, quantize, *extras = item.split(":") if ":" in item else (item, "")
         rows = [e.removeprefix("rows=") for e in extras if e.startswith("rows=")]
         if (dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4")
-                or any(e not in ("compile", "") and not e.startswith("rows=") for e in extras)
+                or any(e not in ("compile", "unfused", "") and not e.startswith("rows=") for e in extras)
                 or not all(r.isdigit() and int(r) > 0 for r in rows) or len(rows) > 1):
-            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N] with dtype "
-                              "auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. bfloat16:int4:compile")
-        variants.append(Variant(dtype, quantize, "compile" in extras, int(rows[0]) if rows else None))
+            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N][:unfused] with "
+                              "dtype auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. "
+                              "bfloat16:int4:compile")
+        variants.append(Variant(dtype, quantize, "compile" in extras, int(rows[0]) if rows else None,
+                                "unfused" not in extras))
     if not variants:
         raise CanvasError("--variants: give at least one dtype:quantize pair")
     return variants
@@ -54,11 +59,14 @@ def parse_variants(text: str) -> list[Variant]:
 
 def set_packed_rows(network: torch.nn.Module, rows: int) -> None:
     """Make every packed linear of `network` (and its packed head) take passes of up to `rows` rows."""
-    from canvaslm.models.quant import QuantizedLinear
+    from canvaslm.models.quant import FUSED_GROUPS, QuantizedLinear
 
     for module in network.modules():
         if isinstance(module, QuantizedLinear):
             module.packed.max_rows = rows
+        for group in FUSED_GROUPS:
+            if "fused_" + group in module.__dict__:
+                module.__dict__["fused_" + group].causal.max_rows = rows
     if getattr(network, "packed_head", None) is not None:
         network.packed_head.max_rows = rows
 
@@ -85,8 +93,13 @@ def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_
     # no auto-refresh: rich's render thread would share the CPU with the passes it times
     with Progress(transient=True, auto_refresh=False) as progress, torch.inference_mode():
         task = progress.add_task("passes", total=len(variants) * len(sizes))
-        for dtype, quantize, compiled, packed_rows in variants:
-            lm = load(source, device=device, dtype=dtype, quantize=quantize, compile=compiled)
+        for dtype, quantize, compiled, packed_rows, fused in variants:
+            if fused:
+                lm = load(source, device=device, dtype=dtype, quantize=quantize, compile=compiled)
+            else:  # packed here, one linear at a time
+                lm = load(source, device=device, dtype=dtype, quantize="none", compile=compiled)
+                lm.quantization = resolve_quantize(quantize, lm.device)
+                quantize_weights(lm.network, lm.quantization, fuse=False)
             network = lm.network
             if packed_rows is not None:
                 set_packed_rows(network, packed_rows)
@@ -101,7 +114,7 @@ def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_
 
             shared = prompt_cache()  # canvas passes only read it
             row: dict[str, Any] = {"dtype": lm.dtype_name,
-                                   "quantize": lm.quantization, "compiled": compiled,
+                                   "quantize": lm.quantization, "compiled": compiled, "fused": fused,
                                    "packed_rows": packed_rows or (packed_max_rows(lm.quantization)
                                                                   if lm.quantization != "none" else 0),
                                    "causal_ms": {},
@@ -130,6 +143,7 @@ def plot_passes(report: dict[str, Any], png: str | Path) -> bool:
     axes = figure.subplots()
     for row in report["variants"]:
         label = f"{row['dtype']}, {row['quantize']}" + (", compiled" if row.get("compiled") else "")
+        label += ", unfused" if row.get("fused") is False else ""
         label += f" (packed to {row['packed_rows']} rows)" if row.get("packed_rows") else ""
         for kind, style in (("causal_ms", "o-"), ("canvas_ms", "s--")):
             if row[kind]:

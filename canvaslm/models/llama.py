@@ -26,7 +26,7 @@ from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
 from canvaslm.models.lora import LoRALinear, set_canvas_pass
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
-from canvaslm.models.quant import PackedWeight, head_logits
+from canvaslm.models.quant import PackedWeight, fused_outputs, head_logits
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -280,6 +280,8 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 
+    FUSED = ("gate_up",)  # `canvaslm.models.quant.quantize` packs gate and up as one weight
+
     def __init__(self, config: Config, bias: bool) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -288,7 +290,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_outputs(self, "gate_up", x) or (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class SelfConditioning(MLP):
@@ -379,6 +382,8 @@ class GridEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
+    FUSED = ("qkv",)  # `canvaslm.models.quant.quantize` packs q, k and v as one weight
+
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = (
@@ -393,9 +398,10 @@ class Attention(nn.Module):
                 write: bool) -> Tensor:
         """x [B, n, H] -> [B, n, H]. `write`: append k/v to the cache (encoder); else only read it (decoder)."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)      # [B, h, n, D]
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, hkv, n, D]
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_outputs(self, "qkv", x) or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)                 # [B, h, n, D]
+        k = k.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)              # [B, hkv, n, D]
+        v = v.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if write:
             k, v = cache.extend(self.layer, k, v)

@@ -52,13 +52,30 @@ def test_a_packed_weight_computes_the_product_it_stands_for(mode, tolerance):
     assert not torch.allclose(y, x @ weight.flip(0).T, atol=0.5 * float(exact.abs().max()))
 
 
-def tiny_model() -> llama.Model:
-    config = llama.Config.from_hf(dict(model_type="llama", vocab_size=80, hidden_size=64, intermediate_size=96,
+def tiny_model(model_type: str = "llama") -> llama.Model:
+    config = llama.Config.from_hf(dict(model_type=model_type, vocab_size=80, hidden_size=64, intermediate_size=96,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=128, eos_token_id=1, pad_token_id=0,
                                        tie_word_embeddings=True), "tiny")
     torch.manual_seed(0)
-    return llama.Model(config).eval()
+    model = llama.Model(config).eval()
+    for name, param in model.named_parameters():  # biases (qwen2's q/k/v) start at zero: make them count
+        if name.endswith(".bias"):
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def adapted_tiny_model() -> llama.Model:
+    """`tiny_model` as a block-diffusion model with canvas-only adapters (random, so that they count), merged."""
+    model = tiny_model().to_diffusion(16)
+    model.config = dataclasses.replace(model.config, canvas_adapters=True)
+    apply_lora(model, rank=4, alpha=8)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=0.05)
+    model.eval()
+    cache_canvas_weights(model)
+    return model
 
 
 def last_logits(model: llama.Model, ids: torch.Tensor, step: int) -> torch.Tensor:
@@ -74,7 +91,10 @@ def test_a_quantized_model_keeps_its_weights_and_follows_the_dense_one(mode):
     dense = tiny_model()
     model = copy.deepcopy(dense)
     packed = quantize(model, mode)
-    assert len(packed) == 2 * 7 and all(isinstance(model.get_submodule(n), QuantizedLinear) for n in packed)
+    fused = {f"layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                             "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+    assert len(packed) == 2 * 7 and fused < set(packed)  # q/k/v and gate/up as one packed weight each
+    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in set(packed) - fused)
     before, after = dense.state_dict(), model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     ids = torch.randint(2, 80, (1, 60), generator=torch.Generator().manual_seed(1))
@@ -92,18 +112,13 @@ def test_a_quantized_model_keeps_its_weights_and_follows_the_dense_one(mode):
 def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass_and_pack_small_drafts():
     """A 16-token canvas runs the merged canvas weights dense (the canvas sampler's numerics stay); a pass of up to
     SMALL_PASS_ROWS canvas tokens (a verified draft) runs them packed, close to the dense product."""
-    model = tiny_model().to_diffusion(16)  # 16 rows: the int8 head is dense too (packed_max_rows)
-    model.config = dataclasses.replace(model.config, canvas_adapters=True)
-    apply_lora(model, rank=4, alpha=8)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            torch.nn.init.normal_(module.lora_B, std=0.05)
-    model.eval()
-    cache_canvas_weights(model)
+    model = adapted_tiny_model()  # 16 rows: the int8 head is dense too (packed_max_rows)
     dense = copy.deepcopy(model)
     quantize(model, "int4")
     adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    assert all(isinstance(m.base, QuantizedLinear) == n.startswith("layers.") for n, m in adapters.items())
+    alone = ("o_proj", "down_proj")  # the others are packed in groups (FusedLinears)
+    assert all(isinstance(m.base, QuantizedLinear) == (n.startswith("layers.") and n.endswith(alone))
+               for n, m in adapters.items())
     ids = torch.randint(2, 80, (1, 40), generator=torch.Generator().manual_seed(2))
     canvas = torch.randint(2, 80, (1, 16), generator=torch.Generator().manual_seed(3))
 
@@ -161,3 +176,59 @@ def test_the_last_positions_logits_read_the_head_without_copying_it():
     assert copied == []
     assert logits.shape == (2, 1, 4096) and logits.dtype == torch.float32
     assert torch.equal(logits, F.linear(last.contiguous().reshape(2, 64), weight).float()[:, None])
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mode, model_type", [("int4", "llama"), ("int8", "llama"), ("int4", "qwen2")])
+def test_linears_that_read_the_same_input_run_as_one_packed_weight_with_the_same_products(mode, model_type,
+                                                                                          monkeypatch):
+    """q/k/v and gate/up packed as one weight each: the logits of every pass equal those of the model packed one
+    linear at a time, bit for bit (qwen2: with q/k/v biases), in fewer kernel calls (an AR step of 2 layers: 8
+    instead of 14)."""
+    dense = tiny_model(model_type)
+    assert (model_type == "qwen2") == (dense.layers[0].self_attn.q_proj.bias is not None)
+    fused, alone = copy.deepcopy(dense), copy.deepcopy(dense)
+    quantize(fused, mode)
+    quantize(alone, mode, fuse=False)
+    ids = torch.randint(2, 80, (1, 60), generator=torch.Generator().manual_seed(1))
+    kernel = "_weight_int4pack_mm_for_cpu" if mode == "int4" else "_weight_int8pack_mm"
+    calls, original = [], getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda *a: calls.append(1) or original(*a))
+    for step in (1, 4):
+        calls.clear()
+        a = last_logits(fused, ids, step)
+        fused_calls = len(calls) - 1 * (mode == "int8")  # the int8 head is one call too
+        calls.clear()
+        b = last_logits(alone, ids, step)
+        assert torch.equal(a, b)
+        assert fused_calls == 2 * 4 and len(calls) - 1 * (mode == "int8") == 2 * 7
+
+
+@torch.inference_mode()
+def test_fused_canvas_weights_follow_the_adapters_and_step_aside_when_they_change():
+    """Canvas-only adapters: a draft-sized canvas pass reads the fused merged weights (bit for bit what the
+    one-by-one packing computes); after the adapters change and their merged weights are cached again, the stale
+    fused copy is not used: the pass follows the new weights."""
+    model = adapted_tiny_model()
+    alone = copy.deepcopy(model)
+    quantize(model, "int4")
+    quantize(alone, "int4", fuse=False)
+    ids = torch.randint(2, 80, (1, 40), generator=torch.Generator().manual_seed(2))
+    canvas = torch.randint(2, 80, (1, SMALL_PASS_ROWS), generator=torch.Generator().manual_seed(3))
+
+    def canvas_logits(m: llama.Model) -> torch.Tensor:
+        cache = m.new_cache(1)
+        m.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool))
+        return m.decode(canvas, cache, None)
+
+    assert torch.equal(canvas_logits(model), canvas_logits(alone))
+    assert torch.equal(last_logits(model, ids, 1), last_logits(alone, ids, 1))  # the causal pass: the bases
+    before = canvas_logits(model)
+    for m in (model, alone):
+        for module in m.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.mul_(3)
+        cache_canvas_weights(m)  # merged weights change; their packed copies are gone (dense until packed)
+    after = canvas_logits(model)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, canvas_logits(alone))
