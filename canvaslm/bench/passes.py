@@ -4,7 +4,7 @@ A decoding loop is a sequence of passes: an AR step is a causal pass over 1 toke
 a verified draft) is a causal pass over C tokens; a denoising step is a canvas pass over C tokens. Each is timed
 after a `--prompt-tokens` prompt is encoded, for each `--variants` entry (dtype:quantize, e.g. float32:none,
 bfloat16:int4; `:rows=N` sends passes of up to N rows through the packed kernels, past the machine's crossover),
-batch 1, median of `--repeats`. The ratio the CPU plan turns on is `canvas_vs_ar`: a canvas pass
+batch 1, median of `--repeats`, the variants taking turns pass by pass. The ratio the CPU plan turns on is `canvas_vs_ar`: a canvas pass
 of C tokens against one AR step of the same variant (issue target: ≤ 1.5 at C = 32).
 """
 
@@ -71,28 +71,25 @@ def set_packed_rows(network: torch.nn.Module, rows: int) -> None:
         network.packed_head.max_rows = rows
 
 
-def _median_ms(setup: Callable[[], Any], timed: Callable[[Any], Any], repeats: int) -> float:
-    """Median ms of `timed(setup())` over `repeats` runs after one warm-up; `setup` runs untimed."""
-    times = []
-    for i in range(repeats + 1):
-        state = setup()
-        start = time.perf_counter()
-        timed(state)
-        if i:
-            times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times), 2)
+def _time_ms(setup: Callable[[], Any], timed: Callable[[Any], Any]) -> float:
+    """ms of one `timed(setup())`; `setup` runs untimed."""
+    state = setup()
+    start = time.perf_counter()
+    timed(state)
+    return 1000 * (time.perf_counter() - start)
 
 
 def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_tokens: int,
                  repeats: int, device: str | None = None) -> dict[str, Any]:
-    """ms per causal pass and per canvas pass of each size, for each (dtype, quantize) variant of `source`."""
+    """ms per causal pass and per canvas pass of each size, for each (dtype, quantize) variant of `source`: the
+    median of `repeats` after one warm-up. Every variant is loaded first and they take turns, pass by pass: a shared
+    machine's speed drifts by tens of percent within minutes (seen on a 2-core EPYC: one variant 52 then 73 ms an
+    AR step in two runs minutes apart), and variant after variant would give that drift to one of them."""
     from canvaslm import load
     from canvaslm.engine.ar import advance
 
-    rows = []
-    # no auto-refresh: rich's render thread would share the CPU with the passes it times
-    with Progress(transient=True, auto_refresh=False) as progress, torch.inference_mode():
-        task = progress.add_task("passes", total=len(variants) * len(sizes))
+    rows, timers = [], []  # timers: (row, "causal_ms" | "canvas_ms", size, setup, timed)
+    with torch.inference_mode():
         for dtype, quantize, compiled, packed_rows, fused in variants:
             if fused:
                 lm = load(source, device=device, dtype=dtype, quantize=quantize, compile=compiled)
@@ -105,11 +102,11 @@ def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_
                 set_packed_rows(network, packed_rows)
             generator = torch.Generator().manual_seed(0)
             prompt = torch.randint(3, network.vocab_size, (1, prompt_tokens), generator=generator).to(lm.device)
-            prompt_valid = torch.ones_like(prompt, dtype=torch.bool)
 
-            def prompt_cache() -> KVCache:  # every timed pass starts from the same encoded prompt
-                cache = network.new_cache(1, lm.device)
-                network.encode(prompt, cache, prompt_valid)
+            def prompt_cache(network=network, prompt=prompt, device=lm.device) -> KVCache:
+                # every timed pass starts from the same encoded prompt
+                cache = network.new_cache(1, device)
+                network.encode(prompt, cache, torch.ones_like(prompt, dtype=torch.bool))
                 return cache
 
             shared = prompt_cache()  # canvas passes only read it
@@ -120,18 +117,30 @@ def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_
                                    "causal_ms": {},
                                    "canvas_ms": {}}
             for size in sizes:
-                progress.update(task, description=f"{row['dtype']}:{row['quantize']}, {size} tokens")
                 tokens = torch.randint(3, network.vocab_size, (1, size), generator=generator).to(lm.device)
-                row["causal_ms"][str(size)] = _median_ms(prompt_cache, lambda c: advance(network, c, tokens), repeats)
+                timers.append((row, "causal_ms", size, prompt_cache,
+                               lambda c, network=network, tokens=tokens: advance(network, c, tokens)))
                 if lm.kind == "diffusion":
-                    row["canvas_ms"][str(size)] = _median_ms(lambda: shared, lambda c: network.decode(tokens, c, None),
-                                                             repeats)
+                    timers.append((row, "canvas_ms", size, lambda shared=shared: shared,
+                                   lambda c, network=network, tokens=tokens: network.decode(tokens, c, None)))
+            rows.append(row)
+        times: dict[int, list[float]] = {i: [] for i in range(len(timers))}
+        # no auto-refresh: rich's render thread would share the CPU with the passes it times
+        with Progress(transient=True, auto_refresh=False) as progress:
+            task = progress.add_task("passes", total=repeats + 1)
+            for turn in range(repeats + 1):  # turn 0 warms up (and compiles) every pass
+                for i, (_, _, _, setup, timed) in enumerate(timers):
+                    elapsed = _time_ms(setup, timed)
+                    if turn:
+                        times[i].append(elapsed)
                 progress.advance(task)
                 progress.refresh()
-            ar_step = row["causal_ms"].get("1")
-            if ar_step and row["canvas_ms"]:
-                row["canvas_vs_ar"] = {size: round(ms / ar_step, 2) for size, ms in row["canvas_ms"].items()}
-            rows.append(row)
+        for i, (row, kind, size, _, _) in enumerate(timers):
+            row[kind][str(size)] = round(statistics.median(times[i]), 2)
+    for row in rows:
+        ar_step = row["causal_ms"].get("1")
+        if ar_step and row["canvas_ms"]:
+            row["canvas_vs_ar"] = {size: round(ms / ar_step, 2) for size, ms in row["canvas_ms"].items()}
     return {"model": source, "prompt_tokens": prompt_tokens, "sizes": sizes, "repeats": repeats, "variants": rows}
 
 
