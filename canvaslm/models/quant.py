@@ -135,7 +135,7 @@ class FusedLinears:
     exactly as the linear's own packed weight would be (int4 groups and int8 scales are per output row)."""
 
     def __init__(self, linears: list[nn.Module], mode: str) -> None:
-        self.linears, self.sizes = linears, [linear.weight.shape[0] for linear in linears]
+        self.sizes = [linear.weight.shape[0] for linear in linears]
         self.causal = PackedWeight(torch.cat([linear.weight for linear in linears]), mode)
         biases = [getattr(linear, "base", linear).bias for linear in linears]  # an adapter's is its base's
         self.bias = None if all(b is None for b in biases) else torch.cat(
