@@ -4,8 +4,8 @@ A decoding loop is a sequence of passes: an AR step is a causal pass over 1 toke
 a verified draft) is a causal pass over C tokens; a denoising step is a canvas pass over C tokens. Each is timed
 after a `--prompt-tokens` prompt is encoded, for each `--variants` entry (dtype:quantize, e.g. float32:none,
 bfloat16:int4; `:rows=N` sends passes of up to N rows through the packed kernels, past the machine's crossover),
-batch 1, median of `--repeats`, the variants taking turns pass by pass. The ratio the CPU plan turns on is `canvas_vs_ar`: a canvas pass
-of C tokens against one AR step of the same variant (issue target: ≤ 1.5 at C = 32).
+batch 1, median of `--repeats`, the variants taking turns pass by pass. The ratio the CPU plan turns on is
+`canvas_vs_ar`: a canvas pass of C tokens against one AR step of the same variant (issue target: ≤ 1.5 at C = 32).
 """
 
 from __future__ import annotations
