@@ -97,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--no-verified", action="store_true",
                          help="skip the verified-decoding row (the model's canvas drafts checked by its causal pass)")
-    quality.add_argument("--out", required=True, help="JSON report; a PNG frontier plot is written beside it")
+    quality.add_argument("--out", required=True,
+                         help="JSON report; a PNG frontier plot is written beside it. Each system's answers are kept "
+                         "in OUT.partial.json as they finish: a run cut off and started again with the same "
+                         "models, prompts and options picks up there")
     quality.add_argument("--device", default=None)
     quality.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
                          help="weights of the model and of the AR baseline (auto: bfloat16 where the hardware has it); "
@@ -293,12 +296,15 @@ def _quality(args: argparse.Namespace) -> int:
     plain = dtype == torch.float32 and judge.quantization == "none"
     scorer = judge if plain else load(args.judge, device=args.device, dtype=torch.float32)
     prompts = read_prompts(args.prompts, args.limit, judge.require_tokenizer(), args.exclude)
+    out = Path(args.out)
+    partial = out.with_name(out.stem + ".partial.json")  # each finished system, for a run cut off and started again
     report = quality_report(model, judge, prompts, settings, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, speed_prompts=args.speed_prompts, seed=args.seed,
-                            verified=not args.no_verified, scorer=scorer, ar_temperatures=args.ar_temperature)
-    out = Path(args.out)
+                            verified=not args.no_verified, scorer=scorer, ar_temperatures=args.ar_temperature,
+                            resume=partial)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    partial.unlink(missing_ok=True)
     plotted = plot_frontier(report, out.with_suffix(".png"))
     summary = {"report": str(out), "plot": str(out.with_suffix(".png")) if plotted else None,
                **{k: v["value"] for k, v in report["acceptance"].items() if isinstance(v, dict) and "value" in v},

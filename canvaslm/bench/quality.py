@@ -17,12 +17,19 @@ Optional reference rows answer with the AR judge at other temperatures (`ar_temp
 
 `acceptance` compares the default diffusion setting with the AR model against the default-model targets, and
 `plot_frontier` draws GenPPL against tokens per forward for all settings.
+
+A report takes hours on a CPU (200 prompts x 128 tokens per system), so with `resume` every system's scored answers
+are written to that file as soon as they are done, and a run started again on the same models, prompts and options
+takes them from there instead of answering again (`canvaslm quality` keeps `OUT.partial.json` beside its report).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -211,14 +218,16 @@ def check_systems(model: LM, judge: LM) -> None:
 def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings: Sequence[Mapping[str, Any]], *,
                    max_new_tokens: int = 128, batch_size: int = 16, speed_prompts: int = 10, seed: int = 0,
                    show_progress: bool = True, verified: bool = True, scorer: LM | None = None,
-                   ar_temperatures: Sequence[float] = ()) -> dict[str, Any]:
+                   ar_temperatures: Sequence[float] = (), resume: str | Path | None = None) -> dict[str, Any]:
     """The whole report: one entry per diffusion setting (the first is the default, timed at batch 1), the AR
     judge's own answers at temperature 0.7, the model's verified decoding at the same AR setting (its output has
     the distribution of the model's causal pass: the parent's, for canvas-only adapters), and the acceptance
     checks. `scorer` computes GenPPL (default: `judge` itself; the CLI passes the judge in float32 when the
     systems run in another precision). `ar_temperatures` adds the judge's answers at other temperatures as
     reference rows (`ar_references`): a diffusion setting that writes sharper text than the parent at 0.7 can be
-    read next to the parent at its own temperature, while the acceptance stays against 0.7."""
+    read next to the parent at its own temperature, while the acceptance stays against 0.7. `resume`: a file
+    that keeps each system's scored answers as they finish, read back when the run is the same
+    (`run_fingerprint`); speeds are timed anew."""
     check_systems(model, judge)
     scorer = judge if scorer is None else scorer
     if not prompts:
@@ -229,23 +238,36 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
         model.resolve_sampling(options, decoding)
     for temperature in ar_temperatures:
         judge.resolve_sampling({"temperature": temperature}, None)
-    batches = math.ceil(len(prompts) / batch_size) * (len(settings) + 1 + verified + len(ar_temperatures))
+    per_system = math.ceil(len(prompts) / batch_size)
+    batches = per_system * (len(settings) + 1 + verified + len(ar_temperatures))
+    run = None if resume is None else run_fingerprint((model, judge, scorer), prompts, max_new_tokens, batch_size,
+                                                      seed)
+    done = {} if resume is None else resumed_systems(resume, run)
+    if done and show_progress:
+        print(f"resuming from {resume}: {', '.join(done)} already answered", file=sys.stderr)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress, transient=True) as bar:
         task = bar.add_task("answering", total=batches)
         step = lambda: bar.advance(task)  # noqa: E731
-        ar = evaluate_system(judge, scorer, "autoregressive", prompts, AR_SETTING, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, seed=seed, progress=step)
-        diffusion = [evaluate_system(model, scorer, f"diffusion {json.dumps(s)}", prompts, s,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=step)
-                     for s in settings]
+        resumed = []  # the systems whose answers an earlier, cut-off run of the same fingerprint gave
+
+        def system(lm: LM, name: str, setting: Mapping[str, Any]) -> SystemReport:
+            kept = done.get(name)
+            if kept is not None and kept.setting == dict(setting):
+                bar.advance(task, per_system)
+                resumed.append(name)
+                return kept
+            done[name] = evaluate_system(lm, scorer, name, prompts, setting, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, seed=seed, progress=step)
+            if resume is not None:
+                save_systems(resume, run, done)
+            return done[name]
+
+        ar = system(judge, "autoregressive", AR_SETTING)
+        diffusion = [system(model, f"diffusion {json.dumps(s)}", s) for s in settings]
         verified_setting = {**AR_SETTING, "decoding": "verified"}
-        checked = (evaluate_system(model, scorer, "verified", prompts, verified_setting,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=step)
-                   if verified else None)
-        references = [evaluate_system(judge, scorer, f"autoregressive T={t:g}", prompts, {"temperature": t},
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                                      progress=step) for t in ar_temperatures]
+        checked = system(model, "verified", verified_setting) if verified else None
+        references = [system(judge, f"autoregressive T={t:g}", {"temperature": t}) for t in ar_temperatures]
     if speed_prompts > 0:  # the AR judge, the default setting and verified decoding, timed side by side
         timed = [(ar, judge, AR_SETTING), (diffusion[0], model, settings[0])]
         timed += [(checked, model, verified_setting)] if checked is not None else []
@@ -258,8 +280,46 @@ def quality_report(model: LM, judge: LM, prompts: Sequence[list[int]], settings:
             "seed": seed, "device": str(model.device), "threads": torch.get_num_threads(),
             "autoregressive": asdict(ar), "diffusion": [asdict(d) for d in diffusion],
             "verified": None if checked is None else asdict(checked),
-            "ar_references": [asdict(r) for r in references],
+            "ar_references": [asdict(r) for r in references], "resumed": resumed,
             "targets": TARGETS, "acceptance": acceptance(diffusion[0], ar)}
+
+
+def run_fingerprint(lms: Sequence[LM], prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
+                    seed: int) -> str:
+    """A digest of everything a system's answers and scores depend on: each model's weights (every byte of its
+    state, so an asset retrained in place is a new run), source, precision and sampler defaults, the prompts, the
+    token budget, the batching (padding and seeds follow it) and the seed."""
+    digest = hashlib.sha256(json.dumps([prompts, max_new_tokens, batch_size, seed]).encode())
+    for lm in {id(lm): lm for lm in lms}.values():
+        defaults = vars(lm.diffusion_defaults) if lm.kind == "diffusion" else lm.ar_defaults
+        digest.update(json.dumps([lm.source, lm.kind, _precision(lm), defaults], sort_keys=True,
+                                 default=str).encode())
+        for name, tensor in lm.network.state_dict().items():
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def resumed_systems(path: str | Path, run: str) -> dict[str, SystemReport]:
+    """The systems a cut-off run of the same fingerprint finished (by name); none when `path` is missing,
+    unreadable or from another run, which the next save replaces."""
+    try:
+        kept = json.loads(Path(path).read_text(encoding="utf-8"))
+        if kept.get("fingerprint") != run:
+            return {}
+        return {name: SystemReport(**fields) for name, fields in kept["systems"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def save_systems(path: str | Path, run: str, systems: Mapping[str, SystemReport]) -> None:
+    """Write the finished systems for `resumed_systems`, whole or not at all (a kill mid-write keeps the last)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps({"fingerprint": run, "systems": {k: asdict(v) for k, v in systems.items()}},
+                                  ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _precision(lm: LM) -> dict[str, str]:

@@ -201,3 +201,42 @@ def test_speeds_are_timed_with_the_systems_taking_turns_prompt_by_prompt():
              for name, setting in (("ar", {"t": 0.7}), ("canvas", {"p": 0.9}))]
     assert calls == warm_up + turns
     assert len(speeds) == 2 and all(v > 0 for v in speeds)
+
+
+def test_a_cut_off_report_resumes_from_the_systems_it_finished(tmp_path):
+    model, judge = tiny_lm(True), tiny_lm(False, seed=1)
+    prompts, settings = [[3, 4, 5, 6], [7, 8], [9, 10, 11]], [{}, {"entropy_bound": 5.0}]
+    options = dict(max_new_tokens=8, batch_size=2, speed_prompts=0, show_progress=False, verified=False)
+    whole = quality_report(model, judge, prompts, settings, **options)
+    partial = tmp_path / "report.partial.json"
+    answered = []
+    generate = model.generate
+
+    def cut_off(prompts, *args, **kwargs):  # the run is killed while the second setting answers
+        answered.append(kwargs.get("entropy_bound"))
+        if kwargs.get("entropy_bound") == 5.0:
+            raise KeyboardInterrupt
+        return generate(prompts, *args, **kwargs)
+
+    model.generate = cut_off  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        quality_report(model, judge, prompts, settings, resume=partial, **options)
+    assert set(json.loads(partial.read_text())["systems"]) == {"autoregressive", "diffusion {}"}
+    answered.clear()
+    model.generate = lambda prompts, *a, **k: answered.append(k.get("entropy_bound")) or generate(prompts, *a, **k)
+    again = quality_report(model, judge, prompts, settings, resume=partial, **options)
+    assert answered == [5.0, 5.0]  # only the setting that was cut off answers (two batches), the rest is read back
+    assert again["resumed"] == ["autoregressive", "diffusion {}"] and whole["resumed"] == []
+    assert {k: v for k, v in again.items() if k != "resumed"} == {k: v for k, v in whole.items() if k != "resumed"}
+
+    answered.clear()  # other prompts, another budget or other weights are another run: everything answers anew
+    assert quality_report(model, judge, prompts[:2], settings, resume=partial, **options)["resumed"] == []
+    assert quality_report(model, judge, prompts, settings, resume=partial, **options)["resumed"] == []
+    with torch.no_grad():
+        next(model.network.parameters()).add_(1e-3)
+    answered.clear()
+    changed = quality_report(model, judge, prompts, settings, resume=partial, **options)
+    assert changed["resumed"] == [] and answered == [None, None, 5.0, 5.0]
+    partial.write_text("{not json")  # a file cut mid-write (or by hand) is no run: answered anew, then replaced
+    assert quality_report(model, judge, prompts, settings, resume=partial, **options)["resumed"] == []
+    assert json.loads(partial.read_text())["fingerprint"]
