@@ -58,17 +58,12 @@ def parse_variants(text: str) -> list[Variant]:
 
 
 def set_packed_rows(network: torch.nn.Module, rows: int) -> None:
-    """Make every packed linear of `network` (and its packed head) take passes of up to `rows` rows."""
-    from canvaslm.models.quant import FUSED_GROUPS, QuantizedLinear
+    """Make every packed weight of `network`'s causal pass (linears, fused groups, head) take passes of up to
+    `rows` rows."""
+    from canvaslm.models.quant import causal_packed_weights
 
-    for module in network.modules():
-        if isinstance(module, QuantizedLinear):
-            module.packed.max_rows = rows
-        for group in FUSED_GROUPS:
-            if "fused_" + group in module.__dict__:
-                module.__dict__["fused_" + group].causal.max_rows = rows
-    if getattr(network, "packed_head", None) is not None:
-        network.packed_head.max_rows = rows
+    for packed in causal_packed_weights(network):
+        packed.max_rows = rows
 
 
 def _time_ms(setup: Callable[[], Any], timed: Callable[[Any], Any]) -> float:

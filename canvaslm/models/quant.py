@@ -175,6 +175,19 @@ def fused_outputs(module: nn.Module, group: str, x: Tensor) -> list[Tensor] | No
     return None if fused is None else fused(x)
 
 
+def causal_packed_weights(model: nn.Module) -> list[PackedWeight]:
+    """Every packed weight `quantize` gave `model`'s causal pass: its packed linears', its fused groups' and its
+    head's (not the canvas-only adapters' copies, which keep `SMALL_PASS_ROWS`)."""
+    weights = []
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            weights.append(module.packed)
+        weights += [module.__dict__["fused_" + g].causal for g in FUSED_GROUPS if "fused_" + g in module.__dict__]
+    if getattr(model, "packed_head", None) is not None:
+        weights.append(model.packed_head)
+    return weights
+
+
 def head_logits(hidden: Tensor, weight: Tensor, packed: PackedWeight | None) -> Tensor:
     """hidden [..., H] @ weight.T through the packed head when it takes this pass (float32 logits [..., V])."""
     if packed is not None and packed.takes(hidden):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from canvaslm.hardware import int4_pays, resolve_quantize
 from canvaslm.models import llama
 from canvaslm.models.lora import LoRALinear, apply_lora, cache_canvas_weights
-from canvaslm.models.quant import (GROUP_SIZE, SMALL_PASS_ROWS, PackedWeight, QuantizedLinear, dequantize_int4,
-                                   quantize, quantize_int4)
+from canvaslm.models.quant import (GROUP_SIZE, SMALL_PASS_ROWS, PackedWeight, QuantizedLinear,
+                                   causal_packed_weights, dequantize_int4, quantize, quantize_int4)
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -202,6 +202,24 @@ def test_linears_that_read_the_same_input_run_as_one_packed_weight_with_the_same
         b = last_logits(alone, ids, step)
         assert torch.equal(a, b)
         assert fused_calls == 2 * 4 and len(calls) - 1 * (mode == "int8") == 2 * 7
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("fuse", [True, False])
+def test_the_causal_packed_weights_are_all_listed_so_that_no_rows_leaves_every_pass_dense(fuse):
+    """`causal_packed_weights` lists every packed weight of the causal pass (per layer: q/k/v and gate/up fused
+    plus o and down, or seven alone; then the head): with none of them taking a row, a step computes exactly the
+    dense model's logits, and with the kernel's rows it does not."""
+    dense = tiny_model()
+    packed = copy.deepcopy(dense)
+    quantize(packed, "int4", fuse=fuse)
+    weights = causal_packed_weights(packed)
+    assert len(weights) == len(dense.layers) * (4 if fuse else 7) + 1 and weights[-1] is packed.packed_head
+    ids = torch.randint(2, 80, (1, 60), generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(last_logits(packed, ids, 1), last_logits(dense, ids, 1))
+    for weight in weights:
+        weight.max_rows = 0
+    assert torch.equal(last_logits(packed, ids, 1), last_logits(dense, ids, 1))
 
 
 @torch.inference_mode()
