@@ -31,13 +31,15 @@ def test_convert_script_runs_every_stage_at_toy_scale(tmp_path, monkeypatch):
     assert report["autoregressive"]["genppl"] < 50  # the AR parent's own answers read as fluent to itself
     assert report["autoregressive"]["tokens_per_second_batch1"] > 0
     assert set(report["acceptance"]) >= {"genppl_ratio", "entropy_ratio", "tokens_per_forward", "cpu_speedup"}
-    assert (out / "quality.png").stat().st_size > 10_000
+    assert (out / "quality.png").stat().st_size > 10_000 and not (out / "quality.partial.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["acceptance"] == report["acceptance"]
 
     asset = json.loads((out / "asset" / "asset.json").read_text())
     assert asset["model_config"] == {"canvas_length": 16} and asset["training"]["step"] == 4
-    assert asset["generation_config"]["entropy_bound"] == float(last["sampler_defaults"].split("=")[1])
+    chosen = dict(item.split("=") for item in last["sampler_defaults"].split(","))
+    assert asset["generation_config"]["entropy_bound"] == float(chosen["entropy_bound"])
+    assert asset["generation_config"]["max_denoising_steps"] == int(chosen["max_denoising_steps"]) == 8
     size = sum(f.stat().st_size for f in (out / "asset").rglob("*") if f.is_file())
     assert size < 64 << 20
     monkeypatch.setenv("CANVASLM_HOME", str(tmp_path / "home"))
