@@ -337,19 +337,32 @@ def setting_label(setting: Mapping[str, Any]) -> str:
     return " ".join(words) or "defaults"
 
 
+def shared_and_own(settings: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the keys and values every setting shares, each setting's other keys): with several settings a plot names
+    the shared part once and each point by what sets it apart (a long setting in every label runs off the figure).
+    One setting is all its own."""
+    if len(settings) < 2:
+        return {}, [dict(s) for s in settings]
+    shared = {k: v for k, v in settings[0].items() if all(k in s and s[k] == v for s in settings[1:])}
+    return shared, [{k: v for k, v in s.items() if k not in shared} for s in settings]
+
+
 def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
     """GenPPL against tokens per forward, one point per diffusion setting, the AR model as a reference line;
     False when matplotlib (the `train` extra) is missing."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend state
+        from matplotlib.ticker import LogFormatter
     except ImportError:
         return False
-    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    shared, own = shared_and_own([p["setting"] for p in report["diffusion"]])
+    entries = len(own) + 2 + bool(report.get("verified")) + len(report.get("ar_references", []))
+    figure = Figure(figsize=(6.4, 3.6 + 0.16 * entries), layout="constrained")
     ax = figure.add_subplot()
-    for i, p in enumerate(report["diffusion"]):  # one marker per setting, named in the legend: labels beside
-        # close points would overlap
+    for i, (p, setting) in enumerate(zip(report["diffusion"], own, strict=True)):  # one marker per setting,
+        # named in the legend: labels beside close points would overlap
         ax.plot([p["tokens_per_forward"]], [p["genppl"]], marker="os^vDP<>X*"[i % 10], linestyle="none",
-                label=f"diffusion: {setting_label(p['setting'])}")
+                label=f"diffusion: {setting_label(setting)}")
     ar, checked = report["autoregressive"], report.get("verified")
     if checked:
         ax.plot([checked["tokens_per_forward"]], [checked["genppl"]], "s", color="green",
@@ -360,9 +373,14 @@ def plot_frontier(report: Mapping[str, Any], png: str | Path) -> bool:
                    label=f"AR, T={reference['setting']['temperature']:g} (GenPPL {reference['genppl']:.1f})")
     ax.axhline(ar["genppl"] * TARGETS["genppl_ratio_max"], color="red", linestyle=":", label="1.5x AR")
     ax.set_yscale("log")
+    # 3.4, not 3.4 x 10^0; minor ticks are labeled only where the range is narrow (LogFormatter's thresholds)
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set_xlabel("tokens per forward pass")
     ax.set_ylabel("GenPPL (AR judge)")
     ax.set_title(f"quality/speed frontier, {report['prompts']} prompts")
-    ax.legend(fontsize=7)
+    if shared:
+        figure.suptitle(f"every setting: {setting_label(shared)}", fontsize=7, wrap=True)
+    figure.legend(loc="outside lower center", fontsize=7)  # below the axes: it never hides a point
     figure.savefig(png, dpi=120)
     return True

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from canvaslm.bench.quality import (SystemReport, acceptance, distinct_ngrams, judge_nll, plot_frontier,
-                                    quality_report, read_prompts, unigram_entropy)
+                                    quality_report, read_prompts, shared_and_own, unigram_entropy)
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
 from canvaslm.models import llama
@@ -240,3 +240,14 @@ def test_a_cut_off_report_resumes_from_the_systems_it_finished(tmp_path):
     partial.write_text("{not json")  # a file cut mid-write (or by hand) is no run: answered anew, then replaced
     assert quality_report(model, judge, prompts, settings, resume=partial, **options)["resumed"] == []
     assert json.loads(partial.read_text())["fingerprint"]
+
+
+def test_a_plot_names_what_every_setting_shares_once_and_each_point_by_what_sets_it_apart():
+    base = {"order": "left_to_right", "canvas_size": 4, "t_max": 0.45}
+    shared, own = shared_and_own([{**base, "first_token": "causal"}, {**base, "first_token": "decoder"},
+                                  {**base, "t_max": 0.4, "first_token": "causal"}])
+    assert shared == {"order": "left_to_right", "canvas_size": 4}
+    assert own == [{"t_max": 0.45, "first_token": "causal"}, {"t_max": 0.45, "first_token": "decoder"},
+                   {"t_max": 0.4, "first_token": "causal"}]
+    assert shared_and_own([base]) == ({}, [base])  # one setting is all its own
+    assert shared_and_own([{"a": 1}, {}]) == ({}, [{"a": 1}, {}])
