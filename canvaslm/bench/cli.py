@@ -67,11 +67,13 @@ def main(args) -> int:
         if args.out and plot_compare(report["compare"], str(Path(args.out).with_suffix(".png"))):
             report["plot"] = str(Path(args.out).with_suffix(".png"))
     if args.what == "decoding":
-        from canvaslm.bench.decoding import bench_decoding, plot_decoding
+        from canvaslm.bench.decoding import DECODINGS, bench_decoding, plot_decoding
 
         batches = [int(b) for b in (args.batch_sizes or "1,8").split(",")]
+        decodings = tuple(d.strip() for d in (args.decodings or ",".join(DECODINGS)).split(",") if d.strip())
         report["decoding"] = bench_decoding(lm, batches, args.new_tokens, args.temperature or 0.0,
-                                            [key_values(s, "--setting") for s in args.setting] or [{}])
+                                            [key_values(s, "--setting") for s in args.setting] or [{}],
+                                            decodings=decodings)
         report["decoding"]["model"] = args.model
         if args.out and plot_decoding(report["decoding"], str(Path(args.out).with_suffix(".png"))):
             report["plot"] = str(Path(args.out).with_suffix(".png"))
@@ -155,7 +157,7 @@ def _serve(args) -> int:
         raise CanvasError(f"--rounds must be >= 1, got {args.rounds}")
     if not 0 <= args.structured_share <= 1:
         raise CanvasError(f"--structured-share must be in [0, 1], got {args.structured_share}")
-    decodings = [d.strip() for d in args.decodings.split(",") if d.strip()]
+    decodings = [d.strip() for d in (args.decodings or "diffusion").split(",") if d.strip()]
     unknown = sorted(set(decodings) - {"diffusion", "verified", "autoregressive"})
     if unknown or not decodings:
         raise CanvasError(f"--decodings takes diffusion, verified, autoregressive (comma-separated), got "
@@ -217,9 +219,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=1, help="serve: turns each system takes at each level (the "
                    "systems alternate); the median is reported")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
-    p.add_argument("--decodings", default="diffusion", help="serve: the diffusion model's decodings to drive, "
-                   "comma-separated (diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, "
-                   "--compile, --threads and --temperature reach the servers and the requests")
+    p.add_argument("--decodings", help="serve: the diffusion model's decodings to drive, comma-separated "
+                   "(diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, --compile, "
+                   "--threads and --temperature reach the servers and the requests. decoding: the ones timed "
+                   "beside the autoregressive one (default all three)")
     p.add_argument("--structured-share", type=float, default=0.0,
                    help="serve: share of the diffusion model's requests that ask for JSON (response_format "
                         "json_schema); they run in the batch, and each level reports passes by batch size")

@@ -21,28 +21,44 @@ from canvaslm.engine.verified import draft_size, verified_generate
 from canvaslm.errors import CanvasError
 from canvaslm.plotting import new_figure, save
 
+DECODINGS = ("autoregressive", "verified", "diffusion")
+
+
 def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature: float = 0.0,
-                   settings: list[dict[str, Any]] = ({},), seed: int = 0) -> dict[str, Any]:
-    """Run every decoding at every batch size over all of `PROMPTS`, in batches of that size (batch 1: each prompt
-    alone; a batch larger than the prompts repeats them), the modes taking turns batch by batch. The canvases run
-    once per entry of `settings` (the model's defaults overridden by it; a row "diffusion · <setting>" where it is
-    not empty). Greedy by default (temperature 0). Times, tokens and passes add up over the batches."""
+                   settings: list[dict[str, Any]] = ({},), seed: int = 0,
+                   decodings: tuple[str, ...] = DECODINGS) -> dict[str, Any]:
+    """Run every decoding of `decodings` (the autoregressive one always: the others are measured against it) at
+    every batch size over all of `PROMPTS`, in batches of that size (batch 1: each prompt alone; a batch larger
+    than the prompts repeats them), the modes taking turns batch by batch, after one untimed batch of each. The
+    canvases run once per entry of `settings` (the model's defaults overridden by it; a row "diffusion ·
+    <setting>" where it is not empty). Greedy by default (temperature 0). Times, tokens and passes add up over the
+    batches."""
     if lm.kind != "diffusion":
         raise CanvasError(f"{lm.source} is autoregressive: bench decoding compares a diffusion model's ways to write")
+    unknown = sorted(set(decodings) - set(DECODINGS))
+    if unknown:
+        raise CanvasError(f"--decodings takes {', '.join(DECODINGS)} (comma-separated), got {', '.join(unknown)}")
     for setting in settings:
         lm.diffusion_settings(dict(setting))  # a bad setting is refused before the first timing
     # mode -> the canvases' setting (None for the two AR-distributed modes)
-    modes: dict[str, dict[str, Any] | None] = {"autoregressive": None, "verified": None}
-    modes.update({"diffusion" + (f" · {setting_label(s)}" if s else ""): dict(s) for s in settings})
+    modes: dict[str, dict[str, Any] | None] = {"autoregressive": None}
+    if "verified" in decodings:
+        modes["verified"] = None
+    if "diffusion" in decodings:
+        modes.update({"diffusion" + (f" · {setting_label(s)}" if s else ""): dict(s) for s in settings})
     prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     rows = []
     with Progress(transient=True) as progress:
         for batch in batch_sizes:
             groups = [[prompts[(start + i) % len(prompts)] for i in range(batch)]
                       for start in range(0, len(prompts), batch)]
-            task = progress.add_task(f"bench decoding, batch {batch}", total=len(groups) * len(modes))
-            totals = {mode: {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0,
-                             "accepted": 0, "lengths": None, "generated": []} for mode in modes}
+            task = progress.add_task(f"bench decoding, batch {batch}", total=(len(groups) + 1) * len(modes))
+            for mode, setting in modes.items():
+                # untimed: the first batch pays one-off costs (with --compile, minutes of compilation per pass
+                # shape), which a timing of seconds would otherwise report as the mode's speed
+                _run_group(lm, mode, groups[0], new_tokens, temperature, setting, seed, _totals())
+                progress.advance(task)
+            totals = {mode: _totals() for mode in modes}
             # the modes take turns batch by batch: a shared machine's speed drifts by tens of percent within
             # minutes, and mode after mode would give that drift to one of them
             for group in groups:
@@ -59,6 +75,12 @@ def bench_decoding(lm: LM, batch_sizes: list[int], new_tokens: int, temperature:
             "draft_size": draft_size(lm.network),
             "diffusion_settings": {mode: vars(lm.diffusion_settings(setting)) for mode, setting in modes.items()
                                    if setting is not None}, "runs": rows}
+
+
+def _totals() -> dict[str, Any]:
+    """What `_run_group` adds up for one mode at one batch size."""
+    return {"tokens": 0, "seconds": 0.0, "passes": 0.0, "max_passes": 0, "rounds": 0, "accepted": 0,
+            "lengths": None, "generated": []}
 
 
 def _row(mode: str, batch: int, prompts: int, totals: dict[str, Any], ar_tokens: list[list[int]]

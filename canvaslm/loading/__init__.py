@@ -24,9 +24,10 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
 
     dtype: a torch dtype or "auto" (bfloat16 where this machine computes it fast); default bfloat16 on CUDA,
     float32 on CPUs. quantize: "none", "int8", "int4" (weight-only, CPU; canvaslm.models.quant) or "auto"
-    (int4 on CPUs with fast bfloat16 or AVX2: `canvaslm.hardware.int4_pays`). compile: the causal pass (AR steps,
-    canvas commits, verified checks) runs through torch.compile with dynamic shapes: the first passes take minutes
-    to compile, later ones skip most of eager mode's per-op overhead (docs/performance.md)."""
+    (int4 on CPUs with fast bfloat16 or AVX2: `canvaslm.hardware.int4_pays`). compile: the model's passes (its
+    `compiled_passes`: the causal pass of AR steps, canvas commits and verified checks, and for Llama-family models
+    the canvas pass's layers too) run through torch.compile with dynamic shapes: the first passes take minutes to
+    compile, later ones skip most of eager mode's per-op overhead (docs/performance.md)."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
@@ -42,8 +43,10 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     quantize_weights(lm.network, quantize)
     lm.quantization = quantize
     if compile:
-        # an instance attribute: every caller of network.encode (forward, advance, the engines) gets the compiled one
-        lm.network.encode = torch.compile(lm.network.encode, dynamic=True)
+        # instance attributes: every caller of network.encode (forward, advance, the engines) or network.decode gets
+        # the compiled pass
+        for name in lm.network.compiled_passes:
+            setattr(lm.network, name, torch.compile(getattr(lm.network, name), dynamic=True))
     lm.compiled = compile
     return lm
 

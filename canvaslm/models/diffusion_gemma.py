@@ -393,6 +393,9 @@ class Layer(nn.Module):
 
 class Model(nn.Module):
     kind = "diffusion"
+    # what `canvaslm.load(compile=True)` compiles: the causal pass (its decoder pass's layers take a closure that
+    # reads the cache, and the mixture of experts breaks the graph at every expert)
+    compiled_passes = ("encode",)
 
     def __init__(self, config: Config) -> None:
         super().__init__()

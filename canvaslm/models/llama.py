@@ -429,6 +429,8 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     """Llama-family LM. Build with `torch.device("meta")` then `load_hf_tensors` to skip random init."""
 
+    compiled_passes = ("encode", "canvas_layers")  # what `canvaslm.load(compile=True)` compiles
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -518,13 +520,22 @@ class Model(nn.Module):
                 soft = soft * self_conditioning_rows[:, None, None].to(soft.dtype)
             x = self.self_conditioning(x, soft)
         rope = self._rope(cache.positions(canvas_ids.shape[1]), x.dtype)
+        # one mask per window, made here: whether one is needed at all is read from the cache, a data-dependent
+        # branch that keeps torch.compile out of whatever runs it, so the layers go on in `canvas_layers`
+        masks = {w: decoder_mask(cache, cache.windows.index(w), canvas_ids.shape[1]) for w in set(cache.windows)}
+        x = self.canvas_layers(x, rope, cache, masks)
+        return x if hidden_states else self.logits(x)
+
+    def canvas_layers(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache,
+                      masks: dict[int | None, Tensor | None]) -> Tensor:
+        """The canvas pass's layers and final norm over its embeddings x [B, C, H], each layer masked by its
+        window's mask (`decode`); what `canvaslm.load(compile=True)` compiles for the canvas pass."""
         for i, layer in enumerate(self.layers):
-            mask = decoder_mask(cache, i, canvas_ids.shape[1])
+            mask = masks[cache.windows[i]]
             if self.canvas_grid is not None:
-                mask = self.canvas_grid.attention_bias(i, mask, canvas_ids.shape[1],
-                                                       cache.kept(i) + canvas_ids.shape[1], x.dtype)
+                mask = self.canvas_grid.attention_bias(i, mask, x.shape[1], cache.kept(i) + x.shape[1], x.dtype)
             x = layer(x, rope, cache, mask, write=False)
-        return self.norm(x) if hidden_states else self.logits(self.norm(x))
+        return self.norm(x)
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,

@@ -60,10 +60,25 @@ def test_the_modes_take_turns_batch_by_batch_so_drift_hits_each_alike(tmp_path, 
     monkeypatch.setattr(decoding, "_run_group", recorded)
     order = ("autoregressive", "verified", "diffusion")
     report = bench_decoding(load(str(tmp_path / "dg")), [1, 4], new_tokens=6)
-    turns = [(mode, 1) for mode in order] * 8 + [(mode, 4) for mode in order] * 2
+    # one untimed batch of each mode first (compilation, first-call costs), then the timed turns
+    turns = [(mode, 1) for mode in order] * (1 + 8) + [(mode, 4) for mode in order] * (1 + 2)
     assert calls == turns  # not all 8 prompts in one mode, then all in the next
     assert [(r["decoding"], r["batch"]) for r in report["runs"]] == [(m, b) for b in (1, 4) for m in order]
     assert all(r["agreement_with_autoregressive"] == 1.0 for r in report["runs"] if r["decoding"] == "verified")
+    # the warm-up batches are not counted: 8 prompts a mode at both sizes (batch 4: two batches of 4)
+    assert {r["prompts"] for r in report["runs"]} == {8}
+
+
+def test_decodings_picks_the_modes_timed_beside_the_autoregressive_one(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "dg", canvas_length=4, logit_gain=1.0)
+    out = tmp_path / "decoding.json"
+    assert main(["bench", "decoding", "-m", str(tmp_path / "dg"), "--batch-sizes", "1", "--new-tokens", "6",
+                 "--decodings", "diffusion", "--out", str(out), "--threads", "1"]) == 0
+    report = json.loads(out.read_text())["decoding"]
+    assert [r["decoding"] for r in report["runs"]] == ["autoregressive", "diffusion"]
+    assert main(["bench", "decoding", "-m", str(tmp_path / "dg"), "--decodings", "diffusion,beam"]) == 2
+    assert "--decodings takes autoregressive, verified, diffusion (comma-separated), got beam" in \
+        capsys.readouterr().err
 
 
 def test_settings_of_the_canvases_take_their_turns_beside_the_other_modes(tmp_path, capsys):
