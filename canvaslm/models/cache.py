@@ -150,6 +150,10 @@ class KVCache:
         The stored tensors are truncated to the window only after the pass, which is why the new chunk itself
         still sees every key inside its own window."""
         old_k, old_v, _ = self.read(layer)
+        if old_k is None:
+            # kept contiguous, as every later concatenation is: the new keys arrive as a transposed view, and a
+            # cache whose strides change after its first pass makes torch.compile build each pass twice
+            k, v = k.contiguous(), v.contiguous()
         full_k = k if old_k is None else torch.cat([old_k, k], dim=2)
         full_v = v if old_v is None else torch.cat([old_v, v], dim=2)
         if self.keys[layer] is None or self.keys[layer] is old_k:
