@@ -103,6 +103,11 @@ KNOBS: tuple[Knob, ...] = (
          "temperature, from the causal pass that encoded the text before it, which such a model's first pass reads "
          "it from anyway: one decoder pass fewer per canvas, and the next pass sees it)", "diffusion",
          choices=FIRST_TOKENS),
+    Knob("adjacent_repeats", str, "keep", "order left_to_right: a token that one pass draws for two neighbouring "
+         "undecided positions: keep both (as drawn) or wait (the second stays undecided until a pass that sees "
+         "the first draws it again: positions drawn in one pass are drawn independently, and the doubled words "
+         "they give, \"the sky sky\", are ~1% of a canvas's words and none of the AR's)", "diffusion",
+         choices=("keep", "wait")),
     Knob("canvas_size", int, 0, "tokens a canvas holds at decoding time, at most the canvas the model was "
          "trained on (0 = that canvas): a smaller one is fewer rows a decoder pass and a commit more often, which "
          "pays where rows cost (a batch of requests, int4 CPU kernels); `smol`, trained on clean prefixes, writes "

@@ -138,7 +138,8 @@ def factor_accept(top: Tensor, factor: float, free: Tensor | None = None) -> Ten
 
 
 def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, free: Tensor,
-                         force: Tensor | None = None, top: Tensor | None = None) -> Tensor:
+                         force: Tensor | None = None, top: Tensor | None = None,
+                         proposal: Tensor | None = None) -> Tensor:
     """`settings.acceptance` applied along the canvas rather than by certainty (`order = "left_to_right"`): the
     kept tokens are a prefix of the undecided (`free`) positions, the first of them always (in the rows of `force`;
     None: all), then each next one while the rule still holds over the run so far:
@@ -151,7 +152,9 @@ def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: Diffus
     A masked model picked "the most certain anywhere" places a confident token (a full stop, a list mark) ahead of
     text it cannot see yet, and the text between must then fit it; this order never does. Decided positions (kept
     tokens, pins) are always kept. [B, C, V], [B, C] -> [B, C] bool. `top` [B, C]: each position's top
-    probability when the caller has it (then `logits` is not read)."""
+    probability when the caller has it (then `logits` is not read). `proposal` [B, C]: the tokens drawn, which
+    `settings.adjacent_repeats = "wait"` reads: the run also ends at a token drawn for the undecided position
+    before it too, which a later pass, seeing that neighbour, draws again."""
     rank = free.long().cumsum(dim=-1)                        # n: the position's place among the undecided, 1-based
     first = free & (rank == 1)
     if force is not None:
@@ -166,6 +169,12 @@ def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: Diffus
         ok = run.cumsum(dim=-1) - run.cummax(dim=-1).values <= settings.entropy_bound
         if rule == "adaptive":
             ok |= top_probability(logits, top) >= 1 - settings.accept_factor / (rank + 1)
+    if settings.adjacent_repeats == "wait":
+        if proposal is None:
+            raise ValueError("adjacent_repeats = 'wait' needs the proposal")
+        repeat = torch.zeros_like(free)
+        repeat[:, 1:] = free[:, 1:] & free[:, :-1] & (proposal[:, 1:] == proposal[:, :-1])
+        ok = ok & ~repeat  # never the first free position: the one before it is decided, and was seen
     run = (ok | ~free | first).long().cumprod(dim=-1).bool()  # decided positions never break the run
     return run | ~free
 
@@ -176,15 +185,17 @@ def top_probability(logits: Tensor | None, top: Tensor | None = None) -> Tensor:
 
 
 def accept(logits: Tensor | None, token_entropy: Tensor, settings: DiffusionSampling, step: int = 1,
-           free: Tensor | None = None, force: Tensor | None = None, top: Tensor | None = None) -> Tensor:
+           free: Tensor | None = None, force: Tensor | None = None, top: Tensor | None = None,
+           proposal: Tensor | None = None) -> Tensor:
     """The tokens denoising step `step` (1-based) keeps under `settings.acceptance`: [B, C, V] tempered logits
     -> [B, C] bool. `free` [B, C] bool: the positions still undecided (a masked model's mask tokens; None: all).
     `force` [B] bool (threshold rule): the rows that keep their most confident free token even below the
     threshold (None: all). With `free` and `settings.order = "left_to_right"` the rule runs along the canvas
     (`left_to_right_accept`). `top` [B, C]: each position's top probability when the caller has it (a step that
-    worked out only the undecided positions passes no logits)."""
+    worked out only the undecided positions passes no logits). `proposal` [B, C]: the tokens drawn
+    (`left_to_right_accept`)."""
     if free is not None and settings.order == "left_to_right":
-        return left_to_right_accept(logits, token_entropy, settings, free, force, top)
+        return left_to_right_accept(logits, token_entropy, settings, free, force, top, proposal)
     rule = settings.acceptance
     if rule == "entropy_bound":
         return entropy_bound_accept(token_entropy, settings.entropy_bound)

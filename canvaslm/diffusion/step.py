@@ -232,7 +232,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # undecided positions past the first open sub-block wait: the canvas fills left to right in chunks
         deferred = free & ~open_sub_block(free, settings.sub_block)
         free, ranked = free & ~deferred, token_entropy.masked_fill(deferred, float("inf"))
-    accepted = accept(None if open_rows else logits, ranked, settings, step, free, force, top)
+    accepted = accept(None if open_rows else logits, ranked, settings, step, free, force, top, proposal)
     if deferred is not None:
         accepted &= ~deferred
     if force is not None:
@@ -263,6 +263,11 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
             kept = state.sc_logits if state.sc_logits is not None else torch.zeros((), device=logits.device)
             logits = torch.where(stopped[:, None, None], kept, logits)  # no [B, C, V] copy in the hot loop
     stop, history = stable_and_confident(state.history, draft, token_entropy, settings.confidence_threshold)
+    if mask_token_id is not None and settings.adjacent_repeats == "wait":
+        # a canvas that stops early commits its draft, whose undecided positions would bring back the doubled
+        # tokens the rule keeps waiting
+        masked = canvas == mask_token_id
+        stop = stop & ~(masked[:, 1:] & masked[:, :-1] & (draft[:, 1:] == draft[:, :-1])).any(dim=-1)
     if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
         settled = (canvas != mask_token_id).all(dim=-1)
         stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read

@@ -351,6 +351,58 @@ def test_left_to_right_order_keeps_a_prefix_of_the_undecided_positions_under_eve
     assert accept(logits, h, by_certainty, 1, free).int().tolist()[0] == [0, 1, 1, 1, 0, 1]
 
 
+def test_a_token_drawn_for_two_neighbouring_undecided_positions_waits_for_a_pass_that_sees_the_first():
+    """adjacent_repeats = wait: all six positions sure, position 1 decided. The pass drew 7 for 2 and 3 and 9 for 4
+    and 5: the run ends at 3 (its neighbour 2 was drawn in the same pass), though the rule holds there. A repeat of a
+    decided token (1 -> 2: position 2 saw 7... here 1 holds 5) and a repeat at the run's first undecided position
+    never wait: that position saw its neighbour."""
+    from canvaslm.diffusion.sampling import left_to_right_accept
+
+    logits = torch.tensor([[0.99, 0.01 / 3, 0.01 / 3, 0.01 / 3]]).log().expand(1, 6, 4)
+    h = entropy(logits)
+    free = torch.tensor([[True, False, True, True, True, True]])
+    settings = DiffusionSampling(order="left_to_right", acceptance="threshold", accept_probability=0.9)
+
+    def kept(proposal, **rule):
+        return left_to_right_accept(logits, h, settings.replace(**rule), free, None, None,
+                                    torch.tensor([proposal])).int().tolist()[0]
+
+    assert kept([3, 5, 7, 7, 9, 9]) == [1] * 6                                  # keep: as drawn
+    assert kept([3, 5, 7, 7, 9, 9], adjacent_repeats="wait") == [1, 1, 1, 0, 0, 0]
+    assert kept([3, 5, 5, 7, 9, 8], adjacent_repeats="wait") == [1] * 6           # 2 repeats the decided 1
+    free_first = torch.tensor([[False, True, True, True, True, True]])
+    assert left_to_right_accept(logits, h, settings.replace(adjacent_repeats="wait"), free_first, None, None,
+                                torch.tensor([[4, 4, 6, 8, 8, 1]])).int().tolist()[0] == [1, 1, 1, 1, 0, 0]
+    with pytest.raises(GenerationError, match="adjacent_repeats must be one of"):
+        settings.replace(adjacent_repeats="drop")
+
+
+def test_through_the_step_no_pass_keeps_a_token_twice_in_a_row_and_the_canvas_still_fills():
+    """A model whose every position is sure of one token (a canvas that would be "7 7 7 7 ..." in one pass): with
+    adjacent_repeats = wait each pass keeps one new token, the one after a decided position, and the canvas still
+    fills; with keep, one pass keeps them all. The canvas is sure and stable after a pass, yet must not stop early
+    while the draft it would commit holds such a doubled token."""
+    from canvaslm.diffusion.step import denoise_step, start_canvas
+
+    mask, vocab, length = 4, 9, 6
+    logits = torch.full((1, length, vocab), -10.0)
+    logits[..., 7] = 10.0
+    # wait: one token a pass; the canvas stops early (sure and stable) only once its last undecided position has a
+    # decided neighbour, so the draft it commits doubles nothing that one pass drew
+    for repeats, passes in (("keep", 1), ("wait", length - 1)):
+        settings = DiffusionSampling(sampler="fast", acceptance="threshold", accept_probability=0.9,
+                                     order="left_to_right", max_denoising_steps=16, adjacent_repeats=repeats)
+        generator = torch.Generator().manual_seed(0)
+        state = start_canvas(1, length, vocab, settings, generator, torch.device("cpu"), mask)
+        kept = []
+        while bool((state.canvas == mask).any()) and not bool(state.stopped.all()):
+            before = int((state.canvas != mask).sum())
+            state = denoise_step(state, logits, settings, generator, vocab_size=vocab, mask_token_id=mask).state
+            kept.append(int((state.canvas != mask).sum()) - before)
+        assert kept == [length] if repeats == "keep" else kept == [1] * passes
+        assert bool(state.stopped.all()) and state.draft.tolist() == [[7] * length]
+
+
 @pytest.mark.parametrize("acceptance", ["entropy_bound", "threshold", "top_k", "adaptive"])
 def test_a_masked_canvas_fills_left_to_right_as_a_prefix(acceptance):
     """Through the denoising step: with order = left_to_right every step's kept tokens form a prefix of the canvas,
