@@ -353,9 +353,8 @@ def test_left_to_right_order_keeps_a_prefix_of_the_undecided_positions_under_eve
 
 def test_a_token_drawn_for_two_neighbouring_undecided_positions_waits_for_a_pass_that_sees_the_first():
     """adjacent_repeats = wait: all six positions sure, position 1 decided. The pass drew 7 for 2 and 3 and 9 for 4
-    and 5: the run ends at 3 (its neighbour 2 was drawn in the same pass), though the rule holds there. A repeat of a
-    decided token (1 -> 2: position 2 saw 7... here 1 holds 5) and a repeat at the run's first undecided position
-    never wait: that position saw its neighbour."""
+    and 5: the run ends at 3 (its neighbour 2 was drawn in the same pass), though the rule holds there. A token that
+    repeats a decided neighbour (position 2 drawing the 5 that position 1 holds) never waits: it saw that neighbour."""
     from canvaslm.diffusion.sampling import left_to_right_accept
 
     logits = torch.tensor([[0.99, 0.01 / 3, 0.01 / 3, 0.01 / 3]]).log().expand(1, 6, 4)
