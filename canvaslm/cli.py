@@ -12,6 +12,7 @@ from canvaslm.bench import cli as bench
 from canvaslm.cli_args import key_values, precision_args, set_threads, threads_arg
 from canvaslm.loading import load_model
 from canvaslm.errors import CanvasError
+from canvaslm.hardware import QUANTIZE_CHOICES
 from canvaslm.knobs import DECODING, KNOBS
 from canvaslm.sudoku import cli as sudoku_cli
 from canvaslm.train import data_cli
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="weights of the model and of the AR baseline (auto: bfloat16 where the hardware has it); "
                               "both run in the same dtype, so the speed comparison is fair; GenPPL is scored in "
                               "float32")
-    quality.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="none",
+    quality.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default="none",
                          help="weight-only quantized linears of the model and the AR baseline (canvaslm.models.quant)")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from canvaslm.errors import CanvasError
+from canvaslm.hardware import QUANTIZE_CHOICES
 
 
 def threads_arg(p: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=dtype,
                    help=f"weights and activations (auto: bfloat16 where this machine computes it fast, float32 "
                         f"elsewhere on CPUs; default {dtype})")
-    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=quantize,
+    p.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default=quantize,
                    help=f"weight-only quantized linears for small passes on CPUs (auto: int4 where bfloat16 is "
                         f"fast or the CPU has AVX2, else none; default {quantize})")
     p.add_argument("--compile", action="store_true", help="compile the model's passes with torch.compile (the "

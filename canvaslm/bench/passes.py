@@ -20,7 +20,7 @@ import torch
 from rich.progress import Progress
 
 from canvaslm.errors import CanvasError
-from canvaslm.hardware import packed_max_rows, resolve_quantize
+from canvaslm.hardware import QUANTIZE_CHOICES, packed_max_rows, resolve_quantize
 from canvaslm.models.cache import KVCache
 from canvaslm.models.quant import quantize as quantize_weights
 from canvaslm.plotting import new_figure, save
@@ -44,7 +44,7 @@ def parse_variants(text: str) -> list[Variant]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         dtype, quantize, *extras = item.split(":") if ":" in item else (item, "")
         rows = [e.removeprefix("rows=") for e in extras if e.startswith("rows=")]
-        if (dtype not in ("auto", "float32", "bfloat16") or quantize not in ("auto", "none", "int8", "int4")
+        if (dtype not in ("auto", "float32", "bfloat16") or quantize not in QUANTIZE_CHOICES
                 or any(e not in ("compile", "unfused", "") and not e.startswith("rows=") for e in extras)
                 or not all(r.isdigit() and int(r) > 0 for r in rows) or len(rows) > 1):
             raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N][:unfused] with "
