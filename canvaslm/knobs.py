@@ -21,6 +21,7 @@ ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
 SAMPLERS = ("reference", "fast", "greedy")
 ORDERS = ("confidence", "left_to_right")
 FIRST_TOKENS = ("decoder", "causal")
+ADJACENT_REPEATS = ("keep", "wait")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ KNOBS: tuple[Knob, ...] = (
          "undecided positions: keep both (as drawn) or wait (the second stays undecided until a pass that sees "
          "the first draws it again: positions drawn in one pass are drawn independently, and the doubled words "
          "they give, \"the sky sky\", are ~1% of a canvas's words and none of the AR's)", "diffusion",
-         choices=("keep", "wait")),
+         choices=ADJACENT_REPEATS),
     Knob("canvas_size", int, 0, "tokens a canvas holds at decoding time, at most the canvas the model was "
          "trained on (0 = that canvas): a smaller one is fewer rows a decoder pass and a commit more often, which "
          "pays where rows cost (a batch of requests, int4 CPU kernels); `smol`, trained on clean prefixes, writes "

@@ -137,6 +137,15 @@ def factor_accept(top: Tensor, factor: float, free: Tensor | None = None) -> Ten
     return torch.zeros_like(ok).scatter(-1, order, ok)
 
 
+def drawn_twice(open_: Tensor, tokens: Tensor) -> Tensor:
+    """[B, C] bool: open positions whose token equals the one drawn in the same pass for the open position just
+    before them (`adjacent_repeats = "wait"`). Neither saw the other, so the pair is two independent draws of a
+    word, not a word written twice on purpose."""
+    twice = torch.zeros_like(open_)
+    twice[:, 1:] = open_[:, 1:] & open_[:, :-1] & (tokens[:, 1:] == tokens[:, :-1])
+    return twice
+
+
 def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: DiffusionSampling, free: Tensor,
                          force: Tensor | None = None, top: Tensor | None = None,
                          proposal: Tensor | None = None) -> Tensor:
@@ -172,9 +181,7 @@ def left_to_right_accept(logits: Tensor, token_entropy: Tensor, settings: Diffus
     if settings.adjacent_repeats == "wait":
         if proposal is None:
             raise ValueError("adjacent_repeats = 'wait' needs the proposal")
-        repeat = torch.zeros_like(free)
-        repeat[:, 1:] = free[:, 1:] & free[:, :-1] & (proposal[:, 1:] == proposal[:, :-1])
-        ok = ok & ~repeat  # never the first free position: the one before it is decided, and was seen
+        ok = ok & ~drawn_twice(free, proposal)  # never the first free position: the one before it is decided
     run = (ok | ~free | first).long().cumprod(dim=-1).bool()  # decided positions never break the run
     return run | ~free
 

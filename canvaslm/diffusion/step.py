@@ -26,6 +26,7 @@ from canvaslm.diffusion.sampling import (
     DiffusionSampling,
     accept,
     carry_over,
+    drawn_twice,
     kept_tokens,
     open_sub_block,
     penalize,
@@ -266,8 +267,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     if mask_token_id is not None and settings.adjacent_repeats == "wait":
         # a canvas that stops early commits its draft, whose undecided positions would bring back the doubled
         # tokens the rule keeps waiting
-        masked = canvas == mask_token_id
-        stop = stop & ~(masked[:, 1:] & masked[:, :-1] & (draft[:, 1:] == draft[:, :-1])).any(dim=-1)
+        stop = stop & ~drawn_twice(canvas == mask_token_id, draft).any(dim=-1)
     if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
         settled = (canvas != mask_token_id).all(dim=-1)
         stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read
