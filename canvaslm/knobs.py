@@ -124,6 +124,10 @@ KNOBS: tuple[Knob, ...] = (
     # every decoding (OpenAI's penalties, counted over the generated tokens only, as OpenAI and vLLM count them)
     Knob("presence_penalty", float, 0.0, "subtracted from the logit of every token the answer already holds "
          "(a canvas: its committed text and the tokens it keeps)", "both", low=-2, high=2),
+    Knob("no_repeat_ngram_size", int, 0, "no n-gram of this many generated tokens comes twice: a token that would "
+         "complete one the answer already holds is never drawn (a canvas bans it where the tokens before it are "
+         "known; one drawn beside undecided neighbours waits for a pass that sees them); 0 = off", "both",
+         low=0, high=64),
     Knob("frequency_penalty", float, 0.0, "subtracted from a token's logit once per time the answer already holds "
          "it", "both", low=-2, high=2),
 )

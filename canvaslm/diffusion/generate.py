@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import DiffusionSampling, count_tokens, penalties_on
+from canvaslm.diffusion.sampling import DiffusionSampling, append_written, count_tokens, penalties_on
 from canvaslm.diffusion.step import (
     Constraint,
     canvas_size,
@@ -116,6 +116,8 @@ def generate_steps(
     open_only = works_out_open_rows_only(model, settings, constraint is not None and constraint.keep_logits)
     # the committed text's tokens, which the penalties read (None: off)
     counts = torch.zeros(batch, model.vocab_size, device=device) if penalties_on(settings) else None
+    # the committed text itself, which `no_repeat_ngram_size` reads (-1: pad; None: off)
+    written = input_ids.new_zeros(batch, 0) if settings.no_repeat_ngram_size else None
     if open_only:
         sc_dtype = None  # such a model reads no self-conditioning
     for canvas_index in range(n_canvases):
@@ -131,7 +133,7 @@ def generate_steps(
             draft, steps = pinned, 0
         else:  # `first_token = "causal"`: the first token from the causal pass, a decoder pass fewer
             state = first_from_causal(state, before, settings, generator, mask_token_id=mask_id, allowed=allowed,
-                                      counts=counts)
+                                      counts=counts, written=written)
             draft, steps = state.draft, steps - state.step
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
@@ -154,7 +156,8 @@ def generate_steps(
             if shift and logits.dim() == 3:  # token i is read from output i - 1, token 0 from the last encoded one
                 logits = torch.cat([before, logits[:, :-1]], dim=1)
             outcome = denoise_step(state, logits, settings, generator, vocab_size=model.vocab_size,
-                                   mask_token_id=mask_id, allowed=allowed, sc_dtype=sc_dtype, counts=counts)
+                                   mask_token_id=mask_id, allowed=allowed, sc_dtype=sc_dtype, counts=counts,
+                                   written=written)
             state, draft = outcome.state, outcome.state.draft
             if constraint is not None and constraint.keep_logits:
                 last_logits = outcome.logits
@@ -162,8 +165,9 @@ def generate_steps(
                                 state.stopped.clone(), last_logits)
             if bool(state.stopped.all()):
                 break
-        tokens, finished_now = _finalize_canvas(draft, eos, pad_token_id, done)                # 1.d, 1.e
+        tokens, finished_now, padded = _finalize_canvas(draft, eos, pad_token_id, done)        # 1.d, 1.e
         count_tokens(counts, tokens)
+        written = append_written(written, tokens.masked_fill(padded, -1))
         done |= finished_now
         if canvas_index == n_canvases - 1:
             done[:] = True  # max length reached, as the reference's MaxLengthCriteria
@@ -216,18 +220,19 @@ def _fill(sc_logits: Tensor | None, batch: int, vocab_size: int, canvas: Tensor)
     return sc_logits.float().clone()
 
 
-def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done: Tensor) -> tuple[Tensor, Tensor]:
+def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Pad a committed canvas: whole rows already finished, and every token after a row's first EOS.
 
-    Returns (tokens [B, C], rows that hit EOS in this canvas [B])."""
+    Returns (tokens [B, C], rows that hit EOS in this canvas [B], the positions padded [B, C])."""
     is_eos = torch.isin(tokens, eos)
     finished_now = is_eos.any(dim=-1)
     if pad_token_id is None:
-        return tokens, finished_now
+        return tokens, finished_now, torch.zeros_like(is_eos)
     eos_seen = is_eos.cumsum(dim=-1)
     after_first_eos = (eos_seen > 0) & ~((eos_seen == 1) & is_eos)
     pad = after_first_eos | done[:, None]
-    return tokens.masked_fill(pad, pad_token_id), finished_now
+    return tokens.masked_fill(pad, pad_token_id), finished_now, pad
 
 
 def generate(model: DiffusionModel, input_ids: Tensor, valid: Tensor, max_new_tokens: int,

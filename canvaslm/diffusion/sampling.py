@@ -68,6 +68,78 @@ def penalties_on(options: Any) -> bool:
     return bool(get("presence_penalty", 0.0) or get("frequency_penalty", 0.0))
 
 
+def _ngrams(text: Tensor, n: int, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The n-grams of text [B, T] (token ids, -1 where unknown) that end at positions `start`.., and the ones each
+    may repeat: (ends [B, Q, n] with Q = T - start, windows [B, W, n] with W = T - n + 1, before [Q, W] bool: window
+    w ends before position start + q). An n-gram that would start before the text holds unknowns."""
+    padded = torch.nn.functional.pad(text, (n - 1, 0), value=-1)                     # [B, T + n - 1]
+    windows = text.unfold(1, n, 1) if text.shape[1] >= n else text.new_empty(text.shape[0], 0, n)
+    before = torch.arange(windows.shape[1], device=text.device)[None] + n - 1 < \
+        torch.arange(start, text.shape[1], device=text.device)[:, None]
+    return padded[:, start:].unfold(1, n, 1), windows, before
+
+
+def repeated_ngram_bans(text: Tensor, n: int, start: int) -> Tensor:
+    """`no_repeat_ngram_size`: (row, position - start, token) [k, 3] for every token that, at a position of text
+    [B, T] from `start` on (-1: unknown), would complete an n-gram the row holds ending before it. A position whose
+    n - 1 tokens before it are not all known gets none (a canvas's undecided neighbours: `repeated_ngrams` checks
+    what they become)."""
+    ends, windows, before = _ngrams(text, n, start)
+    context = (ends[..., :-1] >= 0).all(dim=-1)                                       # [B, Q]
+    full = (windows >= 0).all(dim=-1)                                                 # [B, W]
+    same = (ends[:, :, None, :-1] == windows[:, None, :, :-1]).all(dim=-1)            # [B, Q, W]
+    b, q, w = (same & full[:, None] & before[None] & context[..., None]).nonzero(as_tuple=True)
+    return torch.stack([b, q, windows[b, w, -1]], dim=1).unique(dim=0)
+
+
+def repeated_ngrams(text: Tensor, n: int, start: int) -> Tensor:
+    """[B, T - start] bool: positions of text [B, T] (-1: unknown) from `start` on that end an n-gram, all of it
+    known, which the row already holds ending before it (`no_repeat_ngram_size`)."""
+    ends, windows, before = _ngrams(text, n, start)
+    same = (ends[:, :, None] == windows[:, None]).all(dim=-1)                         # [B, Q, W]
+    return (same & before[None]).any(dim=-1) & (ends >= 0).all(dim=-1)
+
+
+def repeat_free(text: Tensor, n: int, start: int, vocab_size: int) -> Tensor:
+    """[B, T - start, V] bool: the tokens each position of text [B, T] from `start` on may hold under
+    `no_repeat_ngram_size` = n (`repeated_ngram_bans`), for an allowed-token mask."""
+    free = torch.ones(text.shape[0], text.shape[1] - start, vocab_size, dtype=torch.bool, device=text.device)
+    bans = repeated_ngram_bans(text, n, start)
+    free[bans[:, 0], bans[:, 1], bans[:, 2]] = False
+    return free
+
+
+def next_repeat_free(written: Tensor | None, n: int, vocab_size: int) -> Tensor | None:
+    """[B, V] bool: the tokens that may come next after each row's answer written [B, L] (-1 where a row has none)
+    under `no_repeat_ngram_size` = n; None when the rule is off."""
+    if not n or written is None:
+        return None
+    return repeat_free(torch.nn.functional.pad(written, (0, 1), value=-1), n, written.shape[1], vocab_size)[:, 0]
+
+
+def append_written(written: Tensor | None, tokens: Tensor, lengths: Tensor | None = None) -> Tensor | None:
+    """Each row's answer written [B, L] (-1 where a row has none, on the left) followed by the first lengths[b] of
+    tokens [B, m] (None: all; a -1 among them is no token), the -1s moved to the left again so every row's latest
+    token stays last. None stays None (`no_repeat_ngram_size` off)."""
+    if written is None:
+        return None
+    known = tokens >= 0
+    if lengths is not None:
+        known &= torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+    both = torch.cat([written, tokens.masked_fill(~known, -1)], dim=1)
+    order = (both >= 0).long().argsort(dim=1, stable=True)  # the -1s first, the tokens in their order
+    return both.gather(1, order)
+
+
+def ban(logits: Tensor, bans: Tensor) -> Tensor:
+    """logits [B, Q, V] with -inf at each (row, position, token) of `bans` [k, 3] (`repeated_ngram_bans`)."""
+    if bans.shape[0] == 0:
+        return logits
+    logits = logits.clone()
+    logits[bans[:, 0], bans[:, 1], bans[:, 2]] = float("-inf")
+    return logits
+
+
 def temperature_at(step: int, settings: DiffusionSampling) -> Tensor:
     """Temperature when `step` steps remain (N..1): t_min + (t_max - t_min) * step / N, in float32 like the
     reference (which turns the step into an int32 tensor)."""

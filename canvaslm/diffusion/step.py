@@ -25,6 +25,7 @@ from torch import Tensor
 from canvaslm.diffusion.sampling import (
     DiffusionSampling,
     accept,
+    ban,
     carry_over,
     drawn_twice,
     kept_tokens,
@@ -34,6 +35,8 @@ from canvaslm.diffusion.sampling import (
     propose,
     random_canvas,
     renoise,
+    repeated_ngram_bans,
+    repeated_ngrams,
     revise,
     stable_and_confident,
     temperature_at,
@@ -146,7 +149,8 @@ def _penalized(logits: Tensor, state: CanvasState, settings: DiffusionSampling, 
 
 def first_from_causal(state: CanvasState, before: Tensor | None, settings: DiffusionSampling,
                       generator: torch.Generator | None, *, mask_token_id: int | None = None,
-                      allowed: Tensor | None = None, counts: Tensor | None = None) -> CanvasState:
+                      allowed: Tensor | None = None, counts: Tensor | None = None,
+                      written: Tensor | None = None) -> CanvasState:
     """`first_token = "causal"`: a fresh canvas's first token drawn from `before` [B, 1, V], the causal pass's logits
     at the last encoded position. A shift-trained masked model's first decoder pass reads that token from exactly
     these logits (`generate_steps`), at the first step's temperature, and its left-to-right rule always keeps it; so
@@ -156,7 +160,8 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
 
     The state is returned as it is for another setting, a model without the shift or the mask, a budget of one step
     (its one pass must write the whole draft) or a canvas already begun; rows that stopped (finished) or whose
-    first position is pinned keep theirs. `counts` [B, V]: the committed text's tokens, for the penalties."""
+    first position is pinned keep theirs. `counts` [B, V]: the committed text's tokens, for the penalties;
+    `written` [B, L]: the committed text itself (-1 where a row has none), for `no_repeat_ngram_size`."""
     if settings.first_token != "causal" or before is None or mask_token_id is None or state.step > 0 \
             or settings.max_denoising_steps < 2:
         return state
@@ -165,11 +170,64 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, :1], float("-inf"))
     logits[..., mask_token_id] = float("-inf")  # in place: the division made a new tensor
+    logits = _without_repeats(logits, state.canvas[:, :1], written, settings, mask_token_id)
     token, _ = propose(logits, settings, generator)                                              # [B, 1]
     free = (state.canvas[:, :1] == mask_token_id) & ~state.stopped[:, None]
     canvas = torch.cat([torch.where(free, token, state.canvas[:, :1]), state.canvas[:, 1:]], dim=1)
     draft = torch.cat([torch.where(free, token, state.draft[:, :1]), state.draft[:, 1:]], dim=1)
     return dataclasses.replace(state, canvas=canvas, draft=draft, step=1)
+
+
+def _without_repeats(logits: Tensor, canvas: Tensor, written: Tensor | None, settings: DiffusionSampling,
+                     mask_token_id: int) -> Tensor:
+    """`no_repeat_ngram_size`: a step's logits [B, C, V] (or open rows [n, V]) with -inf for every token that would
+    complete, at an undecided position whose n - 1 neighbours before it are known (written text, kept tokens,
+    pins), an n-gram the answer already holds."""
+    n = settings.no_repeat_ngram_size
+    if not n or written is None:
+        return logits
+    undecided = canvas == mask_token_id
+    bans = repeated_ngram_bans(torch.cat([written, canvas.masked_fill(undecided, -1)], dim=1), n, written.shape[1])
+    bans = bans[undecided[bans[:, 0], bans[:, 1]]]  # a kept token or a pin stays what it is
+    if logits.dim() == 3:
+        return ban(logits, bans)
+    row = undecided.flatten().long().cumsum(dim=0).view_as(undecided) - 1  # open rows are row-major
+    return ban(logits[None], torch.stack([torch.zeros_like(bans[:, 0]), row[bans[:, 0], bans[:, 1]],
+                                          bans[:, 2]], dim=1))[0]
+
+
+def _repeating(proposal: Tensor, accepted: Tensor, free: Tensor, written: Tensor, settings: DiffusionSampling
+               ) -> Tensor:
+    """[B, C] bool: undecided positions this step would keep whose token ends an n-gram, all of it written, kept
+    or kept now, that the answer already holds (`no_repeat_ngram_size`). The bans cover a position whose neighbours
+    were known before the step; this covers one whose neighbours are drawn in the same step. Under the
+    left-to-right order the run of kept positions then ends before it."""
+    n = settings.no_repeat_ngram_size
+    kept_now = torch.where(accepted | ~free, proposal, -1)
+    repeats = repeated_ngrams(torch.cat([written, kept_now], dim=1), n, written.shape[1]) & free & accepted
+    if settings.order == "left_to_right":
+        repeats = repeats.long().cummax(dim=-1).values.bool() & free  # what follows it waits too
+    return repeats
+
+
+def _final_draft(draft: Tensor, undecided: Tensor, logits: Tensor, written: Tensor, n: int,
+                 open_rows: Tensor | None) -> Tensor:
+    """The draft [B, C] a canvas commits at its last step, its undecided positions taken left to right: one whose
+    token ends an n-gram the text already holds takes its most likely token that does not (`no_repeat_ngram_size`).
+    `logits` are the step's [B, C, V], or with `open_rows` [B, C] (the positions they belong to) [m, V]."""
+    draft, start = draft.clone(), written.shape[1]
+    row = None if open_rows is None else open_rows.flatten().long().cumsum(dim=0).view_as(open_rows) - 1
+    for j in range(draft.shape[1]):
+        text = torch.cat([written, draft[:, :j + 1]], dim=1)
+        repeats = repeated_ngrams(text, n, start + j)[:, 0] & undecided[:, j]
+        if not bool(repeats.any()):
+            continue
+        bans = repeated_ngram_bans(torch.nn.functional.pad(text[:, :-1], (0, 1), value=-1), n, start + j)
+        for b in repeats.nonzero()[:, 0].tolist():
+            scores = (logits[b, j] if row is None else logits[row[b, j]]).clone()
+            scores[bans[bans[:, 0] == b, 2]] = float("-inf")
+            draft[b, j] = scores.argmax()
+    return draft
 
 
 def pins_only(pins: Tensor | None, region: int, filler: int) -> Tensor | None:
@@ -184,7 +242,8 @@ def pins_only(pins: Tensor | None, region: int, filler: int) -> Tensor | None:
 def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling,
                  generator: torch.Generator | None, *, vocab_size: int, mask_token_id: int | None = None,
                  allowed: Tensor | None = None, hold: Tensor | None = None,
-                 sc_dtype: torch.dtype | None = torch.float32, counts: Tensor | None = None) -> StepOutcome:
+                 sc_dtype: torch.dtype | None = torch.float32, counts: Tensor | None = None,
+                 written: Tensor | None = None) -> StepOutcome:
     """Advance `state` by one step from the decoder's logits [B, C, V] for its canvas (already shifted for
     shift-trained models), or, where `works_out_open_rows_only` allows, from [n, V]: those of the canvas's n masked
     positions alone, row-major (`open_logits`). A kept position's logits are never read (it keeps its token with
@@ -196,7 +255,8 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     whole state. Self-conditioning logits are kept in `sc_dtype` (the embedding's, as the reference does); None
     keeps none (a model that does not read them, `reads_self_conditioning`). `StepOutcome.logits` is [n, V] for
     open rows. `counts` [B, V]: the committed text's tokens, which with the canvas's kept ones the settings'
-    presence and frequency penalties read (`held_tokens`)."""
+    presence and frequency penalties read (`held_tokens`). `written` [B, L]: the committed text itself (-1 where a
+    row has none), which `no_repeat_ngram_size` reads with the canvas (`_without_repeats`, `_repeating`)."""
     step = state.step + 1
     undecided = None if mask_token_id is None else state.canvas == mask_token_id  # pins sit in the canvas
     open_rows = logits.dim() == 2
@@ -216,6 +276,7 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # a drawn mask token would read as "still masked": never propose it
         logits[..., mask_token_id] = float("-inf")  # in place: carry_over or the temperature made a new tensor
         kept = kept_tokens(state.canvas, mask_token_id)  # certain now: propose works out only the others
+        logits = _without_repeats(logits, state.canvas, written, settings, mask_token_id)
     proposal, token_entropy = propose(logits, settings, generator, kept)
     top = None
     if open_rows and settings.acceptance in ("threshold", "adaptive"):  # a kept token is certain
@@ -236,6 +297,8 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
     accepted = accept(None if open_rows else logits, ranked, settings, step, free, force, top, proposal)
     if deferred is not None:
         accepted &= ~deferred
+    if free is not None and written is not None and settings.no_repeat_ngram_size:
+        accepted &= ~_repeating(proposal, accepted, free, written, settings)
     if force is not None:
         waited = torch.where((accepted & free).any(dim=-1), 0, waited + 1)
     if state.pins is not None:  # top-k and the like may not pick every pinned position
@@ -268,6 +331,16 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # a canvas that stops early commits its draft, whose undecided positions would bring back the doubled
         # tokens the rule keeps waiting
         stop = stop & ~drawn_twice(canvas == mask_token_id, draft).any(dim=-1)
+    if mask_token_id is not None and written is not None and settings.no_repeat_ngram_size:
+        # a canvas commits its draft when it stops or runs out of steps: its undecided positions must not bring
+        # back an n-gram the kept ones were kept without
+        undecided_now = canvas == mask_token_id
+        repeats = repeated_ngrams(torch.cat([written, draft], dim=1), settings.no_repeat_ngram_size,
+                                  written.shape[1]) & undecided_now
+        stop = stop & ~repeats.any(dim=-1)
+        if step >= settings.max_denoising_steps and bool(repeats.any()):
+            draft = _final_draft(draft, undecided_now, logits, written, settings.no_repeat_ngram_size,
+                                 undecided if open_rows else None)
     if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
         settled = (canvas != mask_token_id).all(dim=-1)
         stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read

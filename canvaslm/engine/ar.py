@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import count_tokens, penalize, sample_inverse_cdf
+from canvaslm.diffusion.sampling import append_written, count_tokens, next_repeat_free, penalize, sample_inverse_cdf
 from canvaslm.errors import GenerationError
 from canvaslm.knobs import BY_NAME
 from canvaslm.models.cache import KVCache, encode_chunked
@@ -55,14 +55,19 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None, allowed: Tensor | None = None, counts: Tensor | None = None,
-                presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Tensor:
+                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, written: Tensor | None = None,
+                no_repeat_ngram_size: int = 0) -> Tensor:
     """Next token [B] from logits [B, V]: argmax when temperature is 0, else filtered sampling; only tokens in
     `allowed` [B, V] bool when given (a grammar's or a puzzle's restriction); the penalties for the tokens the
-    answer holds, `counts` [B, V] (`penalize`).
+    answer holds, `counts` [B, V] (`penalize`); no token that would repeat an n-gram of the answer itself,
+    `written` [B, L] (-1 where a row has none; `no_repeat_ngram_size`).
 
     The draw is by inverse CDF (one uniform per row and a binary search): the same distribution as
     torch.multinomial, which spends V exponential draws per row (~65 ms per step at batch 64 on a 2-core CPU)."""
     logits = penalize(logits, counts, presence_penalty, frequency_penalty)
+    free = next_repeat_free(written, no_repeat_ngram_size, logits.shape[-1])
+    if free is not None:
+        allowed = free if allowed is None else allowed & free
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0.0:
@@ -85,12 +90,14 @@ def advance(model: ARModel, cache: KVCache, tokens: Tensor, valid: Tensor | None
 
 
 def check_options(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0
+                  ) -> None:
     """A GenerationError for a budget or an AR option out of range (the knob list's bounds)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     for name, value in {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                        "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}.items():
+                        "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                        "no_repeat_ngram_size": no_repeat_ngram_size}.items():
         BY_NAME[name].check(value)
 
 
@@ -106,6 +113,7 @@ def ar_generate(
     top_k: int = 0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
     eos_token_ids: list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
@@ -115,8 +123,9 @@ def ar_generate(
 
     eos_token_ids default to the model's; pad_token_id (written after a row's EOS) defaults to the first EOS.
     on_token, if given, receives each step's tokens [B] as they are produced (for streaming).
-    Stops early once every row has emitted an EOS. The penalties count each row's generated tokens."""
-    check_options(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty)
+    Stops early once every row has emitted an EOS. The penalties and `no_repeat_ngram_size` read each row's
+    generated tokens."""
+    check_options(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, no_repeat_ngram_size)
     eos = torch.tensor(model.eos_token_ids if eos_token_ids is None else eos_token_ids,
                        dtype=torch.long, device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else int(eos[0]) if len(eos) else 0
@@ -128,14 +137,16 @@ def ar_generate(
     forward_passes = 0
     counts = torch.zeros(batch, model.vocab_size, device=input_ids.device) if presence_penalty or frequency_penalty \
         else None
+    written = input_ids.new_zeros(batch, 0) if no_repeat_ngram_size else None  # the answers' tokens, for the rule
     if max_new_tokens > 0:
         logits = prefill(model, input_ids, cache, valid)
         forward_passes = 1
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator, None, counts, presence_penalty,
-                            frequency_penalty)
+                            frequency_penalty, written, no_repeat_ngram_size)
         token = torch.where(finished, pad, token)  # [B]
         count_tokens(counts, token[:, None])
+        written = append_written(written, token.masked_fill(finished, -1)[:, None])
         active = ~finished
         new_tokens += active
         finished = finished | torch.isin(token, eos)

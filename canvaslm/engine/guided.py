@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from canvaslm.diffusion.sampling import count_tokens
+from canvaslm.diffusion.sampling import append_written, count_tokens
 from canvaslm.engine.ar import advance, prefill, sample_next
 from canvaslm.engine.structured import SchemaError, StructuredOutputError, StructuredResult, check_schema, violations
 from canvaslm.errors import CanvasError, UnsupportedError
@@ -163,7 +163,7 @@ class Matcher:
 def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: str, max_new_tokens: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     generator: torch.Generator | None = None, presence_penalty: float = 0.0,
-                    frequency_penalty: float = 0.0) -> GuidedResult:
+                    frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0) -> GuidedResult:
     """Decode after `prompt_ids` with every token restricted to `grammar` (from `json_grammar` or
     `regex_grammar`), up to `max_new_tokens` tokens."""
     matcher = Matcher(llg_tok, grammar)
@@ -175,9 +175,10 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
     passes, forced = 1, 0
     eos = set(llg_tok.eos_tokens)
     counts = torch.zeros(1, vocab, device=device) if presence_penalty or frequency_penalty else None
+    written = prompt.new_zeros(1, 0) if no_repeat_ngram_size else None
     while len(out) < max_new_tokens and not matcher.stopped:
         token = int(sample_next(logits, temperature, top_k, top_p, generator, matcher.allowed(vocab, device), counts,
-                                presence_penalty, frequency_penalty))
+                                presence_penalty, frequency_penalty, written, no_repeat_ngram_size))
         matcher.consume([token])
         if token in eos:
             break
@@ -187,6 +188,7 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
         forced += len(step) - 1
         out.extend(step)
         count_tokens(counts, torch.tensor([step], device=device))
+        written = append_written(written, torch.tensor([step], device=device))
         if len(out) >= max_new_tokens or matcher.stopped:
             break
         logits = advance(network, cache, torch.tensor([step], device=device))
@@ -196,13 +198,15 @@ def guided_generate(network: Any, llg_tok: Any, prompt_ids: list[int], grammar: 
 
 def guided_json(lm: Any, prompt: list[int], schema: Mapping[str, Any], max_new_tokens: int, *,
                 seed: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> StructuredResult:
+                top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                no_repeat_ngram_size: int = 0) -> StructuredResult:
     """An autoregressive answer to `prompt` that validates against `schema`, or StructuredOutputError when it
     did not finish within `max_new_tokens`."""
     grammar = json_grammar(schema)
     generator = torch.Generator(lm.device).manual_seed(seed) if seed is not None else None
     out = guided_generate(lm.network, llg_tokenizer(lm.require_tokenizer(), lm.network.vocab_size), prompt, grammar,
-                          max_new_tokens, temperature, top_k, top_p, generator, presence_penalty, frequency_penalty)
+                          max_new_tokens, temperature, top_k, top_p, generator, presence_penalty, frequency_penalty,
+                          no_repeat_ngram_size)
     text = lm.require_tokenizer().decode(out.token_ids)
     if not out.finished:
         shown = text if len(text) <= 200 else text[:200] + "..."

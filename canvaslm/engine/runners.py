@@ -54,14 +54,14 @@ from canvaslm.diffusion.step import (
     works_out_open_rows_only,
 )
 from canvaslm.diffusion.generate import open_logits, read_outputs
-from canvaslm.diffusion.sampling import count_tokens, penalties_on
+from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import CanvasLogits, Draft
 from canvaslm.engine.request import Request, Sequence
 from canvaslm.engine.verified import (accept, check_logits, draft_block, draft_logits, draft_size, held_through,
-                                     penalized, propose)
+                                     penalized, propose, without_repeats)
 from canvaslm.models.cache import KVCache
 
 SendTokens = Callable[[Sequence, list[int]], bool]
@@ -84,9 +84,19 @@ class Timer:
         return out
 
 
-def new_counts(lm: LM, seq: Sequence) -> Tensor | None:
-    """A sequence's token counts [1, V] for its penalties, all zero; None when its settings have none."""
-    return torch.zeros(1, lm.network.vocab_size, device=lm.device) if penalties_on(seq.settings) else None
+def start_answer(lm: LM, seq: Sequence) -> None:
+    """A sequence's record of its answer's tokens, empty: their counts [1, V] for its penalties and the tokens
+    themselves [1, 0] for `no_repeat_ngram_size`, each None when its settings do not read it."""
+    seq.counts = torch.zeros(1, lm.network.vocab_size, device=lm.device) if penalties_on(seq.settings) else None
+    settings = seq.settings
+    n = settings.get("no_repeat_ngram_size", 0) if isinstance(settings, dict) else settings.no_repeat_ngram_size
+    seq.written = torch.zeros(1, 0, dtype=torch.long, device=lm.device) if n else None
+
+
+def record_answer(seq: Sequence, tokens: Tensor) -> None:
+    """tokens [1, n] joined the sequence's answer (committed, or in the cache)."""
+    count_tokens(seq.counts, tokens)
+    seq.written = append_written(seq.written, tokens)
 
 
 def by_canvas_size(sequences: list[Sequence]) -> dict[int, list[Sequence]]:
@@ -119,7 +129,7 @@ class DiffusionRunner:
         """After the prompt was encoded (`hidden` [1, P, D]): its cache joins the batch of its canvas size, then
         its first canvas; one that is all pins commits (and may finish) at once."""
         seq.constraint = self._constraint(seq.request)
-        seq.counts = new_counts(self.lm, seq)
+        start_answer(self.lm, seq)
         self._keep_before([seq], hidden)
         size = canvas_size(self.lm.network, seq.settings)
         batch = self._batches.get(size)
@@ -232,7 +242,7 @@ class DiffusionRunner:
         else:
             seq.state = first_from_causal(seq.state, seq.before, seq.settings, seq.generator,
                                           mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed,
-                                          counts=seq.counts)
+                                          counts=seq.counts, written=seq.written)
 
     def _constraint(self, request: Request) -> Constraint | None:
         """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..
@@ -260,7 +270,7 @@ class DiffusionRunner:
             hold[:, :seq.pinned] = True
         outcome = denoise_step(before, logits, settings, seq.generator, vocab_size=network.vocab_size,
                                mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed, hold=hold,
-                               sc_dtype=sc_dtype, counts=seq.counts)
+                               sc_dtype=sc_dtype, counts=seq.counts, written=seq.written)
         seq.state = state = outcome.state
         draft = state.draft
         if seq.constraint is not None and seq.constraint.keep_logits:
@@ -286,7 +296,7 @@ class DiffusionRunner:
             if seq.last_logits is not None:
                 seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
             if not self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
-                count_tokens(seq.counts, seq.state.draft)
+                record_answer(seq, seq.state.draft)
                 going.append(seq)
         for size, group in by_canvas_size(going).items():  # one causal pass per canvas size
             batch = self._batches[size]
@@ -338,7 +348,7 @@ class ARRunner(SharedCacheRunner):
         """After the prompt was encoded: its next-token logits, and its cache becomes the last row of the shared
         one (the core appended it last to the running sequences)."""
         seq.next_logits, seq.passes = self.lm.network.logits(hidden[:, -1]), 1
-        seq.counts = new_counts(self.lm, seq)
+        start_answer(self.lm, seq)
         if seq.request.grammar is not None:
             seq.matcher = Matcher(llg_tokenizer(self.lm.require_tokenizer(), self.lm.network.vocab_size),
                                   seq.request.grammar)
@@ -354,8 +364,8 @@ class ARRunner(SharedCacheRunner):
             allowed = None if matcher is None else matcher.allowed(vocab, seq.next_logits.device)
             token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
                                 seq.generator, allowed, seq.counts, options["presence_penalty"],
-                                options["frequency_penalty"])
-            count_tokens(seq.counts, token[:, None])
+                                options["frequency_penalty"], seq.written, options["no_repeat_ngram_size"])
+            record_answer(seq, token[:, None])
             ids = [int(token)]
             if matcher is not None:
                 try:
@@ -390,7 +400,8 @@ class VerifiedRunner(SharedCacheRunner):
         options, network = seq.settings, self.lm.network
         seq.anchor = sample_next(network.logits(hidden[:, -1]), options["temperature"], options["top_k"],
                                  options["top_p"], seq.generator)
-        seq.passes, seq.counts = 1, new_counts(self.lm, seq)  # counts: the generated tokens in its cache row
+        seq.passes = 1
+        start_answer(self.lm, seq)  # the generated tokens in its cache row
         self._join(seq).slack = draft_size(network)  # sliding layers keep what a rollback of one check needs
         self.send(seq, seq.anchor.tolist())  # final once drawn; it may end the sequence (then released)
 
@@ -408,8 +419,9 @@ class VerifiedRunner(SharedCacheRunner):
         draft, anchors = torch.cat([d for d, _ in proposals]), torch.cat([s.anchor for s in running])
         checked = self.timed(len(running), lambda: check_logits(network, anchors, draft, cache))
         tokens = torch.cat([anchors[:, None], draft], dim=1)  # what each check position has read through
-        verdicts = [accept(draft[i:i + 1], q, penalized(checked[i:i + 1], held_through(s.counts, tokens[i:i + 1]),
-                                                        s.settings), s.settings, s.generator)
+        verdicts = [accept(draft[i:i + 1], q, without_repeats(
+                        penalized(checked[i:i + 1], held_through(s.counts, tokens[i:i + 1]), s.settings), s.written,
+                        tokens[i:i + 1], s.settings), s.settings, s.generator)
                     for i, (s, (_, q)) in enumerate(zip(running, proposals, strict=True))]
         k = torch.cat([kept for kept, _ in verdicts])
         cache.rollback(1 + draft.shape[1], 1 + k)
@@ -418,7 +430,7 @@ class VerifiedRunner(SharedCacheRunner):
         for i, (seq, (_, y)) in enumerate(zip(list(running), verdicts, strict=True)):
             seq.passes += 2
             if not self.send(seq, draft[i, :int(k[i])].tolist() + y.tolist()):
-                count_tokens(seq.counts, tokens[i:i + 1, :1 + int(k[i])])  # the anchor and the kept drafts
+                record_answer(seq, tokens[i:i + 1, :1 + int(k[i])])  # the anchor and the kept drafts
                 seq.anchor = y
 
     def _ar_step(self, running: list[Sequence]) -> None:
@@ -429,9 +441,9 @@ class VerifiedRunner(SharedCacheRunner):
         logits = self.timed(len(running), lambda: advance(self.lm.network, self._cache, anchors))
         for i, seq in enumerate(list(running)):
             options = seq.settings
-            count_tokens(seq.counts, seq.anchor[:, None])  # now in the cache
+            record_answer(seq, seq.anchor[:, None])  # now in the cache
             seq.anchor = sample_next(logits[i:i + 1], options["temperature"], options["top_k"], options["top_p"],
                                      seq.generator, None, seq.counts, options["presence_penalty"],
-                                     options["frequency_penalty"])
+                                     options["frequency_penalty"], seq.written, options["no_repeat_ngram_size"])
             seq.passes += 1
             self.send(seq, seq.anchor.tolist())  # final once drawn, as a round's next anchor; may end the sequence

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import count_tokens, penalize, random_canvas, sample_inverse_cdf
+from canvaslm.diffusion.sampling import (append_written, count_tokens, penalize, random_canvas, repeat_free,
+                                        sample_inverse_cdf)
 from canvaslm.engine.ar import check_options, prefill, sample_next, top_k_filter, top_p_filter
 from canvaslm.models.cache import KVCache
 
@@ -139,6 +140,17 @@ def penalized(logits: Tensor, held: Tensor | None, options: Mapping[str, Any]) -
     return penalize(logits, held, options["presence_penalty"], options["frequency_penalty"])
 
 
+def without_repeats(logits: Tensor, written: Tensor | None, tokens: Tensor, options: Mapping[str, Any]) -> Tensor:
+    """A check's logits [B, m, V] (position i predicts the token after tokens[:, i], tokens [B, m]: the anchor, then
+    the drafts) with -inf for every token that would repeat an n-gram of the answer, written [B, L] (-1 where a row
+    has none) then the tokens through i (`no_repeat_ngram_size`): the AR distribution at every position."""
+    n = options.get("no_repeat_ngram_size", 0)
+    if not n or written is None:
+        return logits
+    text = torch.nn.functional.pad(torch.cat([written, tokens], dim=1), (0, 1), value=-1)
+    return logits.masked_fill(~repeat_free(text, n, written.shape[1] + 1, logits.shape[-1]), float("-inf"))
+
+
 def check_logits(model: Any, anchor: Tensor, draft: Tensor, cache: KVCache) -> Tensor:
     """The commit pass, which checks: [anchor, draft] encoded causally into the cache (roll back what is not
     kept); the next-token logits [B, n + 1, V] after each of them."""
@@ -165,16 +177,16 @@ def settled_tokens(draft: Tensor, k: Tensor, next_anchor: Tensor) -> Tensor:
 @torch.inference_mode()
 def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                       eos_token_ids: list[int], pad_token_id: int | None = None,
                       generator: torch.Generator | None = None) -> VerifiedResult:
     """Generate after left-padded prompts input_ids [B, L] (valid [B, L]) with a block-diffusion `model`,
     drafting with its canvas pass and checking with its causal pass: the tokens have the distribution of
-    `ar_generate` on the same model and options, penalties included (greedy: the same tokens, up to float rounding
-    near ties)."""
-    check_options(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty)
+    `ar_generate` on the same model and options, penalties and `no_repeat_ngram_size` included (greedy: the same
+    tokens, up to float rounding near ties)."""
+    check_options(max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, no_repeat_ngram_size)
     options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "presence_penalty": presence_penalty,
-               "frequency_penalty": frequency_penalty}
+               "frequency_penalty": frequency_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
     device, batch = input_ids.device, input_ids.shape[0]
     eos = set(eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else eos_token_ids[0] if eos_token_ids else 0
@@ -192,35 +204,39 @@ def verified_generate(model: Any, input_ids: Tensor, valid: Tensor, max_new_toke
     passes += 1
     # the generated tokens each row's cache holds (the anchor is not in it yet), for the penalties; None: off
     counts = torch.zeros(batch, model.vocab_size, device=device) if presence_penalty or frequency_penalty else None
+    written_ids = input_ids.new_zeros(batch, 0) if no_repeat_ngram_size else None  # the same tokens, for the rule
     rows = torch.arange(batch, device=device)   # the rows still generating, in cache order
     # the anchor is final once drawn: written (and maybe the end of its row) before the round that drafts after it
     done = _write(out, written, rows, anchor[:, None], torch.ones_like(anchor), eos, max_new_tokens)
-    rows, anchor, counts = _drop(done, rows, anchor, cache, counts)
+    rows, anchor, counts, written_ids = _drop(done, rows, anchor, cache, counts, written_ids)
     while len(rows):
         drafted = draft_logits(model, draft_block(anchor, model, generator), cache)
         draft, q = propose(penalized(drafted, held_through(counts, anchor[:, None]), options), options, generator)
         checked = torch.cat([anchor[:, None], draft], dim=1)
-        k, next_anchor = accept(draft, q, penalized(check_logits(model, anchor, draft, cache),
-                                                    held_through(counts, checked), options), options, generator)
+        p = penalized(check_logits(model, anchor, draft, cache), held_through(counts, checked), options)
+        k, next_anchor = accept(draft, q, without_repeats(p, written_ids, checked, options), options, generator)
         cache.rollback(1 + draft.shape[1], 1 + k)
         count_tokens(counts, checked, torch.arange(checked.shape[1], device=device)[None] <= k[:, None])
+        written_ids = append_written(written_ids, checked, 1 + k)
         passes[rows] += 2
         rounds[rows] += 1
         accepted[rows] += k
         lengths += torch.bincount(k, minlength=len(lengths))
         done = _write(out, written, rows, settled_tokens(draft, k, next_anchor), k + 1, eos, max_new_tokens)
-        rows, anchor, counts = _drop(done, rows, next_anchor, cache, counts)
+        rows, anchor, counts, written_ids = _drop(done, rows, next_anchor, cache, counts, written_ids)
     return VerifiedResult(torch.cat([input_ids, out], dim=1), passes, written, rounds, accepted, lengths)
 
 
-def _drop(done: Tensor, rows: Tensor, anchor: Tensor, cache: KVCache, counts: Tensor | None
-          ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The rows (their anchors and token counts) that go on; the finished ones leave the cache."""
+def _drop(done: Tensor, rows: Tensor, anchor: Tensor, cache: KVCache, counts: Tensor | None,
+          written: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The rows (their anchors, token counts and tokens in the cache) that go on; the finished ones leave the
+    cache."""
     if not bool(done.any()):
-        return rows, anchor, counts
+        return rows, anchor, counts, written
     keep = (~done).nonzero().squeeze(1)
     cache.select(keep)
-    return rows[keep], anchor[keep], None if counts is None else counts[keep]
+    return rows[keep], anchor[keep], None if counts is None else counts[keep], None if written is None else \
+        written[keep]
 
 
 def _write(out: Tensor, written: Tensor, rows: Tensor, tokens: Tensor, counts: Tensor, eos: set[int],

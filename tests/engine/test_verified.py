@@ -155,9 +155,10 @@ def first_tokens(lm: LM, prompt: list[int], n: int, samples: int, decoding: str,
     return out.sequences[:, len(prompt):len(prompt) + n]
 
 
-def exact_joint(lm: LM, prompt: list[int], n: int, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
-    """p(t_1 .. t_n | prompt) of the causal pass sampled at temperature 1 (with these penalties, `penalize`) for
-    every sequence of n tokens, [V] * n."""
+def exact_joint(lm: LM, prompt: list[int], n: int, presence: float = 0.0, frequency: float = 0.0,
+                no_token_twice: bool = False) -> torch.Tensor:
+    """p(t_1 .. t_n | prompt) of the causal pass sampled at temperature 1 (with these penalties, `penalize`; with
+    every token the answer holds banned, `no_repeat_ngram_size` = 1) for every sequence of n tokens, [V] * n."""
     vocab = lm.network.vocab_size
     grid = torch.cartesian_prod(*[torch.arange(vocab)] * n).reshape(-1, n)
     ids = torch.cat([torch.tensor(prompt).expand(len(grid), -1), grid], dim=1)
@@ -167,7 +168,10 @@ def exact_joint(lm: LM, prompt: list[int], n: int, presence: float = 0.0, freque
         logits = logits.float()[:, len(prompt) - 1:-1]                                         # [N, n, V]
     held = torch.nn.functional.one_hot(grid, vocab).float().cumsum(dim=1)
     held = torch.cat([torch.zeros_like(held[:, :1]), held[:, :-1]], dim=1)  # position i holds the tokens before it
-    log_probs = penalize(logits, held, presence, frequency).log_softmax(dim=-1)
+    logits = penalize(logits, held, presence, frequency)
+    if no_token_twice:
+        logits = logits.masked_fill(held > 0, float("-inf"))
+    log_probs = logits.log_softmax(dim=-1)
     joint = log_probs.gather(2, grid[:, :, None]).squeeze(2).sum(dim=1).exp()
     return joint.reshape([vocab] * n)
 
