@@ -36,10 +36,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     for name, knob in SAMPLING_FLAGS.items():
-        mode = "AR" if knob.mode == "ar" else "diffusion"
+        mode = {"ar": "AR", "diffusion": "diffusion", "both": "every decoding"}[knob.mode]
+        help_ = f"{mode}: {knob.help} (default: the model's, else {knob.default})"
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=knob.kind, default=None,
-                       choices=knob.choices or None,
-                       help=f"{mode}: {knob.help} (default: the model's, else {knob.default})")
+                       choices=knob.choices or None, help=help_.replace("%", "%%"))  # argparse formats help with %
 
 
 def _decoding_arg(p: argparse.ArgumentParser, who: str = "") -> None:

@@ -49,7 +49,12 @@ def test_every_knob_is_a_flag_of_its_type(command):
         action = flags[knob.name]
         assert action.type is knob.kind and action.default is None
         assert tuple(action.choices or ()) == knob.choices
-        assert knob.help in action.help
+        assert knob.help.replace("%", "%%") in action.help
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    shown = "".join(sub.format_help().split())  # argparse wraps lines, at hyphens too
+    for knob in KNOBS:  # every flag's help renders (argparse reads a bare % as a format), with its mode
+        assert "".join(knob.help.split()) in shown
+    assert "everydecoding:non-gram" in shown and "AR:samplingtemperature" in shown
 
 
 def test_the_request_fields_are_the_knobs_with_their_ranges():
