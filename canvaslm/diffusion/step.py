@@ -331,16 +331,20 @@ def denoise_step(state: CanvasState, logits: Tensor, settings: DiffusionSampling
         # a canvas that stops early commits its draft, whose undecided positions would bring back the doubled
         # tokens the rule keeps waiting
         stop = stop & ~drawn_twice(canvas == mask_token_id, draft).any(dim=-1)
-    if mask_token_id is not None and written is not None and settings.no_repeat_ngram_size:
-        # a canvas commits its draft when it stops or runs out of steps: its undecided positions must not bring
-        # back an n-gram the kept ones were kept without
-        undecided_now = canvas == mask_token_id
-        repeats = repeated_ngrams(torch.cat([written, draft], dim=1), settings.no_repeat_ngram_size,
-                                  written.shape[1]) & undecided_now
-        stop = stop & ~repeats.any(dim=-1)
-        if step >= settings.max_denoising_steps and bool(repeats.any()):
-            draft = _final_draft(draft, undecided_now, logits, written, settings.no_repeat_ngram_size,
-                                 undecided if open_rows else None)
+    if written is not None and settings.no_repeat_ngram_size:
+        # a canvas commits its draft when it stops or runs out of steps: the positions it has not decided (a masked
+        # canvas's undecided ones, every one of a uniform-noise canvas) must not bring back an n-gram
+        n = settings.no_repeat_ngram_size
+        open_now = torch.ones_like(draft, dtype=torch.bool) if mask_token_id is None else canvas == mask_token_id
+        repeats = (repeated_ngrams(torch.cat([written, draft], dim=1), n, written.shape[1]) & open_now).any(dim=-1)
+        repeats &= ~stopped
+        if mask_token_id is not None:
+            stop = stop & ~repeats  # the next pass decides them under the bans
+        ending = torch.full_like(repeats, step >= settings.max_denoising_steps)
+        fix = repeats & (ending if mask_token_id is not None else ending | stop)
+        if bool(fix.any()):
+            final = _final_draft(draft, open_now, logits, written, n, undecided if open_rows else None)
+            draft = torch.where(fix[:, None], final, draft)
     if mask_token_id is not None:  # nothing left to unmask: one more pass could only repeat this canvas
         settled = (canvas != mask_token_id).all(dim=-1)
         stop = stop | (settled if revised is None else settled & ~revised.any(dim=-1))  # a revision is re-read

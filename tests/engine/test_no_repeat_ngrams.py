@@ -171,3 +171,29 @@ def test_canvases_never_write_an_ngram_twice_and_the_engine_draws_what_generate_
             engine.stop()
     with pytest.raises(GenerationError, match="no_repeat_ngram_size must be an integer in"):
         lm.generate([PROMPTS[0]], 4, no_repeat_ngram_size=-1)
+
+
+def test_a_uniform_noise_canvas_commits_a_draft_without_repeats(tmp_path):
+    """DiffusionGemma's canvases decide nothing until they stop: the draft a canvas commits, when it stops or runs
+    out of steps, takes at a repeating position its most likely token that does not repeat. With no token twice
+    (n = 1), 40 tokens of an untrained 128-token model hold none twice, where the plain canvases do; the engine
+    writes the same."""
+    import canvaslm
+    from tests.reference import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path, canvas_length=8)
+    lm = canvaslm.load(tmp_path, device="cpu")
+    assert getattr(lm.network, "mask_token_id", None) is None  # uniform noise
+    lm.eos_token_ids = []
+    prompt, options = [5, 6, 7], {"max_denoising_steps": 3}
+    plain = lm.decode_new(lm.generate([prompt], 40, seed=1, **options).sequences[0], 3)[0]
+    assert len(set(plain)) < len(plain)
+    out = lm.decode_new(lm.generate([prompt], 40, seed=1, no_repeat_ngram_size=1, **options).sequences[0], 3)[0]
+    assert len(out) == 40 and len(set(out)) == 40
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        inbox = queue.Queue()
+        engine.submit(Request(prompt, 40, inbox.put, sampling={**options, "no_repeat_ngram_size": 1}, seed=1))
+        assert tokens_of(inbox) == out
+    finally:
+        engine.stop()
