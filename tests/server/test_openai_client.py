@@ -272,3 +272,23 @@ def test_a_server_whose_default_is_verified_decoding(model_dir):
             assert failed.code == "structured_output_failed" and "scaffold" in failed.message
     finally:
         stop_server(live)
+
+
+def test_no_repeat_ngram_size_travels_in_extra_body(client, model_dir):
+    """The rule through the real client: the greedy AR answer under it is the library's, and not the plain one; a
+    value out of range is a 400 naming it."""
+    import canvaslm
+
+    lm = canvaslm.load(model_dir, device="cpu")
+    prompt, greedy = "one two three four five six seven eight nine ten", {"decoding": "autoregressive",
+                                                                         "temperature": 0.0}
+
+    def ask(**rule) -> str:
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                         extra_body={**greedy, **rule}).choices[0].text
+
+    ruled = ask(no_repeat_ngram_size=1)
+    assert ruled == lm.complete(prompt, 24, no_repeat_ngram_size=1, **greedy).text
+    assert ruled != ask()
+    with pytest.raises(openai.BadRequestError, match="no_repeat_ngram_size"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"no_repeat_ngram_size": -1})
