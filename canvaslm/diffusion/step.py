@@ -3,8 +3,9 @@
 `generate_steps` (every row of a batch at the same step) and the serving engine (each sequence at its own step)
 both advance a canvas with `denoise_step`, so they draw the same random numbers in the same order and cannot drift:
 
-    temperature -> allowed tokens -> pins -> carry-over -> propose -> accept -> re-noise -> revise -> argmax -> hold
-    -> stop test
+    penalties -> temperature -> allowed tokens -> pins -> carry-over -> n-gram bans -> propose -> accept (a drawn
+    repeat waits) -> re-noise -> revise -> argmax -> hold -> stop test (a draft that repeats is not committed early;
+    at the last step it is repaired)
 
 (A masked model's draft shows the tokens it kept rather than their argmax, and its canvas stops as soon as no mask
 is left and nothing was revised: the pass the stability test would spend after that can only repeat the canvas.)
