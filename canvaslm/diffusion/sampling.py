@@ -100,21 +100,13 @@ def repeated_ngrams(text: Tensor, n: int, start: int) -> Tensor:
     return (same & before[None]).any(dim=-1) & (ends >= 0).all(dim=-1)
 
 
-def repeat_free(text: Tensor, n: int, start: int, vocab_size: int) -> Tensor:
-    """[B, T - start, V] bool: the tokens each position of text [B, T] from `start` on may hold under
-    `no_repeat_ngram_size` = n (`repeated_ngram_bans`), for an allowed-token mask."""
-    free = torch.ones(text.shape[0], text.shape[1] - start, vocab_size, dtype=torch.bool, device=text.device)
-    bans = repeated_ngram_bans(text, n, start)
-    free[bans[:, 0], bans[:, 1], bans[:, 2]] = False
-    return free
-
-
-def next_repeat_free(written: Tensor | None, n: int, vocab_size: int) -> Tensor | None:
-    """[B, V] bool: the tokens that may come next after each row's answer written [B, L] (-1 where a row has none)
-    under `no_repeat_ngram_size` = n; None when the rule is off."""
+def without_next_repeats(logits: Tensor, written: Tensor | None, n: int) -> Tensor:
+    """logits [B, V] of the token after each row's answer written [B, L] (-1 where a row has none), with -inf for
+    every token that would repeat an n-gram of it (`no_repeat_ngram_size` = n; 0 or no answer: the logits)."""
     if not n or written is None:
-        return None
-    return repeat_free(torch.nn.functional.pad(written, (0, 1), value=-1), n, written.shape[1], vocab_size)[:, 0]
+        return logits
+    text = torch.nn.functional.pad(written, (0, 1), value=-1)
+    return ban(logits[:, None], repeated_ngram_bans(text, n, written.shape[1]))[:, 0]
 
 
 def append_written(written: Tensor | None, tokens: Tensor, lengths: Tensor | None = None) -> Tensor | None:

@@ -192,9 +192,14 @@ def _without_repeats(logits: Tensor, canvas: Tensor, written: Tensor | None, set
     bans = bans[undecided[bans[:, 0], bans[:, 1]]]  # a kept token or a pin stays what it is
     if logits.dim() == 3:
         return ban(logits, bans)
-    row = undecided.flatten().long().cumsum(dim=0).view_as(undecided) - 1  # open rows are row-major
+    row = _open_row(undecided)
     return ban(logits[None], torch.stack([torch.zeros_like(bans[:, 0]), row[bans[:, 0], bans[:, 1]],
                                           bans[:, 2]], dim=1))[0]
+
+
+def _open_row(undecided: Tensor) -> Tensor:
+    """[B, C]: each undecided position's row among open-row logits [n, V], which are row-major."""
+    return undecided.flatten().long().cumsum(dim=0).view_as(undecided) - 1
 
 
 def _repeating(proposal: Tensor, accepted: Tensor, free: Tensor, written: Tensor, settings: DiffusionSampling
@@ -217,7 +222,7 @@ def _final_draft(draft: Tensor, undecided: Tensor, logits: Tensor, written: Tens
     token ends an n-gram the text already holds takes its most likely token that does not (`no_repeat_ngram_size`).
     `logits` are the step's [B, C, V], or with `open_rows` [B, C] (the positions they belong to) [m, V]."""
     draft, start = draft.clone(), written.shape[1]
-    row = None if open_rows is None else open_rows.flatten().long().cumsum(dim=0).view_as(open_rows) - 1
+    row = None if open_rows is None else _open_row(open_rows)
     for j in range(draft.shape[1]):
         text = torch.cat([written, draft[:, :j + 1]], dim=1)
         repeats = repeated_ngrams(text, n, start + j)[:, 0] & undecided[:, j]

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import append_written, count_tokens, next_repeat_free, penalize, sample_inverse_cdf
+from canvaslm.diffusion.sampling import append_written, count_tokens, penalize, sample_inverse_cdf, without_next_repeats
 from canvaslm.errors import GenerationError
 from canvaslm.knobs import BY_NAME
 from canvaslm.models.cache import KVCache, encode_chunked
@@ -64,10 +64,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
 
     The draw is by inverse CDF (one uniform per row and a binary search): the same distribution as
     torch.multinomial, which spends V exponential draws per row (~65 ms per step at batch 64 on a 2-core CPU)."""
-    logits = penalize(logits, counts, presence_penalty, frequency_penalty)
-    free = next_repeat_free(written, no_repeat_ngram_size, logits.shape[-1])
-    if free is not None:
-        allowed = free if allowed is None else allowed & free
+    logits = without_next_repeats(penalize(logits, counts, presence_penalty, frequency_penalty), written,
+                                  no_repeat_ngram_size)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0.0:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import (append_written, count_tokens, penalize, random_canvas, repeat_free,
-                                        sample_inverse_cdf)
+from canvaslm.diffusion.sampling import (append_written, ban, count_tokens, penalize, random_canvas,
+                                        repeated_ngram_bans, sample_inverse_cdf)
 from canvaslm.engine.ar import check_options, prefill, sample_next, top_k_filter, top_p_filter
 from canvaslm.models.cache import KVCache
 
@@ -148,7 +148,7 @@ def without_repeats(logits: Tensor, written: Tensor | None, tokens: Tensor, opti
     if not n or written is None:
         return logits
     text = torch.nn.functional.pad(torch.cat([written, tokens], dim=1), (0, 1), value=-1)
-    return logits.masked_fill(~repeat_free(text, n, written.shape[1] + 1, logits.shape[-1]), float("-inf"))
+    return ban(logits, repeated_ngram_bans(text, n, written.shape[1] + 1))
 
 
 def check_logits(model: Any, anchor: Tensor, draft: Tensor, cache: KVCache) -> Tensor:

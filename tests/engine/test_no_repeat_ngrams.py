@@ -11,8 +11,8 @@ import queue
 import pytest
 import torch
 
-from canvaslm.diffusion.sampling import (DiffusionSampling, append_written, next_repeat_free, repeated_ngram_bans,
-                                         repeated_ngrams)
+from canvaslm.diffusion.sampling import (DiffusionSampling, append_written, repeated_ngram_bans, repeated_ngrams,
+                                         without_next_repeats)
 from canvaslm.diffusion.step import denoise_step, first_from_causal, start_canvas
 from canvaslm.engine.core import Engine
 from canvaslm.engine.request import Request
@@ -44,8 +44,10 @@ def test_the_bans_and_the_check_read_only_known_ngrams_that_end_earlier():
     assert repeated_ngrams(torch.tensor([[5, 6, 5, 6, -1, 6]]), 2, 2).tolist() == [[False, True, False, False]]
     # an n-gram only ever repeats one that ended before it, never a later one
     assert repeated_ngrams(torch.tensor([[5, 6, 5, 6]]), 2, 0).tolist() == [[False, False, False, True]]
-    free = next_repeat_free(torch.tensor([[9, 4, 9]]), 2, 12)
-    assert (~free).nonzero().tolist() == [[0, 4]] and next_repeat_free(torch.tensor([[9]]), 0, 12) is None
+    logits = torch.zeros(1, 12)
+    banned = without_next_repeats(logits, torch.tensor([[9, 4, 9]]), 2)
+    assert banned.isinf().nonzero().tolist() == [[0, 4]]
+    assert without_next_repeats(logits, torch.tensor([[9]]), 0) is logits
 
 
 def test_answers_stay_in_order_with_the_unknowns_on_the_left():
