@@ -19,30 +19,35 @@ import torch
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+REORDERED_INT4_ROWS = 4  # see packed_max_rows
+
+
+@functools.cache
+def _cpuinfo(field: str) -> str | None:
+    """The value of `field` for the first processor in /proc/cpuinfo (None where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The flags of the first processor in /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    """The flags of the first processor in /proc/cpuinfo (empty where there is none)."""
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
-@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"; empty where there is none)."""
+    return _cpuinfo("vendor_id") or ""
+
+
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
@@ -83,14 +88,30 @@ def resolve_quantize(name: str, device: torch.device | str = "cpu") -> str:
     return name
 
 
-def packed_max_rows(mode: str) -> int:
+def onednn_float32_pays(device: torch.device | str = "cpu") -> bool:
+    """True where oneDNN's float32 GEMM on a weight reordered once into its layout (`torch.ops.mkldnn`, what
+    inductor's freezing emits) beats torch's default float32 GEMM, MKL's sgemm: x86 CPUs with AVX2 from vendors
+    other than Intel, where MKL takes a slow path for few rows. Measured on a 2-core AMD EPYC (family 23, AVX2, no
+    AVX-512), 2 threads, ms MKL / oneDNN: SmolLM2's head [49152, 576] at 4 rows 29.6 / 6.8, at 16 rows 46.4 / 14.7;
+    whole causal passes of `smol` at 32 rows 255 / 169 (`canvaslm bench passes`, docs/performance.md). On Intel CPUs
+    MKL stays (not measured here)."""
+    return (torch.device(device).type == "cpu" and "avx2" in cpu_flags() and cpu_vendor() not in ("", "GenuineIntel")
+            and torch.backends.mkldnn.is_available())
+
+
+def packed_max_rows(mode: str, reordered: bool = False) -> int:
     """Most rows a pass may have for a weight-only packed linear (`canvaslm.models.quant`) to beat the dense bf16
     weight. torch's int4/int8 CPU kernels cost ~linearly in rows, while the dense bf16 GEMM barely grows up to ~32
     rows, and with AMX tiles it is several times faster. 30 SmolLM2 layers' linears, one thread of a Xeon with
     amx_bf16, ms dense / int4 / int8: 1 row 30.0 / 6.6 / 14.4; 4 rows 32.8 / 11.1 / 17.9; 8 rows 32.8 / 20.3 / 30.8;
     16 rows 32.9 / 38.7 / 48.6. On the 2-core AMD EPYC (avx512_bf16, no AMX) int4 still won at 16 rows (32.6
     against 37.1 ms, 2 threads). Whole passes: `canvaslm bench passes --variants bfloat16:int4:rows=64`
-    (docs/performance.md)."""
+    (docs/performance.md). `reordered`: the dense weight is float32 reordered for oneDNN (`onednn_float32_pays`),
+    which overtakes the packed kernels sooner. On the 2-core AVX2 EPYC, 2 threads: causal passes of `smol` at 4 /
+    6 / 8 rows took 62 / 94 / 95 ms int4 against 80 / 86 / 92 reordered; SmolLM2's head at 3 / 4 rows 5.8 / 7.6 ms
+    int8 against 6.4 / 6.8."""
+    if reordered:
+        return {"int4": REORDERED_INT4_ROWS, "int8": 3}[mode]
     amx = "amx_bf16" in cpu_flags()
     return {"int4": 8 if amx else 32, "int8": 4 if amx else 8}[mode]
 

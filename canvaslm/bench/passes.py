@@ -20,9 +20,9 @@ import torch
 from rich.progress import Progress
 
 from canvaslm.errors import CanvasError
-from canvaslm.hardware import QUANTIZE_CHOICES, packed_max_rows, resolve_quantize
+from canvaslm.hardware import QUANTIZE_CHOICES, resolve_quantize
 from canvaslm.models.cache import KVCache
-from canvaslm.models.quant import quantize as quantize_weights
+from canvaslm.models.quant import causal_packed_weights, quantize as quantize_weights
 from canvaslm.plotting import new_figure, save
 
 DEFAULT_VARIANTS = "float32:none,bfloat16:none,bfloat16:int4"
@@ -34,24 +34,27 @@ class Variant(NamedTuple):
     compiled: bool = False
     packed_rows: int | None = None  # most rows a packed linear takes (None: the machine's crossover)
     fused: bool = True  # q/k/v and gate/up packed as one weight each (`canvaslm.models.quant.FusedLinears`)
+    aten: bool = False  # larger passes on aten's dense GEMM even where a packed model reorders it for oneDNN
 
 
 def parse_variants(text: str) -> list[Variant]:
     """"float32:none,bfloat16:int4:compile,bfloat16:int4:rows=64" -> Variants, checked. `rows=N` overrides
     `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover; `unfused` packs every
-    linear alone (to time what fusing q/k/v and gate/up saves)."""
+    linear alone (to time what fusing q/k/v and gate/up saves); `aten` keeps a packed model's larger passes on
+    torch's default dense GEMM where `load` would reorder the weights for oneDNN
+    (`canvaslm.hardware.onednn_float32_pays`)."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         dtype, quantize, *extras = item.split(":") if ":" in item else (item, "")
         rows = [e.removeprefix("rows=") for e in extras if e.startswith("rows=")]
         if (dtype not in ("auto", "float32", "bfloat16") or quantize not in QUANTIZE_CHOICES
-                or any(e not in ("compile", "unfused", "") and not e.startswith("rows=") for e in extras)
+                or any(e not in ("compile", "unfused", "aten", "") and not e.startswith("rows=") for e in extras)
                 or not all(r.isdigit() and int(r) > 0 for r in rows) or len(rows) > 1):
-            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N][:unfused] with "
-                              "dtype auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. "
+            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N][:unfused][:aten] "
+                              "with dtype auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. "
                               "bfloat16:int4:compile")
         variants.append(Variant(dtype, quantize, "compile" in extras, int(rows[0]) if rows else None,
-                                "unfused" not in extras))
+                                "unfused" not in extras, "aten" in extras))
     if not variants:
         raise CanvasError("--variants: give at least one dtype:quantize pair")
     return variants
@@ -60,8 +63,6 @@ def parse_variants(text: str) -> list[Variant]:
 def set_packed_rows(network: torch.nn.Module, rows: int) -> None:
     """Make every packed weight of `network`'s causal pass (linears, fused groups, head) take passes of up to
     `rows` rows."""
-    from canvaslm.models.quant import causal_packed_weights
-
     for packed in causal_packed_weights(network):
         packed.max_rows = rows
 
@@ -85,13 +86,13 @@ def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_
 
     rows, timers = [], []  # timers: (row, "causal_ms" | "canvas_ms", size, setup, timed)
     with torch.inference_mode():
-        for dtype, quantize, compiled, packed_rows, fused in variants:
-            if fused:
+        for dtype, quantize, compiled, packed_rows, fused, aten in variants:
+            if fused and not aten:
                 lm = load(source, device=device, dtype=dtype, quantize=quantize, compile=compiled)
-            else:  # packed here, one linear at a time
+            else:  # packed here, one linear at a time, or without reordered weights
                 lm = load(source, device=device, dtype=dtype, quantize="none", compile=compiled)
                 lm.quantization = resolve_quantize(quantize, lm.device)
-                quantize_weights(lm.network, lm.quantization, fuse=False)
+                quantize_weights(lm.network, lm.quantization, fuse=fused, reorder=False if aten else None)
             network = lm.network
             if packed_rows is not None:
                 set_packed_rows(network, packed_rows)
@@ -105,10 +106,11 @@ def bench_passes(source: str, variants: list[Variant], sizes: list[int], prompt_
                 return cache
 
             shared = prompt_cache()  # canvas passes only read it
+            packed = causal_packed_weights(network)
             row: dict[str, Any] = {"dtype": lm.dtype_name,
                                    "quantize": lm.quantization, "compiled": compiled, "fused": fused,
-                                   "packed_rows": packed_rows or (packed_max_rows(lm.quantization)
-                                                                  if lm.quantization != "none" else 0),
+                                   "packed_rows": packed_rows or (packed[0].max_rows if packed else 0),
+                                   "reordered": any(p.reordered is not None for p in packed),
                                    "causal_ms": {},
                                    "canvas_ms": {}}
             for size in sizes:
@@ -149,6 +151,7 @@ def plot_passes(report: dict[str, Any], png: str | Path) -> bool:
         label = f"{row['dtype']}, {row['quantize']}" + (", compiled" if row.get("compiled") else "")
         label += ", unfused" if row.get("fused") is False else ""
         label += f" (packed to {row['packed_rows']} rows)" if row.get("packed_rows") else ""
+        label += ", then reordered for oneDNN" if row.get("reordered") else ""
         for kind, style in (("causal_ms", "o-"), ("canvas_ms", "s--")):
             if row[kind]:
                 sizes = [int(s) for s in row[kind]]

@@ -63,8 +63,8 @@ class LoRALinear(nn.Module):
         if not self.canvas_pass:
             return self._frozen_base(x)
         if self.canvas_weight is not None and not torch.is_grad_enabled():
-            if self.canvas_packed is not None and self.canvas_packed.takes(x):
-                y = self.canvas_packed(x)
+            y = None if self.canvas_packed is None else self.canvas_packed.apply(x)
+            if y is not None:
                 return y if self.base.bias is None else y + self.base.bias
             return nn.functional.linear(x, self.canvas_weight, self.base.bias)
         update = nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)

@@ -19,6 +19,11 @@ canvas weights of canvas-only adapters only for passes of up to `SMALL_PASS_ROWS
 canvases of 4) and the output head, in place; the linears that read the same input (q/k/v, gate/up) as one weight
 (`FusedLinears`); the weights themselves and the state dict are unchanged, so a quantized model still
 saves and reloads exactly as before.
+
+The passes a packed kernel does not take run on the dense weight. On CPUs where torch's default float32 GEMM is
+slow for few rows (`canvaslm.hardware.onednn_float32_pays`: MKL's sgemm on AMD), a float32 model's packed weights
+also keep their dense weight reordered once for oneDNN (`ReorderedWeight`); those passes take it, and the packed
+kernels then stop sooner (`packed_max_rows(mode, reordered=True)`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
-from canvaslm.hardware import packed_max_rows
+from canvaslm.hardware import onednn_float32_pays, packed_max_rows
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 GROUP_SIZE = 32
@@ -56,17 +61,42 @@ def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int = 
     return groups.reshape(n, k)
 
 
+class ReorderedWeight:
+    """A frozen float32 weight [N, K] reordered once into oneDNN's blocked layout, for the float32 passes a packed
+    kernel does not take on CPUs where torch's default GEMM is slow for few rows (`onednn_float32_pays`). The same
+    product as F.linear up to the order of the sums."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to("cpu", torch.float32), None)
+
+    def takes(self, x: Tensor) -> bool:
+        """float32 rows on the CPU, without autograd (the op has no backward) and outside torch.compile's trace
+        (which takes the plain weight and orders it itself)."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [..., K] -> x @ W.T [..., N]."""
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, None, "none", [None], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class PackedWeight:
     """A frozen weight [N, K] packed for one of torch's weight-only CPU kernels. Not an nn.Module: it never
-    enters a state dict, and `model.to(dtype)` leaves it alone (its scales are bfloat16, the kernels' dtype)."""
+    enters a state dict, and `model.to(dtype)` leaves it alone (its scales are bfloat16, the kernels' dtype).
+    `reordered`: also keep the dense weight reordered for oneDNN (`ReorderedWeight`), which `apply` uses for the
+    passes too large for the packed kernel (which then stops at `packed_max_rows(mode, reordered=True)` rows)."""
 
-    def __init__(self, weight: Tensor, mode: str, max_rows: int | None = None) -> None:
+    def __init__(self, weight: Tensor, mode: str, max_rows: int | None = None, reordered: bool = False) -> None:
         if mode not in ("int4", "int8"):
             raise ValueError(f"mode must be int4 or int8, got {mode!r}")
         if not self.fits(weight, mode):
             raise ValueError(f"torch's {mode} kernel does not take a weight of shape {tuple(weight.shape)}")
         self.mode, self.out_features, self.in_features = mode, *weight.shape
-        self.max_rows = packed_max_rows(mode) if max_rows is None else max_rows  # where packed beats dense
+        # where packed beats dense
+        self.max_rows = packed_max_rows(mode, reordered) if max_rows is None else max_rows
+        self.reordered = ReorderedWeight(weight) if reordered else None
         weight = weight.detach().to("cpu", torch.float32)
         if mode == "int4":
             q, scales, zeros = quantize_int4(weight)
@@ -91,6 +121,15 @@ class PackedWeight:
         """Whether x [..., K] is small enough (and on the CPU) for the packed kernel to beat the dense weight."""
         return x.device.type == "cpu" and x.numel() // self.in_features <= self.max_rows
 
+    def apply(self, x: Tensor) -> Tensor | None:
+        """x @ W.T by the packed kernel where it takes x, else by the reordered dense weight where it takes x;
+        None: the caller's dense weight."""
+        if self.takes(x):
+            return self(x)
+        if self.reordered is not None and self.reordered.takes(x):
+            return self.reordered(x)
+        return None
+
     def __call__(self, x: Tensor) -> Tensor:
         """x [..., K] -> x @ W.T [..., N] in x's dtype."""
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -108,16 +147,16 @@ class QuantizedLinear(nn.Linear):
     packed: PackedWeight
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, mode: str) -> QuantizedLinear:
+    def wrap(cls, linear: nn.Linear, mode: str, reordered: bool = False) -> QuantizedLinear:
         out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         out.weight, out.bias = linear.weight, linear.bias
-        out.packed = PackedWeight(linear.weight, mode)
+        out.packed = PackedWeight(linear.weight, mode, reordered=reordered)
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.packed.takes(x):
+        y = self.packed.apply(x)
+        if y is None:
             return super().forward(x)
-        y = self.packed(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -134,9 +173,9 @@ class FusedLinears:
     for passes of up to `SMALL_PASS_ROWS` rows, as `quantize` packs them one by one). Each output row is packed
     exactly as the linear's own packed weight would be (int4 groups and int8 scales are per output row)."""
 
-    def __init__(self, linears: list[nn.Module], mode: str) -> None:
+    def __init__(self, linears: list[nn.Module], mode: str, reordered: bool = False) -> None:
         self.sizes = [linear.weight.shape[0] for linear in linears]
-        self.causal = PackedWeight(torch.cat([linear.weight for linear in linears]), mode)
+        self.causal = PackedWeight(torch.cat([linear.weight for linear in linears]), mode, reordered=reordered)
         biases = [getattr(linear, "base", linear).bias for linear in linears]  # an adapter's is its base's
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(n, dtype=linears[0].weight.dtype) if b is None else b.detach()
@@ -148,11 +187,12 @@ class FusedLinears:
         if self.adapters and all(w is not None for w in canvas):
             weights = [linear.canvas_weight if hasattr(linear, "canvas_pass") else linear.weight
                        for linear in linears]
-            self.canvas = PackedWeight(torch.cat(weights), mode, max_rows=SMALL_PASS_ROWS)
+            self.canvas = PackedWeight(torch.cat(weights), mode, max_rows=SMALL_PASS_ROWS, reordered=reordered)
 
     def __call__(self, x: Tensor) -> list[Tensor] | None:
-        """The linears' outputs for x [..., K] through one packed weight, or None where the linears must run
-        themselves: a pass too large for the packed kernel, autograd, or adapters whose merged weights changed."""
+        """The linears' outputs for x [..., K] through one packed (or reordered) weight, or None where the linears
+        must run themselves: a pass too large for the packed kernel without a reordered weight, autograd, or
+        adapters whose merged weights changed."""
         if torch.is_grad_enabled():
             return None
         packed = self.causal
@@ -160,9 +200,9 @@ class FusedLinears:
             current = all(linear.canvas_weight is w for linear, w in zip(self.adapters, self.canvas_weights,
                                                                           strict=True))
             packed = self.canvas if current else None
-        if packed is None or not packed.takes(x):
+        y = None if packed is None else packed.apply(x)
+        if y is None:
             return None
-        y = packed(x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return list(y.split(self.sizes, dim=-1))
@@ -189,21 +229,24 @@ def causal_packed_weights(model: nn.Module) -> list[PackedWeight]:
 
 
 def head_logits(hidden: Tensor, weight: Tensor, packed: PackedWeight | None) -> Tensor:
-    """hidden [..., H] @ weight.T through the packed head when it takes this pass (float32 logits [..., V])."""
-    if packed is not None and packed.takes(hidden):
-        return packed(hidden).float()
+    """hidden [..., H] @ weight.T through the packed head (or its reordered weight) when it takes this pass
+    (float32 logits [..., V])."""
+    logits = None if packed is None else packed.apply(hidden)
+    if logits is not None:
+        return logits.float()
     # as rows: a bfloat16 [B, 1, H] slice of a longer pass (the last position's hidden state) keeps its parent's
     # strides, and F.linear then copies the whole [V, H] head per call (torch 2.13 on the CPU: ~80 ms, not ~2)
     rows = hidden.reshape(-1, hidden.shape[-1])
     return F.linear(rows, weight).float().view(*hidden.shape[:-1], weight.shape[0])
 
 
-def quantize(model: nn.Module, mode: str, fuse: bool = True) -> list[str]:
+def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | None = None) -> list[str]:
     """Pack the decoder layers' linears (int4 or int8) and the output head (int8) of `model` in place, for CPU
     inference; "none" does nothing. Returns the names of the packed linears. Linears whose shape torch's kernel
     does not take stay dense. `fuse`: the groups a layer's classes list in `FUSED` as one weight each (the same
     products bit for bit, in fewer kernel calls); False packs every linear alone (`canvaslm bench passes`'s
-    `unfused` variants)."""
+    `unfused` variants). `reorder`: every packed weight also keeps its dense weight reordered for oneDNN
+    (`ReorderedWeight`) for the larger passes; None: where `onednn_float32_pays` and the model is float32."""
     if mode not in QUANTIZE_CHOICES:
         raise CheckpointError("quantize", "unknown quantization", expected=" | ".join(QUANTIZE_CHOICES), found=mode)
     if mode == "none":
@@ -212,6 +255,8 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True) -> list[str]:
     if device.type != "cpu":
         raise CheckpointError("quantize", f"weight-only {mode} runs on torch's CPU kernels; the model is on {device}",
                               expected="--quantize none off the CPU")
+    if reorder is None:
+        reorder = onednn_float32_pays(device) and next(model.parameters()).dtype == torch.float32
     packed, fused = [], set()
     for name, module in list(model.named_modules()):
         if not name.startswith("layers."):
@@ -220,7 +265,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True) -> list[str]:
             names = FUSED_GROUPS[group]
             linears = [getattr(module, leaf) for leaf in names]
             if PackedWeight.fits(torch.cat([linear.weight for linear in linears]), mode):
-                module.__dict__["fused_" + group] = FusedLinears(linears, mode)  # not a submodule: no state
+                module.__dict__["fused_" + group] = FusedLinears(linears, mode, reorder)  # not a submodule: no state
                 fused.update(f"{name}.{leaf}" for leaf in names)
                 packed += [f"{name}.{leaf}" for leaf in names]
     for name, module in list(model.named_modules()):
@@ -228,7 +273,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True) -> list[str]:
             continue
         if type(module) is nn.Linear and name.startswith("layers.") and PackedWeight.fits(module.weight, mode):
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, QuantizedLinear.wrap(module, mode))
+            setattr(model.get_submodule(parent), leaf, QuantizedLinear.wrap(module, mode, reorder))
             packed.append(name)
     for name, module in model.named_modules():
         # canvas-only adapters' merged canvas weights, for verified drafts only: a canvas of 16 rows cost the same
@@ -236,9 +281,9 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True) -> list[str]:
         # weights off the GGUF's grid) while a 4-row draft runs in 21 ms instead of 36
         if getattr(module, "canvas_weight", None) is not None and PackedWeight.fits(module.canvas_weight, mode) \
                 and name not in fused:
-            module.canvas_packed = PackedWeight(module.canvas_weight, mode, max_rows=SMALL_PASS_ROWS)
+            module.canvas_packed = PackedWeight(module.canvas_weight, mode, max_rows=SMALL_PASS_ROWS, reordered=reorder)
             packed.append(f"{name}.canvas_weight")
     model.small_pass_rows = SMALL_PASS_ROWS if mode == "int4" else None  # the int4 kernel's small-pass path
     head = model.embed_tokens.weight if getattr(model, "lm_head", None) is None else model.lm_head.weight
-    model.packed_head = PackedWeight(head, "int8") if PackedWeight.fits(head, "int8") else None
+    model.packed_head = PackedWeight(head, "int8", reordered=reorder) if PackedWeight.fits(head, "int8") else None
     return packed

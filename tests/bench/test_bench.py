@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from canvaslm.hardware import onednn_float32_pays
 from tests.reference import tiny_checkpoint
 
 
@@ -134,14 +135,16 @@ def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
 
 def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
     report = bench("passes", "-m", model_dir, "--canvas", "1,8", "--variants",
-                   "float32:none,bfloat16:int8:rows=16,float32:int4:unfused", "--repeats", "1", "--prompt-tokens", "6",
-                   "--out", str(tmp_path / "p.json"))
-    plain, packed, unfused = report["variants"]
+                   "float32:none,bfloat16:int8:rows=16,float32:int4:unfused,float32:int4:aten", "--repeats", "1",
+                   "--prompt-tokens", "6", "--out", str(tmp_path / "p.json"))
+    plain, packed, unfused, aten = report["variants"]
     assert (plain["dtype"], plain["quantize"], packed["dtype"], packed["quantize"]) == ("float32", "none",
                                                                                         "bfloat16", "int8")
     assert (plain["packed_rows"], packed["packed_rows"]) == (0, 16)
     assert (unfused["quantize"], unfused["fused"], packed["fused"]) == ("int4", False, True)
-    for row in (plain, packed, unfused):
+    # float32 weights are reordered for oneDNN where that pays (this machine's CPU decides), never under `aten`
+    assert (unfused["reordered"], aten["reordered"], plain["reordered"]) == (onednn_float32_pays(), False, False)
+    for row in (plain, packed, unfused, aten):
         assert set(row["causal_ms"]) == set(row["canvas_ms"]) == {"1", "8"}
         assert all(ms > 0 for ms in [*row["causal_ms"].values(), *row["canvas_ms"].values()])
         assert row["canvas_vs_ar"]["1"] == round(row["canvas_ms"]["1"] / row["causal_ms"]["1"], 2)
@@ -155,9 +158,9 @@ def test_a_variant_can_send_bigger_passes_through_the_packed_kernels():
     from canvaslm.bench.passes import Variant, parse_variants
     from canvaslm.errors import CanvasError
 
-    assert parse_variants("bfloat16:int4:rows=64,bfloat16:int4:compile,float32:int4:unfused") == [
+    assert parse_variants("bfloat16:int4:rows=64,bfloat16:int4:compile,float32:int4:unfused,float32:int4:aten") == [
         Variant("bfloat16", "int4", False, 64), Variant("bfloat16", "int4", True, None),
-        Variant("float32", "int4", False, None, fused=False)]
+        Variant("float32", "int4", False, None, fused=False), Variant("float32", "int4", aten=True)]
     for bad in ("bfloat16:int4:rows=0", "bfloat16:int4:rows=x", "bfloat16:int4:fast"):
         with pytest.raises(CanvasError, match="rows=N"):
             parse_variants(bad)

@@ -90,7 +90,7 @@ def last_logits(model: llama.Model, ids: torch.Tensor, step: int) -> torch.Tenso
 def test_a_quantized_model_keeps_its_weights_and_follows_the_dense_one(mode):
     dense = tiny_model()
     model = copy.deepcopy(dense)
-    packed = quantize(model, mode)
+    packed = quantize(model, mode, reorder=False)  # the dense passes on aten's GEMM, bit for bit
     fused = {f"layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj",
                                                              "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
     assert len(packed) == 2 * 7 and fused < set(packed)  # q/k/v and gate/up as one packed weight each
@@ -114,7 +114,7 @@ def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass_and_
     SMALL_PASS_ROWS canvas tokens (a verified draft) runs them packed, close to the dense product."""
     model = adapted_tiny_model()  # 16 rows: the int8 head is dense too (packed_max_rows)
     dense = copy.deepcopy(model)
-    quantize(model, "int4")
+    quantize(model, "int4", reorder=False)
     adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     alone = ("o_proj", "down_proj")  # the others are packed in groups (FusedLinears)
     assert all(isinstance(m.base, QuantizedLinear) == (n.startswith("layers.") and n.endswith(alone))
@@ -188,8 +188,8 @@ def test_linears_that_read_the_same_input_run_as_one_packed_weight_with_the_same
     dense = tiny_model(model_type)
     assert (model_type == "qwen2") == (dense.layers[0].self_attn.q_proj.bias is not None)
     fused, alone = copy.deepcopy(dense), copy.deepcopy(dense)
-    quantize(fused, mode)
-    quantize(alone, mode, fuse=False)
+    quantize(fused, mode, reorder=False)
+    quantize(alone, mode, fuse=False, reorder=False)
     ids = torch.randint(2, 80, (1, 60), generator=torch.Generator().manual_seed(1))
     kernel = "_weight_int4pack_mm_for_cpu" if mode == "int4" else "_weight_int8pack_mm"
     calls, original = [], getattr(torch, kernel)
@@ -212,7 +212,7 @@ def test_the_causal_packed_weights_are_all_listed_so_that_no_rows_leaves_every_p
     dense model's logits, and with the kernel's rows it does not."""
     dense = tiny_model()
     packed = copy.deepcopy(dense)
-    quantize(packed, "int4", fuse=fuse)
+    quantize(packed, "int4", fuse=fuse, reorder=False)
     weights = causal_packed_weights(packed)
     assert len(weights) == len(dense.layers) * (4 if fuse else 7) + 1 and weights[-1] is packed.packed_head
     ids = torch.randint(2, 80, (1, 60), generator=torch.Generator().manual_seed(1))
@@ -229,8 +229,8 @@ def test_fused_canvas_weights_follow_the_adapters_and_step_aside_when_they_chang
     fused copy is not used: the pass follows the new weights."""
     model = adapted_tiny_model()
     alone = copy.deepcopy(model)
-    quantize(model, "int4")
-    quantize(alone, "int4", fuse=False)
+    quantize(model, "int4", reorder=False)
+    quantize(alone, "int4", fuse=False, reorder=False)
     ids = torch.randint(2, 80, (1, 40), generator=torch.Generator().manual_seed(2))
     canvas = torch.randint(2, 80, (1, SMALL_PASS_ROWS), generator=torch.Generator().manual_seed(3))
 
@@ -250,3 +250,53 @@ def test_fused_canvas_weights_follow_the_adapters_and_step_aside_when_they_chang
     after = canvas_logits(model)
     assert not torch.equal(after, before)
     assert torch.equal(after, canvas_logits(alone))
+
+
+def test_reordered_weights_take_the_larger_passes_with_the_dense_products(monkeypatch):
+    """`reorder=True` (oneDNN's layout, where MKL's float32 GEMM is slow): the passes a packed kernel does not take
+    run on the reordered weights, causal and canvas pass and head alike, and compute the dense model's logits up to
+    the order of the sums; the packed kernels then stop at `packed_max_rows(mode, reordered=True)`; with autograd
+    on, or under `reorder=False`, the plain weights run."""
+    from canvaslm.hardware import packed_max_rows
+    from canvaslm.models.quant import ReorderedWeight
+
+    model = adapted_tiny_model()
+    dense, plain = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(model, "int4", reorder=True)
+    quantize(plain, "int4", reorder=False)
+    assert all(w.reordered is not None and w.max_rows == packed_max_rows(w.mode, reordered=True)
+               for w in causal_packed_weights(model))
+    assert all(w.reordered is None for w in causal_packed_weights(plain))
+    calls, original = [], ReorderedWeight.__call__
+    monkeypatch.setattr(ReorderedWeight, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
+    ids = torch.randint(2, 80, (1, 40), generator=torch.Generator().manual_seed(2))
+    canvas = torch.randint(2, 80, (1, 16), generator=torch.Generator().manual_seed(3))
+
+    @torch.no_grad()
+    def logits(m: llama.Model) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = m.new_cache(1)
+        prefill = m.logits(m.encode(ids, cache, torch.ones_like(ids, dtype=torch.bool)))  # 40 rows
+        return prefill, m.decode(canvas, cache, None)                                     # 16 canvas rows
+
+    got, exact = logits(model), logits(dense)
+    # per layer: q/k/v and gate/up fused, o and down alone, in the prefill and in the canvas pass; then the head
+    assert len(calls) == 2 * (2 * 4 + 1)
+    for a, b in zip(got, exact, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(logits(plain), exact, strict=True)) and calls == []
+    x = torch.randn(1, 8, 64, requires_grad=True)  # autograd: the plain weights, no reordered call
+    model.layers[0].self_attn.o_proj(x).sum().backward()
+    assert calls == [] and x.grad is not None
+
+
+def test_a_reordered_linear_compiles_to_one_graph_on_its_plain_weight():
+    """Under torch.compile the trace takes the plain weight (inductor orders it itself): no graph break at the
+    reordered op, and the compiled linear computes the dense product."""
+    linear = torch.nn.Linear(64, 48, bias=False)
+    layer = QuantizedLinear.wrap(linear, "int4", reordered=True)
+    x = torch.randn(8, 64)  # past the packed kernel's rows
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
