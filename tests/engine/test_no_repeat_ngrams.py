@@ -17,6 +17,7 @@ from canvaslm.diffusion.step import denoise_step, first_from_causal, start_canva
 from canvaslm.engine.core import Engine
 from canvaslm.engine.request import Request
 from canvaslm.errors import GenerationError
+from tests.engine.test_penalties import greedy_by_hand
 from tests.engine.test_verified import PROMPTS, chi_square_p, exact_joint, shift_llama, tokens_of
 
 
@@ -58,20 +59,14 @@ def test_answers_stay_in_order_with_the_unknowns_on_the_left():
 
 
 def naive_greedy(lm, prompt: list[int], steps: int, n: int) -> list[int]:
-    """Greedy decoding that re-reads the whole text each step (no cache) and bans by hand every token that would
-    complete an n-gram the answer holds."""
-    out: list[int] = []
-    for _ in range(steps):
-        ids = torch.tensor([prompt + out])
-        with torch.no_grad():
-            hidden = lm.network.encode(ids, lm.network.new_cache(1), torch.ones_like(ids, dtype=torch.bool))
-            logits = lm.network.logits(hidden)[0, -1].float()
+    """Greedy decoding that bans by hand every token that would complete an n-gram the answer holds."""
+    def ban_by_hand(logits: torch.Tensor, out: list[int]) -> None:
         tail = out[len(out) - n + 1:] if n > 1 else []
         for i in range(len(out) - n + 1):
             if out[i:i + n - 1] == tail:
                 logits[out[i + n - 1]] = float("-inf")
-        out.append(int(logits.argmax()))
-    return out
+
+    return greedy_by_hand(lm, prompt, steps, ban_by_hand)
 
 
 @pytest.mark.parametrize("decoding", ["autoregressive", "verified"])

@@ -28,18 +28,27 @@ def test_penalize_subtracts_presence_once_and_frequency_per_time():
     assert penalize(logits, counts, 0.0, 0.0) is logits and penalize(logits, None, 1.0, 1.0) is logits
 
 
-def naive_greedy(lm, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:
-    """Greedy decoding that re-reads the whole text each step (no cache) and penalizes by hand."""
+def greedy_by_hand(lm, prompt: list[int], steps: int, adjust) -> list[int]:
+    """Greedy decoding that re-reads the whole text each step (no cache); `adjust(logits [V], out)` changes each
+    step's logits in place, by hand, from the answer so far."""
     out: list[int] = []
-    for _ in range(n):
+    for _ in range(steps):
         ids = torch.tensor([prompt + out])
         with torch.no_grad():
             hidden = lm.network.encode(ids, lm.network.new_cache(1), torch.ones_like(ids, dtype=torch.bool))
             logits = lm.network.logits(hidden)[0, -1].float()
-        for token in set(out):
-            logits[token] -= presence + frequency * out.count(token)
+        adjust(logits, out)
         out.append(int(logits.argmax()))
     return out
+
+
+def naive_greedy(lm, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy decoding that penalizes by hand."""
+    def penalize_by_hand(logits: torch.Tensor, out: list[int]) -> None:
+        for token in set(out):
+            logits[token] -= presence + frequency * out.count(token)
+
+    return greedy_by_hand(lm, prompt, n, penalize_by_hand)
 
 
 @pytest.mark.parametrize("decoding", ["autoregressive", "verified"])
