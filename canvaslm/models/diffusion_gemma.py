@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError, UnsupportedError
+from canvaslm.models import embedding, normal
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
 from canvaslm.models.quant import PackedWeight, head_logits
@@ -340,8 +341,8 @@ class Experts(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, h) * 0.02)
-        self.down_proj = nn.Parameter(torch.randn(e, h, i) * 0.02)
+        self.gate_up_proj = nn.Parameter(normal(e, 2 * i, h, std=0.02))
+        self.down_proj = nn.Parameter(normal(e, h, i, std=0.02))
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """x [T, hidden], index/weights [T, K] -> weighted sum of each token's experts [T, hidden].
@@ -400,7 +401,7 @@ class Model(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)

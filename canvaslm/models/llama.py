@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError
+from canvaslm.models import embedding
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
 from canvaslm.models.lora import LoRALinear, set_canvas_pass
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
@@ -346,9 +347,9 @@ class GridEmbedding(nn.Module):
         super().__init__()
         assert config.canvas_grid is not None
         rows, cols, box_rows, box_cols = config.canvas_grid
-        self.row = nn.Embedding(rows, config.hidden_size)
-        self.col = nn.Embedding(cols, config.hidden_size)
-        self.box = nn.Embedding(rows // box_rows * (cols // box_cols), config.hidden_size)
+        self.row = embedding(rows, config.hidden_size)
+        self.col = embedding(cols, config.hidden_size)
+        self.box = embedding(rows // box_rows * (cols // box_cols), config.hidden_size)
         self.relation_bias = (nn.Parameter(torch.zeros(config.num_hidden_layers, config.num_attention_heads, 8))
                               if config.canvas_grid_attention else None)
         self.shape = (rows, cols, box_rows, box_cols)
@@ -434,7 +435,7 @@ class Model(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,

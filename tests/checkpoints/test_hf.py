@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 
 from canvaslm.checkpoints import hf
 from canvaslm.errors import CanvasError
+from canvaslm.models import llama
 from tests.reference import tiny_diffusion_gemma
 
 LAYERS = ["sliding_attention", "full_attention"]
@@ -75,6 +78,25 @@ def test_load_casts_floating_weights(checkpoint):
     _, model = hf.load_model(checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.layers[0].encoder_scalar.dtype == torch.bfloat16
+
+
+def test_loading_skips_random_init_and_the_compiler(checkpoint):
+    """A model built to take a checkpoint's weights is built on the meta device without random init. `normal_` on
+    meta (the embeddings' init) imports torch._dynamo, 2.5 s of every `canvaslm` start on a 2-core CPU; a fresh
+    process that loads a DiffusionGemma directory and the GGUF parent must not import it."""
+    code = ("import sys, canvaslm; [canvaslm.load(s) for s in sys.argv[1:]]; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint), "smol-ar"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    with torch.device("meta"):
+        empty = llama.Model(llama.Config.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 8,
+                                                  "intermediate_size": 16, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 2}, "test"))
+    assert empty.embed_tokens.weight.is_meta
+    # built anywhere else, the embeddings keep nn.Embedding's init (a random model for tests and training)
+    assert llama.Model(empty.config).embed_tokens.weight.std() > 0.5
 
 
 @pytest.mark.parametrize("max_shard_bytes", [5 << 30, 20_000])
