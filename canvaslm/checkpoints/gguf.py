@@ -95,6 +95,16 @@ class _Reader(gguf.GGUFReader):
     def data(self, value: np.ndarray) -> None:
         self._data = value.view(np.ndarray)
 
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> np.ndarray:
+        """gguf-py's `_get` (count values of dtype at offset), without its per-call dtype probe and its byte-order
+        view where the file is in this machine's order: called ~250k times for a 49k-token vocabulary, it took
+        0.65 of the 2.0 s SmolLM2's GGUF took to open (2-core AMD EPYC)."""
+        dtype = np.dtype(dtype)
+        count = int(count)
+        values = self.data[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return values if order == "I" else values.view(values.dtype.newbyteorder(order))
+
 
 def _open(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
