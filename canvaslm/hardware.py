@@ -19,7 +19,6 @@ import torch
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
-REORDERED_INT4_ROWS = 4  # see packed_max_rows
 
 
 @functools.cache
@@ -111,7 +110,7 @@ def packed_max_rows(mode: str, reordered: bool = False) -> int:
     6 / 8 rows took 62 / 94 / 95 ms int4 against 80 / 86 / 92 reordered; SmolLM2's head at 3 / 4 rows 5.8 / 7.6 ms
     int8 against 6.4 / 6.8."""
     if reordered:
-        return {"int4": REORDERED_INT4_ROWS, "int8": 3}[mode]
+        return {"int4": 4, "int8": 3}[mode]
     amx = "amx_bf16" in cpu_flags()
     return {"int4": 8 if amx else 32, "int8": 4 if amx else 8}[mode]
 
