@@ -38,7 +38,8 @@ def show(events: Iterable, decode_token, prompt_length: int, console: Console | 
                 else:
                     console.print(status.plain)
             elif isinstance(event, CanvasCommitted):
-                for token in event.tokens[0].tolist():
+                kept = event.tokens.shape[1] if event.kept is None else int(event.kept[0])
+                for token in event.tokens[0, :kept].tolist():
                     committed.append(decode_token(token))
             elif isinstance(event, DiffusionResult):
                 result = event

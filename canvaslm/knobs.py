@@ -121,6 +121,14 @@ KNOBS: tuple[Knob, ...] = (
          "when no undecided token reaches accept_probability, re-reading its own beliefs through self-conditioning, "
          "before it keeps its most confident one anyway (models trained on recycled beliefs: Sudoku's "
          "data.recycle_passes); 0 = keep it at once", "diffusion", low=0, high=64),
+    Knob("commit_check", float, 0.0, "the causal pass that commits a canvas (the model's own AR logits) checks it: "
+         "the first token after the canvas's first that it gives less than this probability is dropped, with the "
+         "rest of the canvas, and the next canvas starts there (the cache rolled back; a shift-trained model's "
+         "first token drawn from the causal pass at that position): a canvas's unlikely slips, \"Try2to-5\", never "
+         "reach the answer, at the cost of the passes that drew the dropped tokens; served text streams at each "
+         "commit, once checked, not as settled prefixes. Not under a constraint (infill, JSON schema: their pins "
+         "sit at fixed positions); 0 = off",
+         "diffusion", low=0, high=0.5),
     # every decoding (OpenAI's penalties, counted over the generated tokens only, as OpenAI and vLLM count them)
     Knob("presence_penalty", float, 0.0, "subtracted from the logit of every token the answer already holds "
          "(a canvas: its committed text and the tokens it keeps)", "both", low=-2, high=2),

@@ -27,6 +27,7 @@ from canvaslm.diffusion.step import (
     start_canvas,
     works_out_open_rows_only,
 )
+from canvaslm.errors import GenerationError
 from canvaslm.models.cache import KVCache, encode_chunked
 
 class DiffusionModel(Protocol):
@@ -60,6 +61,8 @@ class CanvasCommitted:
     finished: Tensor           # [B] bool, rows that are done with the whole generation
     logits: Tensor | None = None  # [B, C, V] the last step's constrained logits (`Constraint.keep_logits`; None
                                   # when not asked for, or when the canvas was all pins and needed no pass)
+    kept: Tensor | None = None    # [B] tokens of each row's canvas that `commit_check` kept, the rest pad in
+                                  # `tokens` and gone from the cache (None: the check is off, all kept)
 
 
 @dataclass
@@ -100,16 +103,26 @@ def generate_steps(
       1.c for each step N..1: decode, then `denoise_step`: temperature; sample; accept by entropy bound;
           renoise the rest; stop rows that are stable and confident; keep the logits for self-conditioning
       1.d commit the argmax canvas; 1.e pad after EOS, stop when every row is finished
+    With `commit_check` the canvas is encoded at 1.d, before it is yielded, and each row keeps its canvas up to the
+    first token the causal pass finds unlikely (`commit_check`); rows then differ in length, each at its own
+    positions (`KVCache.rollback`), and the loop runs until every row has max_new_tokens or its EOS.
     """
     batch, canvas_length, device = input_ids.shape[0], canvas_size(model, settings), input_ids.device
     if constraint is not None:
         constraint.check(batch, model.vocab_size)
+    # the commit check drops tokens, and a constraint's pins sit at fixed positions: it applies without one
+    check = settings.commit_check if constraint is None else 0.0
+    if check and pad_token_id is None:
+        raise GenerationError("commit_check needs the model's pad token (pad_token_id), which fills what a row "
+                              "drops; this model has none")
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     cache = model.new_cache(batch, device)
-    sequences, new_tokens, new_valid = input_ids, input_ids, valid
+    if check:
+        cache.slack = canvas_length  # sliding layers keep what a rollback of one canvas needs
+    generated = input_ids.new_zeros(batch, 0)          # [B, G] each row's canvases, what it kept of each
+    length = torch.zeros(batch, dtype=torch.long, device=device)  # [B] slots of `generated` each row filled
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     forward_passes = torch.zeros(batch, dtype=torch.long, device=device)
-    n_canvases = -(-max_new_tokens // canvas_length)
     sc_dtype = self_conditioning_dtype(model)
     # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
     mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
@@ -120,9 +133,10 @@ def generate_steps(
     written = input_ids.new_zeros(batch, 0) if settings.no_repeat_ngram_size else None
     if open_only:
         sc_dtype = None  # such a model reads no self-conditioning
-    for canvas_index in range(n_canvases):
-        hidden = encode_chunked(model, new_tokens, cache, new_valid)                          # 1.a
-        before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
+    hidden = encode_chunked(model, input_ids, cache, valid)                                   # 1.a the prompt
+    before = model.logits(hidden[:, -1:]) if shift else None  # [B, 1, V] predicts canvas token 0
+    canvas_index = 0
+    while True:
         pins, allowed = (None, None) if constraint is None else constraint.for_canvas(canvas_index, canvas_length)
         state = start_canvas(batch, canvas_length, model.vocab_size, settings, generator, device, mask_id, pins,
                              done if skip_finished else None)                                 # 1.b
@@ -166,19 +180,63 @@ def generate_steps(
             if bool(state.stopped.all()):
                 break
         tokens, finished_now, padded = _finalize_canvas(draft, eos, pad_token_id, done)        # 1.d, 1.e
-        count_tokens(counts, tokens)
+        kept = None
+        if check:  # encoded now, so that what the causal pass drops never reaches the caller
+            hidden = model.encode(tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
+            kept = commit_check(model.logits(hidden[:, :-1]), tokens, ~padded, check)
+            if bool((kept < canvas_length).any()):
+                cache.rollback(canvas_length, kept)
+            dropped = torch.arange(canvas_length, device=device)[None] >= kept[:, None]
+            finished_now = (torch.isin(tokens, eos) & ~padded & ~dropped).any(dim=-1)
+            tokens, padded = tokens.masked_fill(dropped, pad_token_id), padded | dropped
+            if shift:  # the next canvas's first token is predicted where each row's kept text ends
+                before = model.logits(hidden[torch.arange(batch, device=device), kept - 1][:, None])
+            kept = kept.masked_fill(done, 0)  # a row done before this canvas keeps none of its pads
+        count_tokens(counts, tokens, None if kept is None else (~padded).float())
         written = append_written(written, tokens.masked_fill(padded, -1))
-        done |= finished_now
-        if canvas_index == n_canvases - 1:
-            done[:] = True  # max length reached, as the reference's MaxLengthCriteria
-        sequences = torch.cat([sequences, tokens], dim=1)
-        yield CanvasCommitted(canvas_index, tokens, done.clone(), last_logits)
+        generated, length = _append(generated, length, tokens, kept, pad_token_id)
+        done |= finished_now | (length >= max_new_tokens)  # the last as the reference's MaxLengthCriteria
+        yield CanvasCommitted(canvas_index, tokens, done.clone(), last_logits, kept)
         if bool(done.all()):
             break
-        new_tokens, new_valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
+        if not check:                                                                         # 1.a the canvas
+            hidden = encode_chunked(model, tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
+            before = model.logits(hidden[:, -1:]) if shift else None
+        canvas_index += 1
+    sequences = torch.cat([input_ids, generated[:, :int(length.max())]], dim=1)
     generated = sequences[:, input_ids.shape[1]:]
     counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
+
+
+def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_probability: float | Tensor
+                 ) -> Tensor:
+    """`commit_check`: how many tokens of each row's canvas tokens [B, C] to keep, [B]: those before the first
+    checked position (checked [B, C] bool; position 0 never is, so every canvas keeps at least one token and a
+    generation always advances) whose token the causal pass gives less than `min_probability` (a number, or one
+    per row [B]), at temperature 1; all C when there is none. causal_logits [B, C - 1, V]: the causal pass over the
+    canvas, row i predicting token i + 1."""
+    logp = causal_logits.float().log_softmax(dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)    # [B, C - 1]
+    least = torch.as_tensor(min_probability, dtype=torch.float32, device=logp.device).reshape(-1, 1).log()
+    bad = (logp < least) & checked[:, 1:]
+    first = bad.long().argmax(dim=-1) + 1
+    return torch.where(bad.any(dim=-1), first, tokens.shape[1])
+
+
+def _append(generated: Tensor, length: Tensor, tokens: Tensor, kept: Tensor | None, pad_token_id: int | None
+            ) -> tuple[Tensor, Tensor]:
+    """Each row's canvas tokens [B, C] written at its own end of `generated` [B, G] (length [B]: the slots it
+    filled), of which it keeps kept[b] (None: all; the rest are overwritten by its next canvas). Without drops
+    every row ends at G and this is a concatenation."""
+    if kept is None and bool((length == generated.shape[1]).all()):
+        return torch.cat([generated, tokens], dim=1), length + tokens.shape[1]
+    width = int(length.max()) + tokens.shape[1]
+    if width > generated.shape[1]:
+        generated = torch.nn.functional.pad(generated, (0, width - generated.shape[1]),
+                                            value=0 if pad_token_id is None else pad_token_id)
+    index = length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)[None]
+    generated = generated.scatter(1, index, tokens)
+    return generated, length + (tokens.shape[1] if kept is None else kept)
 
 
 def read_outputs(canvas: Tensor, mask_token_id: int, shift: bool) -> Tensor:

@@ -14,7 +14,9 @@ rounding), and a sequence alone draws exactly what `LM.generate` draws for the s
 longest left-to-right prefix of the canvas whose tokens are accepted and unchanged since the previous step is
 *settled*; with `pin_settled` it is sent at once and held (kept in the canvas and the committed result), so streamed
 text is never taken back. Without pinning tokens are sent when their canvas is committed, and results equal
-`LM.generate`.
+`LM.generate`. A sequence with `commit_check` is encoded at each commit before anything is sent, keeps its canvas up
+to the first token its causal pass finds unlikely (its row rolled back by its own length, `KVCache.rollback`), and
+streams at its commits only: a settled prefix could be one the check drops.
 
 Verified (a diffusion model's canvas drafts, its causal pass checks; `canvaslm.engine.verified`): the running
 sequences share one cache like the AR ones; each step is one draft pass and one check pass over all of them, and
@@ -53,7 +55,7 @@ from canvaslm.diffusion.step import (
     start_canvas,
     works_out_open_rows_only,
 )
-from canvaslm.diffusion.generate import open_logits, read_outputs
+from canvaslm.diffusion.generate import commit_check, open_logits, read_outputs
 from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
@@ -279,7 +281,7 @@ class DiffusionRunner:
             seq.request.emit(Draft(seq.canvas_index, state.step, draft[0].tolist()))
         if bool(state.stopped.all()) or state.step == settings.max_denoising_steps:
             return True
-        if self.pin_settled if seq.request.pin_settled is None else seq.request.pin_settled:
+        if (self.pin_settled if seq.request.pin_settled is None else seq.request.pin_settled) and not self._checks(seq):
             settled = outcome.accepted & (draft == before.draft)
             settled[:, :seq.pinned] = True
             run = int(settled[0].long().cumprod(0).sum())  # length of the settled left-to-right prefix
@@ -290,30 +292,58 @@ class DiffusionRunner:
 
     def _commit(self, finished: list[Sequence]) -> None:
         """Send the finished canvases' tokens; those that go on are encoded into their rows of the batch in one
-        causal pass per canvas size (a commit alone costs about what several do), then start their next canvas."""
+        causal pass per canvas size (a commit alone costs about what several do), then start their next canvas.
+        A sequence with `commit_check` is encoded first, whether it goes on or not, and sends only what the check
+        kept (`generate_steps`'s check, the same tokens for the same seed)."""
+        checked = [seq for seq in finished if self._checks(seq)]
+        kept = self._encode(checked, check=True)
         going = []
         for seq in finished:
             if seq.last_logits is not None:
                 seq.request.emit(CanvasLogits(seq.canvas_index, seq.last_logits))
-            if not self.send(seq, seq.state.draft[0, seq.pinned:].tolist()):
-                record_answer(seq, seq.state.draft)
+            tokens = seq.state.draft[:, :kept.get(id(seq), seq.state.draft.shape[1])]
+            if not self.send(seq, tokens[0, seq.pinned:].tolist()):
+                record_answer(seq, tokens)
                 going.append(seq)
-        for size, group in by_canvas_size(going).items():  # one causal pass per canvas size
+        self._encode([seq for seq in going if not self._checks(seq)], check=False)
+        for seq in going:
+            seq.canvas_index += 1
+            self._new_canvas(seq)
+
+    def _checks(self, seq: Sequence) -> bool:
+        """Whether the sequence's commits are checked: `commit_check` on, and no constraint (whose pins sit at
+        fixed positions of the canvases)."""
+        return bool(seq.settings.commit_check) and seq.constraint is None
+
+    def _encode(self, seqs: list[Sequence], check: bool) -> dict[int, int]:
+        """Encode the sequences' finished canvases into their rows of the batch, one causal pass per canvas size,
+        and keep each one's logits for its next canvas's first token. With `check`, each keeps its canvas up to the
+        first token the pass finds unlikely (`commit_check`; its row rolled back): how many it kept, by id."""
+        kept: dict[int, int] = {}
+        for size, group in by_canvas_size(seqs).items():
             batch = self._batches[size]
-            group = [seq for seq in batch.seqs if any(seq is done for done in group)]  # in the rows' order
+            group = [seq for seq in batch.seqs if any(seq is s for s in group)]  # in the rows' order
             committed = torch.cat([seq.state.draft for seq in group])
             valid = torch.ones_like(committed, dtype=torch.bool)
-            if len(group) == len(batch.seqs):  # every row commits: in place
-                hidden = self.lm.network.encode(committed, batch.cache, valid)
-            else:
-                index = torch.tensor(batch.rows(group), dtype=torch.long, device=self.lm.device)
-                part = batch.cache.take(index)
-                hidden = self.lm.network.encode(committed, part, valid)
-                batch.cache.put(index, part)
-            self._keep_before(group, hidden)
-            for seq in group:
-                seq.canvas_index += 1
-                self._new_canvas(seq)
+            if check:
+                batch.cache.slack = max(batch.cache.slack, size)  # sliding layers keep what a rollback needs
+            whole = len(group) == len(batch.seqs)  # every row commits: in place
+            index = None if whole else torch.tensor(batch.rows(group), dtype=torch.long, device=self.lm.device)
+            cache = batch.cache if index is None else batch.cache.take(index)
+            hidden = self.lm.network.encode(committed, cache, valid)
+            last = torch.full((len(group),), size, dtype=torch.long, device=committed.device)
+            if check:
+                is_eos = torch.isin(committed, torch.tensor(self.lm.eos_token_ids, device=committed.device))
+                checked = (is_eos.cumsum(dim=-1) - is_eos.long()) == 0  # up to a row's first EOS
+                least = torch.tensor([seq.settings.commit_check for seq in group])
+                last = commit_check(self.lm.network.logits(hidden[:, :-1]), committed, checked, least)
+                if bool((last < size).any()):
+                    cache.rollback(size, last)
+                kept.update((id(seq), int(n)) for seq, n in zip(group, last, strict=True))
+            if index is not None:
+                batch.cache.put(index, cache)
+            self._keep_before(group, hidden[torch.arange(len(group), device=hidden.device), last - 1][:, None])
+        return kept
 
 
 class SharedCacheRunner:

@@ -1,0 +1,139 @@
+"""`commit_check`: the causal pass that commits a canvas drops the first token after the canvas's first that it gives
+less than the threshold, with the rest of the canvas. Checked here on the default model's layout (a tiny random
+shift-trained Llama, canvases of 4), against an independent causal pass over each finished answer: no kept token is
+under the threshold, rows of one batch keep different lengths at their own positions, a threshold that never fires
+changes nothing, and the engine serves and streams what LM.generate writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaslm.diffusion.generate import CanvasCommitted, DiffusionResult, commit_check
+from canvaslm.diffusion.step import Constraint
+from canvaslm.engine.core import Engine
+from canvaslm.errors import GenerationError
+from tests.engine.test_batching import LEFT_TO_RIGHT, PROMPTS, alone_and_together, run, shift_lm
+
+SETTINGS = dict(LEFT_TO_RIGHT, first_token="causal")
+EPS = 0.05  # the random model gives its 32 tokens ~1/32 each: some canvases pass whole, most drop something
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return shift_lm()
+
+
+def causal_probabilities(lm, prompt: list[int], answer: list[int]) -> list[float]:
+    """The probability the model's causal pass, run once over prompt + answer from an empty cache, gives each
+    answer token after the text before it."""
+    ids = torch.tensor([prompt + answer])
+    with torch.inference_mode():
+        logits = lm.network(ids, lm.network.new_cache(1), torch.ones_like(ids, dtype=torch.bool)).float()
+    probs = logits[0, len(prompt) - 1:-1].softmax(-1)
+    return probs.gather(-1, torch.tensor(answer)[:, None])[:, 0].tolist()
+
+
+def commits(lm, prompts: list[list[int]], max_new_tokens: int, seed: int, **options):
+    """Per row, the canvases it kept (lists of tokens, each canvas's first token first), and the result."""
+    rows: list[list[list[int]]] = [[] for _ in prompts]
+    for event in lm.generate_steps(prompts, max_new_tokens, seed=seed, **SETTINGS, **options):
+        if isinstance(event, CanvasCommitted):
+            for b, row in enumerate(rows):
+                kept = event.tokens.shape[1] if event.kept is None else int(event.kept[b])
+                if kept:
+                    row.append(event.tokens[b, :kept].tolist())
+        elif isinstance(event, DiffusionResult):
+            return rows, event
+    raise AssertionError("no result")
+
+
+def test_no_token_after_a_canvas_first_is_kept_under_the_threshold_and_rows_keep_their_own_lengths(lm):
+    """A batch of 3 prompts: every kept token after its canvas's first has probability >= EPS under a fresh causal
+    pass over the row's answer alone (so each row's positions in the shared, rolled-back cache were its own), the
+    rows' canvases are cut at different lengths, and the answers are what the canvases kept, in order. The same
+    seed without the check keeps tokens under EPS, which the assertion would catch."""
+    prompts, dropped_somewhere = PROMPTS[:3], False
+    for seed in range(3):
+        rows, result = commits(lm, prompts, 16, seed, commit_check=EPS)
+        for b, (prompt, canvases) in enumerate(zip(prompts, rows, strict=True)):
+            answer = [t for canvas in canvases for t in canvas]
+            generated = result.sequences[b, max(map(len, prompts)):].tolist()
+            assert generated[:len(answer)] == answer and set(generated[len(answer):]) <= {lm.pad_token_id}
+            assert len(answer) >= 16
+            probs = causal_probabilities(lm, prompt, answer)
+            start = 0
+            for canvas in canvases:
+                assert all(p >= EPS * 0.999 for p in probs[start + 1:start + len(canvas)]), (seed, b, canvas)
+                start += len(canvas)
+            dropped_somewhere |= any(len(c) < 4 for c in canvases[:-1])
+        kept_lengths = {tuple(len(c) for c in canvases) for canvases in rows}
+        assert len(kept_lengths) > 1  # the rows went their own ways
+    assert dropped_somewhere
+
+    rows, _ = commits(lm, prompts, 16, 0)
+    under = [p < EPS for b, canvases in enumerate(rows)
+             for p in causal_probabilities(lm, prompts[b], [t for c in canvases for t in c])[1:]]
+    assert any(under)
+
+
+def test_a_threshold_that_never_fires_changes_nothing(lm):
+    """The check encodes each canvas before it is yielded, rolls nothing back and draws nothing: the tokens and the
+    decoder passes are those without it, in a batch and alone."""
+    for prompts in (PROMPTS[:1], PROMPTS[:3]):
+        off = lm.generate(prompts, 12, seed=1, **SETTINGS)
+        on = lm.generate(prompts, 12, seed=1, commit_check=1e-30, **SETTINGS)
+        assert torch.equal(off.sequences, on.sequences)
+        assert torch.equal(off.forward_passes, on.forward_passes)
+
+
+def test_a_constraint_is_never_checked_and_a_model_without_a_pad_token_is_refused(lm):
+    """Pins sit at fixed positions of the canvases, so a constrained generation runs as without the check; a model
+    with no pad token cannot fill what a row drops, and says so."""
+    pins = torch.tensor([[-1, -1, 7, -1, -1, -1, -1, 9]])
+    off = lm.generate_steps([PROMPTS[0]], 8, seed=2, constraint=Constraint(pins), **SETTINGS)
+    on = lm.generate_steps([PROMPTS[0]], 8, seed=2, constraint=Constraint(pins), commit_check=0.4, **SETTINGS)
+    assert torch.equal(list(off)[-1].sequences, list(on)[-1].sequences)
+    lm.pad_token_id, pad = None, lm.pad_token_id
+    try:
+        with pytest.raises(GenerationError, match="commit_check needs the model's pad token"):
+            lm.generate([PROMPTS[0]], 8, seed=0, commit_check=EPS, **SETTINGS)
+    finally:
+        lm.pad_token_id = pad
+
+
+def test_the_rule_keeps_up_to_the_first_checked_token_under_the_threshold():
+    """commit_check on hand-made logits: position 0 is never checked, unchecked positions (after an EOS, held) pass,
+    and a threshold per row is read per row."""
+    tokens = torch.tensor([[5, 1, 2, 3], [5, 1, 2, 3], [5, 1, 2, 3]])
+    given = torch.tensor([0.9, 0.05, 0.9])  # what row i gives token i + 1: token 2 (position 2) is the unlikely one
+    probs = ((1 - given[:, None]) / 7).expand(3, 8).clone()
+    probs[[0, 1, 2], [1, 2, 3]] = given
+    probs = probs.expand(3, 3, 8)
+    checked = torch.ones(3, 4, dtype=torch.bool)
+    checked[1, 2] = False
+    kept = commit_check(probs.log(), tokens, checked, torch.tensor([0.1, 0.1, 0.01]))
+    assert kept.tolist() == [2, 4, 4]
+    assert commit_check(probs.log(), tokens, checked, 0.1).tolist() == [2, 4, 2]
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_the_engine_serves_and_streams_only_what_the_check_kept(lm, pin):
+    """Requests with the check, alone or sharing steps with one without it, get LM.generate's tokens, rows of the
+    batch rolled back by different lengths; with settled-prefix streaming on, a checked request's text is sent at
+    its commits only, so nothing sent is ever dropped."""
+    checked = dict(SETTINGS, commit_check=EPS)
+    if not pin:
+        alone, together = alone_and_together(lm, [checked, SETTINGS, checked])
+        assert together == alone
+        assert alone[0] != lm.decode_new(lm.generate([PROMPTS[0]], 12, seed=0, **SETTINGS).sequences[0],
+                                         len(PROMPTS[0]))[0][:12]  # the check changed the answer
+        return
+    engine = Engine(lm, pin_settled=True).start()
+    try:
+        for seed, prompt in enumerate(PROMPTS[:3]):
+            expected = lm.decode_new(lm.generate([prompt], 12, seed=seed, **checked).sequences[0], len(prompt))[0]
+            tokens, _, _ = run(engine, [dict(prompt=prompt, max_new_tokens=12, seed=seed, sampling=checked)])[0]
+            assert tokens == expected[:12]
+    finally:
+        engine.stop()
