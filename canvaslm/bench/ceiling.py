@@ -86,7 +86,7 @@ def ceiling(judge: Any, prompts: Sequence[list[int]], *, temperature: float = 0.
     `tokens_per_pass` (the generous bound), at least `tokens_per_pass_strict`, the generous bound when each
     canvas's first token comes from the causal pass (`tokens_per_pass_first_causal`), and the share of passes that reach
     the deepest position judged (1 + len(widths): a ceiling near it is cut by the depth, not by the parent)."""
-    responses, _, _ = answer(judge, prompts, {"temperature": temperature}, max_new_tokens, batch_size, seed)
+    responses, *_ = answer(judge, prompts, {"temperature": temperature}, max_new_tokens, batch_size, seed)
     bounds = []
     for prompt, response in zip(prompts, responses, strict=True):
         if response:

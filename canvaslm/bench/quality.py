@@ -62,6 +62,8 @@ class SystemReport:
     empty_answers: int
     tokens_per_second_batch1: float | None
     samples: list[str]
+    tokens_per_pass_with_commits: float | None = None  # tokens per forward, the causal passes that commit the
+                                                       # canvases counted too (None: no such passes, AR)
 
 
 def read_prompts(source: str | Path, limit: int, tokenizer: Any,
@@ -104,10 +106,11 @@ def read_prompts(source: str | Path, limit: int, tokenizer: Any,
 
 
 def answer(lm: LM, prompts: Sequence[list[int]], setting: Mapping[str, Any], max_new_tokens: int,
-           batch_size: int, seed: int, progress: Any = None) -> tuple[list[list[int]], list[bool], float]:
+           batch_size: int, seed: int, progress: Any = None
+           ) -> tuple[list[list[int]], list[bool], float, float | None]:
     """(response ids cut at end-of-turn and max_new_tokens, whether each ended with end-of-turn, mean tokens per
-    forward) for every prompt, generated in batches."""
-    responses, stopped, tpf = [], [], []
+    forward, the same with the commits' causal passes counted or None) for every prompt, generated in batches."""
+    responses, stopped, tpf, with_commits = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         out = lm.generate(chunk, max_new_tokens, seed=seed + start, **setting)
@@ -117,9 +120,12 @@ def answer(lm: LM, prompts: Sequence[list[int]], setting: Mapping[str, Any], max
             responses.append(ids[:max_new_tokens])
             stopped.append(reason == "stop" and len(ids) <= max_new_tokens)
         tpf.extend(out.tokens_per_forward.tolist())
+        if out.commit_passes is not None:
+            tokens = out.tokens_per_forward * out.forward_passes
+            with_commits.extend((tokens / (out.forward_passes + out.commit_passes).clamp(min=1)).tolist())
         if progress is not None:
             progress()
-    return responses, stopped, sum(tpf) / len(tpf)
+    return responses, stopped, sum(tpf) / len(tpf), sum(with_commits) / len(with_commits) if with_commits else None
 
 
 def judge_nll(judge: LM, prompts: Sequence[list[int]], responses: Sequence[list[int]], stopped: Sequence[bool],
@@ -176,7 +182,7 @@ def tokens_per_second(systems: Sequence[tuple[LM, Mapping[str, Any]]], prompts: 
 def evaluate_system(lm: LM, judge: LM, name: str, prompts: Sequence[list[int]], setting: Mapping[str, Any], *,
                     max_new_tokens: int, batch_size: int, seed: int, progress: Any = None) -> SystemReport:
     """The system's answers to `prompts`, scored by `judge` (its speed is timed apart: `tokens_per_second`)."""
-    responses, stopped, tpf = answer(lm, prompts, setting, max_new_tokens, batch_size, seed, progress)
+    responses, stopped, tpf, with_commits = answer(lm, prompts, setting, max_new_tokens, batch_size, seed, progress)
     nll, count = judge_nll(judge, prompts, responses, stopped)
     tokenizer = judge.tokenizer
     texts = [tokenizer.decode(r) for r in responses] if tokenizer is not None else []
@@ -186,7 +192,7 @@ def evaluate_system(lm: LM, judge: LM, name: str, prompts: Sequence[list[int]], 
         distinct_4=distinct_ngrams(responses), tokens_per_forward=tpf,
         mean_response_tokens=sum(map(len, responses)) / len(responses),
         empty_answers=sum(not t.strip() for t in texts) if texts else sum(not r for r in responses),
-        tokens_per_second_batch1=None, samples=texts[:5])
+        tokens_per_second_batch1=None, samples=texts[:5], tokens_per_pass_with_commits=with_commits)
 
 
 def acceptance(diffusion: SystemReport, ar: SystemReport) -> dict[str, Any]:

@@ -70,6 +70,8 @@ class DiffusionResult:
     sequences: Tensor          # [B, L + generated] prompt (left-padded) then canvases
     forward_passes: Tensor     # [B] decoder passes that counted for each row
     tokens_per_forward: Tensor # [B] generated non-pad tokens / forward_passes, as the reference defines it
+    commit_passes: Tensor | None = None  # [B] causal passes that encoded a row's canvases (the prompt's not
+                                         # counted): with forward_passes, every pass its text cost
 
 
 def generate_steps(
@@ -123,6 +125,7 @@ def generate_steps(
     length = torch.zeros(batch, dtype=torch.long, device=device)  # [B] slots of `generated` each row filled
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     forward_passes = torch.zeros(batch, dtype=torch.long, device=device)
+    commit_passes = torch.zeros(batch, dtype=torch.long, device=device)
     sc_dtype = self_conditioning_dtype(model)
     # models trained with absorbing-state noise or with the shift trick (neither is DiffusionGemma's default)
     mask_id, shift = getattr(model, "mask_token_id", None), getattr(model, "canvas_shift", False)
@@ -183,6 +186,7 @@ def generate_steps(
         kept = None
         if check:  # encoded now, so that what the causal pass drops never reaches the caller
             hidden = model.encode(tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
+            commit_passes += ~done
             kept = commit_check(model.logits(hidden[:, :-1]), tokens, ~padded, check)
             if bool((kept < canvas_length).any()):
                 cache.rollback(canvas_length, kept)
@@ -201,12 +205,13 @@ def generate_steps(
             break
         if not check:                                                                         # 1.a the canvas
             hidden = encode_chunked(model, tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
+            commit_passes += ~done
             before = model.logits(hidden[:, -1:]) if shift else None
         canvas_index += 1
     sequences = torch.cat([input_ids, generated[:, :int(length.max())]], dim=1)
     generated = sequences[:, input_ids.shape[1]:]
     counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
-    yield DiffusionResult(sequences, forward_passes, counted / forward_passes)
+    yield DiffusionResult(sequences, forward_passes, counted / forward_passes, commit_passes)
 
 
 def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_probability: float | Tensor

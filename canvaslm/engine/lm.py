@@ -37,6 +37,8 @@ class GenerateResult:
     tokens_per_forward: Tensor  # [B] generated tokens / decoder forward passes (AR: 1 token per pass)
     forward_passes: Tensor      # [B]
     seconds: float
+    commit_passes: Tensor | None = None  # [B] a diffusion model's causal passes over its committed canvases (None
+                                         # for verified and AR decoding, whose forward_passes count them all)
 
 
 @dataclass
@@ -107,7 +109,7 @@ class LM:
         *_, result = self.generate_steps(prompt_ids, max_new_tokens, seed, attention_mask, exact,
                                          decoding=decoding, **sampling)
         return GenerateResult(result.sequences, result.tokens_per_forward, result.forward_passes,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, result.commit_passes)
 
     def generate_steps(self, prompt_ids: Any, max_new_tokens: int = 256, seed: int | None = None,
                        attention_mask: Tensor | None = None, exact: bool = False,

@@ -218,14 +218,20 @@ class KVCache:
 
 def _shift_right(x: Tensor, shift: Tensor, fill: float | bool, dim: int = 1) -> Tensor:
     """Row b of x (batch on dim 0) moved `shift[b]` slots to the right along `dim`; the slots freed on the left hold
-    `fill` and the last shift[b] slots fall off."""
-    length = x.shape[dim]
-    source = torch.arange(length, device=x.device)[None, :] - shift[:, None]                # [B, T]
-    shape = [x.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = length
-    index = source.clamp(min=0).view(shape).expand_as(x)
-    out = x.gather(dim, index)
-    return out.masked_fill((source < 0).view(shape).expand_as(x), fill)
+    `fill` and the last shift[b] slots fall off. The rows of each shift are copied as one block (a shift is less than
+    a canvas, so there are few), in place where x is contiguous: x is a cache's own tensor, which nothing else holds
+    between passes. At 32 rows of a 150-token SmolLM2 cache a rollback takes ~20 ms this way, ~90 ms as a gather
+    over every element."""
+    out, length = x.contiguous(), x.shape[dim]
+    for s in shift.unique().tolist():
+        if s == 0:
+            continue
+        rows = (shift == s).nonzero().squeeze(1)
+        moved = x.index_select(0, rows).narrow(dim, 0, max(length - s, 0))
+        freed = list(moved.shape)
+        freed[dim] = min(s, length)
+        out.index_copy_(0, rows, torch.cat([moved.new_full(freed, fill), moved], dim=dim))
+    return out
 
 
 PREFILL_CHUNK = 512

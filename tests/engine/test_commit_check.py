@@ -29,15 +29,16 @@ def causal_probabilities(lm, prompt: list[int], answer: list[int]) -> list[float
     answer token after the text before it."""
     ids = torch.tensor([prompt + answer])
     with torch.inference_mode():
-        logits = lm.network(ids, lm.network.new_cache(1), torch.ones_like(ids, dtype=torch.bool)).float()
+        hidden = lm.network.encode(ids, lm.network.new_cache(1), torch.ones_like(ids, dtype=torch.bool))
+        logits = lm.network.logits(hidden).float()
     probs = logits[0, len(prompt) - 1:-1].softmax(-1)
     return probs.gather(-1, torch.tensor(answer)[:, None])[:, 0].tolist()
 
 
-def commits(lm, prompts: list[list[int]], max_new_tokens: int, seed: int, **options):
+def commits(lm, prompts: list[list[int]], max_new_tokens: int, seed: int, settings=SETTINGS, **options):
     """Per row, the canvases it kept (lists of tokens, each canvas's first token first), and the result."""
     rows: list[list[list[int]]] = [[] for _ in prompts]
-    for event in lm.generate_steps(prompts, max_new_tokens, seed=seed, **SETTINGS, **options):
+    for event in lm.generate_steps(prompts, max_new_tokens, seed=seed, **settings, **options):
         if isinstance(event, CanvasCommitted):
             for b, row in enumerate(rows):
                 kept = event.tokens.shape[1] if event.kept is None else int(event.kept[b])
@@ -61,6 +62,7 @@ def test_no_token_after_a_canvas_first_is_kept_under_the_threshold_and_rows_keep
             generated = result.sequences[b, max(map(len, prompts)):].tolist()
             assert generated[:len(answer)] == answer and set(generated[len(answer):]) <= {lm.pad_token_id}
             assert len(answer) >= 16
+            assert int(result.commit_passes[b]) == len(canvases)  # one causal pass checked each canvas it kept from
             probs = causal_probabilities(lm, prompt, answer)
             start = 0
             for canvas in canvases:
@@ -75,6 +77,32 @@ def test_no_token_after_a_canvas_first_is_kept_under_the_threshold_and_rows_keep
     under = [p < EPS for b, canvases in enumerate(rows)
              for p in causal_probabilities(lm, prompts[b], [t for c in canvases for t in c])[1:]]
     assert any(under)
+
+
+def test_rows_roll_back_on_sliding_window_layers(tmp_path):
+    """A tiny DiffusionGemma (canvases of 8, a sliding window of 6, no shift, the reference's sampler): rows of a
+    batch cut their canvases at different lengths, and a fresh causal pass over each answer still finds every kept
+    token after a canvas's first at or above the threshold, so the window's keys a rollback restores were the right
+    ones. (Its random causal pass is sure of one token at a time: the threshold is tiny.)"""
+    import canvaslm
+    from tests.reference import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path, canvas_length=8)
+    gemma, least = canvaslm.load(tmp_path, device="cpu"), 1e-9
+    prompts = PROMPTS[:3]
+    rows, result = commits(gemma, prompts, 24, 0, settings={}, commit_check=least)
+    assert len({tuple(map(len, canvases)) for canvases in rows}) == 3
+    assert any(1 < len(c) < 8 for canvases in rows for c in canvases)  # cut inside a canvas
+    assert result.commit_passes.tolist() == [len(canvases) for canvases in rows]
+    for prompt, canvases in zip(prompts, rows, strict=True):
+        answer = [t for canvas in canvases for t in canvas]
+        probs = causal_probabilities(gemma, prompt, answer)
+        start = 0
+        for canvas in canvases:
+            ends = [i for i, t in enumerate(canvas) if t in gemma.eos_token_ids]
+            checked = ends[0] + 1 if ends else len(canvas)  # the pad after a row's EOS is not text
+            assert all(p >= least * 0.99 for p in probs[start + 1:start + checked]), canvas
+            start += len(canvas)
 
 
 def test_a_threshold_that_never_fires_changes_nothing(lm):
