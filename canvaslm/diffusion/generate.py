@@ -292,10 +292,13 @@ def _finalize_canvas(tokens: Tensor, eos: Tensor, pad_token_id: int | None, done
     finished_now = is_eos.any(dim=-1)
     if pad_token_id is None:
         return tokens, finished_now, torch.zeros_like(is_eos)
-    eos_seen = is_eos.cumsum(dim=-1)
-    after_first_eos = (eos_seen > 0) & ~((eos_seen == 1) & is_eos)
-    pad = after_first_eos | done[:, None]
+    pad = after_first_eos(is_eos) | done[:, None]
     return tokens.masked_fill(pad, pad_token_id), finished_now, pad
+
+
+def after_first_eos(is_eos: Tensor) -> Tensor:
+    """[B, C] bool: the positions after each row's first EOS (is_eos [B, C]), which are pad, not text."""
+    return (is_eos.cumsum(dim=-1) - is_eos.long()) > 0
 
 
 def generate(model: DiffusionModel, input_ids: Tensor, valid: Tensor, max_new_tokens: int,

@@ -55,7 +55,7 @@ from canvaslm.diffusion.step import (
     start_canvas,
     works_out_open_rows_only,
 )
-from canvaslm.diffusion.generate import commit_check, open_logits, read_outputs
+from canvaslm.diffusion.generate import after_first_eos, commit_check, open_logits, read_outputs
 from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
@@ -334,7 +334,7 @@ class DiffusionRunner:
             last = torch.full((len(group),), size, dtype=torch.long, device=committed.device)
             if check:
                 is_eos = torch.isin(committed, torch.tensor(self.lm.eos_token_ids, device=committed.device))
-                checked = (is_eos.cumsum(dim=-1) - is_eos.long()) == 0  # up to a row's first EOS
+                checked = ~after_first_eos(is_eos)
                 least = torch.tensor([seq.settings.commit_check for seq in group])
                 last = commit_check(self.lm.network.logits(hidden[:, :-1]), committed, checked, least)
                 if bool((last < size).any()):
