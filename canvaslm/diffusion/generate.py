@@ -187,14 +187,15 @@ def generate_steps(
         if check:  # encoded now, so that what the causal pass drops never reaches the caller
             hidden = model.encode(tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
             commit_passes += ~done
-            kept = commit_check(model.logits(hidden[:, :-1]), tokens, ~padded, check)
+            causal = model.logits(hidden)  # one head call: the check, and each row's next first token (with shift)
+            kept = commit_check(causal[:, :-1], tokens, ~padded, check)
             if bool((kept < canvas_length).any()):
                 cache.rollback(canvas_length, kept)
             dropped = torch.arange(canvas_length, device=device)[None] >= kept[:, None]
             finished_now = (torch.isin(tokens, eos) & ~padded & ~dropped).any(dim=-1)
             tokens, padded = tokens.masked_fill(dropped, pad_token_id), padded | dropped
             if shift:  # the next canvas's first token is predicted where each row's kept text ends
-                before = model.logits(hidden[torch.arange(batch, device=device), kept - 1][:, None])
+                before = causal[torch.arange(batch, device=device), kept - 1][:, None]
             kept = kept.masked_fill(done, 0)  # a row done before this canvas keeps none of its pads
         count_tokens(counts, tokens, None if kept is None else (~padded).float())
         written = append_written(written, tokens.masked_fill(padded, -1))

@@ -219,11 +219,11 @@ class DiffusionRunner:
     def reset(self) -> None:
         self._batches = {}
 
-    def _keep_before(self, seqs: list[Sequence], hidden: Tensor) -> None:
-        """Shift-trained models predict a canvas's first token from the last encoded position (`hidden` [k, n, D],
-        a row per sequence): the head runs once for all of them."""
+    def _keep_before(self, seqs: list[Sequence], hidden: Tensor | None = None, logits: Tensor | None = None) -> None:
+        """Shift-trained models predict a canvas's first token from the last encoded position: its logits [k, 1, V]
+        (a row per sequence), or the head run once over the last position of `hidden` [k, n, D]."""
         if getattr(self.lm.network, "canvas_shift", False):
-            logits = self.lm.network.logits(hidden[:, -1:])
+            logits = self.lm.network.logits(hidden[:, -1:]) if logits is None else logits
             for i, seq in enumerate(seqs):
                 seq.before = logits[i:i + 1]
 
@@ -330,19 +330,21 @@ class DiffusionRunner:
             whole = len(group) == len(batch.seqs)  # every row commits: in place
             index = None if whole else torch.tensor(batch.rows(group), dtype=torch.long, device=self.lm.device)
             cache = batch.cache if index is None else batch.cache.take(index)
-            hidden = self.lm.network.encode(committed, cache, valid)
-            last = torch.full((len(group),), size, dtype=torch.long, device=committed.device)
-            if check:
+            network = self.lm.network
+            hidden = network.encode(committed, cache, valid)
+            if check:  # one head call: it checks tokens 1.. and predicts the next first token where a row's text ends
+                causal = network.logits(hidden)
                 is_eos = torch.isin(committed, torch.tensor(self.lm.eos_token_ids, device=committed.device))
-                checked = ~after_first_eos(is_eos)
                 least = torch.tensor([seq.settings.commit_check for seq in group])
-                last = commit_check(self.lm.network.logits(hidden[:, :-1]), committed, checked, least)
+                last = commit_check(causal[:, :-1], committed, ~after_first_eos(is_eos), least)
                 if bool((last < size).any()):
                     cache.rollback(size, last)
                 kept.update((id(seq), int(n)) for seq, n in zip(group, last, strict=True))
+                self._keep_before(group, logits=causal[torch.arange(len(group), device=causal.device), last - 1][:, None])
+            else:
+                self._keep_before(group, hidden)
             if index is not None:
                 batch.cache.put(index, cache)
-            self._keep_before(group, hidden[torch.arange(len(group), device=hidden.device), last - 1][:, None])
         return kept
 
 
