@@ -340,7 +340,8 @@ class DiffusionRunner:
                 if bool((last < size).any()):
                     cache.rollback(size, last)
                 kept.update((id(seq), int(n)) for seq, n in zip(group, last, strict=True))
-                self._keep_before(group, logits=causal[torch.arange(len(group), device=causal.device), last - 1][:, None])
+                ends = causal[torch.arange(len(group), device=causal.device), last - 1]  # where each row's text ends
+                self._keep_before(group, logits=ends[:, None])
             else:
                 self._keep_before(group, hidden)
             if index is not None:
