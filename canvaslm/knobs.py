@@ -21,7 +21,7 @@ ACCEPTANCE_RULES = ("entropy_bound", "threshold", "top_k", "adaptive")
 SAMPLERS = ("reference", "fast", "greedy")
 ORDERS = ("confidence", "left_to_right")
 FIRST_TOKENS = ("decoder", "causal")
-ADJACENT_REPEATS = ("keep", "wait")
+ADJACENT_REPEATS = ("keep", "wait", "drop")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("adjacent_repeats", str, "keep", "order left_to_right: a token that one pass draws for two neighbouring "
          "undecided positions: keep both (as drawn) or wait (the second stays undecided until a pass that sees "
          "the first draws it again: positions drawn in one pass are drawn independently, and the doubled words "
-         "they give, \"the sky sky\", are ~1% of a canvas's words and none of the AR's)", "diffusion",
+         "they give, \"the sky sky\", are ~1% of a canvas's words and none of the AR's), or drop (kept in the "
+         "pass, and `commit_check` drops the canvas from the second of two equal neighbours after its first token: "
+         "the causal pass that committed the first then draws what follows it, a repeat only where the model "
+         "itself wants one, and no decoder pass is spent waiting; needs commit_check)", "diffusion",
          choices=ADJACENT_REPEATS),
     Knob("canvas_size", int, 0, "tokens a canvas holds at decoding time, at most the canvas the model was "
          "trained on (0 = that canvas): a smaller one is fewer rows a decoder pass and a commit more often, which "

@@ -188,7 +188,7 @@ def generate_steps(
             hidden = model.encode(tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
             commit_passes += ~done
             causal = model.logits(hidden)  # one head call: the check, and each row's next first token (with shift)
-            kept = commit_check(causal[:, :-1], tokens, ~padded, check)
+            kept = commit_check(causal[:, :-1], tokens, ~padded, check, settings.adjacent_repeats == "drop")
             if bool((kept < canvas_length).any()):
                 cache.rollback(canvas_length, kept)
             dropped = torch.arange(canvas_length, device=device)[None] >= kept[:, None]
@@ -215,16 +215,23 @@ def generate_steps(
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes, commit_passes)
 
 
-def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_probability: float | Tensor
-                 ) -> Tensor:
+def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_probability: float | Tensor,
+                 drop_repeats: bool | Tensor = False) -> Tensor:
     """`commit_check`: how many tokens of each row's canvas tokens [B, C] to keep, [B]: those before the first
     checked position (checked [B, C] bool; position 0 never is, so every canvas keeps at least one token and a
     generation always advances) whose token the causal pass gives less than `min_probability` (a number, or one
     per row [B]), at temperature 1; all C when there is none. causal_logits [B, C - 1, V]: the causal pass over the
-    canvas, row i predicting token i + 1."""
+    canvas, row i predicting token i + 1. `drop_repeats` (a bool, or one per row [B]; `adjacent_repeats = "drop"`):
+    a checked token equal to the one before it, where that one is not position 0, is dropped too: the decoder drew
+    both without seeing the other (it saw position 0 when it drew position 1)."""
     logp = causal_logits.float().log_softmax(dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)    # [B, C - 1]
     least = torch.as_tensor(min_probability, dtype=torch.float32, device=logp.device).reshape(-1, 1).log()
-    bad = (logp < least) & checked[:, 1:]
+    bad = logp < least
+    if drop_repeats is not False:
+        repeat = torch.zeros_like(bad)
+        repeat[:, 1:] = tokens[:, 2:] == tokens[:, 1:-1]                                  # token i + 1 == token i
+        bad |= repeat & torch.as_tensor(drop_repeats, device=bad.device).reshape(-1, 1)
+    bad &= checked[:, 1:]
     first = bad.long().argmax(dim=-1) + 1
     return torch.where(bad.any(dim=-1), first, tokens.shape[1])
 

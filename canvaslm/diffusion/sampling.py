@@ -26,6 +26,9 @@ class _Settings:
         if self.t_max <= self.t_min:  # type: ignore[attr-defined]
             raise GenerationError(f"t_max must be > t_min, got t_max={self.t_max!r} <= "  # type: ignore[attr-defined]
                                   f"t_min={self.t_min!r}")  # type: ignore[attr-defined]
+        if self.adjacent_repeats == "drop" and not self.commit_check:  # type: ignore[attr-defined]
+            raise GenerationError("adjacent_repeats = 'drop' is done by the commit check: set commit_check > 0, "
+                                  "or adjacent_repeats to 'keep' or 'wait'")
 
     def replace(self, **overrides: Any) -> DiffusionSampling:
         """A copy with `overrides` applied; None values leave a field as it is, unknown names are an error."""

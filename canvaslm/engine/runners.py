@@ -336,7 +336,8 @@ class DiffusionRunner:
                 causal = network.logits(hidden)
                 is_eos = torch.isin(committed, torch.tensor(self.lm.eos_token_ids, device=committed.device))
                 least = torch.tensor([seq.settings.commit_check for seq in group])
-                last = commit_check(causal[:, :-1], committed, ~after_first_eos(is_eos), least)
+                repeats = torch.tensor([seq.settings.adjacent_repeats == "drop" for seq in group])
+                last = commit_check(causal[:, :-1], committed, ~after_first_eos(is_eos), least, repeats)
                 if bool((last < size).any()):
                     cache.rollback(size, last)
                 kept.update((id(seq), int(n)) for seq, n in zip(group, last, strict=True))

@@ -373,7 +373,9 @@ def test_a_token_drawn_for_two_neighbouring_undecided_positions_waits_for_a_pass
     assert left_to_right_accept(logits, h, settings.replace(adjacent_repeats="wait"), free_first, None, None,
                                 torch.tensor([[4, 4, 6, 8, 8, 1]])).int().tolist()[0] == [1, 1, 1, 1, 0, 0]
     with pytest.raises(GenerationError, match="adjacent_repeats must be one of"):
-        settings.replace(adjacent_repeats="drop")
+        settings.replace(adjacent_repeats="twice")
+    # "drop" acts at the commit check (tests/engine/test_commit_check.py): in the pass it keeps as drawn
+    assert kept([3, 5, 7, 7, 9, 9], adjacent_repeats="drop", commit_check=0.01) == [1] * 6
 
 
 def test_through_the_step_no_pass_keeps_a_token_twice_in_a_row_and_the_canvas_still_fills():

@@ -165,3 +165,40 @@ def test_the_engine_serves_and_streams_only_what_the_check_kept(lm, pin):
             assert tokens == expected[:12]
     finally:
         engine.stop()
+
+
+def test_drop_ends_a_canvas_at_a_token_equal_to_the_one_before_it_but_not_at_position_one():
+    """adjacent_repeats = "drop" on hand-made logits that pass every token: a canvas is cut at the second of two equal
+    neighbours drawn in the pass (positions 1 and up), not at a position 1 equal to the canvas's first token (which
+    the decoder saw), not at an unchecked position, and only in the rows that ask for it."""
+    tokens = torch.tensor([[5, 1, 1, 3], [5, 5, 2, 3], [5, 1, 2, 2], [5, 1, 1, 3], [5, 1, 1, 3]])
+    logits = torch.zeros(5, 3, 8)  # every token 1/8: above the threshold
+    checked = torch.ones(5, 4, dtype=torch.bool)
+    checked[4, 2:] = False
+    drop = torch.tensor([True, True, True, False, True])
+    assert commit_check(logits, tokens, checked, 0.01, drop).tolist() == [2, 4, 3, 4, 4]
+    assert commit_check(logits, tokens, checked, 0.01).tolist() == [4, 4, 4, 4, 4]
+
+
+def test_through_the_loop_and_the_engine_drop_leaves_no_doubled_token_inside_a_canvas(lm):
+    """With a check that never fires on probability, adjacent_repeats = "drop" keeps no canvas holding two equal
+    neighbours after its first token, while "keep" on the same seeds does keep some (so the assertion can fail),
+    and the engine serves LM.generate's tokens with it. Without the check it is refused."""
+    def doubled(canvases):
+        return any(c[i] == c[i - 1] for c in canvases for i in range(2, len(c)))
+
+    prompts, found = PROMPTS[:3], False
+    for seed in range(4):
+        rows, _ = commits(lm, prompts, 24, seed, commit_check=1e-30, adjacent_repeats="drop")
+        assert not any(doubled(canvases) for canvases in rows)
+        rows, _ = commits(lm, prompts, 24, seed, commit_check=1e-30)
+        found |= any(doubled(canvases) for canvases in rows)
+    assert found
+    checking = dict(SETTINGS, commit_check=1e-30)
+    dropping = dict(checking, adjacent_repeats="drop")
+    alone, together = alone_and_together(lm, [checking, dropping, SETTINGS])
+    assert together == alone
+    kept = lm.decode_new(lm.generate([PROMPTS[1]], 12, seed=1, **checking).sequences[0], len(PROMPTS[1]))[0][:12]
+    assert alone[1] != kept  # the rule changed the second request's answer, which the engine then served
+    with pytest.raises(GenerationError, match="adjacent_repeats = 'drop' is done by the commit check"):
+        lm.generate([PROMPTS[0]], 8, seed=0, adjacent_repeats="drop", **SETTINGS)
