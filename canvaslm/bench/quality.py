@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -64,6 +65,7 @@ class SystemReport:
     samples: list[str]
     tokens_per_pass_with_commits: float | None = None  # tokens per forward, the causal passes that commit the
                                                        # canvases counted too (None: no such passes, AR)
+    doubled_words: float | None = None  # words equal to the word before them per 1,000 words (None: no text)
 
 
 def read_prompts(source: str | Path, limit: int, tokenizer: Any,
@@ -162,6 +164,17 @@ def distinct_ngrams(responses: Sequence[Sequence[int]], n: int = 4) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def doubled_words(texts: Sequence[str]) -> float | None:
+    """Words equal to the word just before them ("the sky sky blue") per 1,000 words of `texts` (words: runs of
+    letters, lowercased); None when there are none. A canvas draws the positions of one pass independently, and a
+    word written twice is how that shows in its text; an AR model's own rate is the yardstick."""
+    words = [re.findall(r"[^\W\d_]+", text.lower()) for text in texts]
+    total = sum(map(len, words))
+    if not total:
+        return None
+    return 1000 * sum(a == b for w in words for a, b in zip(w, w[1:])) / total
+
+
 def tokens_per_second(systems: Sequence[tuple[LM, Mapping[str, Any]]], prompts: Sequence[list[int]],
                       max_new_tokens: int, seed: int) -> list[float]:
     """Response tokens per wall-clock second of each (model, setting), one prompt at a time (batch 1), after one
@@ -192,7 +205,8 @@ def evaluate_system(lm: LM, judge: LM, name: str, prompts: Sequence[list[int]], 
         distinct_4=distinct_ngrams(responses), tokens_per_forward=tpf,
         mean_response_tokens=sum(map(len, responses)) / len(responses),
         empty_answers=sum(not t.strip() for t in texts) if texts else sum(not r for r in responses),
-        tokens_per_second_batch1=None, samples=texts[:5], tokens_per_pass_with_commits=with_commits)
+        tokens_per_second_batch1=None, samples=texts[:5], tokens_per_pass_with_commits=with_commits,
+        doubled_words=doubled_words(texts))
 
 
 def acceptance(diffusion: SystemReport, ar: SystemReport) -> dict[str, Any]:

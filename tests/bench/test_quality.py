@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from canvaslm.bench.quality import (SystemReport, acceptance, distinct_ngrams, judge_nll, plot_frontier,
+from canvaslm.bench.quality import (SystemReport, acceptance, distinct_ngrams, doubled_words, judge_nll, plot_frontier,
                                     quality_report, read_prompts, shared_and_own, unigram_entropy)
 from canvaslm.engine.lm import LM
 from canvaslm.errors import CanvasError
@@ -44,6 +44,12 @@ def test_judge_nll_is_the_sum_of_response_token_log_probabilities():
         logp = judge.logits([prompt + response])[0].log_softmax(-1)
         expected -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(response))
     assert count == 6 and total == pytest.approx(expected, rel=1e-5)
+
+
+def test_doubled_words_counts_a_word_equal_to_the_one_before_it_per_thousand():
+    texts = ["The sky sky is blue.", "It is, is it? Yes, yes: 42 42 times", ""]
+    assert doubled_words(texts) == pytest.approx(1000 * 3 / 12)  # sky sky, is is (punctuation between), yes yes
+    assert doubled_words(["", "12 12"]) is None
 
 
 def _report(**fields) -> SystemReport:
@@ -83,6 +89,7 @@ def test_a_whole_report_on_tiny_models(tmp_path):
     assert all(0 < d["tokens_per_forward"] <= 4 for d in (default, loose))  # at most a canvas (4) per pass
     for system in (report["autoregressive"], default):
         assert system["genppl"] > 1 and 0 <= system["distinct_4"] <= 1 and system["mean_response_tokens"] <= 8
+        assert system["doubled_words"] is None or 0 <= system["doubled_words"] <= 1000
     assert 0 < report["autoregressive"]["tokens_per_forward"] <= 1.0  # one token per pass at most (early EOS: less)
     verified = report["verified"]  # the model's causal pass, checking its canvas drafts, at the AR setting
     assert verified["setting"] == {"temperature": 0.7, "decoding": "verified"} and verified["genppl"] > 1
