@@ -104,6 +104,9 @@ KNOBS: tuple[Knob, ...] = (
          "temperature, from the causal pass that encoded the text before it, which such a model's first pass reads "
          "it from anyway: one decoder pass fewer per canvas, and the next pass sees it)", "diffusion",
          choices=FIRST_TOKENS),
+    Knob("first_token_temperature", float, 0.0, "first_token = causal: the temperature the first token is drawn at "
+         "from the causal pass; 0 = the first denoising step's (t_max). The parent's own temperature (0.7) draws it "
+         "as the parent would, where the canvas after it stays cold", "diffusion", low=0),
     Knob("adjacent_repeats", str, "keep", "order left_to_right: a token that one pass draws for two neighbouring "
          "undecided positions: keep both (as drawn) or wait (the second stays undecided until a pass that sees "
          "the first draws it again: positions drawn in one pass are drawn independently, and the doubled words "

@@ -154,10 +154,10 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
                       written: Tensor | None = None) -> CanvasState:
     """`first_token = "causal"`: a fresh canvas's first token drawn from `before` [B, 1, V], the causal pass's logits
     at the last encoded position. A shift-trained masked model's first decoder pass reads that token from exactly
-    these logits (`generate_steps`), at the first step's temperature, and its left-to-right rule always keeps it; so
-    it is drawn here the way `denoise_step` draws it (temperature, allowed tokens, never the mask token, the
-    sampler), it stands in the canvas as a kept token, and the step counts as done without a decoder pass. The
-    first pass then sees it, where it would have read only masks.
+    these logits (`generate_steps`), at the first step's temperature (or `first_token_temperature`), and its
+    left-to-right rule always keeps it; so it is drawn here the way `denoise_step` draws it (temperature, allowed
+    tokens, never the mask token, the sampler), it stands in the canvas as a kept token, and the step counts as done
+    without a decoder pass. The first pass then sees it, where it would have read only masks.
 
     The state is returned as it is for another setting, a model without the shift or the mask, a budget of one step
     (its one pass must write the whole draft) or a canvas already begun; rows that stopped (finished) or whose
@@ -167,7 +167,8 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
             or settings.max_denoising_steps < 2:
         return state
     before = _penalized(before, state, settings, counts, mask_token_id)
-    logits = before.float() / temperature_at(settings.max_denoising_steps, settings)
+    temperature = settings.first_token_temperature or temperature_at(settings.max_denoising_steps, settings)
+    logits = before.float() / temperature
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, :1], float("-inf"))
     logits[..., mask_token_id] = float("-inf")  # in place: the division made a new tensor

@@ -475,8 +475,9 @@ def test_proposing_only_the_open_positions_gives_what_the_whole_canvas_gives(sam
 
 def test_the_first_token_from_the_causal_pass_is_drawn_as_the_first_step_draws_it():
     """`first_from_causal` samples the first position from the causal logits at the first step's temperature
-    (t_max), never the mask token nor a token the constraint forbids; the rest of the canvas stays masked, the
-    step counts as done, and rows that stopped or whose first position is pinned keep theirs."""
+    (t_max; `first_token_temperature` when set), never the mask token nor a token the constraint forbids; the rest
+    of the canvas stays masked, the step counts as done, and rows that stopped or whose first position is pinned
+    keep theirs."""
     from canvaslm.diffusion.step import first_from_causal, start_canvas
 
     rows, vocab, mask = 40000, 6, 5
@@ -492,6 +493,12 @@ def test_the_first_token_from_the_causal_pass_is_drawn_as_the_first_step_draws_i
                                                 float("-inf")).softmax(-1)
     seen = torch.bincount(after.canvas[:, 0], minlength=vocab).float() / rows
     assert seen[3] == 0 and seen[mask] == 0
+    assert torch.allclose(seen, expected, atol=0.01), (seen, expected)
+    warm = first_from_causal(state, before, settings.replace(first_token_temperature=1.6),
+                             torch.Generator().manual_seed(0), mask_token_id=mask, allowed=allowed)
+    expected = (before[0, 0] / 1.6).masked_fill(torch.tensor([False, False, False, True, False, True]),
+                                                float("-inf")).softmax(-1)  # its own temperature, not t_max
+    seen = torch.bincount(warm.canvas[:, 0], minlength=vocab).float() / rows
     assert torch.allclose(seen, expected, atol=0.01), (seen, expected)
 
     pins = torch.tensor([[4, -1, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1]])
