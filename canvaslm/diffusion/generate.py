@@ -222,8 +222,9 @@ def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_pro
     generation always advances) whose token the causal pass gives less than `min_probability` (a number, or one
     per row [B]), at temperature 1; all C when there is none. causal_logits [B, C - 1, V]: the causal pass over the
     canvas, row i predicting token i + 1. `drop_repeats` (a bool, or one per row [B]; `adjacent_repeats = "drop"`):
-    a checked token equal to the one before it, where that one is not position 0, is dropped too: the decoder drew
-    both without seeing the other (it saw position 0 when it drew position 1)."""
+    a checked token equal to the one before it, where that one is not position 0, is dropped too: in a canvas written
+    in one pass the decoder drew both without seeing the other (it saw position 0 when it drew position 1), and the
+    causal pass then decides whether the repeat comes."""
     logp = causal_logits.float().log_softmax(dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)    # [B, C - 1]
     least = torch.as_tensor(min_probability, dtype=torch.float32, device=logp.device).reshape(-1, 1).log()
     bad = logp < least
