@@ -113,7 +113,8 @@ KNOBS: tuple[Knob, ...] = (
          "they give, \"the sky sky\", are ~1% of a canvas's words and none of the AR's), or drop (kept in the "
          "pass, and `commit_check` drops the canvas from the second of two equal neighbours after its first token: "
          "the causal pass that committed the first then draws what follows it, a repeat only where the model "
-         "itself wants one, and no decoder pass is spent waiting; needs commit_check)", "diffusion",
+         "itself wants one, and no decoder pass is spent waiting; needs commit_check, and under a constraint, which is "
+         "never checked, it waits)", "diffusion",
          choices=ADJACENT_REPEATS),
     Knob("canvas_size", int, 0, "tokens a canvas holds at decoding time, at most the canvas the model was "
          "trained on (0 = that canvas): a smaller one is fewer rows a decoder pass and a commit more often, which "

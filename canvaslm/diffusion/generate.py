@@ -112,8 +112,9 @@ def generate_steps(
     batch, canvas_length, device = input_ids.shape[0], canvas_size(model, settings), input_ids.device
     if constraint is not None:
         constraint.check(batch, model.vocab_size)
-    # the commit check drops tokens, and a constraint's pins sit at fixed positions: it applies without one
-    check = settings.commit_check if constraint is None else 0.0
+    if constraint is not None:
+        settings = unchecked(settings)
+    check = settings.commit_check
     if check and pad_token_id is None:
         raise GenerationError("commit_check needs the model's pad token (pad_token_id), which fills what a row "
                               "drops; this model has none")
@@ -213,6 +214,14 @@ def generate_steps(
     generated = sequences[:, input_ids.shape[1]:]
     counted = generated.shape[1] if pad_token_id is None else (generated != pad_token_id).sum(dim=-1)
     yield DiffusionResult(sequences, forward_passes, counted / forward_passes, commit_passes)
+
+
+def unchecked(settings: DiffusionSampling) -> DiffusionSampling:
+    """The settings a constrained canvas runs under: no commit check, since it drops tokens and a constraint's pins
+    sit at fixed positions; a doubled token that `adjacent_repeats = "drop"` left to the check waits for a pass that
+    sees its neighbour instead ("wait")."""
+    return settings.replace(commit_check=0.0,
+                            adjacent_repeats="wait" if settings.adjacent_repeats == "drop" else None)
 
 
 def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_probability: float | Tensor,

@@ -55,7 +55,7 @@ from canvaslm.diffusion.step import (
     start_canvas,
     works_out_open_rows_only,
 )
-from canvaslm.diffusion.generate import after_first_eos, commit_check, open_logits, read_outputs
+from canvaslm.diffusion.generate import after_first_eos, commit_check, open_logits, read_outputs, unchecked
 from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on
 from canvaslm.engine.ar import advance, sample_next
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
@@ -131,6 +131,8 @@ class DiffusionRunner:
         """After the prompt was encoded (`hidden` [1, P, D]): its cache joins the batch of its canvas size, then
         its first canvas; one that is all pins commits (and may finish) at once."""
         seq.constraint = self._constraint(seq.request)
+        if seq.constraint is not None:
+            seq.settings = unchecked(seq.settings)
         start_answer(self.lm, seq)
         self._keep_before([seq], hidden)
         size = canvas_size(self.lm.network, seq.settings)
@@ -313,7 +315,7 @@ class DiffusionRunner:
     def _checks(self, seq: Sequence) -> bool:
         """Whether the sequence's commits are checked: `commit_check` on, and no constraint (whose pins sit at
         fixed positions of the canvases)."""
-        return bool(seq.settings.commit_check) and seq.constraint is None
+        return bool(seq.settings.commit_check)  # off under a constraint (`unchecked`, at admission)
 
     def _encode(self, seqs: list[Sequence], check: bool) -> dict[int, int]:
         """Encode the sequences' finished canvases into their rows of the batch, one causal pass per canvas size,

@@ -202,3 +202,28 @@ def test_through_the_loop_and_the_engine_drop_leaves_no_doubled_token_inside_a_c
     assert alone[1] != kept  # the rule changed the second request's answer, which the engine then served
     with pytest.raises(GenerationError, match="adjacent_repeats = 'drop' is done by the commit check"):
         lm.generate([PROMPTS[0]], 8, seed=0, adjacent_repeats="drop", **SETTINGS)
+
+
+def test_under_a_constraint_drop_waits_instead_in_the_loop_and_the_engine(lm):
+    """A constrained canvas is never checked, so a doubled token that "drop" leaves to the check waits for a pass
+    that sees its neighbour ("wait") instead, in LM.generate and in the engine. The seed is one where "keep" writes a
+    doubled token that "wait" does not, so the fallback shows."""
+    pins = torch.tensor([[-1, -1, 7, -1, -1, -1, -1, 9, -1, -1, -1, -1, -1, -1, -1, -1]])
+    one_pass = dict(SETTINGS, accept_probability=0.01)  # the random model's ~1/32 passes it: whole canvases at once
+
+    def written(**options):
+        result = list(lm.generate_steps([PROMPTS[1]], 16, seed=4, constraint=Constraint(pins), **one_pass,
+                                        **options))[-1]
+        return result.sequences[0, len(PROMPTS[1]):].tolist()
+
+    waiting, kept = written(adjacent_repeats="wait"), written()
+    assert waiting != kept and any(a == b for a, b in zip(kept, kept[1:]))
+    assert written(adjacent_repeats="drop", commit_check=0.4) == waiting
+    engine = Engine(lm, pin_settled=False).start()
+    try:
+        sampling = dict(one_pass, adjacent_repeats="drop", commit_check=0.4)
+        tokens, _, _ = run(engine, [dict(prompt=PROMPTS[1], max_new_tokens=16, seed=4, sampling=sampling,
+                                         constraint=Constraint(pins))])[0]
+    finally:
+        engine.stop()
+    assert tokens == lm.decode_new(torch.tensor(PROMPTS[1] + waiting), len(PROMPTS[1]))[0]
