@@ -112,7 +112,6 @@ def generate_steps(
     batch, canvas_length, device = input_ids.shape[0], canvas_size(model, settings), input_ids.device
     if constraint is not None:
         constraint.check(batch, model.vocab_size)
-    if constraint is not None:
         settings = unchecked(settings)
     check = settings.commit_check
     if check and pad_token_id is None:

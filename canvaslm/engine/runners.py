@@ -313,15 +313,16 @@ class DiffusionRunner:
             self._new_canvas(seq)
 
     def _checks(self, seq: Sequence) -> bool:
-        """Whether the sequence's commits are checked: `commit_check` on, and no constraint (whose pins sit at
-        fixed positions of the canvases)."""
-        return bool(seq.settings.commit_check)  # off under a constraint (`unchecked`, at admission)
+        """Whether the sequence's commits are checked: `commit_check` on (a constrained one's settings are
+        `unchecked` at admission: its pins sit at fixed positions of the canvases)."""
+        return bool(seq.settings.commit_check)
 
     def _encode(self, seqs: list[Sequence], check: bool) -> dict[int, int]:
         """Encode the sequences' finished canvases into their rows of the batch, one causal pass per canvas size,
         and keep each one's logits for its next canvas's first token. With `check`, each keeps its canvas up to the
         first token the pass finds unlikely (`commit_check`; its row rolled back): how many it kept, by id."""
         kept: dict[int, int] = {}
+        network = self.lm.network
         for size, group in by_canvas_size(seqs).items():
             batch = self._batches[size]
             group = [seq for seq in batch.seqs if any(seq is s for s in group)]  # in the rows' order
@@ -332,7 +333,6 @@ class DiffusionRunner:
             whole = len(group) == len(batch.seqs)  # every row commits: in place
             index = None if whole else torch.tensor(batch.rows(group), dtype=torch.long, device=self.lm.device)
             cache = batch.cache if index is None else batch.cache.take(index)
-            network = self.lm.network
             hidden = network.encode(committed, cache, valid)
             if check:  # one head call: it checks tokens 1.. and predicts the next first token where a row's text ends
                 causal = network.logits(hidden)
