@@ -121,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                        "equal canvaslm generate for the same seed)")
     _decoding_arg(serve, "requests without a 'decoding' field: ")
     serve.add_argument("--max-draft-batch", type=int, default=None, metavar="N",
-                       help="verified decoding drafts while at most N sequences run; above that each step is one "
-                       "autoregressive step, the same distribution (default: 1 on CPUs, where a draft's rows cost; "
-                       "no limit elsewhere)")
+                       help="verified decoding and checked canvases (commit_check) draft while at most N of their "
+                       "sequences run; above that each step is one autoregressive step for them: the same "
+                       "distribution for verified decoding, canvases of the causal pass's one token for canvases "
+                       "(default: 1 on CPUs, where a draft's rows cost; no limit elsewhere)")
     serve.add_argument("--device", default=None)
     precision_args(serve)
     asset = sub.add_parser("asset", help="pack a finished LoRA run into a shippable asset folder")

@@ -68,7 +68,8 @@ class CanvasCommitted:
 @dataclass
 class DiffusionResult:
     sequences: Tensor          # [B, L + generated] prompt (left-padded) then canvases
-    forward_passes: Tensor     # [B] decoder passes that counted for each row
+    forward_passes: Tensor     # [B] decoder passes that counted for each row (a canvas its causal first token
+                               # filled, one of one token, counts the commit that encodes it)
     tokens_per_forward: Tensor # [B] generated non-pad tokens / forward_passes, as the reference defines it
     commit_passes: Tensor | None = None  # [B] causal passes that encoded a row's canvases (the prompt's not
                                          # counted): with forward_passes, every pass its text cost
@@ -149,9 +150,11 @@ def generate_steps(
         if pinned is not None:  # nothing to write; positions past max_new_tokens are never returned
             draft, steps = pinned, 0
         else:  # `first_token = "causal"`: the first token from the causal pass, a decoder pass fewer
+            open_before = ~(state.stopped | done)
             state = first_from_causal(state, before, settings, generator, mask_token_id=mask_id, allowed=allowed,
                                       counts=counts, written=written)
-            draft, steps = state.draft, steps - state.step
+            forward_passes += open_before & state.stopped  # filled by its first token: the commit is its one pass
+            draft, steps = state.draft, 0 if bool(state.stopped.all()) else steps - state.step
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
             forward_passes += ~(state.stopped | done)
@@ -233,6 +236,8 @@ def commit_check(causal_logits: Tensor, tokens: Tensor, checked: Tensor, min_pro
     a checked token equal to the one before it, where that one is not position 0, is dropped too: in a canvas written
     in one pass the decoder drew both without seeing the other (it saw position 0 when it drew position 1), and the
     causal pass then decides whether the repeat comes."""
+    if tokens.shape[1] < 2:  # a canvas of one token holds only position 0, which is never checked
+        return torch.full(tokens.shape[:1], tokens.shape[1], dtype=torch.long, device=tokens.device)
     logp = causal_logits.float().log_softmax(dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)    # [B, C - 1]
     least = torch.as_tensor(min_probability, dtype=torch.float32, device=logp.device).reshape(-1, 1).log()
     bad = logp < least

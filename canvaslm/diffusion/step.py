@@ -157,7 +157,8 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
     these logits (`generate_steps`), at the first step's temperature (or `first_token_temperature`), and its
     left-to-right rule always keeps it; so it is drawn here the way `denoise_step` draws it (temperature, allowed
     tokens, never the mask token, the sampler), it stands in the canvas as a kept token, and the step counts as done
-    without a decoder pass. The first pass then sees it, where it would have read only masks.
+    without a decoder pass. The first pass then sees it, where it would have read only masks; a canvas it fills (one
+    token, or one whose other positions are pinned) stops without any.
 
     The state is returned as it is for another setting, a model without the shift or the mask, a budget of one step
     (its one pass must write the whole draft) or a canvas already begun; rows that stopped (finished) or whose
@@ -177,7 +178,21 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
     free = (state.canvas[:, :1] == mask_token_id) & ~state.stopped[:, None]
     canvas = torch.cat([torch.where(free, token, state.canvas[:, :1]), state.canvas[:, 1:]], dim=1)
     draft = torch.cat([torch.where(free, token, state.draft[:, :1]), state.draft[:, 1:]], dim=1)
-    return dataclasses.replace(state, canvas=canvas, draft=draft, step=1)
+    written_out = (canvas != mask_token_id).all(dim=-1)  # a canvas of one token: nothing left for a decoder pass
+    return dataclasses.replace(state, canvas=canvas, draft=draft, step=1, stopped=state.stopped | written_out)
+
+
+def resized(state: CanvasState, size: int, mask_token_id: int) -> CanvasState:
+    """A canvas that only its causal first token has written (`first_from_causal`, no decoder pass yet), at another
+    size: that token, then masks; a canvas of one token is done. The state `start_canvas` and `first_from_causal`
+    would have made at that size (a masked canvas draws no noise), which the serving engine uses to change a
+    sequence's canvas size with its load (`runners.DiffusionRunner`)."""
+    first, batch = state.canvas[:, :1], state.canvas.shape[0]
+    masks = torch.full((batch, size - 1), mask_token_id, dtype=first.dtype, device=first.device)
+    history = torch.full((state.history.shape[0], batch, size), -1, dtype=state.history.dtype, device=first.device)
+    return dataclasses.replace(state, canvas=torch.cat([first, masks], dim=1),
+                               draft=torch.cat([state.draft[:, :1], masks], dim=1), history=history,
+                               stopped=torch.full_like(state.stopped, size == 1))
 
 
 def _without_repeats(logits: Tensor, canvas: Tensor, written: Tensor | None, settings: DiffusionSampling,

@@ -43,16 +43,17 @@ class Engine:
     def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
                  on_step: Callable[[int, float], None] | None = None,
                  on_verified: VerifiedRound | None = None, max_draft_batch: int | None = None) -> None:
-        """max_draft_batch: the most running verified sequences a step drafts for, more take AR steps (None: this
-        device's default, `verified.max_draft_batch`)."""
+        """max_draft_batch: the most running verified sequences a step drafts for, and the most running checked
+        canvas sequences that draft canvases; more take AR steps (None: this device's default,
+        `verified.max_draft_batch`)."""
         if max_draft_batch is not None and max_draft_batch < 1:
             raise GenerationError(f"max_draft_batch must be >= 1, got {max_draft_batch}")
         self.lm, self.max_batch, self.max_queue, self.pin_settled = lm, max_batch, max_queue, pin_settled
         self._timed = Timer(on_step)    # (batch size, seconds) after every forward pass, for metrics
         self._runners: dict[str, Any] = {"autoregressive": ARRunner(lm, self._send, self._timed)}
         if lm.kind == "diffusion":
-            self._runners["diffusion"] = DiffusionRunner(lm, self._send, self._timed, pin_settled)
             drafts = max_draft_batch if max_draft_batch is not None else verified.max_draft_batch(lm.device)
+            self._runners["diffusion"] = DiffusionRunner(lm, self._send, self._timed, pin_settled, drafts)
             self._runners["verified"] = VerifiedRunner(lm, self._send, self._timed, on_verified, drafts)
         self._waiting: deque[Request] = deque()
         self._running: list[Sequence] = []

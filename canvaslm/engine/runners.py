@@ -2,21 +2,25 @@
 admitted, advanced by one decoder pass shared with its neighbours, and released. The core loop
 (`canvaslm.engine.core`) owns the queue, the thread and the order of sequences; a runner owns the model work.
 
-Diffusion: the running sequences that decode in canvases of one size (`canvas_size`) keep their caches of prompt
-and committed canvases stacked, a row each (`SizeBatch`; stacked as a sequence joins, a row dropped as it leaves).
-Each step runs one decoder pass per size over all their canvases (the head once, over the outputs the steps read: a
+Diffusion: the running sequences that decode in canvases of one size (`canvas_size`) keep their caches of prompt and
+committed canvases stacked, a row each (`SizeBatch`; stacked as a sequence joins, a row dropped as it leaves). Each
+step runs one decoder pass per size over all their canvases (the head once, over the outputs the steps read: a
 masked model's masked positions, `works_out_open_rows_only`), then advances each sequence with `denoise_step`, the
-step `generate_steps` takes, with its own temperature step, settings and random generator; the canvases finished
-in that step are committed in one causal pass over their rows, copied out of the batch and written back in place
+step `generate_steps` takes, with its own temperature step, settings and random generator; the canvases finished in
+that step are committed in one causal pass over their rows, copied out of the batch and written back in place
 (`KVCache.take`, `KVCache.put`: a 32-request burst in canvases of 4 on a 2-core Xeon ran 15-20% faster than when
 every commit restacked the batch). A sequence's tokens therefore do not depend on its neighbours (up to float
-rounding), and a sequence alone draws exactly what `LM.generate` draws for the same seed. After each step the
-longest left-to-right prefix of the canvas whose tokens are accepted and unchanged since the previous step is
-*settled*; with `pin_settled` it is sent at once and held (kept in the canvas and the committed result), so streamed
-text is never taken back. Without pinning tokens are sent when their canvas is committed, and results equal
-`LM.generate`. A sequence with `commit_check` is encoded at each commit before anything is sent, keeps its canvas up
-to the first token its causal pass finds unlikely (its row rolled back by its own length, `KVCache.rollback`), and
-streams at its commits only: a settled prefix could be one the check drops.
+rounding; checked canvases under load aside, below), and a sequence alone draws exactly what `LM.generate` draws for
+the same seed. After each step the longest left-to-right prefix of the canvas whose tokens are accepted and
+unchanged since the previous step is *settled*; with `pin_settled` it is sent at once and held (kept in the canvas
+and the committed result), so streamed text is never taken back. Without pinning tokens are sent when their canvas
+is committed, and results equal `LM.generate`. A sequence with `commit_check` is encoded at each commit before
+anything is sent, keeps its canvas up to the first token its causal pass finds unlikely (its row rolled back by its
+own length, `KVCache.rollback`), and streams at its commits only: a settled prefix could be one the check drops.
+While more than `max_draft_batch` sequences run here (1 on CPUs), the checked ones' canvases hold one token, the one
+the causal pass that committed the text before them draws (an AR step, no decoder pass): a canvas's draft costs a
+decoder pass and a commit pass of its size, an AR step one row. A canvas that only that token has written yet is
+resized as the load changes, its row moving to the batch of its new size (`resized`).
 
 Verified (a diffusion model's canvas drafts, its causal pass checks; `canvaslm.engine.verified`): the running
 sequences share one cache like the AR ones; each step is one draft pass and one check pass over all of them, and
@@ -50,6 +54,7 @@ from canvaslm.diffusion.step import (
     first_from_causal,
     pins_only,
     reads_self_conditioning,
+    resized,
     self_conditioning,
     self_conditioning_dtype,
     start_canvas,
@@ -123,9 +128,13 @@ class SizeBatch:
 
 
 class DiffusionRunner:
-    def __init__(self, lm: LM, send: SendTokens, timed: Timer, pin_settled: bool) -> None:
+    def __init__(self, lm: LM, send: SendTokens, timed: Timer, pin_settled: bool,
+                 max_draft_batch: int | None = None) -> None:
+        """max_draft_batch: the most running sequences whose checked canvases are drafted; while more run, their
+        canvases hold one token, the causal pass's (AR steps; None: no limit)."""
         self.lm, self.send, self.timed, self.pin_settled = lm, send, timed, pin_settled
-        self._batches: dict[int, SizeBatch] = {}  # by canvas size
+        self.max_draft_batch = max_draft_batch
+        self._batches: dict[int, SizeBatch] = {}  # by the size of the canvases their sequences decode now
 
     def admit(self, seq: Sequence, hidden: Tensor) -> None:
         """After the prompt was encoded (`hidden` [1, P, D]): its cache joins the batch of its canvas size, then
@@ -151,16 +160,69 @@ class DiffusionRunner:
 
     def step(self, running: list[Sequence]) -> None:
         """One decoder pass per canvas size among the running sequences (`canvas_size`), a step of each, then one
-        commit pass for the canvases that finished."""
-        self._commit([seq for group in by_canvas_size(running).values() for seq in self._step(group)])
+        commit pass for the canvases that finished. Canvases their causal first token filled (one token: AR
+        steps, `_next_size`) need no decoder pass; their commit counts as their pass."""
+        self._regroup(running)
+        finished = []
+        for group in by_canvas_size(running).values():
+            if all(bool(seq.state.stopped.all()) for seq in group):
+                for seq in group:
+                    seq.passes += 1
+                finished.extend(group)
+            else:
+                finished.extend(self._step(group))
+        self._commit(finished)
+
+    def _next_size(self, seq: Sequence, running: int) -> int:
+        """The size of the sequence's canvases while `running` sequences run: its own (`canvas_size`), or one
+        token while more than `max_draft_batch` run, for a sequence whose commits are checked and whose canvases
+        start with the causal pass's token. Such a canvas is a draft that the causal pass checks; a canvas of one is
+        that pass's own next token, an AR step, one row where a canvas costs two passes of its size; vLLM stops
+        drafting above a batch size for the same reason. A constrained sequence (pins at fixed positions of its
+        canvases) or one whose client watches its canvases (`canvas_drafts`) keeps its size."""
+        settings, network = seq.settings, self.lm.network
+        size = canvas_size(network, settings)
+        if self.max_draft_batch is None or running <= self.max_draft_batch or seq.constraint is not None \
+                or seq.request.drafts or not self._checks(seq) or settings.first_token != "causal" \
+                or settings.max_denoising_steps < 2 or not getattr(network, "canvas_shift", False) \
+                or getattr(network, "mask_token_id", None) is None:
+            return size
+        return 1
+
+    def _regroup(self, running: list[Sequence]) -> None:
+        """Before a step: each canvas that only its causal first token has written yet takes the size the load asks
+        for (`_next_size`, `resized`), its row moving to that size's batch; the rows that move do so all at once,
+        one copy out of each batch they leave and one stack into each they join."""
+        moving: dict[int, list[Sequence]] = {}
+        for seq in running:
+            size = self._next_size(seq, len(running))
+            if size != seq.state.canvas.shape[1] and seq.state.step == 1 and seq.settings.first_token == "causal":
+                seq.state = resized(seq.state, size, self.lm.network.mask_token_id)
+                moving.setdefault(size, []).append(seq)
+        for size, group in moving.items():
+            parts, joined = [], []
+            for key, batch in list(self._batches.items()):
+                leaving = [seq for seq in batch.seqs if any(seq is s for s in group)]
+                if not leaving:
+                    continue
+                parts.append(batch.cache.take(torch.tensor(batch.rows(leaving), dtype=torch.long,
+                                                           device=self.lm.device)))
+                joined.extend(leaving)
+                self._drop(key, leaving)
+            batch = self._batches.get(size)
+            if batch is None:
+                self._batches[size] = SizeBatch(joined, KVCache.stack(parts) if len(parts) > 1 else parts[0])
+            else:
+                batch.seqs.extend(joined)
+                batch.cache = KVCache.stack([batch.cache, *parts])
 
     def _step(self, running: list[Sequence]) -> list[Sequence]:
         """A decoder pass over canvases of one size and a denoising step of each; the sequences whose canvas is
         done."""
         batch = self._batches[running[0].state.canvas.shape[1]]
-        if len(batch.seqs) != len(running) or any(a is not b for a, b in zip(batch.seqs, running, strict=True)):
+        if len(batch.seqs) != len(running) or {id(seq) for seq in batch.seqs} != {id(seq) for seq in running}:
             raise RuntimeError("the engine's running sequences and the runner's rows disagree")
-        cache = batch.cache
+        running, cache = list(batch.seqs), batch.cache  # in the rows' order (rows that moved joined at the end)
         canvases = torch.cat([s.state.canvas for s in running])
         feeds = [self_conditioning(s.state) for s in running]  # per sequence: (logits or None, rows or None)
         with_sc = torch.tensor([bool(rows.all()) if rows is not None else sc is not None for sc, rows in feeds],
@@ -208,15 +270,19 @@ class DiffusionRunner:
     def _leave(self, seq: Sequence) -> None:
         """Drop the sequence's row from its batch (if it joined one)."""
         for size, batch in self._batches.items():
-            rows = [i for i, s in enumerate(batch.seqs) if s is not seq]
-            if len(rows) == len(batch.seqs):
-                continue
-            if not rows:
-                del self._batches[size]
+            if any(s is seq for s in batch.seqs):
+                self._drop(size, [seq])
                 return
-            batch.seqs = [batch.seqs[i] for i in rows]
-            batch.cache.select(torch.tensor(rows, dtype=torch.long, device=self.lm.device))
+
+    def _drop(self, size: int, seqs: list[Sequence]) -> None:
+        """Drop the sequences' rows from the batch of canvases of `size` (the batch with them, if none is left)."""
+        batch = self._batches[size]
+        rows = [i for i, s in enumerate(batch.seqs) if not any(s is q for q in seqs)]
+        if not rows:
+            del self._batches[size]
             return
+        batch.seqs = [batch.seqs[i] for i in rows]
+        batch.cache.select(torch.tensor(rows, dtype=torch.long, device=self.lm.device))
 
     def reset(self) -> None:
         self._batches = {}
@@ -231,7 +297,7 @@ class DiffusionRunner:
 
     def _new_canvas(self, seq: Sequence) -> None:
         network = self.lm.network
-        size = canvas_size(network, seq.settings)
+        size = next(size for size, batch in self._batches.items() if any(s is seq for s in batch.seqs))
         pins, seq.allowed = (None, None) if seq.constraint is None else \
             seq.constraint.for_canvas(seq.canvas_index, size)
         seq.state = start_canvas(1, size, network.vocab_size, seq.settings, seq.generator,

@@ -91,12 +91,15 @@ def draft_size(model: Any) -> int:
 
 
 def max_draft_batch(device: torch.device | str) -> int | None:
-    """The most running sequences a serving step drafts for (`runners.VerifiedRunner`); with more, each step is
-    one causal pass writing every sequence's next token, an AR step, which keeps the same distribution. On CPUs a
+    """The most running sequences a serving step drafts for (`runners.VerifiedRunner`, and the checked canvases of
+    `runners.DiffusionRunner`); with more, each step is one causal pass writing every sequence's next token, an AR
+    step (for verified decoding the same distribution; for canvases, canvases of that one token). On CPUs a
     pass's rows cost: a round of two 4-row passes per sequence loses to AR steps as soon as two sequences run
     (`smol`, 2-core Xeon with AMX, 64-token bursts at T 0.7, tok/s verified / AR: int4 weights 25.4 / 23.6 alone,
-    30.0 / 51.5 at two, 45.8 / 88.6 at four; dense bf16 13.3 / 12.6 alone, 20.3 / 24.1 at two), so only a
-    sequence alone drafts there. None (no limit) elsewhere: not measured."""
+    30.0 / 51.5 at two, 45.8 / 88.6 at four; dense bf16 13.3 / 12.6 alone, 20.3 / 24.1 at two), and so does a
+    checked canvas of 4, a decoder pass and a commit pass (served, bf16 + int4, tok/s canvases of 4 / of one token:
+    38.4 / 28.6 alone, 39.0 / 49.9 at two, 57.7 / 73.5 at four, 85.2 / 95.6 at eight), so only a sequence alone
+    drafts there. None (no limit) elsewhere: not measured."""
     return 1 if torch.device(device).type == "cpu" else None
 
 

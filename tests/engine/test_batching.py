@@ -38,12 +38,16 @@ def run(engine: Engine, requests: list[dict], timeout: float = 60) -> list[tuple
         engine.submit(Request(emit=inbox.put, **spec))
         inboxes.append(inbox)
     for inbox in inboxes:
-        events = []
-        while not events or not isinstance(events[-1], Finished):
-            events.append(inbox.get(timeout=timeout))
-        tokens = [t for e in events if isinstance(e, Tokens) for t in e.ids]
-        results.append((tokens, events[-1], events))
+        results.append(received(inbox, timeout))
     return results
+
+
+def received(inbox: queue.Queue, timeout: float = 60) -> tuple[list[int], Finished, list]:
+    """What one request sent to its inbox until it finished: (tokens, finish event, all events)."""
+    events = []
+    while not events or not isinstance(events[-1], Finished):
+        events.append(inbox.get(timeout=timeout))
+    return [t for e in events if isinstance(e, Tokens) for t in e.ids], events[-1], events
 
 
 PROMPTS = [[2, 10, 11, 12], [2, 20, 21, 22, 23, 24, 25, 26, 27, 28], [2, 30], [2, 40, 41, 42, 43, 44, 45]]
@@ -131,11 +135,11 @@ def test_a_shift_trained_model_with_canvas_adapters_serves_what_generate_writes(
 
 def alone_and_together(lm: LM, options: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
     """The first 12 tokens of PROMPTS[i] under options[i] (seed i): each from LM.generate alone, and all from one
-    engine that serves them together."""
+    engine that serves them together, every checked one drafting its canvases (`max_draft_batch`)."""
     prompts = PROMPTS[:len(options)]
     alone = [lm.decode_new(lm.generate([p], 12, seed=seed, **o).sequences[0], len(p))[0][:12]
              for seed, (p, o) in enumerate(zip(prompts, options, strict=True))]
-    engine = Engine(lm, pin_settled=False).start()
+    engine = Engine(lm, pin_settled=False, max_draft_batch=len(options)).start()
     try:
         results = run(engine, [dict(prompt=p, max_new_tokens=12, seed=seed, sampling=o)
                                for seed, (p, o) in enumerate(zip(prompts, options, strict=True))])

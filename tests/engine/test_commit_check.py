@@ -13,7 +13,7 @@ from canvaslm.diffusion.generate import CanvasCommitted, DiffusionResult, commit
 from canvaslm.diffusion.step import Constraint
 from canvaslm.engine.core import Engine
 from canvaslm.errors import GenerationError
-from tests.engine.test_batching import LEFT_TO_RIGHT, PROMPTS, alone_and_together, run, shift_lm
+from tests.engine.test_batching import LEFT_TO_RIGHT, PROMPTS, alone_and_together, received, run, shift_lm
 
 SETTINGS = dict(LEFT_TO_RIGHT, first_token="causal")
 EPS = 0.05  # the random model gives its 32 tokens ~1/32 each: some canvases pass whole, most drop something
@@ -227,3 +227,64 @@ def test_under_a_constraint_drop_waits_instead_in_the_loop_and_the_engine(lm):
     finally:
         engine.stop()
     assert tokens == lm.decode_new(torch.tensor(PROMPTS[1] + waiting), len(PROMPTS[1]))[0]
+
+
+def test_above_max_draft_batch_checked_canvases_hold_one_token_the_causal_passes(lm):
+    """While more than `max_draft_batch` checked sequences run, each new canvas holds one token, drawn from the
+    causal pass that committed the text before it: an AR step, with no decoder pass (vLLM stops drafting above a
+    batch size; a canvas costs two passes of its size). Three requests admitted at once under the limit 1: the two
+    shorter write exactly what LM.generate writes in canvases of one token for their seeds, at one pass a token;
+    the longest writes the same while the others run, then, alone, drafts canvases of 4 (decoder passes of one
+    row). Under the limit 3 every one drafts and writes its default canvases."""
+    import queue
+
+    from canvaslm.engine.request import Request
+
+    import copy
+
+    lm = copy.copy(lm)
+    lm.eos_token_ids = [lm.network.vocab_size]  # an end-of-turn no token is: every answer runs to its budget
+    checked, budgets = dict(SETTINGS, commit_check=EPS), (8, 12, 24)
+
+    def served(limit):
+        rows = []
+        engine = Engine(lm, pin_settled=False, max_draft_batch=limit, on_step=lambda n, _: rows.append(n)).start()
+        try:
+            inboxes = [queue.Queue() for _ in budgets]
+            with engine._wake:  # the engine thread waits on this lock: it admits all three at once
+                for i, (inbox, budget) in enumerate(zip(inboxes, budgets, strict=True)):
+                    engine.submit(Request(PROMPTS[i], budget, inbox.put, sampling=checked, seed=i))
+            results = [received(inbox)[:2] for inbox in inboxes]
+        finally:
+            engine.stop()
+        return results, rows[1:]  # the first timed pass is the prompts'
+
+    def generated(i, **options):
+        out = lm.generate([PROMPTS[i]], budgets[i], seed=i, **dict(checked, **options))
+        return out.sequences[0, len(PROMPTS[i]):].tolist(), int(out.forward_passes[0])
+
+    results, decoder_rows = served(1)
+    for i in (0, 1):
+        tokens, passes = generated(i, canvas_size=1)
+        assert results[i][0] == tokens and passes == results[i][1].forward_passes == budgets[i]  # a pass a token
+    alone = generated(2, canvas_size=1)[0]
+    assert results[2][0][:budgets[1]] == alone[:budgets[1]] and len(results[2][0]) == budgets[2]
+    assert decoder_rows and set(decoder_rows) == {1}  # the last one drafted, alone, once the others were done
+
+    results, decoder_rows = served(3)
+    assert [tokens for tokens, _ in results] == [generated(i)[0][:budgets[i]] for i in range(3)]
+    assert 3 in decoder_rows
+
+
+@pytest.mark.parametrize("check", [0.0, EPS])
+def test_a_canvas_of_one_token_is_an_ar_step_with_no_decoder_pass(lm, check, monkeypatch):
+    """`canvas_size = 1` with the first token from the causal pass: every canvas is that token, so no decoder pass
+    runs (each commit counts as the canvas's pass), and near temperature 0 the answer is the greedy AR answer of the
+    same weights' causal pass, checked or not (a canvas of one has no position to check)."""
+    greedy = lm.generate([PROMPTS[1]], 12, decoding="autoregressive", temperature=0.0)
+    decoded = []
+    monkeypatch.setattr(lm.network, "decode", lambda *a, **k: decoded.append(1))
+    out = lm.generate([PROMPTS[1]], 12, seed=0, **dict(SETTINGS, canvas_size=1, commit_check=check,
+                                                         first_token_temperature=1e-6))
+    assert not decoded and int(out.forward_passes[0]) == 12 and float(out.tokens_per_forward[0]) > 0
+    assert out.sequences[0, :len(PROMPTS[1]) + 12].tolist() == greedy.sequences[0].tolist()
