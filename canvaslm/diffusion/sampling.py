@@ -51,7 +51,8 @@ def penalize(logits: Tensor, counts: Tensor | None, presence: float, frequency: 
     """OpenAI's penalties: logits [..., V] less `presence` for every token the answer already holds and
     `frequency` times how often it holds it, counts [..., V] (broadcast against the logits). Applied before the
     temperature, as vLLM does. The logits themselves when both are 0 or there are no counts."""
-    if counts is None or (presence == 0 and frequency == 0):
+    if counts is None or (not torch.is_tensor(presence) and not torch.is_tensor(frequency)
+                          and presence == 0 and frequency == 0):  # tensors: one of each per row
         return logits
     return logits - (presence * (counts > 0) + frequency * counts).to(logits.dtype)
 
@@ -340,14 +341,17 @@ def sample_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
 
 
-def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None, rows: Tensor | None = None) -> Tensor:
+def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None, rows: Tensor | None = None,
+                       uniforms: Tensor | None = None) -> Tensor:
     """One draw per position from [B, C, V] probabilities with a single uniform each (inverse CDF): the same
     distribution as `sample_tokens`, a different random stream, far cheaper than V exponential draws. With `rows`
     [B, C] bool, probs [n, V] holds only those positions: the uniforms are drawn for all of [B, C] (the random
-    stream is the same as without `rows`) and those of `rows` are used."""
+    stream is the same as without `rows`) and those of `rows` are used. `uniforms` [B, C, 1]: drawn already (rows
+    of their own generators), in place of the generator's."""
     cdf = probs.cumsum(dim=-1)
     shape = probs.shape[:-1] if rows is None else rows.shape
-    u = torch.rand(*shape, 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = torch.rand(*shape, 1, generator=generator, device=probs.device, dtype=cdf.dtype) if uniforms is None \
+        else uniforms.to(cdf.dtype)
     u = (u if rows is None else u[rows]) * cdf[..., -1:]
     # right=True: the first index whose cdf exceeds u, so a draw of exactly 0 never lands on a zero-probability token
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -29,9 +29,11 @@ from canvaslm.diffusion.sampling import (
     ban,
     carry_over,
     drawn_twice,
+    exp_probabilities,
     kept_tokens,
     open_sub_block,
     penalize,
+    penalties_on,
     pin,
     propose,
     random_canvas,
@@ -39,6 +41,7 @@ from canvaslm.diffusion.sampling import (
     repeated_ngram_bans,
     repeated_ngrams,
     revise,
+    sample_inverse_cdf,
     stable_and_confident,
     temperature_at,
 )
@@ -164,17 +167,72 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
     (its one pass must write the whole draft) or a canvas already begun; rows that stopped (finished) or whose
     first position is pinned keep theirs. `counts` [B, V]: the committed text's tokens, for the penalties;
     `written` [B, L]: the committed text itself (-1 where a row has none), for `no_repeat_ngram_size`."""
-    if settings.first_token != "causal" or before is None or mask_token_id is None or state.step > 0 \
-            or settings.max_denoising_steps < 2:
+    if not _drawn_from_causal(state, before, settings, mask_token_id):
         return state
     before = _penalized(before, state, settings, counts, mask_token_id)
-    temperature = settings.first_token_temperature or temperature_at(settings.max_denoising_steps, settings)
-    logits = before.float() / temperature
+    logits = before.float() / _first_temperature(settings)
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, :1], float("-inf"))
     logits[..., mask_token_id] = float("-inf")  # in place: the division made a new tensor
     logits = _without_repeats(logits, state.canvas[:, :1], written, settings, mask_token_id)
     token, _ = propose(logits, settings, generator)                                              # [B, 1]
+    return _with_first(state, token, mask_token_id)
+
+
+def _drawn_from_causal(state: CanvasState, before: Tensor | None, settings: DiffusionSampling,
+                       mask_token_id: int | None) -> bool:
+    return settings.first_token == "causal" and before is not None and mask_token_id is not None \
+        and state.step == 0 and settings.max_denoising_steps >= 2
+
+
+def _first_temperature(settings: DiffusionSampling) -> float | Tensor:
+    return settings.first_token_temperature or temperature_at(settings.max_denoising_steps, settings)
+
+
+def first_from_causal_each(states: list[CanvasState], befores: list[Tensor | None],
+                           settings: list[DiffusionSampling], generators: list[torch.Generator | None], *,
+                           mask_token_id: int | None, allowed: list[Tensor | None], counts: list[Tensor | None],
+                           written: list[Tensor | None]) -> list[CanvasState]:
+    """`first_from_causal` for sequences of one row each with their own settings and random generators (the
+    serving engine's canvases that start in one step), the usual ones drawn in one batch: the penalties, the
+    temperature, the softmax and the inverse CDF over [n, 1, V] at once, one uniform from each row's own generator.
+    Each row draws the token `first_from_causal` draws for it alone. Rows with allowed tokens, `no_repeat_ngram_size`,
+    another sampler than "fast" or a first position not free are drawn alone."""
+    out = list(states)
+    together = []
+    for i, (state, before, options) in enumerate(zip(states, befores, settings, strict=True)):
+        if not _drawn_from_causal(state, before, options, mask_token_id):
+            continue
+        if allowed[i] is None and not options.no_repeat_ngram_size and options.sampler == "fast" \
+                and state.pins is None and not bool(state.stopped.any()):
+            together.append(i)
+        else:
+            out[i] = first_from_causal(state, before, options, generators[i], mask_token_id=mask_token_id,
+                                       allowed=allowed[i], counts=counts[i], written=written[i])
+    if not together:
+        return out
+    logits = torch.cat([befores[i] for i in together])                                          # [n, 1, V]
+    if any(counts[i] is not None and penalties_on(settings[i]) for i in together):
+        # a fresh canvas holds no token yet: each row's `held_tokens` are its counts (zeros for a row without)
+        held = torch.cat([counts[i] if counts[i] is not None and penalties_on(settings[i])
+                          else torch.zeros_like(logits[0], dtype=torch.float32) for i in together])[:, None]
+        presence, frequency = torch.tensor([[settings[i].presence_penalty, settings[i].frequency_penalty]
+                                            for i in together], device=logits.device)[:, :, None, None].unbind(1)
+        logits = penalize(logits, held, presence, frequency)
+    temperatures = torch.stack([torch.as_tensor(_first_temperature(settings[i]), dtype=torch.float32)
+                                for i in together]).to(logits.device).reshape(-1, 1, 1)
+    logits = logits.float() / temperatures
+    logits[..., mask_token_id] = float("-inf")
+    probs, _ = exp_probabilities(logits.log_softmax(dim=-1))  # as `propose` works them out for the fast sampler
+    uniforms = torch.cat([torch.rand(1, 1, 1, generator=generators[i], device=logits.device) for i in together])
+    tokens = sample_inverse_cdf(probs, None, uniforms=uniforms)                                  # [n, 1]
+    for j, i in enumerate(together):
+        out[i] = _with_first(states[i], tokens[j:j + 1], mask_token_id)
+    return out
+
+
+def _with_first(state: CanvasState, token: Tensor, mask_token_id: int) -> CanvasState:
+    """The fresh canvas with its first token [B, 1] written where position 0 is free (`first_from_causal`)."""
     free = (state.canvas[:, :1] == mask_token_id) & ~state.stopped[:, None]
     canvas = torch.cat([torch.where(free, token, state.canvas[:, :1]), state.canvas[:, 1:]], dim=1)
     draft = torch.cat([torch.where(free, token, state.draft[:, :1]), state.draft[:, 1:]], dim=1)

@@ -51,7 +51,7 @@ from canvaslm.diffusion.step import (
     Constraint,
     canvas_size,
     denoise_step,
-    first_from_causal,
+    first_from_causal_each,
     pins_only,
     reads_self_conditioning,
     resized,
@@ -153,7 +153,7 @@ class DiffusionRunner:
             batch.cache = KVCache.stack([batch.cache, seq.cache])
         seq.cache = None  # its row lives in the batch now
         try:
-            self._new_canvas(seq)
+            self._new_canvases([seq])
         except BaseException:
             self._leave(seq)
             raise
@@ -295,24 +295,32 @@ class DiffusionRunner:
             for i, seq in enumerate(seqs):
                 seq.before = logits[i:i + 1]
 
-    def _new_canvas(self, seq: Sequence) -> None:
-        network = self.lm.network
-        size = next(size for size, batch in self._batches.items() if any(s is seq for s in batch.seqs))
-        pins, seq.allowed = (None, None) if seq.constraint is None else \
-            seq.constraint.for_canvas(seq.canvas_index, size)
-        seq.state = start_canvas(1, size, network.vocab_size, seq.settings, seq.generator,
-                                 self.lm.device, getattr(network, "mask_token_id", None), pins)
-        seq.pinned, seq.last_logits = 0, None
-        total = seq.request.max_new_tokens + len(seq.request.suffix)
-        region = min(size, total - seq.canvas_index * size)
-        pinned = pins_only(pins, region, self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0)
-        if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
-            seq.state.draft = pinned
-            self._commit([seq])
-        else:
-            seq.state = first_from_causal(seq.state, seq.before, seq.settings, seq.generator,
-                                          mask_token_id=getattr(network, "mask_token_id", None), allowed=seq.allowed,
-                                          counts=seq.counts, written=seq.written)
+    def _new_canvases(self, seqs: list[Sequence]) -> None:
+        """Each sequence's next canvas, at the size of its batch; one that is all pins commits (and may finish)
+        at once, the others' first tokens are drawn from the causal pass together (`first_from_causal_each`)."""
+        network, drawing = self.lm.network, []
+        mask_token_id = getattr(network, "mask_token_id", None)
+        for seq in seqs:
+            size = next(size for size, batch in self._batches.items() if any(s is seq for s in batch.seqs))
+            pins, seq.allowed = (None, None) if seq.constraint is None else \
+                seq.constraint.for_canvas(seq.canvas_index, size)
+            seq.state = start_canvas(1, size, network.vocab_size, seq.settings, seq.generator,
+                                     self.lm.device, mask_token_id, pins)
+            seq.pinned, seq.last_logits = 0, None
+            total = seq.request.max_new_tokens + len(seq.request.suffix)
+            region = min(size, total - seq.canvas_index * size)
+            pinned = pins_only(pins, region, self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0)
+            if pinned is not None:  # as generate_steps: no pass, so both draw the same numbers for later canvases
+                seq.state.draft = pinned
+                self._commit([seq])
+            else:
+                drawing.append(seq)
+        states = first_from_causal_each([s.state for s in drawing], [s.before for s in drawing],
+                                        [s.settings for s in drawing], [s.generator for s in drawing],
+                                        mask_token_id=mask_token_id, allowed=[s.allowed for s in drawing],
+                                        counts=[s.counts for s in drawing], written=[s.written for s in drawing])
+        for seq, state in zip(drawing, states, strict=True):
+            seq.state = state
 
     def _constraint(self, request: Request) -> Constraint | None:
         """The request's constraint, with an infill suffix pinned at generated positions max_new_tokens ..
@@ -376,7 +384,7 @@ class DiffusionRunner:
         self._encode([seq for seq in going if not self._checks(seq)], check=False)
         for seq in going:
             seq.canvas_index += 1
-            self._new_canvas(seq)
+        self._new_canvases(going)
 
     def _checks(self, seq: Sequence) -> bool:
         """Whether the sequence's commits are checked: `commit_check` on (a constrained one's settings are

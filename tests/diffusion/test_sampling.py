@@ -511,6 +511,40 @@ def test_the_first_token_from_the_causal_pass_is_drawn_as_the_first_step_draws_i
     assert first_from_causal(state, None, settings, None, mask_token_id=mask) is state
 
 
+def test_first_tokens_drawn_together_are_those_each_row_draws_alone():
+    """`first_from_causal_each` (the serving engine's canvases that start in one step): rows with their own
+    settings (penalties, temperatures, samplers, allowed tokens, `no_repeat_ngram_size`) and generators get, token
+    for token, what `first_from_causal` draws for each alone, and each generator ends where it would have; rows the
+    rule does not apply to come back as they were. Bf16 logits, as the packed model's head gives them."""
+    from canvaslm.diffusion.step import first_from_causal, first_from_causal_each, start_canvas
+
+    vocab, mask, cpu = 50, 3, torch.device("cpu")
+    base = DiffusionSampling(sampler="fast", first_token="causal", t_max=0.5, t_min=0.3, max_denoising_steps=4)
+    settings = [base, base.replace(presence_penalty=1.0), base.replace(frequency_penalty=0.5, t_max=0.9),
+                base.replace(first_token_temperature=1.3, presence_penalty=0.4), base.replace(sampler="reference"),
+                base.replace(no_repeat_ngram_size=2), base, base.replace(first_token="decoder"), base] * 3
+    generator = torch.Generator().manual_seed(0)
+    befores = [(torch.randn(1, 1, vocab, generator=generator) * 3).bfloat16() for _ in settings]
+    counts = [torch.randint(0, 3, (1, vocab), generator=generator).float() if i % 3 else None
+              for i in range(len(settings))]
+    written = [torch.randint(4, vocab, (1, 6), generator=generator) for _ in settings]
+    allowed = [None] * len(settings)
+    allowed[6] = torch.rand(1, 4, vocab, generator=generator) > 0.5
+    states = [start_canvas(1, 4, vocab, o, None, cpu, mask) for o in settings]
+    seeds = list(range(100, 100 + len(settings)))
+    alone_gens = [torch.Generator().manual_seed(s) for s in seeds]
+    alone = [first_from_causal(st, b, o, g, mask_token_id=mask, allowed=a, counts=c, written=w)
+             for st, b, o, g, a, c, w in zip(states, befores, settings, alone_gens, allowed, counts, written)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    together = first_from_causal_each(states, befores, settings, gens, mask_token_id=mask, allowed=allowed,
+                                      counts=counts, written=written)
+    for a, t, ga, gt in zip(alone, together, alone_gens, gens, strict=True):
+        assert torch.equal(a.canvas, t.canvas) and torch.equal(a.draft, t.draft) and a.step == t.step
+        assert torch.equal(a.stopped, t.stopped)
+        assert torch.equal(torch.rand(2, generator=ga), torch.rand(2, generator=gt))
+    assert together[7] is states[7] and len({int(t.canvas[0, 0]) for t in together}) > 3
+
+
 @pytest.mark.parametrize("rule", [dict(order="left_to_right", acceptance="threshold", accept_probability=0.3),
                                   dict(acceptance="threshold", accept_probability=0.3),
                                   dict(acceptance="adaptive", entropy_bound=0.5),
