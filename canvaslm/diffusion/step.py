@@ -218,7 +218,7 @@ def first_from_causal_each(states: list[CanvasState], befores: list[Tensor | Non
                           else torch.zeros_like(logits[0], dtype=torch.float32) for i in together])[:, None]
         presence, frequency = torch.tensor([[settings[i].presence_penalty, settings[i].frequency_penalty]
                                             for i in together], device=logits.device)[:, :, None, None].unbind(1)
-        logits = penalize(logits, held, presence, frequency)
+        logits = penalize(logits, held, presence, frequency if bool(frequency.any()) else 0.0)
     temperatures = torch.stack([torch.as_tensor(_first_temperature(settings[i]), dtype=torch.float32)
                                 for i in together]).to(logits.device).reshape(-1, 1, 1)
     logits = logits.float() / temperatures
