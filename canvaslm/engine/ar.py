@@ -6,9 +6,9 @@ gpt-fast's `generate.py`: no speculation, no tricks beyond the KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -72,6 +72,40 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
     return sample_inverse_cdf(logits.softmax(dim=-1), generator)
+
+
+def sample_next_each(logits: Tensor, options: Sequence[Mapping[str, Any]], generators: list[torch.Generator | None],
+                     allowed: list[Tensor | None], counts: list[Tensor | None], written: list[Tensor | None]
+                     ) -> Tensor:
+    """`sample_next` for rows [n, V] that each have their own options and random generator (the serving engine's
+    running sequences), [n]. The rows that sample (temperature above 0) with no allowed-token mask and no n-gram
+    bans, alike in top_k and top_p, are drawn in one batch: penalties and temperatures per row, one uniform from
+    each row's own generator. Each row gets the token `sample_next` draws for it alone; the other rows are drawn
+    alone."""
+    tokens = torch.empty(len(options), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, o in enumerate(options):
+        if o["temperature"] == 0.0 or allowed[i] is not None or (o["no_repeat_ngram_size"] and written[i] is not None):
+            tokens[i:i + 1] = sample_next(logits[i:i + 1], o["temperature"], o["top_k"], o["top_p"], generators[i],
+                                          allowed[i], counts[i], o["presence_penalty"], o["frequency_penalty"],
+                                          written[i], o["no_repeat_ngram_size"])
+        else:
+            groups.setdefault((o["top_k"], o["top_p"]), []).append(i)
+    for (top_k, top_p), rows in groups.items():
+        part = logits[rows]
+        penalized = [counts[i] is not None and bool(options[i]["presence_penalty"] or options[i]["frequency_penalty"])
+                     for i in rows]
+        if any(penalized):  # rows without penalties subtract exact zeros
+            held = torch.cat([counts[i] if on else torch.zeros_like(part[:1], dtype=torch.float32)
+                              for i, on in zip(rows, penalized, strict=True)])
+            presence, frequency = torch.tensor([[options[i]["presence_penalty"], options[i]["frequency_penalty"]]
+                                                for i in rows], device=logits.device)[:, :, None].unbind(1)
+            part = penalize(part, held, presence, frequency if bool(frequency.any()) else 0.0)
+        temperatures = torch.tensor([options[i]["temperature"] for i in rows], device=logits.device)[:, None]
+        part = top_p_filter(top_k_filter(part.float() / temperatures, top_k), top_p)
+        uniforms = torch.cat([torch.rand(1, 1, generator=generators[i], device=logits.device) for i in rows])
+        tokens[rows] = sample_inverse_cdf(part.softmax(dim=-1), None, uniforms=uniforms)
+    return tokens
 
 
 def prefill(model: ARModel, input_ids: Tensor, cache: KVCache, valid: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ from canvaslm.diffusion.step import (
 )
 from canvaslm.diffusion.generate import after_first_eos, commit_check, open_logits, read_outputs, unchecked
 from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on
-from canvaslm.engine.ar import advance, sample_next
+from canvaslm.engine.ar import advance, sample_next, sample_next_each
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
 from canvaslm.engine.output import CanvasLogits, Draft
@@ -467,14 +467,14 @@ class ARRunner(SharedCacheRunner):
     def step(self, running: list[Sequence]) -> None:
         """Every running sequence samples its next token (own options and generator); those that go on write it
         into the shared cache in one pass."""
-        going = []
+        going, seqs = [], list(running)
         vocab, eos = self.lm.network.vocab_size, self.lm.eos_token_ids
-        for seq in list(running):
-            options, matcher = seq.settings, seq.matcher
-            allowed = None if matcher is None else matcher.allowed(vocab, seq.next_logits.device)
-            token = sample_next(seq.next_logits, options["temperature"], options["top_k"], options["top_p"],
-                                seq.generator, allowed, seq.counts, options["presence_penalty"],
-                                options["frequency_penalty"], seq.written, options["no_repeat_ngram_size"])
+        tokens = sample_next_each(torch.cat([s.next_logits for s in seqs]), [s.settings for s in seqs],
+                                  [s.generator for s in seqs],
+                                  [None if s.matcher is None else s.matcher.allowed(vocab, s.next_logits.device)
+                                   for s in seqs], [s.counts for s in seqs], [s.written for s in seqs])
+        for i, seq in enumerate(seqs):
+            matcher, token = seq.matcher, tokens[i:i + 1]
             record_answer(seq, token[:, None])
             ids = [int(token)]
             if matcher is not None:
@@ -549,11 +549,12 @@ class VerifiedRunner(SharedCacheRunner):
         of `draft_size` rows. A sequence that only takes these steps draws what an autoregressive one draws."""
         anchors = torch.cat([s.anchor for s in running])[:, None]
         logits = self.timed(len(running), lambda: advance(self.lm.network, self._cache, anchors))
-        for i, seq in enumerate(list(running)):
-            options = seq.settings
+        seqs = list(running)
+        for seq in seqs:
             record_answer(seq, seq.anchor[:, None])  # now in the cache
-            seq.anchor = sample_next(logits[i:i + 1], options["temperature"], options["top_k"], options["top_p"],
-                                     seq.generator, None, seq.counts, options["presence_penalty"],
-                                     options["frequency_penalty"], seq.written, options["no_repeat_ngram_size"])
+        anchors = sample_next_each(logits, [s.settings for s in seqs], [s.generator for s in seqs], [None] * len(seqs),
+                                   [s.counts for s in seqs], [s.written for s in seqs])
+        for i, seq in enumerate(seqs):
+            seq.anchor = anchors[i:i + 1]
             seq.passes += 1
             self.send(seq, seq.anchor.tolist())  # final once drawn, as a round's next anchor; may end the sequence

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from canvaslm.engine.ar import ar_generate, sample_next, top_k_filter, top_p_filter
+from canvaslm.engine.ar import ar_generate, sample_next, sample_next_each, top_k_filter, top_p_filter
 from canvaslm.errors import GenerationError
 from canvaslm.models.llama import Config, Model
 
@@ -120,3 +120,32 @@ def test_sampling_draws_from_the_filtered_distribution() -> None:
     assert not (draws[0] == 4).any()  # a zero-probability token is never drawn
     top2 = sample_next(logits[:20_000], 1.0, 2, 1.0, torch.Generator().manual_seed(1))
     assert set(top2.tolist()) == {0, 1}
+
+
+def test_next_tokens_drawn_together_are_those_each_row_draws_alone():
+    """`sample_next_each` (the serving engine's running sequences): rows with their own options (temperatures,
+    greedy, top-k, top-p, penalties, a grammar's allowed tokens, n-gram bans) and generators get, token for token,
+    what `sample_next` draws for each alone, and each generator ends where it would have. Bf16 logits."""
+    vocab = 64
+    base = dict(temperature=0.7, top_k=0, top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                no_repeat_ngram_size=0)
+    options = [base, dict(base, temperature=1.0, presence_penalty=1.0), dict(base, frequency_penalty=0.5),
+               dict(base, top_k=5), dict(base, top_p=0.9, temperature=1.3), dict(base, temperature=0.0),
+               dict(base, no_repeat_ngram_size=2), base, dict(base, presence_penalty=0.3)] * 3
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(len(options), vocab, generator=generator) * 3).bfloat16()
+    counts = [torch.randint(0, 3, (1, vocab), generator=generator).float() if i % 4 else None
+              for i in range(len(options))]
+    written = [torch.randint(0, vocab, (1, 8), generator=generator) for _ in options]
+    allowed = [None] * len(options)
+    allowed[7] = torch.rand(1, vocab, generator=generator) > 0.5
+    seeds = range(200, 200 + len(options))
+    alone_gens, gens = [torch.Generator().manual_seed(s) for s in seeds], [torch.Generator().manual_seed(s)
+                                                                            for s in seeds]
+    alone = [int(sample_next(logits[i:i + 1], o["temperature"], o["top_k"], o["top_p"], alone_gens[i], allowed[i],
+                             counts[i], o["presence_penalty"], o["frequency_penalty"], written[i],
+                             o["no_repeat_ngram_size"])) for i, o in enumerate(options)]
+    together = sample_next_each(logits, options, gens, allowed, counts, written)
+    assert together.tolist() == alone and len(set(alone)) > 5
+    for a, b in zip(alone_gens, gens, strict=True):
+        assert torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))
