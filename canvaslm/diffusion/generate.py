@@ -72,7 +72,8 @@ class DiffusionResult:
                                # filled, one of one token, counts the commit that encodes it)
     tokens_per_forward: Tensor # [B] generated non-pad tokens / forward_passes, as the reference defines it
     commit_passes: Tensor | None = None  # [B] causal passes that encoded a row's canvases (the prompt's not
-                                         # counted): with forward_passes, every pass its text cost
+                                         # counted, nor those forward_passes counts): with forward_passes, every
+                                         # pass its text cost
 
 
 def generate_steps(
@@ -147,13 +148,15 @@ def generate_steps(
         draft, steps = state.draft, settings.max_denoising_steps
         region = min(canvas_length, max_new_tokens - canvas_index * canvas_length)
         pinned = pins_only(pins, region, int(eos[0]) if len(eos) else 0)
+        filled = torch.zeros_like(done)
         if pinned is not None:  # nothing to write; positions past max_new_tokens are never returned
             draft, steps = pinned, 0
         else:  # `first_token = "causal"`: the first token from the causal pass, a decoder pass fewer
             open_before = ~(state.stopped | done)
             state = first_from_causal(state, before, settings, generator, mask_token_id=mask_id, allowed=allowed,
                                       counts=counts, written=written)
-            forward_passes += open_before & state.stopped  # filled by its first token: the commit is its one pass
+            filled = open_before & state.stopped  # by its first token: its commit is its one pass, counted here
+            forward_passes += filled
             draft, steps = state.draft, 0 if bool(state.stopped.all()) else steps - state.step
         rows, row_cache, last_logits = None, cache, None
         for _ in range(steps):                                                                # 1.c
@@ -189,7 +192,7 @@ def generate_steps(
         kept = None
         if check:  # encoded now, so that what the causal pass drops never reaches the caller
             hidden = model.encode(tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
-            commit_passes += ~done
+            commit_passes += ~done & ~filled
             causal = model.logits(hidden)  # one head call: the check, and each row's next first token (with shift)
             kept = commit_check(causal[:, :-1], tokens, ~padded, check, settings.adjacent_repeats == "drop")
             if bool((kept < canvas_length).any()):
@@ -209,7 +212,7 @@ def generate_steps(
             break
         if not check:                                                                         # 1.a the canvas
             hidden = encode_chunked(model, tokens, cache, torch.ones_like(tokens, dtype=torch.bool))
-            commit_passes += ~done
+            commit_passes += ~done & ~filled
             before = model.logits(hidden[:, -1:]) if shift else None
         canvas_index += 1
     sequences = torch.cat([input_ids, generated[:, :int(length.max())]], dim=1)

@@ -280,11 +280,12 @@ def test_above_max_draft_batch_checked_canvases_hold_one_token_the_causal_passes
 def test_a_canvas_of_one_token_is_an_ar_step_with_no_decoder_pass(lm, check, monkeypatch):
     """`canvas_size = 1` with the first token from the causal pass: every canvas is that token, so no decoder pass
     runs (each commit counts as the canvas's pass), and near temperature 0 the answer is the greedy AR answer of the
-    same weights' causal pass, checked or not (a canvas of one has no position to check)."""
+    same weights' causal pass, checked or not (a canvas of one has no position to check). Its commits count once,
+    as its forward passes, so tokens a pass with the commits counted are 1 as well."""
     greedy = lm.generate([PROMPTS[1]], 12, decoding="autoregressive", temperature=0.0)
     decoded = []
     monkeypatch.setattr(lm.network, "decode", lambda *a, **k: decoded.append(1))
     out = lm.generate([PROMPTS[1]], 12, seed=0, **dict(SETTINGS, canvas_size=1, commit_check=check,
                                                          first_token_temperature=1e-6))
-    assert not decoded and int(out.forward_passes[0]) == 12 and float(out.tokens_per_forward[0]) > 0
+    assert not decoded and int(out.forward_passes[0]) == 12 and int(out.commit_passes[0]) == 0  # counted once
     assert out.sequences[0, :len(PROMPTS[1]) + 12].tolist() == greedy.sequences[0].tolist()
