@@ -274,6 +274,7 @@ def test_above_max_draft_batch_checked_canvases_hold_one_token_the_causal_passes
     results, decoder_rows = served(3)
     assert [tokens for tokens, _ in results] == [generated(i)[0][:budgets[i]] for i in range(3)]
     assert 3 in decoder_rows
+    assert Engine(lm)._runners["diffusion"].max_draft_batch == 1  # this CPU's default, verified decoding's
 
 
 @pytest.mark.parametrize("check", [0.0, EPS])
