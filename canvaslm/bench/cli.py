@@ -162,8 +162,11 @@ def _serve(args) -> int:
     if unknown or not decodings:
         raise CanvasError(f"--decodings takes diffusion, verified, autoregressive (comma-separated), got "
                           f"{args.decodings!r}")
+    if args.max_draft_batch is not None and args.max_draft_batch < 1:
+        raise CanvasError(f"--max-draft-batch must be >= 1, got {args.max_draft_batch}")
     flags = ["--dtype", args.dtype, "--quantize", args.quantize] + (["--compile"] if args.compile else []) + \
-        (["--threads", str(args.threads)] if args.threads else [])
+        (["--threads", str(args.threads)] if args.threads else []) + \
+        (["--max-draft-batch", str(args.max_draft_batch)] if args.max_draft_batch is not None else [])
     report = {**bench_serve(models, levels, args.requests, args.max_tokens, structured_share=args.structured_share,
                             server_flags=flags, decodings=decodings, temperature=args.temperature,
                             rounds=args.rounds, settings=[key_values(s, "--setting") for s in args.setting] or [{}]),
@@ -219,6 +222,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=1, help="serve: turns each system takes at each level (the "
                    "systems alternate); the median is reported")
     p.add_argument("--max-tokens", type=int, default=64, help="serve: tokens written per request")
+    p.add_argument("--max-draft-batch", type=int, default=None, metavar="N",
+                   help="serve: each server's --max-draft-batch (drafts and checked canvases while at most N "
+                        "sequences run; default: the server's, 1 on CPUs); a large N keeps canvases of their size "
+                        "under load")
     p.add_argument("--decodings", help="serve: the diffusion model's decodings to drive, comma-separated "
                    "(diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, --compile, "
                    "--threads and --temperature reach the servers and the requests. decoding: the ones timed "

@@ -44,11 +44,13 @@ def test_denoise_latencies(model_dir):
 
 
 def test_serve_throughput_and_latency(model_dir, tmp_path):
-    """Each decoding asked for is driven through the same server, with the bench's precision and threads."""
+    """Each decoding asked for is driven through the same server, with the bench's precision, threads and draft
+    limit (a server refusing one would not start)."""
     report = bench("serve", "-m", model_dir, "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8",
                    "--decodings", "diffusion,verified", "--temperature", "0.5", "--threads", "1",
-                   "--out", str(tmp_path / "s.json"))
-    assert report["server_flags"] == ["--dtype", "float32", "--quantize", "none", "--threads", "1"]
+                   "--max-draft-batch", "4", "--out", str(tmp_path / "s.json"))
+    assert report["server_flags"] == ["--dtype", "float32", "--quantize", "none", "--threads", "1",
+                                      "--max-draft-batch", "4"]
     assert report["temperature"] == 0.5 and list(report["models"]) == [model_dir, f"{model_dir} · verified"]
     for name, decoding in ((model_dir, "diffusion"), (f"{model_dir} · verified", "verified")):
         entry = report["models"][name]
