@@ -54,10 +54,10 @@ def penalize(logits: Tensor, counts: Tensor | None, presence: float, frequency: 
     if counts is None or (not torch.is_tensor(presence) and not torch.is_tensor(frequency)
                           and presence == 0 and frequency == 0):  # tensors: one of each per row
         return logits
-    penalty = presence * (counts > 0)
-    if torch.is_tensor(frequency) or frequency != 0:  # + 0 * counts would add exact zeros: a [.., V] pass fewer
-        penalty = penalty + frequency * counts
-    return logits - penalty.to(logits.dtype)
+    if not torch.is_tensor(frequency) and frequency == 0:  # the same values as below, in fewer passes over [.., V]
+        return torch.where(counts > 0, logits - torch.as_tensor(presence, dtype=torch.float32).to(logits.dtype),
+                           logits)
+    return logits - (presence * (counts > 0) + frequency * counts).to(logits.dtype)
 
 
 def count_tokens(counts: Tensor | None, tokens: Tensor, weight: Tensor | None = None) -> Tensor | None:

@@ -26,6 +26,14 @@ def test_penalize_subtracts_presence_once_and_frequency_per_time():
     assert torch.equal(penalize(logits, counts, 1.5, 0.5), torch.tensor([[0.0, -2.0, -3.0, 0.0],
                                                                          [-2.5, 0.0, 0.0, 0.0]]))
     assert penalize(logits, counts, 0.0, 0.0) is logits and penalize(logits, None, 1.0, 1.0) is logits
+    # presence alone takes a shorter path: the same values, bit for bit, in bf16 and float32, per row too
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 3, (3, 1, 500), generator=generator).float()
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(3, 1, 500, generator=generator) * 5).to(dtype)
+        for presence in (0.4, 1.0, torch.tensor([0.4, 1.0, 0.0])[:, None, None]):
+            by_formula = logits - (presence * (counts > 0) + 0.0 * counts).to(dtype)
+            assert torch.equal(penalize(logits, counts, presence, 0.0), by_formula)
 
 
 def greedy_by_hand(lm, prompt: list[int], steps: int, adjust) -> list[int]:
