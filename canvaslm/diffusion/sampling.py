@@ -60,6 +60,23 @@ def penalize(logits: Tensor, counts: Tensor | None, presence: float, frequency: 
     return logits - (presence * (counts > 0) + frequency * counts).to(logits.dtype)
 
 
+def penalize_rows(logits: Tensor, counts: list[Tensor | None], presence: list[float], frequency: list[float]
+                  ) -> Tensor:
+    """`penalize` for rows [n, ..., V] of their own penalties and counts (each [1, V], None: no counts), in one
+    pass: a row without counts or penalties subtracts exact zeros, so every row gets what `penalize` gives it
+    alone (the serving engine's rows sampled together)."""
+    on = [c is not None and bool(p or f) for c, p, f in zip(counts, presence, frequency, strict=True)]
+    if not any(on):
+        return logits
+    zeros = torch.zeros(1, logits.shape[-1], dtype=torch.float32, device=logits.device)
+    held = torch.cat([c if row else zeros for c, row in zip(counts, on, strict=True)])
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    held = held.reshape(held.shape[:1] + (1,) * (logits.dim() - 2) + held.shape[1:])
+    rows = torch.tensor([presence, frequency], device=logits.device)
+    presences, frequencies = rows[0].reshape(shape), rows[1].reshape(shape)
+    return penalize(logits, held, presences, frequencies if bool(frequencies.any()) else 0.0)
+
+
 def count_tokens(counts: Tensor | None, tokens: Tensor, weight: Tensor | None = None) -> Tensor | None:
     """counts [B, V] plus each row's tokens [B, n] (weighted [B, n]: 0 leaves one out), in place; None stays None
     (penalties off)."""

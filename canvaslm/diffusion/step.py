@@ -33,7 +33,7 @@ from canvaslm.diffusion.sampling import (
     kept_tokens,
     open_sub_block,
     penalize,
-    penalties_on,
+    penalize_rows,
     pin,
     propose,
     random_canvas,
@@ -212,13 +212,9 @@ def first_from_causal_each(states: list[CanvasState], befores: list[Tensor | Non
     if not together:
         return out
     logits = torch.cat([befores[i] for i in together])                                          # [n, 1, V]
-    if any(counts[i] is not None and penalties_on(settings[i]) for i in together):
-        # a fresh canvas holds no token yet: each row's `held_tokens` are its counts (zeros for a row without)
-        held = torch.cat([counts[i] if counts[i] is not None and penalties_on(settings[i])
-                          else torch.zeros_like(logits[0], dtype=torch.float32) for i in together])[:, None]
-        presence, frequency = torch.tensor([[settings[i].presence_penalty, settings[i].frequency_penalty]
-                                            for i in together], device=logits.device)[:, :, None, None].unbind(1)
-        logits = penalize(logits, held, presence, frequency if bool(frequency.any()) else 0.0)
+    # a fresh canvas holds no token yet: each row's `held_tokens` are its counts
+    logits = penalize_rows(logits, [counts[i] for i in together], [settings[i].presence_penalty for i in together],
+                           [settings[i].frequency_penalty for i in together])
     temperatures = torch.stack([torch.as_tensor(_first_temperature(settings[i]), dtype=torch.float32)
                                 for i in together]).to(logits.device).reshape(-1, 1, 1)
     logits = logits.float() / temperatures

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import append_written, count_tokens, penalize, sample_inverse_cdf, without_next_repeats
+from canvaslm.diffusion.sampling import (append_written, count_tokens, penalize, penalize_rows, sample_inverse_cdf,
+                                        without_next_repeats)
 from canvaslm.errors import GenerationError
 from canvaslm.knobs import BY_NAME
 from canvaslm.models.cache import KVCache, encode_chunked
@@ -92,15 +93,8 @@ def sample_next_each(logits: Tensor, options: Sequence[Mapping[str, Any]], gener
         else:
             groups.setdefault((o["top_k"], o["top_p"]), []).append(i)
     for (top_k, top_p), rows in groups.items():
-        part = logits[rows]
-        penalized = [counts[i] is not None and bool(options[i]["presence_penalty"] or options[i]["frequency_penalty"])
-                     for i in rows]
-        if any(penalized):  # rows without penalties subtract exact zeros
-            held = torch.cat([counts[i] if on else torch.zeros_like(part[:1], dtype=torch.float32)
-                              for i, on in zip(rows, penalized, strict=True)])
-            presence, frequency = torch.tensor([[options[i]["presence_penalty"], options[i]["frequency_penalty"]]
-                                                for i in rows], device=logits.device)[:, :, None].unbind(1)
-            part = penalize(part, held, presence, frequency if bool(frequency.any()) else 0.0)
+        part = penalize_rows(logits[rows], [counts[i] for i in rows], [options[i]["presence_penalty"] for i in rows],
+                             [options[i]["frequency_penalty"] for i in rows])
         temperatures = torch.tensor([options[i]["temperature"] for i in rows], device=logits.device)[:, None]
         part = top_p_filter(top_k_filter(part.float() / temperatures, top_k), top_p)
         uniforms = torch.cat([torch.rand(1, 1, generator=generators[i], device=logits.device) for i in rows])

@@ -133,6 +133,10 @@ def test_a_structured_share_outside_zero_to_one_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr
     assert "--rounds must be >= 1, got 0" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "canvaslm.cli", "bench", "serve", "--max-draft-batch", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stdout == "" and "Traceback" not in out.stderr
+    assert "--max-draft-batch must be >= 1, got 0" in out.stderr
 
 
 def test_passes_time_each_pass_size_for_each_precision(model_dir, tmp_path):
