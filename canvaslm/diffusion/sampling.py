@@ -9,6 +9,7 @@ numerically, as small functions instead of stateful classes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,21 +61,49 @@ def penalize(logits: Tensor, counts: Tensor | None, presence: float, frequency: 
     return logits - (presence * (counts > 0) + frequency * counts).to(logits.dtype)
 
 
-def penalize_rows(logits: Tensor, counts: list[Tensor | None], presence: list[float], frequency: list[float]
-                  ) -> Tensor:
-    """`penalize` for rows [n, ..., V] of their own penalties and counts (each [1, V], None: no counts), in one
-    pass: a row without counts or penalties subtracts exact zeros, so every row gets what `penalize` gives it
-    alone (the serving engine's rows sampled together)."""
-    on = [c is not None and bool(p or f) for c, p, f in zip(counts, presence, frequency, strict=True)]
+def penalize_rows(logits: Tensor, held: list[Mapping[int, float] | None], presence: list[float],
+                  frequency: list[float]) -> Tensor:
+    """`penalize` for rows [n, ..., V] of their own penalties, each row's answer given as {token: times it holds
+    it} (`held_of` its counts; None: no penalties): a copy of the logits with only those tokens' positions worked
+    out (one gather, one scatter), not passes over all of [n, ..., V] and the counts. Elsewhere `penalize` subtracts
+    an exact zero, so every row gets what `penalize` gives it alone, bit for bit (the serving engine's rows sampled
+    together)."""
+    on = [h is not None and bool(h) and bool(p or f) for h, p, f in zip(held, presence, frequency, strict=True)]
     if not any(on):
         return logits
-    zeros = torch.zeros(1, logits.shape[-1], dtype=torch.float32, device=logits.device)
-    held = torch.cat([c if row else zeros for c, row in zip(counts, on, strict=True)])
-    shape = (-1,) + (1,) * (logits.dim() - 1)
-    held = held.reshape(held.shape[:1] + (1,) * (logits.dim() - 2) + held.shape[1:])
-    rows = torch.tensor([presence, frequency], device=logits.device)
-    presences, frequencies = rows[0].reshape(shape), rows[1].reshape(shape)
-    return penalize(logits, held, presences, frequencies if bool(frequencies.any()) else 0.0)
+    rows = [j for j, row in enumerate(on) if row for _ in held[j]]
+    tokens = torch.tensor([t for j, row in enumerate(on) if row for t in held[j]], device=logits.device)
+    index = torch.tensor(rows, device=logits.device)
+    amount = torch.tensor(presence, dtype=torch.float32, device=logits.device)[index]
+    if any(frequency):  # as `penalize`: presence * 1 + frequency * times, in float32, then the logits' dtype
+        times = torch.tensor([c for j, row in enumerate(on) if row for c in held[j].values()], dtype=torch.float32,
+                             device=logits.device)
+        amount = amount + torch.tensor(frequency, dtype=torch.float32, device=logits.device)[index] * times
+    out = logits.clone(memory_format=torch.contiguous_format)
+    flat = out.view(out.shape[0], -1, out.shape[-1])                                             # [n, M, V]
+    flat[index, :, tokens] = flat[index, :, tokens] - amount.to(out.dtype)[:, None]
+    return out
+
+
+def held_of(counts: Tensor | None) -> dict[int, float] | None:
+    """A row's counts [1, V] as {token: times} over the tokens it holds (what `penalize_rows` reads)."""
+    if counts is None:
+        return None
+    tokens = counts[0].nonzero().squeeze(1)
+    return dict(zip(tokens.tolist(), counts[0, tokens].tolist(), strict=True))
+
+
+def stack_rows(rows: list[Tensor]) -> Tensor:
+    """Rows [1, ...] as one [n, ...] tensor: a view where they lie one after another in one tensor (the serving
+    engine's next-token logits, rows of one head call: no copy of [n, V] read from memory that the pass left
+    cold), else `torch.cat`."""
+    first, size = rows[0], rows[0].numel()
+    storage = first.untyped_storage().data_ptr()
+    if all(row.is_contiguous() and row.shape == first.shape and row.dtype == first.dtype
+           and row.untyped_storage().data_ptr() == storage and row.storage_offset() == first.storage_offset() + j * size
+           for j, row in enumerate(rows)):
+        return first.as_strided((len(rows), *first.shape[1:]), (size, *first.stride()[1:]))
+    return torch.cat(rows)
 
 
 def count_tokens(counts: Tensor | None, tokens: Tensor, weight: Tensor | None = None) -> Tensor | None:

@@ -29,7 +29,7 @@ from canvaslm.diffusion.sampling import (
     ban,
     carry_over,
     drawn_twice,
-    exp_probabilities,
+    held_of,
     kept_tokens,
     open_sub_block,
     penalize,
@@ -43,6 +43,7 @@ from canvaslm.diffusion.sampling import (
     revise,
     sample_inverse_cdf,
     stable_and_confident,
+    stack_rows,
     temperature_at,
 )
 from canvaslm.errors import GenerationError
@@ -175,7 +176,10 @@ def first_from_causal(state: CanvasState, before: Tensor | None, settings: Diffu
         logits = logits.masked_fill(~allowed[:, :1], float("-inf"))
     logits[..., mask_token_id] = float("-inf")  # in place: the division made a new tensor
     logits = _without_repeats(logits, state.canvas[:, :1], written, settings, mask_token_id)
-    token, _ = propose(logits, settings, generator)                                              # [B, 1]
+    if settings.sampler == "fast":  # as the AR loop draws (`sample_next`): one softmax, no entropy to work out
+        token = sample_inverse_cdf(logits.softmax(dim=-1), generator)                           # [B, 1]
+    else:
+        token, _ = propose(logits, settings, generator)
     return _with_first(state, token, mask_token_id)
 
 
@@ -192,12 +196,14 @@ def _first_temperature(settings: DiffusionSampling) -> float | Tensor:
 def first_from_causal_each(states: list[CanvasState], befores: list[Tensor | None],
                            settings: list[DiffusionSampling], generators: list[torch.Generator | None], *,
                            mask_token_id: int | None, allowed: list[Tensor | None], counts: list[Tensor | None],
-                           written: list[Tensor | None]) -> list[CanvasState]:
+                           written: list[Tensor | None], held: list[dict[int, float] | None] | None = None
+                           ) -> list[CanvasState]:
     """`first_from_causal` for sequences of one row each with their own settings and random generators (the
     serving engine's canvases that start in one step), the usual ones drawn in one batch: the penalties, the
     temperature, the softmax and the inverse CDF over [n, 1, V] at once, one uniform from each row's own generator.
-    Each row draws the token `first_from_causal` draws for it alone. Rows with allowed tokens, `no_repeat_ngram_size`,
-    another sampler than "fast" or a first position not free are drawn alone."""
+    Each row draws the token `first_from_causal` draws for it alone. Rows with allowed tokens,
+    `no_repeat_ngram_size`, another sampler than "fast" or a first position not free are drawn alone. `held`: each
+    row's counts as {token: times} (`held_of`), kept by the caller so that no pass reads the counts."""
     out = list(states)
     together = []
     for i, (state, before, options) in enumerate(zip(states, befores, settings, strict=True)):
@@ -211,19 +217,22 @@ def first_from_causal_each(states: list[CanvasState], befores: list[Tensor | Non
                                        allowed=allowed[i], counts=counts[i], written=written[i])
     if not together:
         return out
-    logits = torch.cat([befores[i] for i in together])                                          # [n, 1, V]
+    logits = stack_rows([befores[i] for i in together])                                         # [n, 1, V]
     # a fresh canvas holds no token yet: each row's `held_tokens` are its counts
-    logits = penalize_rows(logits, [counts[i] for i in together], [settings[i].presence_penalty for i in together],
+    logits = penalize_rows(logits, [held[i] if held is not None else held_of(counts[i]) for i in together],
+                           [settings[i].presence_penalty for i in together],
                            [settings[i].frequency_penalty for i in together])
-    temperatures = torch.stack([torch.as_tensor(_first_temperature(settings[i]), dtype=torch.float32)
-                                for i in together]).to(logits.device).reshape(-1, 1, 1)
+    temperatures = torch.tensor([float(_first_temperature(settings[i])) for i in together], dtype=torch.float32,
+                                device=logits.device).reshape(-1, 1, 1)
     logits = logits.float() / temperatures
     logits[..., mask_token_id] = float("-inf")
-    probs, _ = exp_probabilities(logits.log_softmax(dim=-1))  # as `propose` works them out for the fast sampler
     uniforms = torch.cat([torch.rand(1, 1, 1, generator=generators[i], device=logits.device) for i in together])
-    tokens = sample_inverse_cdf(probs, None, uniforms=uniforms)                                  # [n, 1]
-    for j, i in enumerate(together):
-        out[i] = _with_first(states[i], tokens[j:j + 1], mask_token_id)
+    tokens = sample_inverse_cdf(logits.softmax(dim=-1), None, uniforms=uniforms)                # [n, 1]
+    for j, i in enumerate(together):  # a fresh canvas of masks, its first position free: the token, then masks
+        state = states[i]
+        canvas = torch.cat([tokens[j:j + 1], state.canvas[:, 1:]], dim=1)
+        out[i] = dataclasses.replace(state, canvas=canvas, draft=canvas, step=1,
+                                     stopped=state.stopped | (canvas.shape[1] == 1))
     return out
 
 

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from canvaslm.diffusion.sampling import (append_written, count_tokens, penalize, penalize_rows, sample_inverse_cdf,
-                                        without_next_repeats)
+from canvaslm.diffusion.sampling import (append_written, count_tokens, held_of, penalize, penalize_rows,
+                                        sample_inverse_cdf, without_next_repeats)
 from canvaslm.errors import GenerationError
 from canvaslm.knobs import BY_NAME
 from canvaslm.models.cache import KVCache, encode_chunked
@@ -76,13 +76,14 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
 
 
 def sample_next_each(logits: Tensor, options: Sequence[Mapping[str, Any]], generators: list[torch.Generator | None],
-                     allowed: list[Tensor | None], counts: list[Tensor | None], written: list[Tensor | None]
-                     ) -> Tensor:
+                     allowed: list[Tensor | None], counts: list[Tensor | None], written: list[Tensor | None],
+                     held: list[dict[int, float] | None] | None = None) -> Tensor:
     """`sample_next` for rows [n, V] that each have their own options and random generator (the serving engine's
     running sequences), [n]. The rows that sample (temperature above 0) with no allowed-token mask and no n-gram
     bans, alike in top_k and top_p, are drawn in one batch: penalties and temperatures per row, one uniform from
     each row's own generator. Each row gets the token `sample_next` draws for it alone; the other rows are drawn
-    alone."""
+    alone. `held`: each row's counts as {token: times} (`held_of`), kept by the caller so that no pass reads the
+    counts."""
     tokens = torch.empty(len(options), dtype=torch.long, device=logits.device)
     groups: dict[tuple[int, float], list[int]] = {}
     for i, o in enumerate(options):
@@ -93,7 +94,9 @@ def sample_next_each(logits: Tensor, options: Sequence[Mapping[str, Any]], gener
         else:
             groups.setdefault((o["top_k"], o["top_p"]), []).append(i)
     for (top_k, top_p), rows in groups.items():
-        part = penalize_rows(logits[rows], [counts[i] for i in rows], [options[i]["presence_penalty"] for i in rows],
+        part = logits if len(rows) == len(options) else logits[rows]  # all rows: no copy
+        part = penalize_rows(part, [held[i] if held is not None else held_of(counts[i]) for i in rows],
+                             [options[i]["presence_penalty"] for i in rows],
                              [options[i]["frequency_penalty"] for i in rows])
         temperatures = torch.tensor([options[i]["temperature"] for i in rows], device=logits.device)[:, None]
         part = top_p_filter(top_k_filter(part.float() / temperatures, top_k), top_p)

@@ -62,4 +62,5 @@ class Sequence:
                                     # the prediction of the canvas's first token
     counts: Tensor | None = None    # [1, V] the tokens its answer holds (committed, or verified: in the cache),
                                     # which the penalties read; None when its settings have none
+    held: dict[int, float] | None = None  # counts' tokens as {token: times}, which rows sampled together read
     written: Tensor | None = None   # [1, L] those tokens in order, which `no_repeat_ngram_size` reads; None: off

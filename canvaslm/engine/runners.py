@@ -61,7 +61,7 @@ from canvaslm.diffusion.step import (
     works_out_open_rows_only,
 )
 from canvaslm.diffusion.generate import after_first_eos, commit_check, open_logits, read_outputs, unchecked
-from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on
+from canvaslm.diffusion.sampling import append_written, count_tokens, penalties_on, stack_rows
 from canvaslm.engine.ar import advance, sample_next, sample_next_each
 from canvaslm.engine.guided import GuidedDecodingError, Matcher, llg_tokenizer
 from canvaslm.engine.lm import LM
@@ -92,9 +92,12 @@ class Timer:
 
 
 def start_answer(lm: LM, seq: Sequence) -> None:
-    """A sequence's record of its answer's tokens, empty: their counts [1, V] for its penalties and the tokens
-    themselves [1, 0] for `no_repeat_ngram_size`, each None when its settings do not read it."""
-    seq.counts = torch.zeros(1, lm.network.vocab_size, device=lm.device) if penalties_on(seq.settings) else None
+    """A sequence's record of its answer's tokens, empty: their counts [1, V] for its penalties (and as
+    {token: times}, which rows sampled together read) and the tokens themselves [1, 0] for `no_repeat_ngram_size`,
+    each None when its settings do not read it."""
+    penalized = penalties_on(seq.settings)
+    seq.counts = torch.zeros(1, lm.network.vocab_size, device=lm.device) if penalized else None
+    seq.held = {} if penalized else None
     settings = seq.settings
     n = settings.get("no_repeat_ngram_size", 0) if isinstance(settings, dict) else settings.no_repeat_ngram_size
     seq.written = torch.zeros(1, 0, dtype=torch.long, device=lm.device) if n else None
@@ -103,6 +106,9 @@ def start_answer(lm: LM, seq: Sequence) -> None:
 def record_answer(seq: Sequence, tokens: Tensor) -> None:
     """tokens [1, n] joined the sequence's answer (committed, or in the cache)."""
     count_tokens(seq.counts, tokens)
+    if seq.held is not None:
+        for token in tokens[0].tolist():
+            seq.held[token] = seq.held.get(token, 0.0) + 1.0
     seq.written = append_written(seq.written, tokens)
 
 
@@ -318,7 +324,8 @@ class DiffusionRunner:
         states = first_from_causal_each([s.state for s in drawing], [s.before for s in drawing],
                                         [s.settings for s in drawing], [s.generator for s in drawing],
                                         mask_token_id=mask_token_id, allowed=[s.allowed for s in drawing],
-                                        counts=[s.counts for s in drawing], written=[s.written for s in drawing])
+                                        counts=[s.counts for s in drawing], written=[s.written for s in drawing],
+                                        held=[s.held for s in drawing])
         for seq, state in zip(drawing, states, strict=True):
             seq.state = state
 
@@ -469,10 +476,11 @@ class ARRunner(SharedCacheRunner):
         into the shared cache in one pass."""
         going, seqs = [], list(running)
         vocab, eos = self.lm.network.vocab_size, self.lm.eos_token_ids
-        tokens = sample_next_each(torch.cat([s.next_logits for s in seqs]), [s.settings for s in seqs],
+        tokens = sample_next_each(stack_rows([s.next_logits for s in seqs]), [s.settings for s in seqs],
                                   [s.generator for s in seqs],
                                   [None if s.matcher is None else s.matcher.allowed(vocab, s.next_logits.device)
-                                   for s in seqs], [s.counts for s in seqs], [s.written for s in seqs])
+                                   for s in seqs], [s.counts for s in seqs], [s.written for s in seqs],
+                                  [s.held for s in seqs])
         for i, seq in enumerate(seqs):
             matcher, token = seq.matcher, tokens[i:i + 1]
             record_answer(seq, token[:, None])
@@ -553,7 +561,7 @@ class VerifiedRunner(SharedCacheRunner):
         for seq in seqs:
             record_answer(seq, seq.anchor[:, None])  # now in the cache
         anchors = sample_next_each(logits, [s.settings for s in seqs], [s.generator for s in seqs], [None] * len(seqs),
-                                   [s.counts for s in seqs], [s.written for s in seqs])
+                                   [s.counts for s in seqs], [s.written for s in seqs], [s.held for s in seqs])
         for i, seq in enumerate(seqs):
             seq.anchor = anchors[i:i + 1]
             seq.passes += 1

@@ -10,10 +10,11 @@ import queue
 import pytest
 import torch
 
-from canvaslm.diffusion.sampling import DiffusionSampling, penalize
+from canvaslm.diffusion.sampling import DiffusionSampling, held_of, penalize, penalize_rows, stack_rows
 from canvaslm.diffusion.step import denoise_step, first_from_causal, start_canvas
 from canvaslm.engine.core import Engine
-from canvaslm.engine.request import Request
+from canvaslm.engine.request import Request, Sequence
+from canvaslm.engine.runners import record_answer, start_answer
 from canvaslm.errors import GenerationError
 from tests.engine.test_verified import PROMPTS, chi_square_p, exact_joint, first_tokens, shift_llama, tokens_of
 
@@ -34,6 +35,58 @@ def test_penalize_subtracts_presence_once_and_frequency_per_time():
         for presence in (0.4, 1.0, torch.tensor([0.4, 1.0, 0.0])[:, None, None]):
             by_formula = logits - (presence * (counts > 0) + 0.0 * counts).to(dtype)
             assert torch.equal(penalize(logits, counts, presence, 0.0), by_formula)
+
+
+def test_rows_penalized_together_get_what_each_gets_alone_bit_for_bit():
+    """`penalize_rows` works out only the positions of the tokens each row's answer holds ({token: times}, kept by
+    the engine beside its counts): every row gets exactly what `penalize` gives it alone, in bf16 and float32, with
+    presence alone or frequency too, a middle dimension, -inf logits, rows without penalties or counts; and the
+    input is left as it was."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = 300
+    counts = [torch.randint(0, 3, (1, vocab), generator=generator).float() * (torch.rand(1, vocab) < 0.1)
+              for _ in range(6)]
+    counts[4] = torch.zeros(1, vocab)  # an answer with nothing yet
+    counts[5] = None
+    held = [held_of(c) for c in counts]
+    assert held[4] == {} and held[5] is None and held[0] == {t: float(counts[0][0, t]) for t in
+                                                               counts[0][0].nonzero().squeeze(1).tolist()}
+    for dtype in (torch.bfloat16, torch.float32):
+        for middle in (1, 3):
+            logits = (torch.randn(6, middle, vocab, generator=generator) * 5).to(dtype)
+            logits[0, :, 7] = float("-inf")
+            before = logits.clone()
+            for frequency in ([0.0] * 6, [0.5, 0.0, 0.25, 1.0, 0.5, 0.5]):
+                presence = [1.0, 0.4, 0.0, 1.5, 1.0, 1.0]
+                together = penalize_rows(logits, held, presence, frequency)
+                for i in range(6):
+                    alone = penalize(logits[i:i + 1], None if counts[i] is None else counts[i][:, None],
+                                     presence[i], frequency[i])
+                    assert torch.equal(together[i:i + 1], alone), (dtype, middle, frequency, i)
+                assert not torch.equal(together[0], logits[0]) and torch.equal(logits, before)
+    assert penalize_rows(logits, [None, {}] + [None] * 4, [1.0] * 6, [0.0] * 6) is logits
+
+
+def test_the_engines_answer_record_keeps_its_tokens_as_the_counts_hold_them():
+    """`record_answer` keeps a penalized sequence's tokens twice: counts [1, V] and {token: times}; they agree."""
+    lm = shift_llama()
+    seq = Sequence(Request([1, 2], 8, lambda _: None, sampling=PENALTIES), torch.Generator(), None,
+                   lm.diffusion_settings(PENALTIES))
+    start_answer(lm, seq)
+    for tokens in ([[5, 6, 5]], [[6]], [[9, 5]]):
+        record_answer(seq, torch.tensor(tokens))
+    assert seq.held == held_of(seq.counts) == {5: 3.0, 6: 2.0, 9: 1.0}
+
+
+def test_rows_of_one_tensor_stack_as_a_view():
+    """`stack_rows`: rows lying one after another in one tensor come back as a view of it (no copy); others as
+    `torch.cat` gives them."""
+    base = torch.randn(5, 1, 7)
+    rows = [base[i:i + 1] for i in range(1, 4)]
+    stacked = stack_rows(rows)
+    assert torch.equal(stacked, base[1:4]) and stacked.data_ptr() == base[1].data_ptr()
+    for others in ([base[2:3], base[1:2]], [base[0:1], base[2:3]], [base[0:1], torch.randn(1, 1, 7)]):
+        assert torch.equal(stack_rows(others), torch.cat(others)) and stack_rows(others).data_ptr() != base.data_ptr()
 
 
 def greedy_by_hand(lm, prompt: list[int], steps: int, adjust) -> list[int]:
