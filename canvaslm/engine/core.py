@@ -1,4 +1,5 @@
-"""Continuous batching for serving, the core loop: a bounded queue, one background thread, admission up to
+"""Continuous batching for serving, the core loop: a bounded queue, one loop (a background thread, or the thread that
+loaded the model: `Engine.run`), admission up to
 `max_batch` running sequences, cancellation, and the end of each sequence. Every step, a runner
 (`canvaslm.engine.runners`: diffusion, verified or autoregressive, each request's decoding) advances all its running
 sequences with one shared pass (verified: a draft pass and a check pass); their tokens leave through
@@ -34,11 +35,12 @@ class QueueFull(CanvasError):
 
 
 class EngineDead(CanvasError):
-    """The engine thread stopped on an internal error (HTTP 503; /health reports it)."""
+    """The engine loop stopped on an internal error (HTTP 503; /health reports it)."""
 
 
 class Engine:
-    """Runs sequences from a bounded queue in one background thread, `max_batch` at a time."""
+    """Runs sequences from a bounded queue in one loop, `max_batch` at a time: in a background thread (`start`) or
+    in the caller's (`run`)."""
 
     def __init__(self, lm: LM, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
                  on_step: Callable[[int, float], None] | None = None,
@@ -61,14 +63,33 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._looping = False
         self.error: BaseException | None = None
 
     # ---- public, any thread ----------------------------------------------------------------------------------
 
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="canvaslm-engine", daemon=True)
+        """The loop (`run`) in a background thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="canvaslm-engine", daemon=True)
+        self._looping = True  # alive from now on, not from when the thread gets to run
         self._thread.start()
         return self
+
+    def run(self, started: Callable[[], None] | None = None) -> None:
+        """The loop in the calling thread, until `stop` (from another thread) or an error; `started` is called
+        once the engine is alive, before its first step (what takes requests starts there). A process whose one
+        thread loads the model and runs this loop does all its torch work in that thread, which is what `canvaslm
+        serve` does: torch's OpenMP runtime (libgomp) keeps a pool of worker threads per thread that has run a
+        parallel op, and with more pooled threads than cores it stops letting them spin between ops. On a 2-core
+        CPU the loop then ran at half speed in a thread of its own (the AR loop at one request: 25 tok/s, against
+        57 in the thread that loaded the model)."""
+        self._looping = True
+        try:
+            if started is not None:
+                started()
+            self._loop()
+        finally:
+            self._looping = False
 
     def stop(self) -> None:
         with self._wake:
@@ -79,7 +100,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self._looping and self.error is None
 
     @property
     def waiting(self) -> int:
@@ -163,6 +184,8 @@ class Engine:
                 self._waiting.clear()
                 for runner in self._runners.values():
                     runner.reset()
+            if isinstance(error, KeyboardInterrupt | SystemExit):  # `run` in the main thread: the process stops
+                raise
 
     def _drop_cancelled(self) -> None:
         if not self._cancelled:

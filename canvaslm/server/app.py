@@ -46,21 +46,24 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
 
 
 def build_app(lm: LM, name: str, *, max_batch: int = 32, max_queue: int = 256, pin_settled: bool = True,
-              decoding: str | None = None, max_draft_batch: int | None = None) -> FastAPI:
+              decoding: str | None = None, max_draft_batch: int | None = None, engine_thread: bool = True) -> FastAPI:
     """The FastAPI app serving `lm` as model `name` (`decoding`: for requests that name none; `max_draft_batch`:
-    see `Engine`); the engine thread starts and stops with the app."""
+    see `Engine`); the engine (`app.state.engine`) starts and stops with the app in a thread of its own, or, with
+    `engine_thread=False`, runs where the caller runs it (`Engine.run`, `canvaslm serve`)."""
     metrics = Metrics(name)
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue, pin_settled=pin_settled,
                     on_step=metrics.forward_pass, on_verified=metrics.verified_round, max_draft_batch=max_draft_batch)
     server = Server(lm, name, engine, metrics, decoding)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
-        engine.stop()
+        if engine_thread:
+            engine.stop()
 
     app = FastAPI(title="canvaslm", version="0.1.0", lifespan=lifespan)
-    app.state.server = server
+    app.state.server, app.state.engine = server, engine
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:

@@ -66,6 +66,33 @@ def test_a_request_alone_equals_generate(lm):
         engine.stop()
 
 
+def test_the_engine_loop_runs_in_the_calling_thread_until_stopped(lm):
+    """`Engine.run` (what `canvaslm serve` does, so that the thread that loaded the model does all the torch work):
+    the loop runs in the caller's thread, alive while it runs (from when it calls `started`); requests submitted from
+    another thread get what `generate` writes; `stop` from another thread ends it."""
+    engine = Engine(lm, pin_settled=False)
+    assert not engine.alive
+    inbox: queue.Queue = queue.Queue()
+    seen = {}
+
+    def client() -> None:
+        try:
+            engine.submit(Request(PROMPTS[1], 9, inbox.put, seed=3))
+            seen["result"] = received(inbox)
+            seen["alive"] = engine.alive
+        except BaseException as error:  # reported by the test, after the loop ended
+            seen["error"] = error
+        finally:
+            engine.stop()
+
+    engine.run(started=threading.Thread(target=client).start)
+    assert "error" not in seen, seen["error"]
+    assert not engine.alive and engine.error is None and seen["alive"]
+    tokens, finished, _ = seen["result"]
+    expected = lm.decode_new(lm.generate([PROMPTS[1]], 9, seed=3).sequences[0], len(PROMPTS[1]))[0][:9]
+    assert tokens == expected and finished.reason == "length"
+
+
 def test_self_conditioning_is_kept_and_stacked_only_for_a_model_that_reads_it(monkeypatch):
     """A model trained without self-conditioning (its block adds exactly nothing, as smol's) gets no logits fed
     back: the engine keeps none and stacks none (50 MB a step at 32 sequences), and still writes what generate

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -292,3 +295,36 @@ def test_no_repeat_ngram_size_travels_in_extra_body(client, model_dir):
     assert ruled != ask()
     with pytest.raises(openai.BadRequestError, match="no_repeat_ngram_size"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"no_repeat_ngram_size": -1})
+
+
+def test_sigterm_lets_open_requests_finish_and_a_taken_port_is_an_exit_code(model_dir):
+    """`canvaslm serve` runs its engine loop in the thread that loaded the model and HTTP in another: SIGTERM
+    stops HTTP gracefully (a request in flight still gets its whole answer), then the engine, and the process exits
+    0; a port already in use ends it with 1 and uvicorn's message, not a hang."""
+    live = start_server(model_dir)
+    try:
+        client = openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0, timeout=120)
+        answer = {}
+        thread = threading.Thread(target=lambda: answer.update(
+            response=chat(client, max_tokens=160, extra_body={"ignore_eos": True})))
+        thread.start()
+        while httpx.get(live.url + "/health").json()["running"] == 0:  # in flight
+            time.sleep(0.01)
+        live.process.terminate()
+        assert "response" not in answer
+        assert live.process.wait(timeout=60) == 0
+        thread.join(timeout=60)
+        response = answer["response"]
+        assert response.usage.completion_tokens == 160 and response.choices[0].finish_reason == "length"
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            run = subprocess.run([sys.executable, "-m", "canvaslm.cli", "serve", str(model_dir), "--port", str(port),
+                                  "--dtype", "float32", "--quantize", "none"], capture_output=True, text=True,
+                                 timeout=120)
+        assert run.returncode == 1 and "address already in use" in run.stderr, run.stderr[-1000:]
+        assert run.stdout == ""
+    finally:
+        if live.process.poll() is None:
+            stop_server(live)
