@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from canvaslm.hardware import one_query_sdpa_max_rows
+
 
 PUT_SPARE = 16
 """Padding slots `KVCache.put` adds at least, when a row it writes back has outgrown the batch: a serving step
@@ -331,9 +333,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
     mask [B or 1, H, n, T], n > 1: a grid canvas's relation bias) -> [B, n, H*D]."""
     batch, heads, n, dim = q.shape
     groups = heads // k.shape[1]
-    if n == 1:
-        # one query (an AR step): plain matmuls over the grouped heads, no repeated k/v. torch's CPU flash kernel
-        # costs 5-7x more here in bfloat16 (4.9 vs 0.7 ms for 64 rows x 60 keys on a 2-core EPYC)
+    if n == 1 and batch > one_query_sdpa_max_rows(q.device.type):
+        # one query (an AR step) in many rows: plain matmuls over the grouped heads, no repeated k/v. torch's CPU
+        # flash kernel costs 5-7x more here in bfloat16 (4.9 vs 0.7 ms for 64 rows x 60 keys on a 2-core EPYC);
+        # in few rows on AMX CPUs it is 2-4x faster (`one_query_sdpa_max_rows`) and takes the grouped path below
         grouped = q.view(batch, k.shape[1], groups, dim)                       # [B, Hkv, G, D]
         scores = (grouped @ k.transpose(-1, -2)).float() * scale               # [B, Hkv, G, T]
         if mask is not None:

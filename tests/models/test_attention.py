@@ -1,4 +1,4 @@
-"""attend(): the one-query path (AR steps) equals torch's SDPA with grouped heads repeated, masked or not."""
+"""attend(): the one-query paths (AR steps) equal torch's SDPA with grouped heads repeated, masked or not."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from canvaslm.models.cache import attend
 
 
+@pytest.mark.parametrize("route", ["matmuls", "sdpa"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_one_query_attention_equals_sdpa(dtype, atol):
+def test_one_query_attention_equals_sdpa(dtype, atol, route, monkeypatch):
+    """One query a row (an AR step) by either route `one_query_sdpa_max_rows` picks: the two small matmuls (many
+    rows) or the grouped SDPA kernel (few rows on AMX CPUs)."""
+    import canvaslm.models.cache as cache
+
+    monkeypatch.setattr(cache, "one_query_sdpa_max_rows", lambda device: 0 if route == "matmuls" else 8)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 6, 1, 8, generator=g).to(dtype)
     k, v = (torch.randn(3, 2, 11, 8, generator=g).to(dtype) for _ in range(2))
@@ -22,6 +28,26 @@ def test_one_query_attention_equals_sdpa(dtype, atol):
                                                    v.repeat_interleave(3, 1).float(), attn_mask=m, scale=0.3)
         assert ours.shape == (3, 1, 48) and ours.dtype == dtype
         torch.testing.assert_close(ours.float(), reference.transpose(1, 2).reshape(3, 1, 48), atol=atol, rtol=0)
+
+
+def test_few_rows_of_one_query_take_the_fused_kernel_on_amx_and_are_closer_to_float64(monkeypatch):
+    """In bfloat16 the matmul route rounds the scores to bfloat16 before the softmax; the fused kernel keeps them in
+    float32, so it is closer to a float64 reference. Only few rows take it, and only where it was measured faster
+    (CPUs with AMX)."""
+    import canvaslm.models.cache as cache
+    from canvaslm.hardware import one_query_sdpa_max_rows
+
+    assert one_query_sdpa_max_rows("cuda") == 0
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(4, 9, 1, 64, generator=g).bfloat16()
+    k, v = (torch.randn(4, 3, 200, 64, generator=g).bfloat16() for _ in range(2))
+    mask = torch.rand(4, 1, 1, 200, generator=g) > 0.2
+    exact = attend(q.double(), k.double(), v.double(), mask, scale=0.125)
+    errors = {}
+    for route, rows in (("matmuls", 0), ("sdpa", 8)):
+        monkeypatch.setattr(cache, "one_query_sdpa_max_rows", lambda device, rows=rows: rows)
+        errors[route] = (attend(q, k, v, mask, scale=0.125).double() - exact).abs().mean().item()
+    assert errors["sdpa"] < 0.75 * errors["matmuls"], errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
