@@ -115,15 +115,18 @@ def packed_max_rows(mode: str, reordered: bool = False) -> int:
     return {"int4": 8 if amx else 32, "int8": 4 if amx else 8}[mode]
 
 
-@functools.cache
 def one_query_sdpa_max_rows(device_type: str) -> int:
     """Most rows (sequences) whose attention of one query each (an AR step, a commit of one token) goes through
     torch's fused SDPA kernel instead of two small matmuls. On the 2-core AMX Xeon (bfloat16, SmolLM2's 9 heads over
     3 kv heads; `runs/s39/att.py` of session 39), one layer at 1 / 4 / 8 / 32 rows took 20 / 28 / 41 / 96 us over
     64 keys against 83 / 86 / 98 / 157 with the matmuls, and 33 / 65 / 112 / 544 us over 300 keys against 90 / 120 /
     184 / 507, with half the matmuls' error against float64 (they round the scores to bfloat16). On the AVX-512
-    EPYC without AMX the kernel cost 5-7x the matmuls at 64 rows; elsewhere it is not measured, so 0 there."""
-    return 8 if device_type == "cpu" and "amx_bf16" in cpu_flags() else 0
+    EPYC without AMX the kernel cost 5-7x the matmuls at 64 rows; elsewhere it is not measured, so 0 there. (A
+    constant read at import: a compiled pass traces this call, and must not trace the read of /proc/cpuinfo.)"""
+    return _ONE_QUERY_SDPA_CPU_ROWS if device_type == "cpu" else 0
+
+
+_ONE_QUERY_SDPA_CPU_ROWS = 8 if "amx_bf16" in cpu_flags() else 0
 
 
 def describe() -> dict[str, object]:
