@@ -377,8 +377,9 @@ class DiffusionRunner:
         """Send the finished canvases' tokens; those that go on are encoded into their rows of the batch in one
         causal pass per canvas size (a commit alone costs about what several do), then start their next canvas.
         A sequence with `commit_check` is encoded first, whether it goes on or not, and sends only what the check
-        kept (`generate_steps`'s check, the same tokens for the same seed)."""
-        checked = [seq for seq in finished if self._checks(seq)]
+        kept (`generate_steps`'s check, the same tokens for the same seed). A checked canvas of one token (an AR step
+        under load) holds nothing to check: as in the AR loop, it is encoded only if its sequence goes on."""
+        checked = [seq for seq in finished if self._checks(seq) and seq.state.draft.shape[1] > 1]
         kept = self._encode(checked, check=True)
         going = []
         for seq in finished:
@@ -388,7 +389,8 @@ class DiffusionRunner:
             if not self.send(seq, tokens[0, seq.pinned:].tolist()):
                 record_answer(seq, tokens)
                 going.append(seq)
-        self._encode([seq for seq in going if not self._checks(seq)], check=False)
+        encoded = {id(seq) for seq in checked}
+        self._encode([seq for seq in going if id(seq) not in encoded], check=False)
         for seq in going:
             seq.canvas_index += 1
         self._new_canvases(going)

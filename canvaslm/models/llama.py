@@ -273,9 +273,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # transformers' float32 x * rsqrt(mean(x^2) + eps) in torch's one fused op, bit-equal on the CPU (bf16 and
+        # float32), one op instead of five: a layer's two norms were ~6% of an AR step's small ops
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -545,8 +545,9 @@ class Model(nn.Module):
         """Training forward: one causal pass over the clean sequence, then one decoder pass over all its canvases.
 
         input_ids, valid [B, S]: left-padded prompt (P = prompt_length) then R = K * canvas_length response
-        positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass). self_conditioning_logits [B, R, V] (None: no signal)
-        is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
+        positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass).
+        self_conditioning_logits [B, R, V] (None: no signal) is used as in `decode`, only in the rows where
+        self_conditioning_rows [B] is True when that is given.
         Returns float32 (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal `decode`
         of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.models.masks says why.
         `hidden_states` returns the final-normed hidden states [B, S, H], [B, R, H] instead of logits (a loss

@@ -277,6 +277,43 @@ def test_above_max_draft_batch_checked_canvases_hold_one_token_the_causal_passes
     assert Engine(lm)._runners["diffusion"].max_draft_batch == 1  # this CPU's default, verified decoding's
 
 
+def test_a_checked_canvas_of_one_token_is_encoded_only_if_its_sequence_goes_on(lm):
+    """A checked canvas of one token (an AR step under load) holds nothing to check, so the engine encodes it only
+    when its sequence goes on, as the AR runner never encodes the last token: the same number of causal passes
+    as decoding="autoregressive" for the same budget (the prompt's and one a token after the first), and the tokens
+    LM.generate writes in canvases of one."""
+    import copy
+
+    lm = copy.copy(lm)
+    lm.eos_token_ids = [lm.network.vocab_size]  # no token ends a turn: every answer runs to its budget
+    network, calls = lm.network, []
+    encode = network.encode
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return encode(*args, **kwargs)
+
+    sampling = dict(SETTINGS, commit_check=EPS, canvas_size=1)
+    network.encode = counted
+    try:
+        engine = Engine(lm, pin_settled=False).start()
+        try:
+            served = {}
+            for decoding in (None, "autoregressive"):
+                calls.clear()
+                tokens, finished, _ = run(engine, [dict(prompt=PROMPTS[0], max_new_tokens=6, seed=2, decoding=decoding,
+                                                        sampling=sampling if decoding is None else {})])[0]
+                served[decoding] = (tokens, len(calls))
+        finally:
+            engine.stop()
+    finally:
+        del network.encode
+    budget = 6
+    assert served[None][1] == served["autoregressive"][1] == budget  # the prompt's pass + budget - 1 steps
+    expected = lm.generate([PROMPTS[0]], budget, seed=2, **sampling).sequences[0, len(PROMPTS[0]):].tolist()
+    assert served[None][0] == lm.decode_new(torch.tensor(PROMPTS[0] + expected), len(PROMPTS[0]))[0]
+
+
 @pytest.mark.parametrize("check", [0.0, EPS])
 def test_a_canvas_of_one_token_is_an_ar_step_with_no_decoder_pass(lm, check, monkeypatch):
     """`canvas_size = 1` with the first token from the causal pass: every canvas is that token, so no decoder pass
