@@ -16,6 +16,7 @@ pass (from the server's /metrics) to show that they share passes with the plain 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -49,9 +50,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ends_with_parent() -> None:
+    """Run in the server's process before it starts (Linux): the kernel sends it SIGTERM, which stops it gracefully,
+    when the process that started it ends, however that ends (a benchmark killed by SIGTERM runs no `finally`)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     """`canvaslm serve MODEL` in a subprocess on a free local port, returned once /health answers 200. Its output
-    goes to a temporary file (`log()`): a pipe nobody reads fills at 64 KB and then blocks the server mid-write."""
+    goes to a temporary file (`log()`): a pipe nobody reads fills at 64 KB and then blocks the server mid-write. On
+    Linux the server ends with the process that started it, so a killed benchmark leaves no server behind."""
 
     def __init__(self, model: str, flags: list[str], name: str = "bench", timeout: float = 600) -> None:
         import httpx
@@ -61,7 +71,8 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile(mode="w+", prefix="canvaslm-serve-")
         self.process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(model), "--port",
                                          str(self.port), "--served-model-name", name, *flags],
-                                        stdout=self._log, stderr=subprocess.STDOUT, text=True)
+                                        stdout=self._log, stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=_ends_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

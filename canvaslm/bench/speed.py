@@ -12,10 +12,10 @@
 * `prompt`: a long prompt (default 4,096 tokens): prefill time (chunked), time to the first committed canvas, the
   request's KV-cache bytes (sliding-window layers keep only their window) and the process's peak memory.
 * `compare` (the default): one run, per batch size (default 1, 8, 64), of our diffusion loop, our AR loop on the same
-  weights (the encoder used causally), our diffusion loop with the fast sampler, transformers' diffusion reference (DiffusionGemma checkpoints) and
-  transformers' `LlamaForCausalLM.generate` (Llama weights): tokens/s, tokens per forward, ms per forward pass,
-  time to first token (diffusion: the first committed canvas) and peak memory (CUDA allocator, or the process's
-  resident set on Linux CPUs); JSON and a PNG.
+  weights (the encoder used causally), our diffusion loop with the fast sampler, transformers' diffusion reference
+  (DiffusionGemma checkpoints) and transformers' `LlamaForCausalLM.generate` (Llama weights): tokens/s, tokens per
+  forward, ms per forward pass, time to first token (diffusion: the first committed canvas) and peak memory (CUDA
+  allocator, or the process's resident set on Linux CPUs); JSON and a PNG.
 Each number is the median of `--repeats` timed runs after one warm-up run.
 """
 

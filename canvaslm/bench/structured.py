@@ -267,7 +267,8 @@ def plot_structured(report: dict[str, Any], png: str) -> bool:
             values = [report[s][decoder][key] or 0 for s in sets]
             bars = axes.bar([i + 0.38 * offset for i in range(len(sets))], values, 0.36, label=name)
             axes.bar_label(bars, fmt="%.2f", fontsize=7)
-        axes.set_xticks([i + 0.19 for i in range(len(sets))], [f"{s} ({report[s]['diffusion']['tasks']})" for s in sets])
+        axes.set_xticks([i + 0.19 for i in range(len(sets))],
+                        [f"{s} ({report[s]['diffusion']['tasks']})" for s in sets])
         axes.set_title(label, fontsize=9)
     figure.axes[0].legend(fontsize=7)
     trained = "" if report["diffusion_trained"] else ", not trained for diffusion"

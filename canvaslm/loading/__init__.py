@@ -52,7 +52,8 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
 
 
 def load_model(args, source: str | None = None) -> LM:
-    """`load` with the --device / --dtype / --quantize / --compile of parsed command-line `args` (source: args.model)."""
+    """`load` with the --device / --dtype / --quantize / --compile of parsed command-line `args` (source:
+    args.model)."""
     dtype = args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)
     return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize,
                 compile=getattr(args, "compile", False))

@@ -472,8 +472,9 @@ class Model(nn.Module):
 
         `hidden_states` returns the final-normed hidden states (to `logits` later) instead of logits.
         input_ids, valid [B, S]: left-padded prompt (P = prompt_length) then R = K * canvas_length response
-        positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass). self_conditioning_logits [B, R, V] (None: no signal)
-        is used as in `decode`, only in the rows where self_conditioning_rows [B] is True when that is given.
+        positions; noised [B, R]: the corrupted response (or [k * B, R]: k corrupted copies, one encoder pass).
+        self_conditioning_logits [B, R, V] (None: no signal) is used as in `decode`, only in the rows where
+        self_conditioning_rows [B] is True when that is given.
         Returns float32 softcapped (encoder logits [B, S, V], canvas logits [B, R, V]). Canvas b's logits equal
         `decode` of its noised tokens after `encode` of input_ids[:, :P + b * C]; canvaslm.models.masks says why."""
         image = self.config.image_token_id

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -328,3 +331,41 @@ def test_sigterm_lets_open_requests_finish_and_a_taken_port_is_an_exit_code(mode
     finally:
         if live.process.poll() is None:
             stop_server(live)
+
+
+def test_a_killed_benchmark_leaves_no_server_behind(model_dir, tmp_path):
+    """`canvaslm bench serve` starts its servers with `ServerProcess`; killed by a signal no `finally` sees
+    (SIGKILL here, SIGTERM's default likewise), it must not leave them running: the kernel stops each one (SIGTERM,
+    graceful) when the process that started it ends (Linux)."""
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import sys, time\n"
+        "from canvaslm.bench.serve import ServerProcess\n"
+        f"server = ServerProcess({str(model_dir)!r}, ['--dtype', 'float32', '--quantize', 'none'], timeout=120)\n"
+        "print(server.process.pid, server.url, flush=True)\n"
+        "time.sleep(600)\n")
+    bench = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pid = None
+
+    def ended() -> bool:  # gone, or a zombie nobody reaps (a container's first process may not)
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")
+        except (FileNotFoundError, IndexError):
+            return True
+    try:
+        pid, url = bench.stdout.readline().split()
+        assert httpx.get(url + "/health").status_code == 200
+        bench.kill()
+        bench.wait(timeout=30)
+
+        deadline = time.monotonic() + 60
+        while not ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ended(), f"the server {pid} outlived the process that started it"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        if pid is not None and not ended():
+            os.kill(int(pid), signal.SIGKILL)
