@@ -399,11 +399,13 @@ class Attention(nn.Module):
                 write: bool) -> Tensor:
         """x [B, n, H] -> [B, n, H]. `write`: append k/v to the cache (encoder); else only read it (decoder)."""
         b, n, _ = x.shape
-        q, k, v = fused_outputs(self, "qkv", x) or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)                 # [B, h, n, D]
-        k = k.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)              # [B, hkv, n, D]
-        v = v.reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        # q and k rotate as one tensor (the fused weight writes them side by side): half the rotation's small ops
+        qk, v = fused_outputs(self, "qkv", x, [(heads + kv_heads) * dim, kv_heads * dim]) or (
+            torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x))
+        qk = apply_rope(qk.reshape(b, n, heads + kv_heads, dim).transpose(1, 2), *rope)  # [B, h + hkv, n, D]
+        q, k = qk.split([heads, kv_heads], dim=1)
+        v = v.reshape(b, n, kv_heads, dim).transpose(1, 2)                                # [B, hkv, n, D]
         if write:
             k, v = cache.extend(self.layer, k, v)
         else:

@@ -189,10 +189,10 @@ class FusedLinears:
                        for linear in linears]
             self.canvas = PackedWeight(torch.cat(weights), mode, max_rows=SMALL_PASS_ROWS, reordered=reordered)
 
-    def __call__(self, x: Tensor) -> list[Tensor] | None:
+    def __call__(self, x: Tensor, sizes: list[int] | None = None) -> list[Tensor] | None:
         """The linears' outputs for x [..., K] through one packed (or reordered) weight, or None where the linears
         must run themselves: a pass too large for the packed kernel without a reordered weight, autograd, or
-        adapters whose merged weights changed."""
+        adapters whose merged weights changed. `sizes`: split the outputs so instead (neighbours joined)."""
         if torch.is_grad_enabled():
             return None
         packed = self.causal
@@ -205,14 +205,15 @@ class FusedLinears:
             return None
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return list(y.split(self.sizes, dim=-1))
+        return list(y.split(sizes or self.sizes, dim=-1))
 
 
-def fused_outputs(module: nn.Module, group: str, x: Tensor) -> list[Tensor] | None:
+def fused_outputs(module: nn.Module, group: str, x: Tensor, sizes: list[int] | None = None) -> list[Tensor] | None:
     """`module`'s `FUSED_GROUPS[group]` linears applied to x by their fused packed weight, or None: call them one
-    by one (not quantized, or a pass the packed weight does not take)."""
+    by one (not quantized, or a pass the packed weight does not take). `sizes`: the outputs split so instead
+    (neighbouring linears' outputs as one tensor)."""
     fused = module.__dict__.get("fused_" + group)
-    return None if fused is None else fused(x)
+    return None if fused is None else fused(x, sizes)
 
 
 def causal_packed_weights(model: nn.Module) -> list[PackedWeight]:
