@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ends_with_parent() -> None:
-    """Run in the server's process before it starts (Linux): the kernel sends it SIGTERM, which stops it gracefully,
-    when the process that started it ends, however that ends (a benchmark killed by SIGTERM runs no `finally`)."""
+def _ending_with_parent() -> Callable[[], None] | None:
+    """What to run in a server's process before it starts (Linux; else None): the kernel then sends it SIGTERM,
+    which stops it gracefully, when the process that started it ends, however that ends (a benchmark killed by
+    SIGTERM runs no `finally`). libc's `prctl` is looked up here, in the parent: between fork and exec the child
+    may only call it (another thread of the parent, such as the progress bar's, may hold a lock at the fork)."""
+    if sys.platform != "linux":
+        return None
     import ctypes
 
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl, pdeathsig, sigterm = ctypes.CDLL(None).prctl, 1, int(signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    return lambda: prctl(pdeathsig, sigterm)
 
 
 class ServerProcess:
@@ -72,7 +78,7 @@ class ServerProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "canvaslm.cli", "serve", str(model), "--port",
                                          str(self.port), "--served-model-name", name, *flags],
                                         stdout=self._log, stderr=subprocess.STDOUT, text=True,
-                                        preexec_fn=_ends_with_parent if sys.platform == "linux" else None)
+                                        preexec_fn=_ending_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
