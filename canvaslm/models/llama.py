@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models import embedding
-from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask
+from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask, pass_mask
 from canvaslm.models.lora import LoRALinear, set_canvas_pass
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
 from canvaslm.models.quant import PackedWeight, fused_outputs, head_logits
@@ -450,6 +450,11 @@ class Model(nn.Module):
         self.small_pass_rows: int | None = None  # set by quantize: rows its packed kernels run at ~1 row's cost
 
     @property
+    def _groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.config.num_attention_heads // self.config.num_key_value_heads
+
+    @property
     def kind(self) -> str:
         return "diffusion" if self.config.canvas_length else "autoregressive"
 
@@ -495,7 +500,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             window = cache.windows[i]
             if window not in masks:
-                masks[window] = encoder_mask(cache, i, valid)
+                masks[window] = pass_mask(encoder_mask(cache, i, valid), self._groups)
             x = layer(x, rope, cache, masks[window], write=True)
         cache.commit(valid)
         return self.norm(x)
@@ -526,6 +531,8 @@ class Model(nn.Module):
         # one mask per window, made here: whether one is needed at all is read from the cache, a data-dependent
         # branch that keeps torch.compile out of whatever runs it, so the layers go on in `canvas_layers`
         masks = {w: decoder_mask(cache, cache.windows.index(w), canvas_ids.shape[1]) for w in set(cache.windows)}
+        if self.canvas_grid is None:  # a grid's relation bias reads the canvas's own rows
+            masks = {w: pass_mask(mask, self._groups) for w, mask in masks.items()}
         x = self.canvas_layers(x, rope, cache, masks)
         return x if hidden_states else self.logits(x)
 

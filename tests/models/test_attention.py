@@ -102,3 +102,61 @@ def test_grouped_heads_never_copy_the_keys_per_head():
         with Shapes() as ops:
             attend(q, k, v, mask, scale=0.3)
         assert not [made for made in ops.made if made[1] == (2, 6, 9, 8)], ops.made  # keys for 6 heads, not 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pass_mask_is_made_once_and_changes_no_output(dtype, monkeypatch):
+    """`pass_mask`: one query over unpadded keys (an AR step at batch 1) runs unmasked, and a mask of n > 1
+    queries comes laid out for the grouped rows; either way attend's output is bit-equal to the raw mask's. A
+    padded query's mask is kept, so padding stays unseen."""
+    import canvaslm.models.cache as cache
+    from canvaslm.models.cache import pass_mask
+
+    monkeypatch.setattr(cache, "one_query_sdpa_max_rows", lambda device: 8)  # the fused kernel's route, any CPU
+    g = torch.Generator().manual_seed(3)
+    for batch, n in ((1, 1), (3, 1), (1, 4), (3, 4)):
+        q = torch.randn(batch, 6, n, 8, generator=g).to(dtype)
+        k, v = (torch.randn(batch, 2, 9 + n, 8, generator=g).to(dtype) for _ in range(2))
+        positions = torch.arange(9 + n)
+        causal = (positions[None, :] <= positions[9:, None])[None, None].expand(batch, 1, n, -1)
+        for padded in (False, True):
+            valid = torch.ones(batch, 9 + n, dtype=torch.bool)
+            valid[:, :3] = not padded
+            mask = causal & valid[:, None, None, :]
+            made = pass_mask(mask, groups=3)
+            if n == 1:
+                assert (made is None) == (not padded)
+            else:
+                assert made.shape == (batch, 1, 3 * n, 9 + n)
+            assert torch.equal(attend(q, k, v, made, scale=0.3), attend(q, k, v, mask, scale=0.3))
+
+
+def test_a_causal_pass_of_several_rows_lays_out_its_mask_once_not_in_every_layer():
+    """The encoder of a 4-token commit: its mask is repeated for the grouped rows once per pass (~35 us a layer of
+    SmolLM2 saved), and an AR step at batch 1 hands its layers no mask at all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from canvaslm.models import llama
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = llama.Model(llama.Config.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+                                              "intermediate_size": 64, "num_hidden_layers": 4,
+                                              "num_attention_heads": 4, "num_key_value_heads": 2}, "test"))
+    cache = model.new_cache(1)
+    with torch.inference_mode():
+        model.encode(torch.tensor([[1, 2, 3, 4, 5]]), cache, torch.ones(1, 5, dtype=torch.bool))
+        for ids in ([[6, 7, 8, 9]], [[10]]):
+            with Ops() as ops:
+                model.encode(torch.tensor(ids), cache, torch.ones(1, len(ids[0]), dtype=torch.bool))
+            assert sum("aten.repeat" in name for name in ops.names) == (1 if len(ids[0]) > 1 else 0), ops.names
+            masked = [name for name in ops.names if "scaled_dot_product" in name or "where" in name]
+            assert masked and (len(ids[0]) > 1 or not any("where" in name for name in masked)), masked
