@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models import embedding
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask, pass_mask
-from canvaslm.models.lora import LoRALinear, set_canvas_pass
+from canvaslm.models.lora import LoRALinear, adapters_of, set_canvas_pass
 from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
-from canvaslm.models.quant import PackedWeight, fused_outputs, head_logits
+from canvaslm.models.quant import PACKED_LAYERS, PackedWeight, fused_outputs, head_logits, packed_weight
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -273,9 +273,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # transformers' x.float() * rsqrt(mean(x^2) + eps), rounded to x's dtype, is torch's fused op, which works
-        # in float32 inside: bit-equal on the CPU (bfloat16 and float32), one op instead of seven
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of x [..., H] scaled by weight [H]. transformers' x.float() * rsqrt(mean(x^2) + eps), rounded to x's
+    dtype, is torch's fused op, which works in float32 inside: bit-equal on the CPU (bfloat16 and float32), one op
+    instead of seven."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 class MLP(nn.Module):
@@ -398,21 +403,29 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
                 write: bool) -> Tensor:
         """x [B, n, H] -> [B, n, H]. `write`: append k/v to the cache (encoder); else only read it (decoder)."""
-        b, n, _ = x.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         # q and k rotate as one tensor (the fused weight writes them side by side): half the rotation's small ops
         qk, v = fused_outputs(self, "qkv", x, [(heads + kv_heads) * dim, kv_heads * dim]) or (
             torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x))
-        qk = apply_rope(qk.reshape(b, n, heads + kv_heads, dim).transpose(1, 2), *rope)  # [B, h + hkv, n, D]
-        q, k = qk.split([heads, kv_heads], dim=1)
-        v = v.reshape(b, n, kv_heads, dim).transpose(1, 2)                                # [B, hkv, n, D]
-        if write:
-            k, v = cache.extend(self.layer, k, v)
-        else:
-            cached_k, cached_v, _ = cache.read(self.layer)
-            if cached_k is not None:
-                k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-        return self.o_proj(attend(q, k, v, mask, scale=self.head_dim ** -0.5))
+        return self.o_proj(attention(qk, v, rope, cache, self.layer, mask, write, heads, kv_heads, dim))
+
+
+def attention(qk: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, layer: int, mask: Tensor | None,
+              write: bool, heads: int, kv_heads: int, dim: int) -> Tensor:
+    """One layer's attention from its projections, qk [B, n, (h + hkv) * D] (q then k) and v [B, n, hkv * D]:
+    q and k rotated, k/v appended to the cache (`write`, the encoder) or read after it (the decoder), then
+    grouped-query attention -> [B, n, h * D], o_proj's input."""
+    b, n, _ = qk.shape
+    qk = apply_rope(qk.reshape(b, n, heads + kv_heads, dim).transpose(1, 2), *rope)  # [B, h + hkv, n, D]
+    q, k = qk.split([heads, kv_heads], dim=1)
+    v = v.reshape(b, n, kv_heads, dim).transpose(1, 2)                                # [B, hkv, n, D]
+    if write:
+        k, v = cache.extend(layer, k, v)
+    else:
+        cached_k, cached_v, _ = cache.read(layer)
+        if cached_k is not None:
+            k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+    return attend(q, k, v, mask, scale=dim ** -0.5)
 
 
 class DecoderLayer(nn.Module):
@@ -427,6 +440,46 @@ class DecoderLayer(nn.Module):
                 write: bool) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask, write)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """A decoder layer's pass on packed kernels alone (`Model.packed_layers`): its four packed weights, its norms'
+    weights (the parameters themselves, which `model.to(dtype)` converts in place) and its sizes bound once, so that
+    the pass is plain calls. The modules' way to the same kernels (the module calls, and at every linear the choice
+    between packed, reordered and dense weights, adapters and biases) cost ~2 of the 17-19 ms of a SmolLM2 AR step
+    on a 2-core Xeon; the math is `DecoderLayer`'s, bit for bit (`tests/models/test_packed_layers.py`)."""
+    index: int
+    input_norm: Tensor
+    post_norm: Tensor
+    eps: float
+    sizes: tuple[int, int, int]  # query heads, key/value heads, head dim
+    act: Callable[[Tensor], Tensor]
+    qkv: PackedWeight
+    o: PackedWeight
+    gate_up: PackedWeight
+    down: PackedWeight
+
+    @classmethod
+    def bind(cls, layer: DecoderLayer, qkv: PackedWeight, o: PackedWeight, gate_up: PackedWeight,
+             down: PackedWeight) -> PackedLayer:
+        attn = layer.self_attn
+        return cls(attn.layer, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   layer.input_layernorm.eps, (attn.heads, attn.kv_heads, attn.head_dim), layer.mlp.act,
+                   qkv, o, gate_up, down)
+
+    @property
+    def weights(self) -> tuple[PackedWeight, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
+                 write: bool) -> Tensor:
+        heads, kv_heads, dim = self.sizes
+        qk, v = self.qkv(rms_norm(x, self.input_norm, self.eps)).split([(heads + kv_heads) * dim, kv_heads * dim],
+                                                                       dim=-1)
+        x = x + self.o(attention(qk, v, rope, cache, self.index, mask, write, heads, kv_heads, dim))
+        gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
+        return x + self.down(self.act(gate) * up)
 
 
 class Model(nn.Module):
@@ -497,7 +550,8 @@ class Model(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self._rope(cache.positions(input_ids.shape[1]), x.dtype)
         masks: dict[int | None, Tensor] = {}  # the mask depends only on the layer's window
-        for i, layer in enumerate(self.layers):
+        layers = self.packed_layers(input_ids.numel()) or self.layers
+        for i, layer in enumerate(layers):
             window = cache.windows[i]
             if window not in masks:
                 masks[window] = pass_mask(encoder_mask(cache, i, valid), self._groups)
@@ -540,12 +594,44 @@ class Model(nn.Module):
                       masks: dict[int | None, Tensor | None]) -> Tensor:
         """The canvas pass's layers and final norm over its embeddings x [B, C, H], each layer masked by its
         window's mask (`decode`); what `canvaslm.load(compile=True)` compiles for the canvas pass."""
-        for i, layer in enumerate(self.layers):
+        layers = (self.packed_layers(x.shape[0] * x.shape[1]) if self.canvas_grid is None else None) or self.layers
+        for i, layer in enumerate(layers):
             mask = masks[cache.windows[i]]
             if self.canvas_grid is not None:
                 mask = self.canvas_grid.attention_bias(i, mask, x.shape[1], cache.kept(i) + x.shape[1], x.dtype)
             x = layer(x, rope, cache, mask, write=False)
         return self.norm(x)
+
+    def packed_layers(self, rows: int) -> list[PackedLayer] | None:
+        """The layers as `PackedLayer`s for a pass of `rows` rows (batch × positions) in the pass the adapters are
+        set for (`_pass`), where every linear of every layer runs it on a packed kernel alone (`packed_weight`) and
+        autograd is off; None: the modules run it. Bound once per setting of the adapters, and again after
+        `quantize` or `cache_canvas_weights` changed the weights."""
+        if torch.is_grad_enabled():
+            return None
+        adapters = adapters_of(self)
+        key = bool(adapters) and adapters[0].canvas_pass  # `set_canvas_pass` sets them all alike
+        bound = self.__dict__.setdefault(PACKED_LAYERS, {})
+        if key not in bound:
+            alike = all(adapter.canvas_pass == key for adapter in adapters)
+            bound[key] = self._bind_packed_layers() if alike else None
+        layers = bound[key]
+        # each weight's rows read now: `canvaslm bench passes` moves them
+        if layers is None or not all(rows <= w.max_rows for layer in layers for w in layer.weights):
+            return None
+        return layers
+
+    def _bind_packed_layers(self) -> list[PackedLayer] | None:
+        """`packed_layers` for the adapters' current setting."""
+        layers = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights = (packed_weight(attn, "qkv"), packed_weight(attn.o_proj), packed_weight(mlp, "gate_up"),
+                       packed_weight(mlp.down_proj))
+            if any(w is None for w in weights) or weights[2].out_features != 2 * weights[3].in_features:
+                return None
+            layers.append(PackedLayer.bind(layer, *weights))
+        return layers
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,

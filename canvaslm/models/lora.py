@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
-from canvaslm.models.quant import PackedWeight
+from canvaslm.models.quant import PackedWeight, forget_packed_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -96,12 +96,17 @@ def set_canvas_pass(model: nn.Module, canvas: bool) -> None:
     forgets the list): walking SmolLM2's 795 modules took 2.1 ms, and a model switches before most passes. The
     flag is a plain attribute, set past `nn.Module.__setattr__`, which checks its parameter, buffer and module
     dictionaries on every call (0.6 ms for 210 adapters)."""
+    for module in adapters_of(model):
+        object.__setattr__(module, "canvas_pass", canvas)
+
+
+def adapters_of(model: nn.Module) -> list[LoRALinear]:
+    """`model`'s adapters, looked up once and kept (see `set_canvas_pass`)."""
     adapters = model.__dict__.get(ADAPTERS_FOUND)
     if adapters is None:
         adapters = [module for module in model.modules() if isinstance(module, LoRALinear)]
         model.__dict__[ADAPTERS_FOUND] = adapters
-    for module in adapters:
-        object.__setattr__(module, "canvas_pass", canvas)
+    return adapters
 
 
 def cache_canvas_weights(model: nn.Module) -> None:
@@ -112,6 +117,7 @@ def cache_canvas_weights(model: nn.Module) -> None:
             weight = module.base.weight
             module.canvas_weight = (weight.float() + module.delta()).to(weight.dtype).detach()
             module.canvas_packed = None  # packed from the old weight: `quantize` packs the new one
+    forget_packed_layers(model)
 
 
 def lora_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
@@ -286,3 +292,4 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
     model.__dict__.pop(ADAPTERS_FOUND, None)  # adapters came or went: `set_canvas_pass` looks them up again
+    forget_packed_layers(model)

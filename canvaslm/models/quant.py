@@ -220,6 +220,39 @@ def fused_outputs(module: nn.Module, group: str, x: Tensor, sizes: list[int] | N
     return None if fused is None else fused(x, sizes)
 
 
+PACKED_LAYERS = "_packed_layers"
+"""Where a model keeps the packed weights its layers' passes were bound to (`Model.packed_layers`); `quantize`,
+`canvaslm.models.lora.cache_canvas_weights` and adapters coming or going forget them (`forget_packed_layers`)."""
+
+
+def forget_packed_layers(model: nn.Module) -> None:
+    """Drop `model`'s bound packed layers: the weights they bound changed."""
+    model.__dict__.pop(PACKED_LAYERS, None)
+
+
+def packed_weight(module: nn.Module, group: str | None = None) -> PackedWeight | None:
+    """The packed weight that alone runs a linear (`group`: the module's fused group, `fused_outputs`) in the pass
+    its adapters are set for, as the module itself would run it at up to the weight's `max_rows` rows without
+    autograd: no bias added, and for an adapter in the canvas pass its merged canvas weight, packed and current.
+    None: the pass runs it otherwise (dense, an adapter's unmerged update, a bias)."""
+    if group is not None:
+        fused = module.__dict__.get("fused_" + group)
+        if fused is None or fused.bias is not None:
+            return None
+        if fused.adapters and fused.adapters[0].canvas_pass:
+            current = all(linear.canvas_weight is w for linear, w in zip(fused.adapters, fused.canvas_weights,
+                                                                          strict=True))
+            return fused.canvas if current else None
+        return fused.causal
+    if hasattr(module, "canvas_pass"):  # an adapter (canvaslm.models.lora.LoRALinear)
+        if module.base.bias is not None:
+            return None
+        if module.canvas_pass:
+            return module.canvas_packed if module.canvas_weight is not None else None
+        module = module.base
+    return module.packed if isinstance(module, QuantizedLinear) and module.bias is None else None
+
+
 def causal_packed_weights(model: nn.Module) -> list[PackedWeight]:
     """Every packed weight `quantize` gave `model`'s causal pass: its packed linears', its fused groups' and its
     head's (not the canvas-only adapters' copies, which keep `SMALL_PASS_ROWS`)."""
@@ -256,6 +289,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
         raise CheckpointError("quantize", "unknown quantization", expected=" | ".join(QUANTIZE_CHOICES), found=mode)
     if mode == "none":
         return []
+    forget_packed_layers(model)
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise CheckpointError("quantize", f"weight-only {mode} runs on torch's CPU kernels; the model is on {device}",
