@@ -606,8 +606,9 @@ class Model(nn.Module):
         """The layers as `PackedLayer`s for a pass of `rows` rows (batch × positions) in the pass the adapters are
         set for (`_pass`), where every linear of every layer runs it on a packed kernel alone (`packed_weight`) and
         autograd is off; None: the modules run it. Bound once per setting of the adapters, and again after
-        `quantize` or `cache_canvas_weights` changed the weights."""
-        if torch.is_grad_enabled():
+        `quantize` or `cache_canvas_weights` changed the weights. A pass `torch.compile` traces runs the modules,
+        whose small ops the compiler fuses anyway."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         adapters = adapters_of(self)
         key = bool(adapters) and adapters[0].canvas_pass  # `set_canvas_pass` sets them all alike
