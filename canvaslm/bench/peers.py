@@ -107,6 +107,11 @@ def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, t
     if gguf_path is None or gguf_path.suffix != ".gguf" or not gguf_path.is_file():
         raise CanvasError(f"bench peers needs the AR parent as a .gguf file (--gguf, or --ar naming one); got "
                           f"{gguf or ar}")
+    variants = [Variant(*variant) for variant in variants]
+    for variant in variants:  # the AR loop as `load` builds it: `bench passes` times the rest
+        if variant.packed_rows is not None or not variant.fused or variant.aten:
+            raise CanvasError(f"bench peers --variants: expected dtype:quantize[:compile] (the AR loop as `load` "
+                              f"builds it; rows=N, unfused and aten are `bench passes` variants), got {variant}")
     parent = load(ar, dtype=torch.float32)
     prompts = [parent.chat_prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     rows: list[dict[str, Any]] = []
@@ -125,8 +130,8 @@ def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, t
         plain = llama_cpp_rates(gguf_path, prompts, new_tokens, threads, n_batch, extra_buffers=False)
         rows.append({"system": "llama.cpp", "precision": "GGUF as stored, no AMX repacking", **plain})
     with torch.inference_mode():
-        for dtype, quantize, compiled, _ in variants:
-            lm = load(ar, dtype=dtype, quantize=quantize, compile=compiled)
+        for variant in variants:
+            lm = load(ar, dtype=variant.dtype, quantize=variant.quantize, compile=variant.compiled)
             rows.append({"system": "canvaslm autoregressive", "precision": _precision(lm),
                          **_ours(lm, prompts, new_tokens, temperature=0.0)})
         lm = load(model, dtype="auto", quantize="auto")

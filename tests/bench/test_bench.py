@@ -184,6 +184,27 @@ def test_the_llama_cpp_peer_fails_softly(tmp_path):
         bench_peers("smol", "smol-ar", [("float32", "none")], 4, 1, gguf=str(tmp_path / "model.safetensors"))
 
 
+def test_our_rows_of_the_peer_benchmark_run_without_the_peer(monkeypatch):
+    """Everything but llama.cpp's own run, which needs the optional extra (the test below, skipped without it): the
+    parsed variants load and answer, and a variant `bench passes` alone times is refused in one line. (A variant
+    grown by a field once broke this loop unseen, as only the skipped test reached it.)"""
+    from canvaslm.bench import peers
+    from canvaslm.bench.passes import parse_variants
+    from canvaslm.errors import CanvasError
+
+    runs = []
+    monkeypatch.setattr(peers, "llama_cpp_rates", lambda *a, **k: runs.append(a) or {"tokens_per_second": 50.0,
+                                                                                        "tokens": 8, "amx": False})
+    report = peers.bench_peers("smol-ar", "smol-ar", parse_variants("float32:none"), 4, 1)
+    peer, ours = report["systems"]
+    assert len(runs) == 1 and peer["system"] == "llama.cpp"
+    assert ours["system"] == "canvaslm autoregressive" and ours["tokens"] > 0
+    assert ours["vs_llama_cpp"] == round(ours["tokens_per_second"] / 50.0, 3)
+    for variant in ("bfloat16:int4:rows=8", "bfloat16:int4:unfused", "bfloat16:int4:aten"):
+        with pytest.raises(CanvasError, match="expected dtype:quantize"):
+            peers.bench_peers("smol-ar", "smol-ar", parse_variants(variant), 4, 1)
+
+
 def test_llama_cpp_beside_our_loops_on_the_same_gguf(tmp_path):
     pytest.importorskip("llama_cpp", reason="the optional peer: pip install -e '.[peers]'")
     report = bench("peers", "-m", "smol-ar", "--variants", "float32:none", "--new-tokens", "4", "--threads", "1",
