@@ -21,13 +21,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models import embedding
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask, pass_mask
 from canvaslm.models.lora import LoRALinear, adapters_of, set_canvas_pass
-from canvaslm.models.masks import block_diffusion_mask, causal_mask, check_training_inputs
-from canvaslm.models.quant import PACKED_LAYERS, PackedWeight, fused_outputs, head_logits, packed_weight
+from canvaslm.models.masks import (
+    block_diffusion_mask,
+    causal_mask,
+    check_training_inputs,
+)
+from canvaslm.models.quant import (
+    BOUND_LAYERS,
+    DenseLinears,
+    PackedWeight,
+    dense_linears,
+    fused_outputs,
+    head_logits,
+    packed_weight,
+)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -442,35 +455,34 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+Linear = Callable[[Tensor], Tensor]  # x [..., K] -> [..., N]: a `PackedWeight` or `DenseLinears`
+
+
 @dataclass(frozen=True)
-class PackedLayer:
-    """A decoder layer's pass on packed kernels alone (`Model.packed_layers`): its four packed weights, its norms'
-    weights (the parameters themselves, which `model.to(dtype)` converts in place) and its sizes bound once, so that
-    the pass is plain calls. The modules' way to the same kernels (the module calls, and at every linear the choice
-    between packed, reordered and dense weights, adapters and biases) cost ~2 of the 17-19 ms of a SmolLM2 AR step
-    on a 2-core Xeon; the math is `DecoderLayer`'s, bit for bit (`tests/models/test_packed_layers.py`)."""
+class BoundLayer:
+    """A decoder layer's pass as plain calls (`Model.bound_layers`): its linears bound once, each the packed weight
+    or the dense weights its module would run the pass on, with its norms' weights (the parameters themselves,
+    which `model.to(dtype)` converts in place) and its sizes. The modules' way to the same products (the module
+    calls, and at every linear the choice between packed, reordered and dense weights, adapters and biases) cost
+    ~2 of the 17-19 ms of a SmolLM2 AR step on a 2-core Xeon; the math is `DecoderLayer`'s, bit for bit
+    (`tests/models/test_bound_layers.py`)."""
     index: int
     input_norm: Tensor
     post_norm: Tensor
     eps: float
     sizes: tuple[int, int, int]  # query heads, key/value heads, head dim
     act: Callable[[Tensor], Tensor]
-    qkv: PackedWeight
-    o: PackedWeight
-    gate_up: PackedWeight
-    down: PackedWeight
+    qkv: Linear  # [q k | v] in one output
+    o: Linear
+    gate_up: Linear  # [gate | up]
+    down: Linear
 
     @classmethod
-    def bind(cls, layer: DecoderLayer, qkv: PackedWeight, o: PackedWeight, gate_up: PackedWeight,
-             down: PackedWeight) -> PackedLayer:
+    def bind(cls, layer: DecoderLayer, qkv: Linear, o: Linear, gate_up: Linear, down: Linear) -> BoundLayer:
         attn = layer.self_attn
         return cls(attn.layer, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    layer.input_layernorm.eps, (attn.heads, attn.kv_heads, attn.head_dim), layer.mlp.act,
                    qkv, o, gate_up, down)
-
-    @property
-    def weights(self) -> tuple[PackedWeight, ...]:
-        return self.qkv, self.o, self.gate_up, self.down
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
                  write: bool) -> Tensor:
@@ -480,6 +492,37 @@ class PackedLayer:
         x = x + self.o(attention(qk, v, rope, cache, self.index, mask, write, heads, kv_heads, dim))
         gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down(self.act(gate) * up)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A model's layers bound for passes of some rows (`Model.bound_layers`): on packed weights, for passes every
+    one of `guards` takes (at most its `max_rows`); on dense weights, for passes none of them takes."""
+    layers: list[BoundLayer]
+    guards: list[PackedWeight]
+    packed: bool
+
+    def takes(self, rows: int) -> bool:
+        # each weight's rows read now: `canvaslm bench passes` moves them
+        if self.packed:
+            return all(rows <= w.max_rows for w in self.guards)
+        return all(rows > w.max_rows for w in self.guards)
+
+
+def hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward hook sits on any of `modules` or on every module: a bound layer's plain calls would skip
+    it (FSDP2, for one, gathers a layer's sharded weights in its hooks)."""
+    return bool(torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks) or any(
+        m._forward_pre_hooks or m._forward_hooks for m in modules)
+
+
+def _joined(module: nn.Module, *names: str) -> tuple[DenseLinears, list[PackedWeight]] | None:
+    """`dense_linears` of a module's linears that `quantize` did not pack as one group: their outputs joined."""
+    parts = [dense_linears(getattr(module, name)) for name in names]
+    if any(part is None for part in parts):
+        return None
+    return (DenseLinears([p for linears, _ in parts for p in linears.parts]),
+            [w for _, guards in parts for w in guards])
 
 
 class Model(nn.Module):
@@ -550,7 +593,7 @@ class Model(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self._rope(cache.positions(input_ids.shape[1]), x.dtype)
         masks: dict[int | None, Tensor] = {}  # the mask depends only on the layer's window
-        layers = self.packed_layers(input_ids.numel()) or self.layers
+        layers = self.bound_layers(input_ids.numel()) or self.layers
         for i, layer in enumerate(layers):
             window = cache.windows[i]
             if window not in masks:
@@ -594,7 +637,7 @@ class Model(nn.Module):
                       masks: dict[int | None, Tensor | None]) -> Tensor:
         """The canvas pass's layers and final norm over its embeddings x [B, C, H], each layer masked by its
         window's mask (`decode`); what `canvaslm.load(compile=True)` compiles for the canvas pass."""
-        layers = (self.packed_layers(x.shape[0] * x.shape[1]) if self.canvas_grid is None else None) or self.layers
+        layers = (self.bound_layers(x.shape[0] * x.shape[1]) if self.canvas_grid is None else None) or self.layers
         for i, layer in enumerate(layers):
             mask = masks[cache.windows[i]]
             if self.canvas_grid is not None:
@@ -602,28 +645,30 @@ class Model(nn.Module):
             x = layer(x, rope, cache, mask, write=False)
         return self.norm(x)
 
-    def packed_layers(self, rows: int) -> list[PackedLayer] | None:
-        """The layers as `PackedLayer`s for a pass of `rows` rows (batch × positions) in the pass the adapters are
-        set for (`_pass`), where every linear of every layer runs it on a packed kernel alone (`packed_weight`) and
-        autograd is off; None: the modules run it. Bound once per setting of the adapters, and again after
-        `quantize` or `cache_canvas_weights` changed the weights. A pass `torch.compile` traces runs the modules,
-        whose small ops the compiler fuses anyway."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    def bound_layers(self, rows: int) -> list[BoundLayer] | None:
+        """The layers as `BoundLayer`s for a pass of `rows` rows (batch × positions) in the pass the adapters are set
+        for (`_pass`), without autograd: on packed weights where every linear of every layer runs such a pass on its
+        packed kernel alone (`packed_weight`), on dense weights where none does (`dense_linears`: past the packed
+        kernels' rows, or a model not quantized); None: the modules run it. Bound once per setting of the adapters,
+        and again after `quantize` or `cache_canvas_weights` changed the weights. A pass `torch.compile` traces,
+        one under autocast, and one whose layers anything hooks (FSDP2 gathers a layer's shards in its hooks) run
+        the modules."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or \
+                torch.is_autocast_enabled(self.embed_tokens.weight.device.type):
             return None
         adapters = adapters_of(self)
         key = bool(adapters) and adapters[0].canvas_pass  # `set_canvas_pass` sets them all alike
-        bound = self.__dict__.setdefault(PACKED_LAYERS, {})
+        bound = self.__dict__.setdefault(BOUND_LAYERS, {})
         if key not in bound:
             alike = all(adapter.canvas_pass == key for adapter in adapters)
-            bound[key] = self._bind_packed_layers() if alike else None
-        layers = bound[key]
-        # each weight's rows read now: `canvaslm bench passes` moves them
-        if layers is None or not all(rows <= w.max_rows for layer in layers for w in layer.weights):
+            bound[key] = (self._bind_packed(), self._bind_dense()) if alike else ()
+            bound["modules"] = list(self.layers.modules())
+        if hooked(bound["modules"]):
             return None
-        return layers
+        return next((binding.layers for binding in bound[key] if binding is not None and binding.takes(rows)), None)
 
-    def _bind_packed_layers(self) -> list[PackedLayer] | None:
-        """`packed_layers` for the adapters' current setting."""
+    def _bind_packed(self) -> Binding | None:
+        """The layers on their packed weights, for the adapters' current setting."""
         layers = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -631,8 +676,25 @@ class Model(nn.Module):
                        packed_weight(mlp.down_proj))
             if any(w is None for w in weights) or weights[2].out_features != 2 * weights[3].in_features:
                 return None
-            layers.append(PackedLayer.bind(layer, *weights))
-        return layers
+            layers.append(BoundLayer.bind(layer, *weights))
+        return Binding(layers, [w for layer in layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)], True)
+
+    def _bind_dense(self) -> Binding | None:
+        """The layers on their dense weights, for the adapters' current setting."""
+        layers, guards = [], []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            bound = (dense_linears(attn, "qkv") if "fused_qkv" in attn.__dict__ else _joined(attn, "q_proj", "k_proj",
+                                                                                               "v_proj"),
+                     dense_linears(attn.o_proj),
+                     dense_linears(mlp, "gate_up") if "fused_gate_up" in mlp.__dict__ else _joined(mlp, "gate_proj",
+                                                                                                   "up_proj"),
+                     dense_linears(mlp.down_proj))
+            if any(b is None for b in bound):
+                return None
+            layers.append(BoundLayer.bind(layer, *(linears for linears, _ in bound)))
+            guards += [w for _, ws in bound for w in ws]
+        return Binding(layers, guards, False)
 
     def forward_block_diffusion(self, input_ids: Tensor, valid: Tensor, prompt_length: int, noised: Tensor,
                                 self_conditioning_logits: Tensor | None,

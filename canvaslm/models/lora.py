@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
-from canvaslm.models.quant import PackedWeight, forget_packed_layers
+from canvaslm.models.quant import PackedWeight, forget_bound_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,7 +117,7 @@ def cache_canvas_weights(model: nn.Module) -> None:
             weight = module.base.weight
             module.canvas_weight = (weight.float() + module.delta()).to(weight.dtype).detach()
             module.canvas_packed = None  # packed from the old weight: `quantize` packs the new one
-    forget_packed_layers(model)
+    forget_bound_layers(model)
 
 
 def lora_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
@@ -292,4 +292,4 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
     model.__dict__.pop(ADAPTERS_FOUND, None)  # adapters came or went: `set_canvas_pass` looks them up again
-    forget_packed_layers(model)
+    forget_bound_layers(model)

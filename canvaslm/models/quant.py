@@ -220,14 +220,14 @@ def fused_outputs(module: nn.Module, group: str, x: Tensor, sizes: list[int] | N
     return None if fused is None else fused(x, sizes)
 
 
-PACKED_LAYERS = "_packed_layers"
-"""Where a model keeps the packed weights its layers' passes were bound to (`Model.packed_layers`); `quantize`,
-`canvaslm.models.lora.cache_canvas_weights` and adapters coming or going forget them (`forget_packed_layers`)."""
+BOUND_LAYERS = "_bound_layers"
+"""Where a model keeps the weights its layers' passes were bound to (`Model.bound_layers`); `quantize`,
+`canvaslm.models.lora.cache_canvas_weights` and adapters coming or going forget them (`forget_bound_layers`)."""
 
 
-def forget_packed_layers(model: nn.Module) -> None:
-    """Drop `model`'s bound packed layers: the weights they bound changed."""
-    model.__dict__.pop(PACKED_LAYERS, None)
+def forget_bound_layers(model: nn.Module) -> None:
+    """Drop `model`'s bound layers: the weights they bound changed."""
+    model.__dict__.pop(BOUND_LAYERS, None)
 
 
 def packed_weight(module: nn.Module, group: str | None = None) -> PackedWeight | None:
@@ -235,22 +235,68 @@ def packed_weight(module: nn.Module, group: str | None = None) -> PackedWeight |
     its adapters are set for, as the module itself would run it at up to the weight's `max_rows` rows without
     autograd: no bias added, and for an adapter in the canvas pass its merged canvas weight, packed and current.
     None: the pass runs it otherwise (dense, an adapter's unmerged update, a bias)."""
+    packed, bias = _packed_in_pass(module, group)
+    return packed if bias is None else None
+
+
+def _packed_in_pass(module: nn.Module, group: str | None) -> tuple[PackedWeight | None, Tensor | None]:
+    """The packed weight the module tries first for a linear or fused group in its adapters' current pass (None:
+    none), and the bias it adds."""
     if group is not None:
         fused = module.__dict__.get("fused_" + group)
-        if fused is None or fused.bias is not None:
-            return None
+        if fused is None:
+            return None, None
         if fused.adapters and fused.adapters[0].canvas_pass:
             current = all(linear.canvas_weight is w for linear, w in zip(fused.adapters, fused.canvas_weights,
                                                                           strict=True))
-            return fused.canvas if current else None
-        return fused.causal
+            return (fused.canvas if current else None), fused.bias
+        return fused.causal, fused.bias
     if hasattr(module, "canvas_pass"):  # an adapter (canvaslm.models.lora.LoRALinear)
-        if module.base.bias is not None:
-            return None
         if module.canvas_pass:
-            return module.canvas_packed if module.canvas_weight is not None else None
+            return (module.canvas_packed if module.canvas_weight is not None else None), module.base.bias
         module = module.base
-    return module.packed if isinstance(module, QuantizedLinear) and module.bias is None else None
+    return (module.packed if isinstance(module, QuantizedLinear) else None), getattr(module, "bias", None)
+
+
+class DenseLinears:
+    """Linears run on their dense weights, bound for a pass (`dense_linears`): each one's weight and bias as its
+    module runs it where no packed kernel takes the pass (or none was packed), their outputs joined."""
+
+    def __init__(self, parts: list[tuple[Tensor, Tensor | None]]) -> None:
+        self.parts = parts
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, weight, bias) for weight, bias in self.parts], dim=-1)
+
+
+def dense_linears(module: nn.Module, group: str | None = None) -> tuple[DenseLinears, list[PackedWeight]] | None:
+    """A linear (`group`: a module's fused group, its linears in order) as its module runs it in the pass its
+    adapters are set for when no packed weight takes the pass, with the packed weights that would take a small
+    enough one (a pass may be bound to the dense weights only above all their `max_rows`). None: it runs
+    otherwise (an adapter's unmerged update, or a float32 weight reordered for oneDNN, which such a pass takes)."""
+    names = FUSED_GROUPS[group] if group is not None else None
+    linears = [getattr(module, name) for name in names] if names else [module]
+    first, _ = _packed_in_pass(module, group) if group is not None else (None, None)
+    guards = [first] if first is not None else []
+    parts = []
+    for linear in linears:
+        packed, bias = _packed_in_pass(linear, None)
+        if packed is not None:
+            guards.append(packed)
+        if hasattr(linear, "canvas_pass") and linear.canvas_pass:
+            if linear.canvas_weight is None:
+                return None
+            parts.append((linear.canvas_weight, bias))
+        else:
+            base = getattr(linear, "base", linear)
+            if type(base) not in (nn.Linear, QuantizedLinear):
+                return None
+            parts.append((base.weight, bias))
+    if any(packed.reordered is not None for packed in guards):
+        return None
+    return DenseLinears(parts), guards
 
 
 def causal_packed_weights(model: nn.Module) -> list[PackedWeight]:
@@ -289,7 +335,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
         raise CheckpointError("quantize", "unknown quantization", expected=" | ".join(QUANTIZE_CHOICES), found=mode)
     if mode == "none":
         return []
-    forget_packed_layers(model)
+    forget_bound_layers(model)
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise CheckpointError("quantize", f"weight-only {mode} runs on torch's CPU kernels; the model is on {device}",
