@@ -34,7 +34,6 @@ from canvaslm.models.masks import (
 )
 from canvaslm.models.quant import (
     BOUND_LAYERS,
-    DenseLinears,
     PackedWeight,
     dense_linears,
     fused_outputs,
@@ -516,15 +515,6 @@ def hooked(modules: list[nn.Module]) -> bool:
         m._forward_pre_hooks or m._forward_hooks for m in modules)
 
 
-def _joined(module: nn.Module, *names: str) -> tuple[DenseLinears, list[PackedWeight]] | None:
-    """`dense_linears` of a module's linears that `quantize` did not pack as one group: their outputs joined."""
-    parts = [dense_linears(getattr(module, name)) for name in names]
-    if any(part is None for part in parts):
-        return None
-    return (DenseLinears([p for linears, _ in parts for p in linears.parts]),
-            [w for _, guards in parts for w in guards])
-
-
 class Model(nn.Module):
     """Llama-family LM. Build with `torch.device("meta")` then `load_hf_tensors` to skip random init."""
 
@@ -684,11 +674,7 @@ class Model(nn.Module):
         layers, guards = [], []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            bound = (dense_linears(attn, "qkv") if "fused_qkv" in attn.__dict__ else _joined(attn, "q_proj", "k_proj",
-                                                                                               "v_proj"),
-                     dense_linears(attn.o_proj),
-                     dense_linears(mlp, "gate_up") if "fused_gate_up" in mlp.__dict__ else _joined(mlp, "gate_proj",
-                                                                                                   "up_proj"),
+            bound = (dense_linears(attn, "qkv"), dense_linears(attn.o_proj), dense_linears(mlp, "gate_up"),
                      dense_linears(mlp.down_proj))
             if any(b is None for b in bound):
                 return None

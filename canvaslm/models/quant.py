@@ -199,17 +199,21 @@ class FusedLinears:
         adapters whose merged weights changed. `sizes`: split the outputs so instead (neighbours joined)."""
         if torch.is_grad_enabled():
             return None
-        packed = self.causal
-        if self.adapters and self.adapters[0].canvas_pass:
-            current = all(linear.canvas_weight is w for linear, w in zip(self.adapters, self.canvas_weights,
-                                                                          strict=True))
-            packed = self.canvas if current else None
+        packed = self.in_pass()
         y = None if packed is None else packed.apply(x)
         if y is None:
             return None
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return list(y.split(sizes or self.sizes, dim=-1))
+
+    def in_pass(self) -> PackedWeight | None:
+        """The packed weight for the pass the adapters are set for: the causal one, or in the canvas pass the merged
+        canvas weights' while they are current (None: the linears run themselves)."""
+        if not (self.adapters and self.adapters[0].canvas_pass):
+            return self.causal
+        current = all(linear.canvas_weight is w for linear, w in zip(self.adapters, self.canvas_weights, strict=True))
+        return self.canvas if current else None
 
 
 def fused_outputs(module: nn.Module, group: str, x: Tensor, sizes: list[int] | None = None) -> list[Tensor] | None:
@@ -244,13 +248,7 @@ def _packed_in_pass(module: nn.Module, group: str | None) -> tuple[PackedWeight 
     none), and the bias it adds."""
     if group is not None:
         fused = module.__dict__.get("fused_" + group)
-        if fused is None:
-            return None, None
-        if fused.adapters and fused.adapters[0].canvas_pass:
-            current = all(linear.canvas_weight is w for linear, w in zip(fused.adapters, fused.canvas_weights,
-                                                                          strict=True))
-            return (fused.canvas if current else None), fused.bias
-        return fused.causal, fused.bias
+        return (None, None) if fused is None else (fused.in_pass(), fused.bias)
     if hasattr(module, "canvas_pass"):  # an adapter (canvaslm.models.lora.LoRALinear)
         if module.canvas_pass:
             return (module.canvas_packed if module.canvas_weight is not None else None), module.base.bias
@@ -272,10 +270,11 @@ class DenseLinears:
 
 
 def dense_linears(module: nn.Module, group: str | None = None) -> tuple[DenseLinears, list[PackedWeight]] | None:
-    """A linear (`group`: a module's fused group, its linears in order) as its module runs it in the pass its
-    adapters are set for when no packed weight takes the pass, with the packed weights that would take a small
-    enough one (a pass may be bound to the dense weights only above all their `max_rows`). None: it runs
-    otherwise (an adapter's unmerged update, or a float32 weight reordered for oneDNN, which such a pass takes)."""
+    """A linear (`group`: a module's group of linears, `FUSED_GROUPS`, in order, whether `quantize` packed them as
+    one or not) as its module runs it in the pass its adapters are set for when no packed weight takes the pass,
+    with the packed weights that would take a small enough one (a pass may be bound to the dense weights only above
+    all their `max_rows`). None: it runs otherwise (an adapter's unmerged update, or a float32 weight reordered for
+    oneDNN, which such a pass takes)."""
     names = FUSED_GROUPS[group] if group is not None else None
     linears = [getattr(module, name) for name in names] if names else [module]
     first, _ = _packed_in_pass(module, group) if group is not None else (None, None)
