@@ -24,8 +24,12 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
                    help=f"weight-only quantized linears for small passes on CPUs (auto: int4 where bfloat16 is "
                         f"fast or the CPU has AVX2, else none; default {quantize})")
     p.add_argument("--compile", action="store_true", help="compile the model's passes with torch.compile (the "
-                   "causal pass; a Llama's canvas pass too): minutes on the first passes, then AR steps ~1.6x and "
-                   "4-token canvas passes ~1.3x faster on a 2-core CPU")
+                   "causal pass; a Llama's canvas pass too): minutes on the first passes of every run, then AR steps "
+                   "~1.6x and 4-token canvas passes ~1.3x faster on a 2-core CPU")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="compile a Llama's decoder layer on packed weights (bfloat16, --quantize int4/int8/auto) "
+                   "ahead of time: ~20 s once per model shape, kept in $CANVASLM_HOME/compiled, then every pass "
+                   "runs it (docs/performance.md)")
 
 
 def set_threads(threads: int | None) -> None:

@@ -164,7 +164,9 @@ def _serve(args) -> int:
                           f"{args.decodings!r}")
     if args.max_draft_batch is not None and args.max_draft_batch < 1:
         raise CanvasError(f"--max-draft-batch must be >= 1, got {args.max_draft_batch}")
-    flags = ["--dtype", args.dtype, "--quantize", args.quantize] + (["--compile"] if args.compile else []) + \
+    flags = ["--dtype", args.dtype, "--quantize", args.quantize] + \
+        (["--compile"] if args.compile else []) + \
+        (["--compile-layers"] if getattr(args, "compile_layers", False) else []) + \
         (["--threads", str(args.threads)] if args.threads else []) + \
         (["--max-draft-batch", str(args.max_draft_batch)] if args.max_draft_batch is not None else [])
     report = {**bench_serve(models, levels, args.requests, args.max_tokens, structured_share=args.structured_share,

@@ -31,29 +31,33 @@ DEFAULT_VARIANTS = "float32:none,bfloat16:none,bfloat16:int4"
 class Variant(NamedTuple):
     dtype: str
     quantize: str
-    compiled: bool = False
+    compiled: bool | str = False  # True: torch.compile of the passes; "layers": the layer compiled ahead of time
     packed_rows: int | None = None  # most rows a packed linear takes (None: the machine's crossover)
     fused: bool = True  # q/k/v and gate/up packed as one weight each (`canvaslm.models.quant.FusedLinears`)
     aten: bool = False  # larger passes on aten's dense GEMM even where a packed model reorders it for oneDNN
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """"float32:none,bfloat16:int4:compile,bfloat16:int4:rows=64" -> Variants, checked. `rows=N` overrides
-    `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover; `unfused` packs every
-    linear alone (to time what fusing q/k/v and gate/up saves); `aten` keeps a packed model's larger passes on
-    torch's default dense GEMM where `load` would reorder the weights for oneDNN
+    """"float32:none,bfloat16:int4:compile,bfloat16:int4:rows=64" -> Variants, checked. `compile` runs the
+    passes through torch.compile, `layers` the layer compiled ahead of time (`load(compile="layers")`); `rows=N`
+    overrides `canvaslm.hardware.packed_max_rows`, to time packed kernels past the machine's crossover; `unfused`
+    packs every linear alone (to time what fusing q/k/v and gate/up saves); `aten` keeps a packed model's larger
+    passes on torch's default dense GEMM where `load` would reorder the weights for oneDNN
     (`canvaslm.hardware.onednn_float32_pays`)."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         dtype, quantize, *extras = item.split(":") if ":" in item else (item, "")
         rows = [e.removeprefix("rows=") for e in extras if e.startswith("rows=")]
         if (dtype not in ("auto", "float32", "bfloat16") or quantize not in QUANTIZE_CHOICES
-                or any(e not in ("compile", "unfused", "aten", "") and not e.startswith("rows=") for e in extras)
+                or any(e not in ("compile", "layers", "unfused", "aten", "") and not e.startswith("rows=")
+                       for e in extras)
                 or not all(r.isdigit() and int(r) > 0 for r in rows) or len(rows) > 1):
-            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile][:rows=N][:unfused][:aten] "
+            raise CanvasError(f"--variants {item!r}: expected dtype:quantize[:compile|:layers][:rows=N][:unfused]"
+                              "[:aten] "
                               "with dtype auto|float32|bfloat16 and quantize auto|none|int8|int4, e.g. "
                               "bfloat16:int4:compile")
-        variants.append(Variant(dtype, quantize, "compile" in extras, int(rows[0]) if rows else None,
+        compiled = "layers" if "layers" in extras else "compile" in extras
+        variants.append(Variant(dtype, quantize, compiled, int(rows[0]) if rows else None,
                                 "unfused" not in extras, "aten" in extras))
     if not variants:
         raise CanvasError("--variants: give at least one dtype:quantize pair")
@@ -148,7 +152,8 @@ def plot_passes(report: dict[str, Any], png: str | Path) -> bool:
         return False
     axes = figure.subplots()
     for row in report["variants"]:
-        label = f"{row['dtype']}, {row['quantize']}" + (", compiled" if row.get("compiled") else "")
+        compiled = {True: ", compiled", "layers": ", compiled layers"}.get(row.get("compiled"), "")
+        label = f"{row['dtype']}, {row['quantize']}{compiled}"
         label += ", unfused" if row.get("fused") is False else ""
         label += f" (packed to {row['packed_rows']} rows)" if row.get("packed_rows") else ""
         label += ", then reordered for oneDNN" if row.get("reordered") else ""

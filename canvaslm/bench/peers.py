@@ -148,7 +148,7 @@ def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, t
 
 
 def _precision(lm) -> str:
-    compiled = ", compiled" if lm.compiled else ""
+    compiled = {True: ", compiled", "layers": ", compiled layers"}.get(lm.compiled, "")
     return f"{lm.dtype_name}, {lm.quantization}{compiled}"
 
 

@@ -25,6 +25,7 @@ from torch.nn.modules import module as torch_module
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models import embedding
+from canvaslm.models.aot import LayerProgram
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask, pass_mask
 from canvaslm.models.lora import LoRALinear, adapters_of, set_canvas_pass
 from canvaslm.models.masks import (
@@ -475,16 +476,20 @@ class BoundLayer:
     o: Linear
     gate_up: Linear  # [gate | up]
     down: Linear
+    program: LayerProgram | None = None  # the packed layer compiled ahead of time (`canvaslm.models.aot`)
 
     @classmethod
-    def bind(cls, layer: DecoderLayer, qkv: Linear, o: Linear, gate_up: Linear, down: Linear) -> BoundLayer:
+    def bind(cls, layer: DecoderLayer, qkv: Linear, o: Linear, gate_up: Linear, down: Linear,
+             program: LayerProgram | None = None) -> BoundLayer:
         attn = layer.self_attn
         return cls(attn.layer, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    layer.input_layernorm.eps, (attn.heads, attn.kv_heads, attn.head_dim), layer.mlp.act,
-                   qkv, o, gate_up, down)
+                   qkv, o, gate_up, down, program)
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
                  write: bool) -> Tensor:
+        if self.program is not None and (out := self.program.run(self, x, rope, cache, mask, write)) is not None:
+            return out
         heads, kv_heads, dim = self.sizes
         qk, v = self.qkv(rms_norm(x, self.input_norm, self.eps)).split([(heads + kv_heads) * dim, kv_heads * dim],
                                                                        dim=-1)
@@ -534,6 +539,7 @@ class Model(nn.Module):
         self.inv_freq = rope_inv_freq(config)  # [D / 2] float32
         self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
         self.small_pass_rows: int | None = None  # set by quantize: rows its packed kernels run at ~1 row's cost
+        self.layer_program: LayerProgram | None = None  # set by `aot.compile_layers`: the packed layers compiled
 
     @property
     def _groups(self) -> int:
@@ -666,7 +672,7 @@ class Model(nn.Module):
                        packed_weight(mlp.down_proj))
             if any(w is None for w in weights) or weights[2].out_features != 2 * weights[3].in_features:
                 return None
-            layers.append(BoundLayer.bind(layer, *weights))
+            layers.append(BoundLayer.bind(layer, *weights, program=self.layer_program))
         return Binding(layers, [w for layer in layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)], True)
 
     def _bind_dense(self) -> Binding | None:

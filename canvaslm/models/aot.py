@@ -1,0 +1,234 @@
+"""A decoder layer's pass on packed weights, compiled ahead of time (`canvaslm.load(compile="layers")`).
+
+An eager pass runs ~40 small ops a layer around its products (norms, the rotation, the split of q/k/v, the gate,
+the residuals); on a 2-core CPU they cost about as much as the int4 products of a SmolLM2 pass. AOTInductor
+(torch.export + `torch._inductor.aoti_compile_and_package`) fuses them into a few C++ kernels around torch's own
+packed kernels and SDPA, and writes a shared library that loads in milliseconds. The weights are the function's
+arguments, so one program serves all layers, the causal pass and the canvas pass (whose merged weights are
+another packed set), any rows and any cache length: one build of ~15 s per model shape, kept in
+`$CANVASLM_HOME/compiled/` and reused by every later run. `torch.compile` of whole passes (`compile=True`) takes
+minutes to start and traces again in every process.
+
+The program is the math of `llama.BoundLayer` (which stays the reference and runs every pass the program does not
+take: `LayerProgram.run`); it rounds differently (inductor fuses in float32), so its logits match the eager pass to
+bfloat16's precision, not bit for bit (`tests/models/test_aot_layers.py`)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from canvaslm.errors import CanvasError
+from canvaslm.hardware import cpu_flags, one_query_sdpa_max_rows
+
+
+def product(x: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
+    """x [..., K] @ W.T by torch's packed kernel (`quant.PackedWeight.__call__`, bfloat16 rows)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch._weight_int4pack_mm_for_cpu(rows, packed, 32, scales) if mode == "int4" else \
+        torch._weight_int8pack_mm(rows, packed, scales)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def layer_pass(x: Tensor, cos: Tensor, sin: Tensor, cached_k: Tensor, cached_v: Tensor, mask: Tensor | None,
+               input_norm: Tensor, qkv: Tensor, qkv_scales: Tensor, o: Tensor, o_scales: Tensor, post_norm: Tensor,
+               gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor, *,
+               sizes: tuple[int, int, int], eps: float, act: Callable[[Tensor], Tensor], modes: tuple[str, ...]
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """`BoundLayer.__call__` on packed weights for x [B, n, H] at positions cos/sin [B, 1, n, D] after cached keys and
+    values [B, Hkv, T, D], mask None or [B, 1, G * n, T + n] (`cache.pass_mask`'s layout): the layer's output and
+    the keys and values [B, Hkv, T + n, D] its attention read (what a causal pass stores)."""
+    from canvaslm.models.llama import (  # the layer's own pieces (llama imports this module)
+        apply_rope,
+        rms_norm,
+    )
+    heads, kv_heads, dim = sizes
+    b, n, _ = x.shape
+    qk, v = product(rms_norm(x, input_norm, eps), qkv, qkv_scales, modes[0]).split(
+        [(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+    qk = apply_rope(qk.reshape(b, n, heads + kv_heads, dim).transpose(1, 2), cos, sin)
+    q, k = qk.split([heads, kv_heads], dim=1)
+    v = v.reshape(b, n, kv_heads, dim).transpose(1, 2)
+    k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+    # `cache.attend`'s grouped layout: a kv head's query heads as one longer sequence
+    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * n, dim), k, v, attn_mask=mask,
+                                         scale=dim ** -0.5)
+    out = out.reshape(b, heads, n, dim).transpose(1, 2).reshape(b, n, heads * dim)
+    x = x + product(out, o, o_scales, modes[1])
+    gate, up = product(rms_norm(x, post_norm, eps), gate_up, gate_up_scales, modes[2]).chunk(2, dim=-1)
+    return x + product(act(gate) * up, down, down_scales, modes[3]), k, v
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, static: dict[str, Any]) -> None:
+        super().__init__()
+        self.static = static
+
+    def forward(self, x, cos, sin, cached_k, cached_v, mask, input_norm, qkv, qkv_scales, o, o_scales, post_norm,
+                gate_up, gate_up_scales, down, down_scales):
+        return layer_pass(x, cos, sin, cached_k, cached_v, mask, input_norm, qkv, qkv_scales, o, o_scales,
+                          post_norm, gate_up, gate_up_scales, down, down_scales, **self.static)
+
+
+class _Unmasked(torch.nn.Module):
+    def __init__(self, static: dict[str, Any]) -> None:
+        super().__init__()
+        self.static = static
+
+    def forward(self, x, cos, sin, cached_k, cached_v, input_norm, qkv, qkv_scales, o, o_scales, post_norm,
+                gate_up, gate_up_scales, down, down_scales):
+        return layer_pass(x, cos, sin, cached_k, cached_v, None, input_norm, qkv, qkv_scales, o, o_scales,
+                          post_norm, gate_up, gate_up_scales, down, down_scales, **self.static)
+
+
+def weights_of(layer: Any) -> tuple[Tensor, ...]:
+    """A packed `BoundLayer`'s tensors in `layer_pass`'s order."""
+    return (layer.input_norm, layer.qkv.packed, layer.qkv.scales, layer.o.packed, layer.o.scales, layer.post_norm,
+            layer.gate_up.packed, layer.gate_up.scales, layer.down.packed, layer.down.scales)
+
+
+def compiled_dir() -> Path:
+    from canvaslm.loading.registry import cache_dir
+    return cache_dir() / "compiled"
+
+
+class LayerProgram:
+    """The compiled `layer_pass` of one model shape, masked and unmasked, loaded from `compiled_dir()` or built
+    there (`build`)."""
+
+    def __init__(self, masked: Callable[..., Any], unmasked: Callable[..., Any], dtype: torch.dtype,
+                 groups: int) -> None:
+        self.masked, self.unmasked, self.dtype, self.groups = masked, unmasked, dtype, groups
+        self.calls = 0  # passes' layers it ran (tests, `bench`)
+
+    def run(self, layer: Any, x: Tensor, rope: tuple[Tensor, Tensor], cache: Any, mask: Tensor | None,
+            write: bool) -> Tensor | None:
+        """The layer's output for this pass, None where the program does not take it (the layer then runs
+        eagerly): another dtype or device, a sliding window or an empty cache, a mask other than None or the
+        grouped boolean layout, or one query in more rows than the fused attention kernel serves (`cache.attend`'s
+        matmuls). Its inputs go in contiguous: the library reads them at the strides it was traced with."""
+        b, n, _ = x.shape
+        i = layer.index
+        if x.dtype != self.dtype or x.device.type != "cpu" or cache.windows[i] is not None:
+            return None
+        if n == 1 and b > one_query_sdpa_max_rows("cpu"):
+            return None
+        if mask is not None and n == 1 and mask.dtype == torch.bool and mask.shape[2] == 1:
+            mask = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
+        if mask is not None and (mask.dtype != torch.bool or mask.shape[2] != self.groups * n):
+            return None
+        cached_k, cached_v = cache.keys[i], cache.values[i]
+        if cached_k is None or cached_k.shape[2] != cache.length or cached_k.shape[0] != b:
+            return None
+        cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
+        head = (x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous())
+        if mask is None:
+            out, k, v = self.unmasked(*head, *weights_of(layer))
+        else:
+            out, k, v = self.masked(*head, mask.contiguous(), *weights_of(layer))
+        if write:  # what `KVCache.extend` stores for a full layer: the keys the pass read
+            cache.keys[i], cache.values[i] = k, v
+        self.calls += 1
+        return out
+
+    @classmethod
+    def build(cls, layer: Any, dtype: torch.dtype, progress: bool = True) -> LayerProgram:
+        """The program for the shape of packed `BoundLayer` `layer` (its sizes, norm epsilon, activation and
+        packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, else compiled
+        (~15 s for SmolLM2 on a 2-core Xeon) and kept. A CanvasError says why where it cannot be built (no C++
+        compiler, a torch without AOTInductor)."""
+        heads, kv_heads, dim = layer.sizes
+        modes = tuple(w.mode for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        static = {"sizes": tuple(layer.sizes), "eps": float(layer.eps), "act": layer.act, "modes": modes}
+        act = getattr(layer.act, "__name__", repr(layer.act))
+        flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+        key = hashlib.sha256(json.dumps([_source(), torch.__version__, static["sizes"], static["eps"], act, modes,
+                                         str(dtype), flags, layer.qkv.in_features]).encode()).hexdigest()[:16]
+        folder = compiled_dir()
+        programs = []
+        for name, module in (("masked", _Masked), ("unmasked", _Unmasked)):
+            path = folder / f"layer-{key}-{name}.pt2"
+            if not path.exists():
+                if progress:
+                    print(f"canvaslm: compiling the decoder layer ({name}), once for this model shape: {path}",
+                          file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                _compile(module(static), _examples(layer, dtype, masked=name == "masked"), path)
+                if progress:
+                    print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            programs.append(torch._inductor.aoti_load_package(str(path)))
+        return cls(programs[0], programs[1], dtype, heads // kv_heads)
+
+
+def _source() -> str:
+    """The code a program is built from: a package built by other code is never loaded."""
+    from canvaslm.models.llama import apply_rope, rms_norm
+    return "".join(inspect.getsource(f) for f in (layer_pass, product, apply_rope, rms_norm, _examples))
+
+
+def _examples(layer: Any, dtype: torch.dtype, masked: bool) -> tuple[Tensor, ...]:
+    """Inputs for tracing: sizes that differ from each other and from 0 and 1, so that export keeps them
+    symbolic and no two are taken for one."""
+    heads, kv_heads, dim = layer.sizes
+    batch, rows, keys = 2, 5, 7
+    hidden = layer.input_norm.shape[0]
+    x = torch.randn(batch, rows, hidden, dtype=dtype)
+    cos, sin = torch.randn(batch, 1, rows, dim, dtype=dtype), torch.randn(batch, 1, rows, dim, dtype=dtype)
+    cached = torch.randn(batch, kv_heads, keys, dim, dtype=dtype)
+    mask = torch.ones(batch, 1, heads // kv_heads * rows, keys + rows, dtype=torch.bool)
+    head = (x, cos, sin, cached, cached.clone()) + ((mask,) if masked else ())
+    return head + tuple(w.detach() for w in weights_of(layer))
+
+
+def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path) -> None:
+    auto = torch.export.Dim.AUTO
+    shapes: list[dict[int, Any]] = [{0: auto, 1: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto},
+                                    {0: auto, 2: auto}]
+    if len(examples) == 16:
+        shapes.append({0: auto, 2: auto, 3: auto})
+    shapes += [{} for _ in range(10)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f"{path.stem}.{os.getpid()}.part.pt2")  # the packager wants a .pt2 name
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export, not the user's
+            program = torch.export.export(module, examples, dynamic_shapes=tuple(shapes))
+            torch._inductor.aoti_compile_and_package(program, package_path=str(part))
+    except Exception as error:  # noqa: BLE001 -- inductor raises many kinds; say what failed, keep its message
+        part.unlink(missing_ok=True)
+        raise CanvasError(f"compiling the decoder layer into {path} failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); run without --compile layers"
+                          ) from error
+    part.replace(path)  # whole or not at all: a run stopped mid-build leaves no package to load
+
+
+def compile_layers(model: Any, progress: bool = True) -> LayerProgram:
+    """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`): a Llama-family
+    model in bfloat16 on the CPU, quantized (`quant.quantize`). A CanvasError says what is missing."""
+    from canvaslm.models.quant import forget_bound_layers
+    weight = model.embed_tokens.weight
+    if not hasattr(model, "_bind_packed"):
+        raise CanvasError(f"--compile layers: {type(model).__name__} models have no compiled layer yet "
+                          "(Llama-family models do); use --compile")
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        raise CanvasError(f"--compile layers runs bfloat16 models on the CPU; this one is {weight.dtype} on "
+                          f"{weight.device.type} (use --dtype bfloat16 or auto, or --compile)")
+    binding = model._bind_packed()
+    if binding is None:
+        raise CanvasError("--compile layers runs the layers on packed weights: load the model with --quantize "
+                          "int4, int8 or auto")
+    model.layer_program = LayerProgram.build(binding.layers[0], weight.dtype, progress)
+    forget_bound_layers(model)  # bound again, with the program
+    return model.layer_program

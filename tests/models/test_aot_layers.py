@@ -1,0 +1,121 @@
+"""`canvaslm.load(compile="layers")`: the decoder layer on packed weights compiled ahead of time (AOTInductor) runs
+the small passes of a quantized bfloat16 model, causal and canvas, with the eager layers' logits and keys to
+bfloat16's precision; it is built once per model shape and loaded after that; models it cannot run say why."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from canvaslm.errors import CanvasError
+from canvaslm.hardware import one_query_sdpa_max_rows
+from canvaslm.loading import load_model
+from canvaslm.models import aot
+from canvaslm.models.quant import forget_bound_layers, quantize
+from tests.models.test_bound_layers import passes
+from tests.models.test_quant import adapted_tiny_model, tiny_model
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One $CANVASLM_HOME for the module's tests: the layer is built once."""
+    return tmp_path_factory.mktemp("home")
+
+
+def packed_model():
+    model = adapted_tiny_model().to(torch.bfloat16)
+    quantize(model, "int4")
+    return model
+
+
+def keys_after(model):
+    """The cache's keys of both layers after `passes`' prompt, AR step and commit."""
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    valid = ids != 0
+    valid[1] = True
+    with torch.inference_mode():
+        cache = model.new_cache(2)
+        model(ids, cache, valid)
+        model(torch.tensor([[13], [14]]), cache, torch.ones(2, 1, dtype=torch.bool))
+        model(torch.tensor([[15, 16, 17, 18]] * 2), cache, torch.ones(2, 4, dtype=torch.bool))
+    return cache.keys
+
+
+def close(ours, reference):
+    """Within bfloat16's rounding of these logits (a few of its ulps at their scale), not bit for bit."""
+    scale = reference.abs().max()
+    return (ours - reference).abs().max() <= 0.02 * scale and torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_the_compiled_layer_runs_the_small_passes_causal_and_canvas_close_to_the_eager_layers(home, monkeypatch):
+    monkeypatch.setenv("CANVASLM_HOME", str(home))
+    model = packed_model()
+    reference, reference_keys = passes(model), keys_after(model)
+    program = aot.compile_layers(model, progress=False)
+    assert model.layer_program is program and (home / "compiled").is_dir()
+    ours = passes(model)
+    # each pass the program takes runs both layers: the prompt (an empty cache) is eager, the commit and the canvas
+    # are not, nor the AR step of 2 rows where the fused kernel serves one query (`one_query_sdpa_max_rows`)
+    assert program.calls == 2 * (2 + (one_query_sdpa_max_rows("cpu") >= 2)), program.calls
+    for name, logits in reference.items():
+        assert close(ours[name], logits), (name, (ours[name] - logits).abs().max(), logits.abs().max())
+    for ours_k, reference_k in zip(keys_after(model), reference_keys, strict=True):
+        assert ours_k.shape == reference_k.shape and close(ours_k.float(), reference_k.float())
+    # off again: the eager layers, bit for bit what they gave before
+    model.layer_program = None
+    forget_bound_layers(model)
+    assert all(torch.equal(logits, reference[name]) for name, logits in passes(model).items())
+
+
+def test_a_layer_built_once_is_loaded_by_the_next_model_of_its_shape(home, monkeypatch):
+    monkeypatch.setenv("CANVASLM_HOME", str(home))
+    aot.compile_layers(packed_model(), progress=False)  # built here unless the test above built it
+    built = sorted((home / "compiled").glob("*.pt2"))
+    assert len(built) == 2, built  # masked and unmasked; no part file left behind
+
+    def compile_again(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(aot, "_compile", compile_again)
+    model = packed_model()
+    program = aot.compile_layers(model, progress=False)
+    passes(model)
+    assert program.calls > 0
+
+
+def test_models_the_compiled_layer_cannot_run_say_what_to_change(home, monkeypatch):
+    monkeypatch.setenv("CANVASLM_HOME", str(home))
+    with pytest.raises(CanvasError, match="bfloat16"):
+        aot.compile_layers(tiny_model())  # float32
+    with pytest.raises(CanvasError, match="--quantize"):
+        aot.compile_layers(tiny_model().to(torch.bfloat16))  # dense weights
+
+
+def test_a_failed_build_says_which_file_and_leaves_nothing_to_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("CANVASLM_HOME", str(tmp_path))
+
+    def broken(program, package_path):
+        open(package_path, "w").close()  # a partial file, as a build killed midway leaves
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    with pytest.raises(CanvasError, match=r"compiled/layer-.*masked\.pt2 failed \(RuntimeError: no C\+\+ compiler"):
+        aot.compile_layers(packed_model(), progress=False)
+    assert list((tmp_path / "compiled").iterdir()) == []
+
+
+@pytest.mark.parametrize(("flag", "expected"),
+                         [([], False), (["--compile"], True), (["--compile-layers"], "layers")])
+def test_the_compile_flag_picks_passes_or_layers(flag, expected, monkeypatch):
+    from canvaslm import cli_args, loading
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device")
+    cli_args.precision_args(parser)
+    seen = {}
+    monkeypatch.setattr(loading, "load", lambda source, **kw: seen.update(kw))
+    load_model(parser.parse_args(flag), "smol")
+    assert seen["compile"] == expected
+    with pytest.raises(CanvasError, match="give one"):
+        load_model(parser.parse_args(["--compile", "--compile-layers"]), "smol")
