@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                               "float32")
     quality.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default="none",
                          help="weight-only quantized linears of the model and the AR baseline (canvaslm.models.quant)")
+    quality.add_argument("--compile-layers", action="store_true",
+                         help="the model and the AR baseline run their decoder layer compiled ahead of time "
+                              "(`canvaslm.models.aot`; bfloat16 with packed weights)")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
     threads_arg(serve)
@@ -293,8 +296,9 @@ def _quality(args: argparse.Namespace) -> int:
 
     settings = [key_values(s, "--setting") for s in args.setting] or [{}]
     dtype = resolve_dtype(args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
-    judge = load(args.judge, device=args.device, dtype=dtype, quantize=args.quantize)
+    compiled = "layers" if args.compile_layers else False
+    model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize, compile=compiled)
+    judge = load(args.judge, device=args.device, dtype=dtype, quantize=args.quantize, compile=compiled)
     check_systems(model, judge)
     # GenPPL is scored in float32 without quantization, so reports in different precisions compare
     plain = dtype == torch.float32 and judge.quantization == "none"

@@ -198,7 +198,7 @@ def add_parser(sub) -> None:
                    help="denoise: comma-separated canvas sizes (passes: default 1,16,32,64,128); prompt, "
                         "structured: the last one")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="passes, peers (the AR rows): comma-separated "
-                   f"dtype:quantize[:compile][:rows=N] (default {DEFAULT_VARIANTS})")
+                   f"dtype:quantize[:compile|:layers][:rows=N] (default {DEFAULT_VARIANTS})")
     p.add_argument("--batch-sizes", default=None, help="generate (default 1,8,64), decoding (default 1,8): "
                    "comma-separated batch sizes")
     p.add_argument("--temperature", type=float, default=None, help="decoding: AR sampling temperature of the "
@@ -229,7 +229,7 @@ def add_parser(sub) -> None:
                         "sequences run; default: the server's, 1 on CPUs); a large N keeps canvases of their size "
                         "under load")
     p.add_argument("--decodings", help="serve: the diffusion model's decodings to drive, comma-separated "
-                   "(diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, --compile, "
+                   "(diffusion, verified, autoregressive; default diffusion); --dtype, --quantize, --compile(-layers), "
                    "--threads and --temperature reach the servers and the requests. decoding: the ones timed "
                    "beside the autoregressive one (default all three)")
     p.add_argument("--structured-share", type=float, default=0.0,

@@ -7,8 +7,8 @@ prompt) greedily, up to `--new-tokens` tokens or the end of turn, one prompt at 
   GGUF file. It runs in a subprocess, so a crash of the native library is reported, not fatal; its KV cache is
   reset before every prompt (it would otherwise reuse the shared chat-template prefix, which our loops do not).
 * `canvaslm autoregressive`: our AR loop on the parent (`--ar`, default smol-ar), once per precision variant.
-* `canvaslm diffusion` and `canvaslm verified`: the model under test (`-m`) at the machine's automatic precision,
-  diffusion at its default sampler setting.
+* `canvaslm diffusion` and `canvaslm verified`: the model under test (`-m`) in each precision variant after its AR
+  loop, diffusion at its default sampler setting.
 
 tok/s = tokens written / wall seconds, prompts included, after one warm-up prompt (which also pays a compiled
 variant's compilation). JSON + PNG.
@@ -130,15 +130,16 @@ def bench_peers(model: str, ar: str, variants: list[Variant], new_tokens: int, t
         plain = llama_cpp_rates(gguf_path, prompts, new_tokens, threads, n_batch, extra_buffers=False)
         rows.append({"system": "llama.cpp", "precision": "GGUF as stored, no AMX repacking", **plain})
     with torch.inference_mode():
-        for variant in variants:
+        for variant in variants:  # each variant's AR loop, then the diffusion model's canvases in it
             lm = load(ar, dtype=variant.dtype, quantize=variant.quantize, compile=variant.compiled)
             rows.append({"system": "canvaslm autoregressive", "precision": _precision(lm),
                          **_ours(lm, prompts, new_tokens, temperature=0.0)})
-        lm = load(model, dtype="auto", quantize="auto")
-        if lm.kind == "diffusion":
-            rows.append({"system": "canvaslm diffusion", "precision": _precision(lm), **_ours(lm, prompts, new_tokens)})
-            rows.append({"system": "canvaslm verified", "precision": _precision(lm),
-                         **_ours(lm, prompts, new_tokens, decoding="verified", temperature=0.0)})
+            lm = load(model, dtype=variant.dtype, quantize=variant.quantize, compile=variant.compiled)
+            if lm.kind == "diffusion":
+                rows.append({"system": "canvaslm diffusion", "precision": _precision(lm),
+                             **_ours(lm, prompts, new_tokens)})
+                rows.append({"system": "canvaslm verified", "precision": _precision(lm),
+                             **_ours(lm, prompts, new_tokens, decoding="verified", temperature=0.0)})
     reference = peer.get("tokens_per_second")
     for row in rows:
         if reference and "tokens_per_second" in row:

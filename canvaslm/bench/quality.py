@@ -343,7 +343,7 @@ def save_systems(path: str | Path, run: str, systems: Mapping[str, SystemReport]
 
 
 def _precision(lm: LM) -> dict[str, str]:
-    return {"dtype": lm.dtype_name, "quantize": lm.quantization}
+    return {"dtype": lm.dtype_name, "quantize": lm.quantization, **({"compiled": lm.compiled} if lm.compiled else {})}
 
 
 SHORT_NAMES = {"entropy_bound": "bound", "accept_probability": "p", "max_denoising_steps": "steps"}

@@ -5,7 +5,7 @@ the residuals); on a 2-core CPU they cost about as much as the int4 products of 
 (torch.export + `torch._inductor.aoti_compile_and_package`) fuses them into a few C++ kernels around torch's own
 packed kernels and SDPA, and writes a shared library that loads in milliseconds. The weights are the function's
 arguments, so one program serves all layers, the causal pass and the canvas pass (whose merged weights are
-another packed set), any rows and any cache length: one build of ~15 s per model shape, kept in
+another packed set), any rows and any cache length: one build of ~20-30 s per model shape, kept in
 `$CANVASLM_HOME/compiled/` and reused by every later run. `torch.compile` of whole passes (`compile=True`) takes
 minutes to start and traces again in every process.
 
@@ -146,16 +146,17 @@ class LayerProgram:
     @classmethod
     def build(cls, layer: Any, dtype: torch.dtype, progress: bool = True) -> LayerProgram:
         """The program for the shape of packed `BoundLayer` `layer` (its sizes, norm epsilon, activation and
-        packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, else compiled
-        (~15 s for SmolLM2 on a 2-core Xeon) and kept. A CanvasError says why where it cannot be built (no C++
-        compiler, a torch without AOTInductor)."""
+        packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, at this number of
+        threads (inductor writes it into its loops), else compiled (~20-30 s for SmolLM2 on a 2-core Xeon) and
+        kept. A CanvasError says why where it cannot be built (no C++ compiler, a torch without AOTInductor)."""
         heads, kv_heads, dim = layer.sizes
         modes = tuple(w.mode for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         static = {"sizes": tuple(layer.sizes), "eps": float(layer.eps), "act": layer.act, "modes": modes}
         act = getattr(layer.act, "__name__", repr(layer.act))
         flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
         key = hashlib.sha256(json.dumps([_source(), torch.__version__, static["sizes"], static["eps"], act, modes,
-                                         str(dtype), flags, layer.qkv.in_features]).encode()).hexdigest()[:16]
+                                         str(dtype), flags, layer.qkv.in_features, torch.get_num_threads()]).encode()
+                             ).hexdigest()[:16]
         folder = compiled_dir()
         programs = []
         for name, module in (("masked", _Masked), ("unmasked", _Unmasked)):

@@ -13,7 +13,7 @@ from canvaslm.errors import CanvasError
 from canvaslm.hardware import one_query_sdpa_max_rows
 from canvaslm.loading import load_model
 from canvaslm.models import aot
-from canvaslm.models.quant import forget_bound_layers, quantize
+from canvaslm.models.quant import PackedWeight, forget_bound_layers, quantize
 from tests.models.test_bound_layers import passes
 from tests.models.test_quant import adapted_tiny_model, tiny_model
 
@@ -41,6 +41,18 @@ def keys_after(model):
         model(torch.tensor([[13], [14]]), cache, torch.ones(2, 1, dtype=torch.bool))
         model(torch.tensor([[15, 16, 17, 18]] * 2), cache, torch.ones(2, 4, dtype=torch.bool))
     return cache.keys
+
+
+def packed_weights(model):
+    """Every packed weight of `model`: its linears' and fused groups', causal and canvas, and the head's."""
+    found = []
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, PackedWeight):
+                found.append(value)
+            elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+                found += [w for w in vars(value).values() if isinstance(w, PackedWeight)]
+    return found
 
 
 def close(ours, reference):
@@ -119,3 +131,31 @@ def test_the_compile_flag_picks_passes_or_layers(flag, expected, monkeypatch):
     assert seen["compile"] == expected
     with pytest.raises(CanvasError, match="give one"):
         load_model(parser.parse_args(["--compile", "--compile-layers"]), "smol")
+
+
+def test_the_engine_serves_with_the_compiled_layer_what_generate_writes_with_it(home, monkeypatch):
+    """Requests served together in one batch draw, on the compiled layer, the tokens each draws alone through
+    `LM.generate` on it: the program's rows do not depend on their neighbours. (The packed weights take every pass
+    here: a pass past their rows runs on the dense weights, other numbers than the int4 grid's, compiled or not.)"""
+    from canvaslm.models.lora import cache_canvas_weights
+    from tests.engine.test_batching import alone_and_together, shift_lm
+
+    monkeypatch.setenv("CANVASLM_HOME", str(home))
+    lm = shift_lm()
+    lm.network.to(torch.bfloat16)
+    cache_canvas_weights(lm.network)
+    quantize(lm.network, "int4")
+    for packed in packed_weights(lm.network):
+        packed.max_rows = 64
+    aot.compile_layers(lm.network, progress=False)
+    batches, run = [], aot.LayerProgram.run
+
+    def counted(self, layer, x, *args):
+        out = run(self, layer, x, *args)
+        batches.append(x.shape[0] if out is not None else 0)
+        return out
+
+    monkeypatch.setattr(aot.LayerProgram, "run", counted)
+    options = [{}, {"first_token": "causal"}, {}]
+    alone, together = alone_and_together(lm, options)
+    assert together == alone and max(batches) == 3  # the program ran the batch of three
