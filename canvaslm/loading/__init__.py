@@ -46,7 +46,7 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     quantize_weights(lm.network, quantize)
     lm.quantization = quantize
     if compile == "layers":
-        compile_layers(lm.network)
+        compile_layers(lm.network, registry.cache_dir() / "compiled")
     elif compile:
         # instance attributes: every caller of network.encode (forward, advance, the engines) or network.decode gets
         # the compiled pass

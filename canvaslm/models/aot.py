@@ -99,14 +99,9 @@ def weights_of(layer: Any) -> tuple[Tensor, ...]:
             layer.gate_up.packed, layer.gate_up.scales, layer.down.packed, layer.down.scales)
 
 
-def compiled_dir() -> Path:
-    from canvaslm.loading.registry import cache_dir
-    return cache_dir() / "compiled"
-
-
 class LayerProgram:
-    """The compiled `layer_pass` of one model shape, masked and unmasked, loaded from `compiled_dir()` or built
-    there (`build`)."""
+    """The compiled `layer_pass` of one model shape, masked and unmasked, loaded from a folder of built libraries
+    or built there (`build`)."""
 
     def __init__(self, masked: Callable[..., Any], unmasked: Callable[..., Any], dtype: torch.dtype,
                  groups: int) -> None:
@@ -144,7 +139,7 @@ class LayerProgram:
         return out
 
     @classmethod
-    def build(cls, layer: Any, dtype: torch.dtype, progress: bool = True) -> LayerProgram:
+    def build(cls, layer: Any, dtype: torch.dtype, folder: Path, progress: bool = True) -> LayerProgram:
         """The program for the shape of packed `BoundLayer` `layer` (its sizes, norm epsilon, activation and
         packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, at this number of
         threads (inductor writes it into its loops), else compiled (~20-30 s for SmolLM2 on a 2-core Xeon) and
@@ -157,7 +152,6 @@ class LayerProgram:
         key = hashlib.sha256(json.dumps([_source(), torch.__version__, static["sizes"], static["eps"], act, modes,
                                          str(dtype), flags, layer.qkv.in_features, torch.get_num_threads()]).encode()
                              ).hexdigest()[:16]
-        folder = compiled_dir()
         programs = []
         for name, module in (("masked", _Masked), ("unmasked", _Unmasked)):
             path = folder / f"layer-{key}-{name}.pt2"
@@ -215,9 +209,10 @@ def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path) 
     part.replace(path)  # whole or not at all: a run stopped mid-build leaves no package to load
 
 
-def compile_layers(model: Any, progress: bool = True) -> LayerProgram:
-    """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`): a Llama-family
-    model in bfloat16 on the CPU, quantized (`quant.quantize`). A CanvasError says what is missing."""
+def compile_layers(model: Any, folder: Path, progress: bool = True) -> LayerProgram:
+    """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`), its libraries
+    kept in `folder` (`canvaslm.load`: `$CANVASLM_HOME/compiled`): a Llama-family model in bfloat16 on the CPU,
+    quantized (`quant.quantize`). A CanvasError says what is missing."""
     from canvaslm.models.quant import forget_bound_layers
     weight = model.embed_tokens.weight
     if not hasattr(model, "_bind_packed"):
@@ -230,6 +225,6 @@ def compile_layers(model: Any, progress: bool = True) -> LayerProgram:
     if binding is None:
         raise CanvasError("--compile layers runs the layers on packed weights: load the model with --quantize "
                           "int4, int8 or auto")
-    model.layer_program = LayerProgram.build(binding.layers[0], weight.dtype, progress)
+    model.layer_program = LayerProgram.build(binding.layers[0], weight.dtype, folder, progress)
     forget_bound_layers(model)  # bound again, with the program
     return model.layer_program

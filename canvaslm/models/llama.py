@@ -25,7 +25,6 @@ from torch.nn.modules import module as torch_module
 
 from canvaslm.errors import CheckpointError, GenerationError
 from canvaslm.models import embedding
-from canvaslm.models.aot import LayerProgram
 from canvaslm.models.cache import KVCache, attend, decoder_mask, encoder_mask, pass_mask
 from canvaslm.models.lora import LoRALinear, adapters_of, set_canvas_pass
 from canvaslm.models.masks import (
@@ -476,11 +475,11 @@ class BoundLayer:
     o: Linear
     gate_up: Linear  # [gate | up]
     down: Linear
-    program: LayerProgram | None = None  # the packed layer compiled ahead of time (`canvaslm.models.aot`)
+    program: Any = None  # `canvaslm.models.aot.LayerProgram` (which reads this module): the layer compiled
 
     @classmethod
     def bind(cls, layer: DecoderLayer, qkv: Linear, o: Linear, gate_up: Linear, down: Linear,
-             program: LayerProgram | None = None) -> BoundLayer:
+             program: Any = None) -> BoundLayer:
         attn = layer.self_attn
         return cls(attn.layer, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    layer.input_layernorm.eps, (attn.heads, attn.kv_heads, attn.head_dim), layer.mlp.act,
@@ -539,7 +538,7 @@ class Model(nn.Module):
         self.inv_freq = rope_inv_freq(config)  # [D / 2] float32
         self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
         self.small_pass_rows: int | None = None  # set by quantize: rows its packed kernels run at ~1 row's cost
-        self.layer_program: LayerProgram | None = None  # set by `aot.compile_layers`: the packed layers compiled
+        self.layer_program: Any = None  # set by `aot.compile_layers`: the packed layers' compiled program
 
     @property
     def _groups(self) -> int:

@@ -20,7 +20,7 @@ from tests.models.test_quant import adapted_tiny_model, tiny_model
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """One $CANVASLM_HOME for the module's tests: the layer is built once."""
+    """One folder of built libraries for the module's tests: each layer shape is built once."""
     return tmp_path_factory.mktemp("home")
 
 
@@ -61,11 +61,10 @@ def close(ours, reference):
     return (ours - reference).abs().max() <= 0.02 * scale and torch.equal(ours.argmax(-1), reference.argmax(-1))
 
 
-def test_the_compiled_layer_runs_the_small_passes_causal_and_canvas_close_to_the_eager_layers(home, monkeypatch):
-    monkeypatch.setenv("CANVASLM_HOME", str(home))
+def test_the_compiled_layer_runs_the_small_passes_causal_and_canvas_close_to_the_eager_layers(home):
     model = packed_model()
     reference, reference_keys = passes(model), keys_after(model)
-    program = aot.compile_layers(model, progress=False)
+    program = aot.compile_layers(model, home / "compiled", progress=False)
     assert model.layer_program is program and (home / "compiled").is_dir()
     ours = passes(model)
     # each pass the program takes runs both layers: the prompt (an empty cache) is eager, the commit and the canvas
@@ -82,8 +81,7 @@ def test_the_compiled_layer_runs_the_small_passes_causal_and_canvas_close_to_the
 
 
 def test_a_layer_built_once_is_loaded_by_the_next_model_of_its_shape(home, monkeypatch):
-    monkeypatch.setenv("CANVASLM_HOME", str(home))
-    aot.compile_layers(packed_model(), progress=False)  # built here unless the test above built it
+    aot.compile_layers(packed_model(), home / "compiled", progress=False)  # built here unless the test above built it
     built = sorted((home / "compiled").glob("*.pt2"))
     assert len(built) == 2, built  # masked and unmasked; no part file left behind
 
@@ -92,21 +90,19 @@ def test_a_layer_built_once_is_loaded_by_the_next_model_of_its_shape(home, monke
 
     monkeypatch.setattr(aot, "_compile", compile_again)
     model = packed_model()
-    program = aot.compile_layers(model, progress=False)
+    program = aot.compile_layers(model, home / "compiled", progress=False)
     passes(model)
     assert program.calls > 0
 
 
-def test_models_the_compiled_layer_cannot_run_say_what_to_change(home, monkeypatch):
-    monkeypatch.setenv("CANVASLM_HOME", str(home))
+def test_models_the_compiled_layer_cannot_run_say_what_to_change(home):
     with pytest.raises(CanvasError, match="bfloat16"):
-        aot.compile_layers(tiny_model())  # float32
+        aot.compile_layers(tiny_model(), home / "compiled")  # float32
     with pytest.raises(CanvasError, match="--quantize"):
-        aot.compile_layers(tiny_model().to(torch.bfloat16))  # dense weights
+        aot.compile_layers(tiny_model().to(torch.bfloat16), home / "compiled")  # dense weights
 
 
 def test_a_failed_build_says_which_file_and_leaves_nothing_to_load(tmp_path, monkeypatch):
-    monkeypatch.setenv("CANVASLM_HOME", str(tmp_path))
 
     def broken(program, package_path):
         open(package_path, "w").close()  # a partial file, as a build killed midway leaves
@@ -114,7 +110,7 @@ def test_a_failed_build_says_which_file_and_leaves_nothing_to_load(tmp_path, mon
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     with pytest.raises(CanvasError, match=r"compiled/layer-.*masked\.pt2 failed \(RuntimeError: no C\+\+ compiler"):
-        aot.compile_layers(packed_model(), progress=False)
+        aot.compile_layers(packed_model(), tmp_path / "compiled", progress=False)
     assert list((tmp_path / "compiled").iterdir()) == []
 
 
@@ -140,14 +136,13 @@ def test_the_engine_serves_with_the_compiled_layer_what_generate_writes_with_it(
     from canvaslm.models.lora import cache_canvas_weights
     from tests.engine.test_batching import alone_and_together, shift_lm
 
-    monkeypatch.setenv("CANVASLM_HOME", str(home))
     lm = shift_lm()
     lm.network.to(torch.bfloat16)
     cache_canvas_weights(lm.network)
     quantize(lm.network, "int4")
     for packed in packed_weights(lm.network):
         packed.max_rows = 64
-    aot.compile_layers(lm.network, progress=False)
+    aot.compile_layers(lm.network, home / "compiled", progress=False)
     batches, run = [], aot.LayerProgram.run
 
     def counted(self, layer, x, *args):
