@@ -28,7 +28,7 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
                    "~1.6x and 4-token canvas passes ~1.3x faster on a 2-core CPU")
     p.add_argument("--compile-layers", action="store_true",
                    help="compile a Llama's decoder layer on packed weights (bfloat16, --quantize int4/int8/auto) "
-                   "ahead of time: ~20 s once per model shape, kept in $CANVASLM_HOME/compiled, then every pass "
+                   "ahead of time: ~20-50 s once per model shape, kept in $CANVASLM_HOME/compiled, then every pass "
                    "runs it (docs/performance.md)")
 
 

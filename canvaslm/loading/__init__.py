@@ -30,7 +30,7 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     the canvas pass's layers too) run through torch.compile with dynamic shapes: the first passes take minutes to
     compile, later ones skip most of eager mode's per-op overhead (docs/performance.md). compile="layers": the
     decoder layer on packed weights compiled ahead of time into a library kept in `$CANVASLM_HOME/compiled/`
-    (~20-30 s once per model shape and thread count, then loaded in milliseconds; `canvaslm.models.aot`)."""
+    (~20-50 s once per model shape and thread count, then loaded in milliseconds; `canvaslm.models.aot`)."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)

@@ -5,7 +5,7 @@ the residuals); on a 2-core CPU they cost about as much as the int4 products of 
 (torch.export + `torch._inductor.aoti_compile_and_package`) fuses them into a few C++ kernels around torch's own
 packed kernels and SDPA, and writes a shared library that loads in milliseconds. The weights are the function's
 arguments, so one program serves all layers, the causal pass and the canvas pass (whose merged weights are
-another packed set), any rows and any cache length: one build of ~20-30 s per model shape, kept in
+another packed set), any rows and any cache length: one build of ~20-50 s per model shape, kept in
 `$CANVASLM_HOME/compiled/` and reused by every later run. `torch.compile` of whole passes (`compile=True`) takes
 minutes to start and traces again in every process.
 
@@ -142,7 +142,7 @@ class LayerProgram:
     def build(cls, layer: Any, dtype: torch.dtype, folder: Path, progress: bool = True) -> LayerProgram:
         """The program for the shape of packed `BoundLayer` `layer` (its sizes, norm epsilon, activation and
         packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, at this number of
-        threads (inductor writes it into its loops), else compiled (~20-30 s for SmolLM2 on a 2-core Xeon) and
+        threads (inductor writes it into its loops), else compiled (~20-50 s for SmolLM2 on a 2-core Xeon) and
         kept. A CanvasError says why where it cannot be built (no C++ compiler, a torch without AOTInductor)."""
         heads, kv_heads, dim = layer.sizes
         modes = tuple(w.mode for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
