@@ -104,9 +104,15 @@ class LayerProgram:
     or built there (`build`)."""
 
     def __init__(self, masked: Callable[..., Any], unmasked: Callable[..., Any], dtype: torch.dtype,
-                 groups: int) -> None:
+                 groups: int, weights: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
         self.masked, self.unmasked, self.dtype, self.groups = masked, unmasked, dtype, groups
+        self.weights = weights  # each linear's packed mode and shape: the library was traced for them
         self.calls = 0  # passes' layers it ran (tests, `bench`)
+
+    def fits(self, layer: Any) -> bool:
+        """Whether packed `BoundLayer` `layer` has the packed modes and shapes the library was traced for (each
+        layer is bound to the program only then: `Model._bind_packed`)."""
+        return _packed_shapes(layer) == self.weights
 
     def run(self, layer: Any, x: Tensor, rope: tuple[Tensor, Tensor], cache: Any, mask: Tensor | None,
             write: bool) -> Tensor | None:
@@ -164,7 +170,11 @@ class LayerProgram:
                 if progress:
                     print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             programs.append(torch._inductor.aoti_load_package(str(path)))
-        return cls(programs[0], programs[1], dtype, heads // kv_heads)
+        return cls(programs[0], programs[1], dtype, heads // kv_heads, _packed_shapes(layer))
+
+
+def _packed_shapes(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((w.mode, tuple(w.packed.shape)) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
 
 def _source() -> str:

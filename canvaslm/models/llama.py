@@ -478,12 +478,11 @@ class BoundLayer:
     program: Any = None  # `canvaslm.models.aot.LayerProgram` (which reads this module): the layer compiled
 
     @classmethod
-    def bind(cls, layer: DecoderLayer, qkv: Linear, o: Linear, gate_up: Linear, down: Linear,
-             program: Any = None) -> BoundLayer:
+    def bind(cls, layer: DecoderLayer, qkv: Linear, o: Linear, gate_up: Linear, down: Linear) -> BoundLayer:
         attn = layer.self_attn
         return cls(attn.layer, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    layer.input_layernorm.eps, (attn.heads, attn.kv_heads, attn.head_dim), layer.mlp.act,
-                   qkv, o, gate_up, down, program)
+                   qkv, o, gate_up, down)
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None,
                  write: bool) -> Tensor:
@@ -671,7 +670,10 @@ class Model(nn.Module):
                        packed_weight(mlp.down_proj))
             if any(w is None for w in weights) or weights[2].out_features != 2 * weights[3].in_features:
                 return None
-            layers.append(BoundLayer.bind(layer, *weights, program=self.layer_program))
+            bound = BoundLayer.bind(layer, *weights)
+            if self.layer_program is not None and self.layer_program.fits(bound):
+                bound = dataclasses.replace(bound, program=self.layer_program)
+            layers.append(bound)
         return Binding(layers, [w for layer in layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)], True)
 
     def _bind_dense(self) -> Binding | None:

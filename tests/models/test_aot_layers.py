@@ -154,3 +154,17 @@ def test_the_engine_serves_with_the_compiled_layer_what_generate_writes_with_it(
     options = [{}, {"first_token": "causal"}, {}]
     alone, together = alone_and_together(lm, options)
     assert together == alone and max(batches) == 3  # the program ran the batch of three
+
+
+def test_a_layer_of_other_packed_weights_is_not_bound_to_the_program(home):
+    """The library was traced for one set of packed modes and shapes: layers packed otherwise (int8 here) run the
+    eager layers, bit for bit what they gave without it."""
+    program = aot.compile_layers(packed_model(), home / "compiled", progress=False)
+    model = adapted_tiny_model().to(torch.bfloat16)
+    quantize(model, "int8")
+    reference = passes(model)
+    model.layer_program = program
+    forget_bound_layers(model)
+    calls = program.calls
+    ours = passes(model)
+    assert program.calls == calls and all(torch.equal(ours[name], logits) for name, logits in reference.items())
