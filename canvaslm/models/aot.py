@@ -32,13 +32,12 @@ from torch import Tensor
 
 from canvaslm.errors import CanvasError
 from canvaslm.hardware import cpu_flags, one_query_sdpa_max_rows
+from canvaslm.models.quant import forget_bound_layers, packed_product
 
 
 def product(x: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
-    """x [..., K] @ W.T by torch's packed kernel (`quant.PackedWeight.__call__`, bfloat16 rows)."""
-    rows = x.reshape(-1, x.shape[-1])
-    y = torch._weight_int4pack_mm_for_cpu(rows, packed, 32, scales) if mode == "int4" else \
-        torch._weight_int8pack_mm(rows, packed, scales)
+    """x [..., K] @ W.T by torch's packed kernel (`quant.packed_product`, bfloat16 rows)."""
+    y = packed_product(x.reshape(-1, x.shape[-1]), packed, scales, mode)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -166,7 +165,8 @@ class LayerProgram:
                     print(f"canvaslm: compiling the decoder layer ({name}), once for this model shape: {path}",
                           file=sys.stderr, flush=True)
                 start = time.perf_counter()
-                _compile(module(static), _examples(layer, dtype, masked=name == "masked"), path)
+                masked = name == "masked"
+                _compile(module(static), _examples(layer, dtype, masked), path, masked)
                 if progress:
                     print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             programs.append(torch._inductor.aoti_load_package(str(path)))
@@ -180,7 +180,8 @@ def _packed_shapes(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
 def _source() -> str:
     """The code a program is built from: a package built by other code is never loaded."""
     from canvaslm.models.llama import apply_rope, rms_norm
-    return "".join(inspect.getsource(f) for f in (layer_pass, product, apply_rope, rms_norm, _examples))
+    return "".join(inspect.getsource(f) for f in (layer_pass, product, packed_product, apply_rope, rms_norm,
+                                                  _examples))
 
 
 def _examples(layer: Any, dtype: torch.dtype, masked: bool) -> tuple[Tensor, ...]:
@@ -197,11 +198,11 @@ def _examples(layer: Any, dtype: torch.dtype, masked: bool) -> tuple[Tensor, ...
     return head + tuple(w.detach() for w in weights_of(layer))
 
 
-def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path) -> None:
+def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path, masked: bool) -> None:
     auto = torch.export.Dim.AUTO
     shapes: list[dict[int, Any]] = [{0: auto, 1: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto},
                                     {0: auto, 2: auto}]
-    if len(examples) == 16:
+    if masked:
         shapes.append({0: auto, 2: auto, 3: auto})
     shapes += [{} for _ in range(10)]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,7 @@ def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path) 
     except Exception as error:  # noqa: BLE001 -- inductor raises many kinds; say what failed, keep its message
         part.unlink(missing_ok=True)
         raise CanvasError(f"compiling the decoder layer into {path} failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); run without --compile layers"
+                          f"{str(error).splitlines()[0] if str(error) else ''}); run without --compile-layers"
                           ) from error
     part.replace(path)  # whole or not at all: a run stopped mid-build leaves no package to load
 
@@ -223,17 +224,16 @@ def compile_layers(model: Any, folder: Path, progress: bool = True) -> LayerProg
     """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`), its libraries
     kept in `folder` (`canvaslm.load`: `$CANVASLM_HOME/compiled`): a Llama-family model in bfloat16 on the CPU,
     quantized (`quant.quantize`). A CanvasError says what is missing."""
-    from canvaslm.models.quant import forget_bound_layers
     weight = model.embed_tokens.weight
     if not hasattr(model, "_bind_packed"):
-        raise CanvasError(f"--compile layers: {type(model).__name__} models have no compiled layer yet "
+        raise CanvasError(f"--compile-layers: {type(model).__name__} models have no compiled layer yet "
                           "(Llama-family models do); use --compile")
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
-        raise CanvasError(f"--compile layers runs bfloat16 models on the CPU; this one is {weight.dtype} on "
+        raise CanvasError(f"--compile-layers runs bfloat16 models on the CPU; this one is {weight.dtype} on "
                           f"{weight.device.type} (use --dtype bfloat16 or auto, or --compile)")
     binding = model._bind_packed()
     if binding is None:
-        raise CanvasError("--compile layers runs the layers on packed weights: load the model with --quantize "
+        raise CanvasError("--compile-layers runs the layers on packed weights: load the model with --quantize "
                           "int4, int8 or auto")
     model.layer_program = LayerProgram.build(binding.layers[0], weight.dtype, folder, progress)
     forget_bound_layers(model)  # bound again, with the program

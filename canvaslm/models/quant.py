@@ -135,13 +135,18 @@ class PackedWeight:
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.bfloat16:  # a cast only where one is needed: ~1 us a call saved, 5 calls a layer
             rows = rows.to(torch.bfloat16)
-        if self.mode == "int4":
-            y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales)
-        else:
-            y = torch._weight_int8pack_mm(rows, self.packed, self.scales)
+        y = packed_product(rows, self.packed, self.scales, self.mode)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def packed_product(rows: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
+    """rows [M, K] (bfloat16) @ W.T by torch's kernel for a weight packed in `mode` ("int4" or "int8"): what a
+    `PackedWeight` runs, and what the compiled layer (`canvaslm.models.aot`) traces with the weights as arguments."""
+    if mode == "int4":
+        return torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP_SIZE, scales)
+    return torch._weight_int8pack_mm(rows, packed, scales)
 
 
 class QuantizedLinear(nn.Linear):
