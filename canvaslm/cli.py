@@ -111,9 +111,10 @@ def _parser() -> argparse.ArgumentParser:
                               "float32")
     quality.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default="none",
                          help="weight-only quantized linears of the model and the AR baseline (canvaslm.models.quant)")
-    quality.add_argument("--compile-layers", action="store_true",
+    quality.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
                          help="the model and the AR baseline run their decoder layer compiled ahead of time "
-                              "(`canvaslm.models.aot`; bfloat16 with packed weights)")
+                              "(`canvaslm.models.aot`; bfloat16 with packed weights). Default: where it runs and "
+                              "builds, as `generate` does")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, streaming, metrics)")
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
     threads_arg(serve)
@@ -203,7 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
         out = _schema_answer(lm, prompt_ids, args)
     else:
         out = _answer(lm, prompt_ids, args)
-    out.update(dtype=lm.dtype_name, quantize=lm.quantization)
+    out.update(dtype=lm.dtype_name, quantize=lm.quantization, compiled=lm.compiled)
     print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
     if not args.chat and not out["token_ids"] and out["finish_reason"] == "stop" and lm.tokenizer.chat_template:
         # An instruct model often ends a plain continuation of a finished question at once; say why nothing was
@@ -292,11 +293,12 @@ def _quality(args: argparse.Namespace) -> int:
 
     from canvaslm import load
     from canvaslm.hardware import resolve_dtype
+    from canvaslm.loading import compile_choice
     from canvaslm.bench.quality import check_systems, plot_frontier, quality_report, read_prompts
 
     settings = [key_values(s, "--setting") for s in args.setting] or [{}]
     dtype = resolve_dtype(args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    compiled = "layers" if args.compile_layers else False
+    compiled = compile_choice(args)
     model = load(args.model, device=args.device, dtype=dtype, quantize=args.quantize, compile=compiled)
     judge = load(args.judge, device=args.device, dtype=dtype, quantize=args.quantize, compile=compiled)
     check_systems(model, judge)

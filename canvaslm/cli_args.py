@@ -26,10 +26,12 @@ def precision_args(p: argparse.ArgumentParser, dtype: str = "auto", quantize: st
     p.add_argument("--compile", action="store_true", help="compile the model's passes with torch.compile (the "
                    "causal pass; a Llama's canvas pass too): minutes on the first passes of every run, then AR steps "
                    "~1.6x and 4-token canvas passes ~1.3x faster on a 2-core CPU")
-    p.add_argument("--compile-layers", action="store_true",
-                   help="compile a Llama's decoder layer on packed weights (bfloat16, --quantize int4/int8/auto) "
-                   "ahead of time: ~20-50 s once per model shape, kept in $CANVASLM_HOME/compiled, then every pass "
-                   "runs it (docs/performance.md)")
+    p.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="a Llama's decoder layer on packed weights compiled ahead of time (bfloat16, --quantize "
+                   "int4/int8/auto): built once per model shape and thread count (~20-50 s), kept in "
+                   "$CANVASLM_HOME/compiled, ~1.3x faster passes on a 2-core CPU (docs/performance.md). Default: on "
+                   "where it runs and builds, else the eager layers ($CANVASLM_COMPILE_LAYERS=0 turns the default "
+                   "off); --compile-layers: fail if it cannot; --no-compile-layers: the eager layers")
 
 
 def set_threads(threads: int | None) -> None:

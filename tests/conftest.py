@@ -1,7 +1,14 @@
 """Test-wide settings."""
 
+import os
+
 import pytest
 import torch
+
+# The command line compiles a quantized bfloat16 Llama's decoder layer by default (`canvaslm.load(compile="auto")`):
+# ~20-50 s for each new layer shape, and the tests load many. They run the eager layers unless they ask;
+# tests/models/test_aot_layers.py runs the default itself (its environment without this variable).
+os.environ["CANVASLM_COMPILE_LAYERS"] = "0"
 
 
 @pytest.fixture(autouse=True, scope="session")

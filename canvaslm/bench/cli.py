@@ -166,7 +166,7 @@ def _serve(args) -> int:
         raise CanvasError(f"--max-draft-batch must be >= 1, got {args.max_draft_batch}")
     flags = ["--dtype", args.dtype, "--quantize", args.quantize] + \
         (["--compile"] if args.compile else []) + \
-        (["--compile-layers"] if getattr(args, "compile_layers", False) else []) + \
+        {True: ["--compile-layers"], False: ["--no-compile-layers"], None: []}[args.compile_layers] + \
         (["--threads", str(args.threads)] if args.threads else []) + \
         (["--max-draft-batch", str(args.max_draft_batch)] if args.max_draft_batch is not None else [])
     report = {**bench_serve(models, levels, args.requests, args.max_tokens, structured_share=args.structured_share,

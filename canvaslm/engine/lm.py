@@ -58,7 +58,7 @@ class LM:
                  generation_config: Mapping[str, Any] | None = None) -> None:
         self.network, self.tokenizer, self.source = network, tokenizer, source
         self.quantization = "none"  # weight-only packing `canvaslm.load` applied (canvaslm.models.quant)
-        self.compiled = False  # whether `canvaslm.load` compiled the causal pass
+        self.compiled: bool | str = False  # what `canvaslm.load` compiled: True (the passes), "layers" or False
         self.kind: str = network.kind
         self.config = network.config
         settings = dict(generation_config or {})

@@ -5,6 +5,8 @@ shipped delta into a full model once, `files` reads a model from disk."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from canvaslm.errors import CanvasError, CheckpointError
 from canvaslm.hardware import resolve_dtype, resolve_quantize
 from canvaslm.loading import assets, registry
 from canvaslm.loading.files import load_path
-from canvaslm.models.aot import compile_layers
+from canvaslm.models import aot
 from canvaslm.models.quant import quantize as quantize_weights
 
 
@@ -30,7 +32,12 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     the canvas pass's layers too) run through torch.compile with dynamic shapes: the first passes take minutes to
     compile, later ones skip most of eager mode's per-op overhead (docs/performance.md). compile="layers": the
     decoder layer on packed weights compiled ahead of time into a library kept in `$CANVASLM_HOME/compiled/`
-    (~20-50 s once per model shape and thread count, then loaded in milliseconds; `canvaslm.models.aot`)."""
+    (~20-50 s once per model shape and thread count, then loaded in milliseconds; `canvaslm.models.aot`).
+    compile="auto" (the command line's default): the compiled layer where the model runs it (a Llama-family model
+    in bfloat16 on the CPU with packed weights) and it builds, else the eager layers (a build that fails says so on
+    stderr, once: `layers_where_they_run`). `lm.compiled` says what ran: True, "layers" or False."""
+    if compile not in (False, True, "layers", "auto"):
+        raise CanvasError(f"compile={compile!r}: expected False, True, \"layers\" or \"auto\"")
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
@@ -45,8 +52,10 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     lm = load_path(path, device, dtype, str(source))
     quantize_weights(lm.network, quantize)
     lm.quantization = quantize
-    if compile == "layers":
-        compile_layers(lm.network, registry.cache_dir() / "compiled")
+    if compile == "auto":
+        compile = layers_where_they_run(lm.network)
+    elif compile == "layers":
+        aot.compile_layers(lm.network, registry.cache_dir() / "compiled")
     elif compile:
         # instance attributes: every caller of network.encode (forward, advance, the engines) or network.decode gets
         # the compiled pass
@@ -56,14 +65,37 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     return lm
 
 
+LAYERS_OFF = ("0", "off", "false", "no")  # $CANVASLM_COMPILE_LAYERS values that keep "auto" on the eager layers
+
+
+def layers_where_they_run(network) -> str | bool:
+    """compile="auto": "layers" where `network` runs the compiled layer (`aot.refusal`) and its library is built
+    or builds here, else False. A failed build prints one line on stderr and is not tried again on this machine
+    until --compile-layers asks for it (`LayerProgram.build`); $CANVASLM_COMPILE_LAYERS=0 turns the default off."""
+    if os.environ.get("CANVASLM_COMPILE_LAYERS", "").strip().lower() in LAYERS_OFF or aot.refusal(network):
+        return False
+    try:
+        aot.compile_layers(network, registry.cache_dir() / "compiled", retry_failed=False)
+    except CanvasError as error:
+        print(f"canvaslm: running the eager layers: {error}", file=sys.stderr, flush=True)
+        return False
+    return "layers"
+
+
+def compile_choice(args) -> bool | str:
+    """`load`'s compile for parsed command-line flags: --compile (True), --compile-layers ("layers": build or
+    fail), --no-compile-layers (False), neither ("auto")."""
+    layers = getattr(args, "compile_layers", None)
+    if getattr(args, "compile", False):
+        if layers:
+            raise CanvasError("--compile and --compile-layers: give one (the compiled passes or the compiled layer)")
+        return True
+    return {True: "layers", False: False, None: "auto"}[layers]
+
+
 def load_model(args, source: str | None = None) -> LM:
-    """`load` with the --device / --dtype / --quantize / --compile of parsed command-line `args` (source:
+    """`load` with the --device / --dtype / --quantize / --compile(-layers) of parsed command-line `args` (source:
     args.model)."""
     dtype = args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)
-    compile: bool | str = getattr(args, "compile", False)
-    if getattr(args, "compile_layers", False):
-        if compile:
-            raise CanvasError("--compile and --compile-layers: give one (the compiled passes or the compiled layer)")
-        compile = "layers"
     return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize,
-                compile=compile)
+                compile=compile_choice(args))

@@ -15,6 +15,7 @@ bfloat16's precision, not bit for bit (`tests/models/test_aot_layers.py`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -102,7 +103,8 @@ class LayerProgram:
     """The compiled `layer_pass` of one model shape, masked and unmasked, loaded from a folder of built libraries
     or built there (`build`)."""
 
-    def __init__(self, masked: Callable[..., Any], unmasked: Callable[..., Any], dtype: torch.dtype,
+    def __init__(self, masked: Callable[[list[Tensor]], list[Tensor]],
+                 unmasked: Callable[[list[Tensor]], list[Tensor]], dtype: torch.dtype,
                  groups: int, weights: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
         self.masked, self.unmasked, self.dtype, self.groups = masked, unmasked, dtype, groups
         self.weights = weights  # each linear's packed mode and shape: the library was traced for them
@@ -133,22 +135,25 @@ class LayerProgram:
         if cached_k is None or cached_k.shape[2] != cache.length or cached_k.shape[0] != b:
             return None
         cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
-        head = (x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous())
+        head = [x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous()]
         if mask is None:
-            out, k, v = self.unmasked(*head, *weights_of(layer))
+            out, k, v = self.unmasked([*head, *weights_of(layer)])
         else:
-            out, k, v = self.masked(*head, mask.contiguous(), *weights_of(layer))
+            out, k, v = self.masked([*head, mask.contiguous(), *weights_of(layer)])
         if write:  # what `KVCache.extend` stores for a full layer: the keys the pass read
             cache.keys[i], cache.values[i] = k, v
         self.calls += 1
         return out
 
     @classmethod
-    def build(cls, layer: Any, dtype: torch.dtype, folder: Path, progress: bool = True) -> LayerProgram:
+    def build(cls, layer: Any, dtype: torch.dtype, folder: Path, progress: bool = True,
+              retry_failed: bool = True) -> LayerProgram:
         """The program for the shape of packed `BoundLayer` `layer` (its sizes, norm epsilon, activation and
         packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, at this number of
         threads (inductor writes it into its loops), else compiled (~20-50 s for SmolLM2 on a 2-core Xeon) and
-        kept. A CanvasError says why where it cannot be built (no C++ compiler, a torch without AOTInductor)."""
+        kept. A CanvasError says why where it cannot be built (no C++ compiler, a torch without AOTInductor, a
+        folder it cannot write) and leaves a note beside the libraries: with retry_failed=False (the compiled layer
+        by default, `canvaslm.load(compile="auto")`) a build that failed on this machine is not tried again."""
         heads, kv_heads, dim = layer.sizes
         modes = tuple(w.mode for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         static = {"sizes": tuple(layer.sizes), "eps": float(layer.eps), "act": layer.act, "modes": modes}
@@ -157,20 +162,51 @@ class LayerProgram:
         key = hashlib.sha256(json.dumps([_source(), torch.__version__, static["sizes"], static["eps"], act, modes,
                                          str(dtype), flags, layer.qkv.in_features, torch.get_num_threads()]).encode()
                              ).hexdigest()[:16]
-        programs = []
-        for name, module in (("masked", _Masked), ("unmasked", _Unmasked)):
-            path = folder / f"layer-{key}-{name}.pt2"
-            if not path.exists():
-                if progress:
-                    print(f"canvaslm: compiling the decoder layer ({name}), once for this model shape: {path}",
-                          file=sys.stderr, flush=True)
-                start = time.perf_counter()
-                masked = name == "masked"
-                _compile(module(static), _examples(layer, dtype, masked), path, masked)
-                if progress:
-                    print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            programs.append(torch._inductor.aoti_load_package(str(path)))
+        paths = {name: folder / f"layer-{key}-{name}.pt2" for name in ("masked", "unmasked")}
+        failed = folder / f"layer-{key}.failed"
+        if not retry_failed and failed.exists():
+            raise CanvasError(f"the compiled layer failed to build here before ({_first_line(failed)}); "
+                              f"delete {failed} or run with --compile-layers to try again")
+        missing = [name for name, path in paths.items() if not path.exists()]
+        if missing and progress:
+            print(f"canvaslm: compiling the decoder layer for this CPU, once per model shape (~20-50 s; kept in "
+                  f"{folder}; --no-compile-layers skips it)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            for name in missing:
+                _compile({"masked": _Masked, "unmasked": _Unmasked}[name](static),
+                         _examples(layer, dtype, name == "masked"), paths[name], name == "masked")
+            programs = [_load(paths[name]) for name in ("masked", "unmasked")]
+        except CanvasError as error:
+            with contextlib.suppress(OSError):
+                failed.write_text(f"{error}\n")
+            raise
+        failed.unlink(missing_ok=True)
+        if missing and progress:
+            print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         return cls(programs[0], programs[1], dtype, heads // kv_heads, _packed_shapes(layer))
+
+
+def _first_line(path: Path) -> str:
+    try:
+        return path.read_text().strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "no reason kept"
+
+
+def _load(path: Path) -> Callable[[list[Tensor]], list[Tensor]]:
+    """A built library's entry point: its inputs in order as a list, its outputs as a list. torch's own loader
+    (`torch._inductor.aoti_load_package`) imports inductor (~1 s) and rebuilds the call's tree spec on every call
+    (~15 us, 30 times a pass); its runner is the same. A CanvasError names a file this torch cannot read."""
+    try:
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).boxed_run
+    except Exception as error:  # noqa: BLE001 -- the loader raises many kinds; say which file
+        raise CanvasError(f"{path}: cannot load the compiled layer ({type(error).__name__}: "
+                          f"{_message(error)}); delete it to build it again") from error
+
+
+def _message(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
 
 
 def _packed_shapes(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -205,36 +241,44 @@ def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path, 
     if masked:
         shapes.append({0: auto, 2: auto, 3: auto})
     shapes += [{} for _ in range(10)]
-    path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.stem}.{os.getpid()}.part.pt2")  # the packager wants a .pt2 name
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export, not the user's
             program = torch.export.export(module, examples, dynamic_shapes=tuple(shapes))
             torch._inductor.aoti_compile_and_package(program, package_path=str(part))
     except Exception as error:  # noqa: BLE001 -- inductor raises many kinds; say what failed, keep its message
-        part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
         raise CanvasError(f"compiling the decoder layer into {path} failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); run without --compile-layers"
-                          ) from error
+                          f"{_message(error)}); run with --no-compile-layers") from error
     part.replace(path)  # whole or not at all: a run stopped mid-build leaves no package to load
 
 
-def compile_layers(model: Any, folder: Path, progress: bool = True) -> LayerProgram:
-    """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`), its libraries
-    kept in `folder` (`canvaslm.load`: `$CANVASLM_HOME/compiled`): a Llama-family model in bfloat16 on the CPU,
-    quantized (`quant.quantize`). A CanvasError says what is missing."""
+def refusal(model: Any) -> str | None:
+    """Why `model` cannot run the compiled layer (a sentence that says what to change), or None: it runs
+    Llama-family models in bfloat16 on the CPU, quantized (`quant.quantize`)."""
     weight = model.embed_tokens.weight
     if not hasattr(model, "_bind_packed"):
-        raise CanvasError(f"--compile-layers: {type(model).__name__} models have no compiled layer yet "
-                          "(Llama-family models do); use --compile")
+        return (f"--compile-layers: {type(model).__name__} models have no compiled layer yet (Llama-family models "
+                "do); use --compile")
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
-        raise CanvasError(f"--compile-layers runs bfloat16 models on the CPU; this one is {weight.dtype} on "
-                          f"{weight.device.type} (use --dtype bfloat16 or auto, or --compile)")
-    binding = model._bind_packed()
-    if binding is None:
-        raise CanvasError("--compile-layers runs the layers on packed weights: load the model with --quantize "
-                          "int4, int8 or auto")
-    model.layer_program = LayerProgram.build(binding.layers[0], weight.dtype, folder, progress)
+        return (f"--compile-layers runs bfloat16 models on the CPU; this one is {weight.dtype} on "
+                f"{weight.device.type} (use --dtype bfloat16 or auto, or --compile)")
+    if model._bind_packed() is None:
+        return "--compile-layers runs the layers on packed weights: load the model with --quantize int4, int8 or auto"
+    return None
+
+
+def compile_layers(model: Any, folder: Path, progress: bool = True, retry_failed: bool = True) -> LayerProgram:
+    """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`), its libraries
+    kept in `folder` (`canvaslm.load`: `$CANVASLM_HOME/compiled`). A CanvasError says what is missing (`refusal`)
+    or why the build failed."""
+    reason = refusal(model)
+    if reason is not None:
+        raise CanvasError(reason)
+    layer = model._bind_packed().layers[0]
+    model.layer_program = LayerProgram.build(layer, model.embed_tokens.weight.dtype, folder, progress, retry_failed)
     forget_bound_layers(model)  # bound again, with the program
     return model.layer_program

@@ -111,11 +111,13 @@ def test_a_failed_build_says_which_file_and_leaves_nothing_to_load(tmp_path, mon
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     with pytest.raises(CanvasError, match=r"compiled/layer-.*masked\.pt2 failed \(RuntimeError: no C\+\+ compiler"):
         aot.compile_layers(packed_model(), tmp_path / "compiled", progress=False)
-    assert list((tmp_path / "compiled").iterdir()) == []
+    left = list((tmp_path / "compiled").iterdir())
+    assert [p.suffix for p in left] == [".failed"] and "no C++ compiler" in left[0].read_text()  # no library
 
 
 @pytest.mark.parametrize(("flag", "expected"),
-                         [([], False), (["--compile"], True), (["--compile-layers"], "layers")])
+                         [([], "auto"), (["--compile"], True), (["--compile-layers"], "layers"),
+                          (["--no-compile-layers"], False), (["--compile", "--no-compile-layers"], True)])
 def test_the_compile_flag_picks_passes_or_layers(flag, expected, monkeypatch):
     from canvaslm import cli_args, loading
     parser = argparse.ArgumentParser()
@@ -168,3 +170,96 @@ def test_a_layer_of_other_packed_weights_is_not_bound_to_the_program(home):
     calls = program.calls
     ours = passes(model)
     assert program.calls == calls and all(torch.equal(ours[name], logits) for name, logits in reference.items())
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved block-diffusion Llama of the module's layer shape (its libraries are built once) with a tokenizer,
+    canvases of 4 (the packed kernels take their passes, as the shipped default's)."""
+    import canvaslm
+    from tests.reference import tiny_tokenizer
+
+    canvaslm.LM(tiny_model().to_diffusion(4), tiny_tokenizer(80), "tiny").save(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_the_command_runs_the_compiled_layer_by_default_and_writes_what_load_writes_on_it(home, tiny_model_dir,
+                                                                                        monkeypatch):
+    """`canvaslm generate` compiles the layer by default where it runs (a quantized bfloat16 Llama on the CPU):
+    once, then it loads it; its tokens are `canvaslm.load(compile="auto")`'s `generate` on the same path, and
+    --no-compile-layers runs the eager layers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import canvaslm
+
+    env = {k: v for k, v in os.environ.items() if k != "CANVASLM_COMPILE_LAYERS"} | {"CANVASLM_HOME": str(home)}
+    command = [sys.executable, "-m", "canvaslm.cli", "generate", "hello world", "--model", str(tiny_model_dir),
+               "-n", "24", "--seed", "0", "--json", "--threads", "1", "--dtype", "bfloat16", "--quantize", "int4"]
+    runs = [subprocess.run(command + extra, capture_output=True, text=True, timeout=600, env=env)
+            for extra in ([], [], ["--no-compile-layers"])]
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    first, again, eager = (json.loads(run.stdout) for run in runs)  # stdout is the JSON alone, built or not
+    assert first["compiled"] == again["compiled"] == "layers" and eager["compiled"] is False
+    assert "compiling" not in runs[1].stderr + runs[2].stderr  # built once (here or by a test above)
+    assert first["token_ids"] == again["token_ids"]
+
+    monkeypatch.setenv("CANVASLM_HOME", str(home))
+    monkeypatch.delenv("CANVASLM_COMPILE_LAYERS")
+    lm = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto")
+    assert lm.compiled == "layers"
+    prompt = lm.tokenizer.encode("hello world", add_special_tokens=True)
+    result = lm.generate([prompt], 24, 0, decoding=lm.decoding_mode(None))
+    assert lm.decode_new(result.sequences[0], len(prompt))[0][:24] == first["token_ids"]
+    assert lm.network.layer_program.calls > 0
+
+
+def test_a_default_build_that_fails_says_so_once_and_the_model_runs_its_eager_layers(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch, capfd):
+    """No C++ compiler (or any failed build): `compile="auto"` prints one line, runs the eager layers (the eager
+    model's logits bit for bit), and does not try again on the next load; --compile-layers does, and fails."""
+    import canvaslm
+
+    monkeypatch.setenv("CANVASLM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CANVASLM_COMPILE_LAYERS")
+    tries = []
+
+    def broken(program, package_path):
+        tries.append(package_path)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    lm = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto")
+    err = capfd.readouterr().err
+    assert lm.compiled is False and lm.network.layer_program is None and len(tries) == 1
+    assert err.count("running the eager layers") == 1 and "no C++ compiler" in err, err
+    eager = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile=False)
+    reference = passes(eager.network)
+    assert all(torch.equal(logits, reference[name]) for name, logits in passes(lm.network).items())
+    again = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto")
+    assert again.compiled is False and len(tries) == 1  # not tried again
+    assert "failed to build here before" in capfd.readouterr().err
+    with pytest.raises(CanvasError, match="no C\\+\\+ compiler"):
+        canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="layers")
+    assert len(tries) == 2  # asked for: tried again
+
+
+def test_the_default_is_off_where_the_layer_does_not_run_or_the_environment_says_so(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    import canvaslm
+
+    monkeypatch.setenv("CANVASLM_HOME", str(tmp_path / "home"))
+
+    def never(*args):
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(aot, "_compile", never)
+    monkeypatch.setenv("CANVASLM_COMPILE_LAYERS", "off")
+    assert canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto").compiled is False
+    monkeypatch.delenv("CANVASLM_COMPILE_LAYERS")
+    for dtype, weights in ((torch.float32, "int4"), (torch.bfloat16, "none")):  # the layer does not run these
+        assert canvaslm.load(tiny_model_dir, dtype=dtype, quantize=weights, compile="auto").compiled is False
+    with pytest.raises(CanvasError, match="expected False, True"):
+        canvaslm.load(tiny_model_dir, compile="yes")
