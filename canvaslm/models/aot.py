@@ -109,41 +109,61 @@ class LayerProgram:
         self.masked, self.unmasked, self.dtype, self.groups = masked, unmasked, dtype, groups
         self.weights = weights  # each linear's packed mode and shape: the library was traced for them
         self.calls = 0  # passes' layers it ran (tests, `bench`)
+        self._last: tuple[tuple, Any] | None = None  # the last pass's inputs (`_pass_inputs`)
 
     def fits(self, layer: Any) -> bool:
         """Whether packed `BoundLayer` `layer` has the packed modes and shapes the library was traced for (each
         layer is bound to the program only then: `Model._bind_packed`)."""
         return _packed_shapes(layer) == self.weights
 
-    def run(self, layer: Any, x: Tensor, rope: tuple[Tensor, Tensor], cache: Any, mask: Tensor | None,
+    def bind(self, layer: Any) -> ProgramLayer:
+        """The program for one layer that `fits`: what `BoundLayer.program` holds."""
+        return ProgramLayer(self, layer.index, weights_of(layer))
+
+    def run(self, layer: ProgramLayer, x: Tensor, rope: tuple[Tensor, Tensor], cache: Any, mask: Tensor | None,
             write: bool) -> Tensor | None:
         """The layer's output for this pass, None where the program does not take it (the layer then runs
         eagerly): another dtype or device, a sliding window or an empty cache, a mask other than None or the
         grouped boolean layout, or one query in more rows than the fused attention kernel serves (`cache.attend`'s
-        matmuls). Its inputs go in contiguous: the library reads them at the strides it was traced with."""
-        b, n, _ = x.shape
+        matmuls)."""
         i = layer.index
-        if x.dtype != self.dtype or x.device.type != "cpu" or cache.windows[i] is not None:
+        if cache.windows[i] is not None:
             return None
-        if n == 1 and b > one_query_sdpa_max_rows("cpu"):
-            return None
-        if mask is not None and n == 1 and mask.dtype == torch.bool and mask.shape[2] == 1:
-            mask = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
-        if mask is not None and (mask.dtype != torch.bool or mask.shape[2] != self.groups * n):
-            return None
+        inputs = self._pass_inputs(x, rope, mask)
         cached_k, cached_v = cache.keys[i], cache.values[i]
-        if cached_k is None or cached_k.shape[2] != cache.length or cached_k.shape[0] != b:
+        if inputs is None or cached_k is None or cached_k.shape[2] != cache.length or cached_k.shape[0] != x.shape[0]:
             return None
-        cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
-        head = [x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous()]
+        cos, sin, mask = inputs
         if mask is None:
-            out, k, v = self.unmasked([*head, *weights_of(layer)])
+            out, k, v = self.unmasked([x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous(),
+                                       *layer.weights])
         else:
-            out, k, v = self.masked([*head, mask.contiguous(), *weights_of(layer)])
+            out, k, v = self.masked([x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous(), mask,
+                                     *layer.weights])
         if write:  # what `KVCache.extend` stores for a full layer: the keys the pass read
             cache.keys[i], cache.values[i] = k, v
         self.calls += 1
         return out
+
+    def _pass_inputs(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """cos, sin and the mask as the library reads them (contiguous, at its traced layout), or None where it
+        does not take the pass. Every layer of a pass gets the same rope and mask: they are laid out once a pass
+        (kept with the tensors they came from, so an identity check cannot match a freed one's successor)."""
+        b, n, _ = x.shape
+        key = (rope[0], rope[1], mask, b, n, x.dtype, x.device)
+        last = self._last
+        if last is not None and all(a is k if isinstance(k, Tensor) else a == k for a, k in zip(last[0], key)):
+            return last[1]
+        inputs = None
+        if x.dtype == self.dtype and x.device.type == "cpu" and not (n == 1 and b > one_query_sdpa_max_rows("cpu")):
+            if mask is not None and n == 1 and mask.dtype == torch.bool and mask.shape[2] == 1:
+                mask = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
+            if mask is None or (mask.dtype == torch.bool and mask.shape[2] == self.groups * n):
+                cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
+                inputs = (cos, sin, None if mask is None else mask.contiguous())
+        self._last = (key, inputs)
+        return inputs
 
     @classmethod
     def build(cls, layer: Any, dtype: torch.dtype, folder: Path, progress: bool = True,
@@ -207,6 +227,19 @@ def _load(path: Path) -> Callable[[list[Tensor]], list[Tensor]]:
 
 def _message(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else ""
+
+
+class ProgramLayer:
+    """A `LayerProgram` bound to one layer: its index and its weights in `layer_pass`'s order, gathered once."""
+
+    __slots__ = ("program", "index", "weights")
+
+    def __init__(self, program: LayerProgram, index: int, weights: tuple[Tensor, ...]) -> None:
+        self.program, self.index, self.weights = program, index, weights
+
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: Any, mask: Tensor | None,
+                 write: bool) -> Tensor | None:
+        return self.program.run(self, x, rope, cache, mask, write)
 
 
 def _packed_shapes(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
