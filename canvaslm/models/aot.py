@@ -109,7 +109,7 @@ class LayerProgram:
         self.masked, self.unmasked, self.dtype, self.groups = masked, unmasked, dtype, groups
         self.weights = weights  # each linear's packed mode and shape: the library was traced for them
         self.calls = 0  # passes' layers it ran (tests, `bench`)
-        self._last: tuple[tuple, Any] | None = None  # the last pass's inputs (`_pass_inputs`)
+        self._last: tuple | None = None  # the last pass's rope, mask and x's layout, and its inputs
 
     def fits(self, layer: Any) -> bool:
         """Whether packed `BoundLayer` `layer` has the packed modes and shapes the library was traced for (each
@@ -151,18 +151,18 @@ class LayerProgram:
         does not take the pass. Every layer of a pass gets the same rope and mask: they are laid out once a pass
         (kept with the tensors they came from, so an identity check cannot match a freed one's successor)."""
         b, n, _ = x.shape
-        key = (rope[0], rope[1], mask, b, n, x.dtype, x.device)
         last = self._last
-        if last is not None and all(a is k if isinstance(k, Tensor) else a == k for a, k in zip(last[0], key)):
-            return last[1]
-        inputs = None
+        if last is not None and last[0] is rope[0] and last[1] is rope[1] and last[2] is mask and \
+                last[3] == x.shape and last[4] == x.dtype and last[5] == x.device:
+            return last[6]
+        inputs, grouped = None, mask
         if x.dtype == self.dtype and x.device.type == "cpu" and not (n == 1 and b > one_query_sdpa_max_rows("cpu")):
             if mask is not None and n == 1 and mask.dtype == torch.bool and mask.shape[2] == 1:
-                mask = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
-            if mask is None or (mask.dtype == torch.bool and mask.shape[2] == self.groups * n):
+                grouped = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
+            if grouped is None or (grouped.dtype == torch.bool and grouped.shape[2] == self.groups * n):
                 cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
-                inputs = (cos, sin, None if mask is None else mask.contiguous())
-        self._last = (key, inputs)
+                inputs = (cos, sin, None if grouped is None else grouped.contiguous())
+        self._last = (rope[0], rope[1], mask, x.shape, x.dtype, x.device, inputs)
         return inputs
 
     @classmethod

@@ -263,3 +263,34 @@ def test_the_default_is_off_where_the_layer_does_not_run_or_the_environment_says
         assert canvaslm.load(tiny_model_dir, dtype=dtype, quantize=weights, compile="auto").compiled is False
     with pytest.raises(CanvasError, match="expected False, True"):
         canvaslm.load(tiny_model_dir, compile="yes")
+
+
+def test_passes_of_one_shape_in_a_row_each_read_their_own_positions_and_mask(home):
+    """A pass's rope and mask are laid out once for its layers (`LayerProgram._pass_inputs`): AR steps of the same
+    shape, one after another at new positions over more keys (two rows, one padded: a mask each step), each match
+    the eager layers' step; and a pass of the same shape with other positions and no mask (a step of another
+    sequence) gets its own rope, not the last pass's (a tiny random model's attention barely reads positions, so
+    that is checked on the inputs themselves)."""
+    model = packed_model()
+    compiled = packed_model()
+    program = aot.compile_layers(compiled, home / "compiled", progress=False)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    valid = (ids != 0) | (torch.arange(2)[:, None] == 1)
+    caches = [m.new_cache(2) for m in (model, compiled)]
+    with torch.inference_mode():
+        for m, cache in zip((model, compiled), caches, strict=True):
+            m(ids, cache, valid)
+        for step in range(4):
+            x = torch.tensor([[13 + step], [20 + 3 * step]])
+            reference, ours = (m(x, cache, torch.ones(2, 1, dtype=torch.bool))
+                               for m, cache in zip((model, compiled), caches, strict=True))
+            assert close(ours, reference), (step, (ours - reference).abs().max(), reference.abs().max())
+    assert program.calls == 2 * 4 * (one_query_sdpa_max_rows("cpu") >= 2)
+    x = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
+    for position in (3, 60, 3):
+        rope = compiled._rope(torch.tensor([position]), torch.bfloat16)
+        cos, sin, mask = program._pass_inputs(x, rope, None)
+        assert torch.equal(cos[0, 0], rope[0]) and torch.equal(sin[0, 0], rope[1]) and mask is None
+    keep = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    for mask in (keep, keep.logical_not(), keep):  # the same positions, other masks
+        assert torch.equal(program._pass_inputs(x, rope, mask)[2], mask.expand(1, 1, program.groups, 5))
