@@ -347,7 +347,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 1 or (args.max_draft_batch is not None and args.max_draft_batch < 1):
         raise CanvasError("--max-batch, --max-queue and --max-draft-batch must be >= 1")
-    lm = load_model(args)
+    lm = load_model(args, large_batches=True)  # a server's batches pass the packed kernels' rows
     lm.require_tokenizer()  # the HTTP API takes text
     app = build_app(lm, args.served_model_name or args.model, max_batch=args.max_batch, max_queue=args.max_queue,
                     pin_settled=not args.no_pin_settled, decoding=args.decoding, max_draft_batch=args.max_draft_batch,

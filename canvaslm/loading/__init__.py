@@ -21,7 +21,7 @@ from canvaslm.models.quant import quantize as quantize_weights
 
 
 def load(source: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         quantize: str = "none", compile: bool | str = False) -> LM:
+         quantize: str = "none", compile: bool | str = False, large_batches: bool = False) -> LM:
     """Load a model from an HF-layout directory, a .gguf file, an asset folder (a delta on a registered base,
     built once into the cache dir) or a registered name (`smol-ar`, `smol`).
 
@@ -35,7 +35,9 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     (~20-50 s once per model shape and thread count, then loaded in milliseconds; `canvaslm.models.aot`).
     compile="auto" (the command line's default): the compiled layer where the model runs it (a Llama-family model
     in bfloat16 on the CPU with packed weights) and it builds, else the eager layers (a build that fails says so on
-    stderr, once: `layers_where_they_run`). `lm.compiled` says what ran: True, "layers" or False."""
+    stderr, once: `layers_where_they_run`). `lm.compiled` says what ran: True, "layers" or False. large_batches
+    (`canvaslm serve`): the compiled layer also for passes past the packed kernels' rows, on the dense weights
+    (another build of ~20-50 s, once)."""
     if compile not in (False, True, "layers", "auto"):
         raise CanvasError(f"compile={compile!r}: expected False, True, \"layers\" or \"auto\"")
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
@@ -53,9 +55,9 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
     quantize_weights(lm.network, quantize)
     lm.quantization = quantize
     if compile == "auto":
-        compile = layers_where_they_run(lm.network)
+        compile = layers_where_they_run(lm.network, large_batches)
     elif compile == "layers":
-        aot.compile_layers(lm.network, registry.cache_dir() / "compiled")
+        aot.compile_layers(lm.network, registry.cache_dir() / "compiled", dense=large_batches)
     elif compile:
         # instance attributes: every caller of network.encode (forward, advance, the engines) or network.decode gets
         # the compiled pass
@@ -68,14 +70,14 @@ def load(source: str | Path, device: str | torch.device | None = None, dtype: to
 LAYERS_OFF = ("0", "off", "false", "no")  # $CANVASLM_COMPILE_LAYERS values that keep "auto" on the eager layers
 
 
-def layers_where_they_run(network) -> str | bool:
+def layers_where_they_run(network, large_batches: bool = False) -> str | bool:
     """compile="auto": "layers" where `network` runs the compiled layer (`aot.refusal`) and its library is built
     or builds here, else False. A failed build prints one line on stderr and is not tried again on this machine
     until --compile-layers asks for it (`LayerProgram.build`); $CANVASLM_COMPILE_LAYERS=0 turns the default off."""
     if os.environ.get("CANVASLM_COMPILE_LAYERS", "").strip().lower() in LAYERS_OFF or aot.refusal(network):
         return False
     try:
-        aot.compile_layers(network, registry.cache_dir() / "compiled", retry_failed=False)
+        aot.compile_layers(network, registry.cache_dir() / "compiled", retry_failed=False, dense=large_batches)
     except CanvasError as error:
         print(f"canvaslm: running the eager layers: {error}", file=sys.stderr, flush=True)
         return False
@@ -93,9 +95,9 @@ def compile_choice(args) -> bool | str:
     return {True: "layers", False: False, None: "auto"}[layers]
 
 
-def load_model(args, source: str | None = None) -> LM:
+def load_model(args, source: str | None = None, large_batches: bool = False) -> LM:
     """`load` with the --device / --dtype / --quantize / --compile(-layers) of parsed command-line `args` (source:
     args.model)."""
     dtype = args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)
     return load(source or args.model, device=args.device, dtype=dtype, quantize=args.quantize,
-                compile=compile_choice(args))
+                compile=compile_choice(args), large_batches=large_batches)

@@ -1,4 +1,4 @@
-"""A decoder layer's pass on packed weights, compiled ahead of time (`canvaslm.load(compile="layers")`).
+"""A decoder layer's pass, compiled ahead of time (`canvaslm.load(compile="layers")`).
 
 An eager pass runs ~40 small ops a layer around its products (norms, the rotation, the split of q/k/v, the gate,
 the residuals); on a 2-core CPU they cost about as much as the int4 products of a SmolLM2 pass. AOTInductor
@@ -8,6 +8,11 @@ arguments, so one program serves all layers, the causal pass and the canvas pass
 another packed set), any rows and any cache length: one build of ~20-50 s per model shape, kept in
 `$CANVASLM_HOME/compiled/` and reused by every later run. `torch.compile` of whole passes (`compile=True`) takes
 minutes to start and traces again in every process.
+
+Two kinds of program, as `llama.Model` binds its layers: on the packed weights (the small passes: AR steps, commits
+and canvases at batch 1 and in small batches), and on the dense weights for a server's large batches
+(`compile_layers(..., dense=True)`, which `canvaslm serve` asks for): their commits and canvases, and their AR steps
+of one query in many rows, whose attention runs as two matmuls (`cache.attend`'s way there).
 
 The program is the math of `llama.BoundLayer` (which stays the reference and runs every pass the program does not
 take: `LayerProgram.run`); it rounds differently (inductor fuses in float32), so its logits match the eager pass to
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from canvaslm.errors import CanvasError
 from canvaslm.hardware import cpu_flags, one_query_sdpa_max_rows
-from canvaslm.models.quant import forget_bound_layers, packed_product
+from canvaslm.models.quant import DenseLinears, PackedWeight, forget_bound_layers, packed_product
 
 
 def product(x: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
@@ -43,78 +48,110 @@ def product(x: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
 
 
 def layer_pass(x: Tensor, cos: Tensor, sin: Tensor, cached_k: Tensor, cached_v: Tensor, mask: Tensor | None,
-               input_norm: Tensor, qkv: Tensor, qkv_scales: Tensor, o: Tensor, o_scales: Tensor, post_norm: Tensor,
-               gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor, *,
-               sizes: tuple[int, int, int], eps: float, act: Callable[[Tensor], Tensor], modes: tuple[str, ...]
+               input_norm: Tensor, post_norm: Tensor, qkv: Linear, o: Linear, gate_up: Linear, down: Linear, *,
+               sizes: tuple[int, int, int], eps: float, act: Callable[[Tensor], Tensor], one_query: bool
                ) -> tuple[Tensor, Tensor, Tensor]:
-    """`BoundLayer.__call__` on packed weights for x [B, n, H] at positions cos/sin [B, 1, n, D] after cached keys and
-    values [B, Hkv, T, D], mask None or [B, 1, G * n, T + n] (`cache.pass_mask`'s layout): the layer's output and
-    the keys and values [B, Hkv, T + n, D] its attention read (what a causal pass stores)."""
+    """`BoundLayer.__call__` for x [B, n, H] at positions cos/sin [B, 1, n, D] after cached keys and values
+    [B, Hkv, T, D], with its linears as functions (`_Program`: packed or dense): the layer's output and the keys and
+    values [B, Hkv, T + n, D] its attention read (what a causal pass stores). mask: None or [B, 1, G * n, T + n]
+    (`cache.pass_mask`'s layout); with one_query (n = 1 in many rows), [B, 1, 1, T + 1]."""
     from canvaslm.models.llama import (  # the layer's own pieces (llama imports this module)
         apply_rope,
         rms_norm,
     )
     heads, kv_heads, dim = sizes
     b, n, _ = x.shape
-    qk, v = product(rms_norm(x, input_norm, eps), qkv, qkv_scales, modes[0]).split(
-        [(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+    qk, v = qkv(rms_norm(x, input_norm, eps)).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
     qk = apply_rope(qk.reshape(b, n, heads + kv_heads, dim).transpose(1, 2), cos, sin)
     q, k = qk.split([heads, kv_heads], dim=1)
     v = v.reshape(b, n, kv_heads, dim).transpose(1, 2)
     k, v = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-    # `cache.attend`'s grouped layout: a kv head's query heads as one longer sequence
-    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * n, dim), k, v, attn_mask=mask,
-                                         scale=dim ** -0.5)
-    out = out.reshape(b, heads, n, dim).transpose(1, 2).reshape(b, n, heads * dim)
-    x = x + product(out, o, o_scales, modes[1])
-    gate, up = product(rms_norm(x, post_norm, eps), gate_up, gate_up_scales, modes[2]).chunk(2, dim=-1)
-    return x + product(act(gate) * up, down, down_scales, modes[3]), k, v
+    if one_query:  # `cache.attend`'s matmuls for one query in many rows: a kv head's query heads as rows
+        scores = (q.reshape(b, kv_heads, heads // kv_heads, dim) @ k.transpose(-1, -2)).float() * dim ** -0.5
+        scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))
+        out = (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(b, n, heads * dim)
+    else:  # `cache.attend`'s grouped layout: a kv head's query heads as one longer sequence
+        out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads * n, dim), k, v,
+                                             attn_mask=mask, scale=dim ** -0.5)
+        out = out.reshape(b, heads, n, dim).transpose(1, 2).reshape(b, n, heads * dim)
+    x = x + o(out)
+    gate, up = gate_up(rms_norm(x, post_norm, eps)).chunk(2, dim=-1)
+    return x + down(act(gate) * up), k, v
 
 
-class _Masked(torch.nn.Module):
-    def __init__(self, static: dict[str, Any]) -> None:
+Linear = Callable[[Tensor], Tensor]
+
+# each kind of program's libraries: (name, masked, one query)
+LIBRARIES = {"packed": (("masked", True, False), ("unmasked", False, False)),
+             "dense": (("masked", True, False), ("one-query", True, True))}
+
+
+class _Program(torch.nn.Module):
+    """`layer_pass` with its inputs as one list, as the library's runner takes them: x, cos, sin, the cached keys
+    and values, the mask where `masked`, then the layer's weights (`weights_of`)."""
+
+    def __init__(self, static: dict[str, Any], kind: str, masked: bool, one_query: bool) -> None:
         super().__init__()
-        self.static = static
+        self.static, self.kind, self.masked, self.one_query = static, kind, masked, one_query
 
-    def forward(self, x, cos, sin, cached_k, cached_v, mask, input_norm, qkv, qkv_scales, o, o_scales, post_norm,
-                gate_up, gate_up_scales, down, down_scales):
-        return layer_pass(x, cos, sin, cached_k, cached_v, mask, input_norm, qkv, qkv_scales, o, o_scales,
-                          post_norm, gate_up, gate_up_scales, down, down_scales, **self.static)
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x, cos, sin, cached_k, cached_v = inputs[:5]
+        mask = inputs[5] if self.masked else None
+        weights = inputs[5 + self.masked:]
+        if self.kind == "packed":
+            input_norm, qkv, qkv_scales, o, o_scales, post_norm, gate_up, gate_up_scales, down, down_scales = weights
+            modes = self.static["modes"]
+            linears = (lambda h: product(h, qkv, qkv_scales, modes[0]), lambda h: product(h, o, o_scales, modes[1]),
+                       lambda h: product(h, gate_up, gate_up_scales, modes[2]),
+                       lambda h: product(h, down, down_scales, modes[3]))
+        else:  # as `quant.DenseLinears` joins them
+            input_norm, q, k, v, o, post_norm, gate, up, down = weights
+            linears = (lambda h: torch.cat([F.linear(h, q), F.linear(h, k), F.linear(h, v)], dim=-1),
+                       lambda h: F.linear(h, o), lambda h: torch.cat([F.linear(h, gate), F.linear(h, up)], dim=-1),
+                       lambda h: F.linear(h, down))
+        return layer_pass(x, cos, sin, cached_k, cached_v, mask, input_norm, post_norm, *linears,
+                          sizes=self.static["sizes"], eps=self.static["eps"], act=self.static["act"],
+                          one_query=self.one_query)
 
 
-class _Unmasked(torch.nn.Module):
-    def __init__(self, static: dict[str, Any]) -> None:
-        super().__init__()
-        self.static = static
-
-    def forward(self, x, cos, sin, cached_k, cached_v, input_norm, qkv, qkv_scales, o, o_scales, post_norm,
-                gate_up, gate_up_scales, down, down_scales):
-        return layer_pass(x, cos, sin, cached_k, cached_v, None, input_norm, qkv, qkv_scales, o, o_scales,
-                          post_norm, gate_up, gate_up_scales, down, down_scales, **self.static)
+def kind_of(layer: Any) -> str | None:
+    """"packed" or "dense": the kind of program a `BoundLayer` runs on (`weights_of`), None where neither takes it
+    (a dense linear with a bias)."""
+    linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    if all(isinstance(w, PackedWeight) for w in linears):
+        return "packed"
+    if all(isinstance(w, DenseLinears) and all(bias is None for _, bias in w.parts) for w in linears) and \
+            [len(w.parts) for w in linears] == [3, 1, 2, 1]:
+        return "dense"
+    return None
 
 
 def weights_of(layer: Any) -> tuple[Tensor, ...]:
-    """A packed `BoundLayer`'s tensors in `layer_pass`'s order."""
-    return (layer.input_norm, layer.qkv.packed, layer.qkv.scales, layer.o.packed, layer.o.scales, layer.post_norm,
-            layer.gate_up.packed, layer.gate_up.scales, layer.down.packed, layer.down.scales)
+    """A `BoundLayer`'s tensors in `_Program`'s order: its norms and its packed weights and scales, or its dense
+    weights."""
+    if kind_of(layer) == "packed":
+        return (layer.input_norm, layer.qkv.packed, layer.qkv.scales, layer.o.packed, layer.o.scales,
+                layer.post_norm, layer.gate_up.packed, layer.gate_up.scales, layer.down.packed, layer.down.scales)
+    (q, _), (k, _), (v, _) = layer.qkv.parts
+    (gate, _), (up, _) = layer.gate_up.parts
+    return (layer.input_norm, q, k, v, layer.o.parts[0][0], layer.post_norm, gate, up, layer.down.parts[0][0])
 
 
 class LayerProgram:
-    """The compiled `layer_pass` of one model shape, masked and unmasked, loaded from a folder of built libraries
+    """The compiled `layer_pass` of one model shape and kind (`LIBRARIES`), loaded from a folder of built libraries
     or built there (`build`)."""
 
-    def __init__(self, masked: Callable[[list[Tensor]], list[Tensor]],
-                 unmasked: Callable[[list[Tensor]], list[Tensor]], dtype: torch.dtype,
-                 groups: int, weights: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
-        self.masked, self.unmasked, self.dtype, self.groups = masked, unmasked, dtype, groups
-        self.weights = weights  # each linear's packed mode and shape: the library was traced for them
+    def __init__(self, kind: str, libraries: dict[str, Callable[[list[Tensor]], list[Tensor]]], dtype: torch.dtype,
+                 groups: int, weights: tuple[tuple[Any, ...], ...]) -> None:
+        self.kind, self.libraries, self.dtype, self.groups = kind, libraries, dtype, groups
+        self.weights = weights  # each weight's shape (and packed mode): the library was traced for them
         self.calls = 0  # passes' layers it ran (tests, `bench`)
         self._last: tuple | None = None  # the last pass's rope, mask and x's layout, and its inputs
 
     def fits(self, layer: Any) -> bool:
-        """Whether packed `BoundLayer` `layer` has the packed modes and shapes the library was traced for (each
-        layer is bound to the program only then: `Model._bind_packed`)."""
-        return _packed_shapes(layer) == self.weights
+        """Whether `BoundLayer` `layer` is of the kind and has the weights' shapes (and packed modes) the library was
+        traced for (each layer is bound to the program only then: `Model._bind_packed`, `_bind_dense`)."""
+        return kind_of(layer) == self.kind and _shapes(layer) == self.weights
 
     def bind(self, layer: Any) -> ProgramLayer:
         """The program for one layer that `fits`: what `BoundLayer.program` holds."""
@@ -124,79 +161,92 @@ class LayerProgram:
             write: bool) -> Tensor | None:
         """The layer's output for this pass, None where the program does not take it (the layer then runs
         eagerly): another dtype or device, a sliding window or an empty cache, a mask other than None or the
-        grouped boolean layout, or one query in more rows than the fused attention kernel serves (`cache.attend`'s
-        matmuls)."""
+        grouped boolean layout, or, on packed weights, one query in more rows than the fused attention kernel
+        serves (`cache.attend`'s matmuls)."""
         i = layer.index
         if cache.windows[i] is not None:
             return None
-        inputs = self._pass_inputs(x, rope, mask)
+        inputs = self._pass_inputs(x, rope, mask, cache.length + x.shape[1])
         cached_k, cached_v = cache.keys[i], cache.values[i]
         if inputs is None or cached_k is None or cached_k.shape[2] != cache.length or cached_k.shape[0] != x.shape[0]:
             return None
-        cos, sin, mask = inputs
-        if mask is None:
-            out, k, v = self.unmasked([x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous(),
-                                       *layer.weights])
-        else:
-            out, k, v = self.masked([x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous(), mask,
-                                     *layer.weights])
+        library, cos, sin, mask = inputs
+        head = [x.contiguous(), cos, sin, cached_k.contiguous(), cached_v.contiguous()]
+        out, k, v = library([*head, *layer.weights] if mask is None else [*head, mask, *layer.weights])
         if write:  # what `KVCache.extend` stores for a full layer: the keys the pass read
             cache.keys[i], cache.values[i] = k, v
         self.calls += 1
         return out
 
-    def _pass_inputs(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
-                     ) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """cos, sin and the mask as the library reads them (contiguous, at its traced layout), or None where it
-        does not take the pass. Every layer of a pass gets the same rope and mask: they are laid out once a pass
-        (kept with the tensors they came from, so an identity check cannot match a freed one's successor)."""
-        b, n, _ = x.shape
+    def _pass_inputs(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, keys: int
+                     ) -> tuple[Callable[[list[Tensor]], list[Tensor]], Tensor, Tensor, Tensor | None] | None:
+        """The library for this pass over `keys` keys, with cos, sin and the mask as it reads them (contiguous, at
+        its traced layout), or None where none takes the pass. Every layer of a pass gets the same rope and mask:
+        they are laid out once a pass (kept with the tensors they came from, so an identity check cannot match a
+        freed one's successor)."""
         last = self._last
         if last is not None and last[0] is rope[0] and last[1] is rope[1] and last[2] is mask and \
-                last[3] == x.shape and last[4] == x.dtype and last[5] == x.device:
-            return last[6]
-        inputs, grouped = None, mask
-        if x.dtype == self.dtype and x.device.type == "cpu" and not (n == 1 and b > one_query_sdpa_max_rows("cpu")):
-            if mask is not None and n == 1 and mask.dtype == torch.bool and mask.shape[2] == 1:
-                grouped = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
-            if grouped is None or (grouped.dtype == torch.bool and grouped.shape[2] == self.groups * n):
-                cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
-                inputs = (cos, sin, None if grouped is None else grouped.contiguous())
-        self._last = (rope[0], rope[1], mask, x.shape, x.dtype, x.device, inputs)
-        return inputs
+                last[3] == x.shape and last[4] == keys and last[5] == x.dtype and last[6] == x.device:
+            return last[7]
+        self._last = (rope[0], rope[1], mask, x.shape, keys, x.dtype, x.device, self._lay_out(x, rope, mask, keys))
+        return self._last[7]
+
+    def _lay_out(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, keys: int
+                 ) -> tuple[Callable[[list[Tensor]], list[Tensor]], Tensor, Tensor, Tensor | None] | None:
+        b, n, _ = x.shape
+        if x.dtype != self.dtype or x.device.type != "cpu" or (mask is not None and mask.dtype != torch.bool):
+            return None
+        if n == 1 and b > one_query_sdpa_max_rows("cpu"):  # one query in many rows: the matmuls' library
+            if self.kind == "packed" or (mask is not None and mask.shape[2] != 1):
+                return None
+            name, rows = "one-query", 1
+        else:
+            if mask is not None and n == 1 and mask.shape[2] == 1:
+                mask = mask.expand(b, 1, self.groups, mask.shape[3])  # one query's row, for each head of a group
+            if mask is not None and mask.shape[2] != self.groups * n:
+                return None
+            name, rows = ("unmasked" if mask is None and self.kind == "packed" else "masked"), self.groups * n
+        if mask is None and name != "unmasked":  # the dense libraries read a mask: here one that hides nothing
+            mask = torch.ones(b, 1, rows, keys, dtype=torch.bool)
+        cos, sin = (r.expand(b, 1, n, r.shape[-1]).contiguous() for r in rope)  # [n, D] or [B, 1, n, D]
+        return self.libraries[name], cos, sin, None if mask is None else mask.contiguous()
 
     @classmethod
     def build(cls, layer: Any, dtype: torch.dtype, folder: Path, progress: bool = True,
               retry_failed: bool = True) -> LayerProgram:
-        """The program for the shape of packed `BoundLayer` `layer` (its sizes, norm epsilon, activation and
-        packed modes) in `dtype`: loaded if built before on this machine's kind of CPU and torch, at this number of
-        threads (inductor writes it into its loops), else compiled (~20-50 s for SmolLM2 on a 2-core Xeon) and
-        kept. A CanvasError says why where it cannot be built (no C++ compiler, a torch without AOTInductor, a
-        folder it cannot write) and leaves a note beside the libraries: with retry_failed=False (the compiled layer
-        by default, `canvaslm.load(compile="auto")`) a build that failed on this machine is not tried again."""
+        """The program for the shape and kind of `BoundLayer` `layer` (its sizes, norm epsilon, activation, and
+        its weights' shapes and packed modes: `kind_of`) in `dtype`: loaded if built before on this machine's kind
+        of CPU and torch, at this number of threads (inductor writes it into its loops), else compiled (~20-50 s
+        for SmolLM2 on a 2-core Xeon) and kept. A CanvasError says why where it cannot be built (no C++ compiler,
+        a torch without AOTInductor, a folder it cannot write) and leaves a note beside the libraries: with
+        retry_failed=False (the compiled layer by default, `canvaslm.load(compile="auto")`) a build that failed on
+        this machine is not tried again."""
         heads, kv_heads, dim = layer.sizes
-        modes = tuple(w.mode for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        kind = kind_of(layer)
+        modes = tuple(w.mode for w in (layer.qkv, layer.o, layer.gate_up, layer.down)) if kind == "packed" else ()
         static = {"sizes": tuple(layer.sizes), "eps": float(layer.eps), "act": layer.act, "modes": modes}
         act = getattr(layer.act, "__name__", repr(layer.act))
         flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
-        key = hashlib.sha256(json.dumps([_source(), torch.__version__, static["sizes"], static["eps"], act, modes,
-                                         str(dtype), flags, layer.qkv.in_features, torch.get_num_threads()]).encode()
+        key = hashlib.sha256(json.dumps([_source(), torch.__version__, static["sizes"], static["eps"], act, kind,
+                                         _shapes(layer), str(dtype), flags, torch.get_num_threads()]).encode()
                              ).hexdigest()[:16]
-        paths = {name: folder / f"layer-{key}-{name}.pt2" for name in ("masked", "unmasked")}
+        paths = {name: folder / f"layer-{key}-{name}.pt2" for name, _, _ in LIBRARIES[kind]}
         failed = folder / f"layer-{key}.failed"
         if not retry_failed and failed.exists():
             raise CanvasError(f"the compiled layer failed to build here before ({_first_line(failed)}); "
                               f"delete {failed} or run with --compile-layers to try again")
         missing = [name for name, path in paths.items() if not path.exists()]
         if missing and progress:
-            print(f"canvaslm: compiling the decoder layer for this CPU, once per model shape (~20-50 s; kept in "
+            what = "decoder layer" if kind == "packed" else "decoder layer for large batches"
+            print(f"canvaslm: compiling the {what} for this CPU, once per model shape (~20-50 s; kept in "
                   f"{folder}; --no-compile-layers skips it)", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            for name in missing:
-                _compile({"masked": _Masked, "unmasked": _Unmasked}[name](static),
-                         _examples(layer, dtype, name == "masked"), paths[name], name == "masked")
-            programs = [_load(paths[name]) for name in ("masked", "unmasked")]
+            for name, masked, one_query in LIBRARIES[kind]:
+                if name in missing:
+                    _compile(_Program(static, kind, masked, one_query), _examples(layer, dtype, masked, one_query),
+                             paths[name], masked, one_query)
+            libraries = {name: _load(path) for name, path in paths.items()}
         except CanvasError as error:
             with contextlib.suppress(OSError):
                 failed.write_text(f"{error}\n")
@@ -204,7 +254,7 @@ class LayerProgram:
         failed.unlink(missing_ok=True)
         if missing and progress:
             print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        return cls(programs[0], programs[1], dtype, heads // kv_heads, _packed_shapes(layer))
+        return cls(kind, libraries, dtype, heads // kv_heads, _shapes(layer))
 
 
 def _first_line(path: Path) -> str:
@@ -230,7 +280,7 @@ def _message(error: BaseException) -> str:
 
 
 class ProgramLayer:
-    """A `LayerProgram` bound to one layer: its index and its weights in `layer_pass`'s order, gathered once."""
+    """A `LayerProgram` bound to one layer: its index and its weights in `_Program`'s order, gathered once."""
 
     __slots__ = ("program", "index", "weights")
 
@@ -242,44 +292,48 @@ class ProgramLayer:
         return self.program.run(self, x, rope, cache, mask, write)
 
 
-def _packed_shapes(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple((w.mode, tuple(w.packed.shape)) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+def _shapes(layer: Any) -> tuple[tuple[Any, ...], ...]:
+    """Each weight's shape in `_Program`'s order, with the packed linears' modes."""
+    if kind_of(layer) == "packed":
+        return tuple((w.mode, tuple(w.packed.shape)) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    return tuple(("dense", tuple(w.shape)) for w in weights_of(layer)[1:] if w.dim() == 2)
 
 
 def _source() -> str:
     """The code a program is built from: a package built by other code is never loaded."""
     from canvaslm.models.llama import apply_rope, rms_norm
-    return "".join(inspect.getsource(f) for f in (layer_pass, product, packed_product, apply_rope, rms_norm,
-                                                  _examples))
+    return "".join(inspect.getsource(f) for f in (layer_pass, _Program, product, packed_product, apply_rope,
+                                                  rms_norm, _examples))
 
 
-def _examples(layer: Any, dtype: torch.dtype, masked: bool) -> tuple[Tensor, ...]:
+def _examples(layer: Any, dtype: torch.dtype, masked: bool, one_query: bool) -> list[Tensor]:
     """Inputs for tracing: sizes that differ from each other and from 0 and 1, so that export keeps them
-    symbolic and no two are taken for one."""
+    symbolic and no two are taken for one (one row for one query, which the library is for)."""
     heads, kv_heads, dim = layer.sizes
-    batch, rows, keys = 2, 5, 7
+    batch, rows, keys = (11, 1, 7) if one_query else (2, 5, 7)
     hidden = layer.input_norm.shape[0]
     x = torch.randn(batch, rows, hidden, dtype=dtype)
     cos, sin = torch.randn(batch, 1, rows, dim, dtype=dtype), torch.randn(batch, 1, rows, dim, dtype=dtype)
     cached = torch.randn(batch, kv_heads, keys, dim, dtype=dtype)
-    mask = torch.ones(batch, 1, heads // kv_heads * rows, keys + rows, dtype=torch.bool)
-    head = (x, cos, sin, cached, cached.clone()) + ((mask,) if masked else ())
-    return head + tuple(w.detach() for w in weights_of(layer))
+    mask = torch.ones(batch, 1, 1 if one_query else heads // kv_heads * rows, keys + rows, dtype=torch.bool)
+    head = [x, cos, sin, cached, cached.clone()] + ([mask] if masked else [])
+    return head + [w.detach() for w in weights_of(layer)]
 
 
-def _compile(module: torch.nn.Module, examples: tuple[Tensor, ...], path: Path, masked: bool) -> None:
+def _compile(module: torch.nn.Module, examples: list[Tensor], path: Path, masked: bool, one_query: bool) -> None:
     auto = torch.export.Dim.AUTO
-    shapes: list[dict[int, Any]] = [{0: auto, 1: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto},
-                                    {0: auto, 2: auto}]
+    rows = {} if one_query else {1: auto}  # one query: a library for one row
+    shapes: list[dict[int, Any]] = [{0: auto, **rows}, {0: auto, **{2: auto for _ in rows}},
+                                    {0: auto, **{2: auto for _ in rows}}, {0: auto, 2: auto}, {0: auto, 2: auto}]
     if masked:
-        shapes.append({0: auto, 2: auto, 3: auto})
-    shapes += [{} for _ in range(10)]
+        shapes.append({0: auto, 3: auto} if one_query else {0: auto, 2: auto, 3: auto})
+    shapes += [{} for _ in examples[len(shapes):]]
     part = path.with_name(f"{path.stem}.{os.getpid()}.part.pt2")  # the packager wants a .pt2 name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export, not the user's
-            program = torch.export.export(module, examples, dynamic_shapes=tuple(shapes))
+            program = torch.export.export(module, (examples,), dynamic_shapes=(shapes,))
             torch._inductor.aoti_compile_and_package(program, package_path=str(part))
     except Exception as error:  # noqa: BLE001 -- inductor raises many kinds; say what failed, keep its message
         with contextlib.suppress(OSError):
@@ -304,14 +358,19 @@ def refusal(model: Any) -> str | None:
     return None
 
 
-def compile_layers(model: Any, folder: Path, progress: bool = True, retry_failed: bool = True) -> LayerProgram:
+def compile_layers(model: Any, folder: Path, progress: bool = True, retry_failed: bool = True,
+                   dense: bool = False) -> LayerProgram:
     """Run `model`'s passes on packed weights through its compiled layer (`LayerProgram.build`), its libraries
-    kept in `folder` (`canvaslm.load`: `$CANVASLM_HOME/compiled`). A CanvasError says what is missing (`refusal`)
-    or why the build failed."""
+    kept in `folder` (`canvaslm.load`: `$CANVASLM_HOME/compiled`); with `dense`, also its passes on the dense
+    weights (a server's large batches), where its layers bind to them (no biases). A CanvasError says what is
+    missing (`refusal`) or why the build failed."""
     reason = refusal(model)
     if reason is not None:
         raise CanvasError(reason)
-    layer = model._bind_packed().layers[0]
-    model.layer_program = LayerProgram.build(layer, model.embed_tokens.weight.dtype, folder, progress, retry_failed)
-    forget_bound_layers(model)  # bound again, with the program
+    dtype = model.embed_tokens.weight.dtype
+    model.layer_program = LayerProgram.build(model._bind_packed().layers[0], dtype, folder, progress, retry_failed)
+    dense_binding = model._bind_dense() if dense else None
+    if dense_binding is not None and kind_of(dense_binding.layers[0]) == "dense":
+        model.dense_layer_program = LayerProgram.build(dense_binding.layers[0], dtype, folder, progress, retry_failed)
+    forget_bound_layers(model)  # bound again, with the programs
     return model.layer_program

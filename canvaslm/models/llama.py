@@ -544,6 +544,7 @@ class Model(nn.Module):
         self.packed_head: PackedWeight | None = None  # set by canvaslm.models.quant.quantize
         self.small_pass_rows: int | None = None  # set by quantize: rows its packed kernels run at ~1 row's cost
         self.layer_program: Any = None  # set by `aot.compile_layers`: the packed layers' compiled program
+        self.dense_layer_program: Any = None  # and the dense layers' (`compile_layers(..., dense=True)`)
 
     @property
     def _groups(self) -> int:
@@ -691,7 +692,10 @@ class Model(nn.Module):
                      dense_linears(mlp.down_proj))
             if any(b is None for b in bound):
                 return None
-            layers.append(BoundLayer.bind(layer, *(linears for linears, _ in bound)))
+            bound_layer = BoundLayer.bind(layer, *(linears for linears, _ in bound))
+            if self.dense_layer_program is not None and self.dense_layer_program.fits(bound_layer):
+                bound_layer = dataclasses.replace(bound_layer, program=self.dense_layer_program.bind(bound_layer))
+            layers.append(bound_layer)
             guards += [w for _, ws in bound for w in ws]
         return Binding(layers, guards, False)
 

@@ -289,8 +289,43 @@ def test_passes_of_one_shape_in_a_row_each_read_their_own_positions_and_mask(hom
     x = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
     for position in (3, 60, 3):
         rope = compiled._rope(torch.tensor([position]), torch.bfloat16)
-        cos, sin, mask = program._pass_inputs(x, rope, None)
+        _, cos, sin, mask = program._pass_inputs(x, rope, None, 5)
         assert torch.equal(cos[0, 0], rope[0]) and torch.equal(sin[0, 0], rope[1]) and mask is None
     keep = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     for mask in (keep, keep.logical_not(), keep):  # the same positions, other masks
-        assert torch.equal(program._pass_inputs(x, rope, mask)[2], mask.expand(1, 1, program.groups, 5))
+        assert torch.equal(program._pass_inputs(x, rope, mask, 5)[3], mask.expand(1, 1, program.groups, 5))
+
+
+def test_a_servers_large_batches_run_the_dense_program_close_to_the_eager_layers(home):
+    """`compile_layers(..., dense=True)` (`canvaslm serve`): passes past the packed kernels' rows run the program on
+    the dense weights, AR steps of one query in many rows (its matmul attention, with and without padded rows) and
+    commits, with logits close to the eager dense layers'; the packed program does not take them."""
+    rows = max(p.max_rows for p in packed_weights(packed_model())) + 4
+    for padded in (True, False):
+        model, compiled = packed_model(), packed_model()
+        aot.compile_layers(compiled, home / "compiled", progress=False, dense=True)
+        torch.manual_seed(0)
+        ids = torch.randint(3, 70, (rows, 6))
+        if padded:
+            ids[0, :2] = 0
+        caches = [m.new_cache(rows) for m in (model, compiled)]
+        with torch.inference_mode():
+            for m, cache in zip((model, compiled), caches, strict=True):
+                m(ids, cache, ids != 0)
+            for step in range(3):
+                x = torch.randint(3, 70, (rows, 1 if step < 2 else 4))
+                reference, ours = (m(x, cache, torch.ones_like(x, dtype=torch.bool))
+                                   for m, cache in zip((model, compiled), caches, strict=True))
+                assert close(ours, reference), (padded, step, (ours - reference).abs().max(), reference.abs().max())
+        assert compiled.dense_layer_program.calls == 2 * 3 and compiled.layer_program.calls == 0
+
+
+def test_a_model_loaded_for_serving_binds_the_dense_program_too(home, tiny_model_dir, monkeypatch):
+    import canvaslm
+
+    monkeypatch.setenv("CANVASLM_HOME", str(home))
+    monkeypatch.delenv("CANVASLM_COMPILE_LAYERS")
+    served = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto", large_batches=True)
+    assert served.compiled == "layers" and served.network.dense_layer_program.kind == "dense"
+    lm = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto")
+    assert lm.compiled == "layers" and lm.network.dense_layer_program is None  # chat and generate: not built
