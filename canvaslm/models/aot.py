@@ -293,10 +293,11 @@ class ProgramLayer:
 
 
 def _shapes(layer: Any) -> tuple[tuple[Any, ...], ...]:
-    """Each weight's shape in `_Program`'s order, with the packed linears' modes."""
+    """Each weight's shape in `_Program`'s order, with the packed linears' modes or the dense weights' dtypes (a
+    library reads its arguments as the ones it was traced with)."""
     if kind_of(layer) == "packed":
         return tuple((w.mode, tuple(w.packed.shape)) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    return tuple(("dense", tuple(w.shape)) for w in weights_of(layer)[1:] if w.dim() == 2)
+    return tuple((str(w.dtype), tuple(w.shape)) for w in weights_of(layer)[1:] if w.dim() == 2)
 
 
 def _source() -> str:
@@ -368,6 +369,7 @@ def compile_layers(model: Any, folder: Path, progress: bool = True, retry_failed
     if reason is not None:
         raise CanvasError(reason)
     dtype = model.embed_tokens.weight.dtype
+    model._pass(canvas=False)  # traced on the causal pass's weights; the canvas pass's are bound where they fit
     model.layer_program = LayerProgram.build(model._bind_packed().layers[0], dtype, folder, progress, retry_failed)
     dense_binding = model._bind_dense() if dense else None
     if dense_binding is not None and kind_of(dense_binding.layers[0]) == "dense":
