@@ -160,9 +160,12 @@ class LayerProgram:
     def run(self, layer: ProgramLayer, x: Tensor, rope: tuple[Tensor, Tensor], cache: Any, mask: Tensor | None,
             write: bool) -> Tensor | None:
         """The layer's output for this pass, None where the program does not take it (the layer then runs
-        eagerly): another dtype or device, a sliding window or an empty cache, a mask other than None or the
-        grouped boolean layout, or, on packed weights, one query in more rows than the fused attention kernel
-        serves (`cache.attend`'s matmuls)."""
+        eagerly): another dtype or device, a sliding window or an empty cache, or a mask other than None or the
+        grouped boolean layout. One query (an AR step, a commit of one token) goes through the fused attention
+        kernel on packed weights at every row count they serve (`hardware.packed_max_rows`): on the 2-core AVX-512
+        EPYC without AMX, where the eager layers take the matmuls from one row up, the kernel in the library took
+        AR steps of `smol-ar` as fast as a library of the matmuls did from 16 to 32 rows and 10% faster at one row
+        (`runs/s44/ab_oneq.py`); in more rows, on the dense weights, one query takes the matmuls' library."""
         i = layer.index
         if cache.windows[i] is not None:
             return None
@@ -196,8 +199,8 @@ class LayerProgram:
         b, n, _ = x.shape
         if x.dtype != self.dtype or x.device.type != "cpu" or (mask is not None and mask.dtype != torch.bool):
             return None
-        if n == 1 and b > one_query_sdpa_max_rows("cpu"):  # one query in many rows: the matmuls' library
-            if self.kind == "packed" or (mask is not None and mask.shape[2] != 1):
+        if n == 1 and self.kind == "dense" and b > one_query_sdpa_max_rows("cpu"):  # the matmuls' library
+            if mask is not None and mask.shape[2] != 1:
                 return None
             name, rows = "one-query", 1
         else:

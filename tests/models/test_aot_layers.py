@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from canvaslm.errors import CanvasError
-from canvaslm.hardware import one_query_sdpa_max_rows
 from canvaslm.loading import load_model
 from canvaslm.models import aot
 from canvaslm.models.quant import PackedWeight, forget_bound_layers, quantize
@@ -67,9 +66,9 @@ def test_the_compiled_layer_runs_the_small_passes_causal_and_canvas_close_to_the
     program = aot.compile_layers(model, home / "compiled", progress=False)
     assert model.layer_program is program and (home / "compiled").is_dir()
     ours = passes(model)
-    # each pass the program takes runs both layers: the prompt (an empty cache) is eager, the commit and the canvas
-    # are not, nor the AR step of 2 rows where the fused kernel serves one query (`one_query_sdpa_max_rows`)
-    assert program.calls == 2 * (2 + (one_query_sdpa_max_rows("cpu") >= 2)), program.calls
+    # each pass the program takes runs both layers: the prompt (an empty cache) is eager, the AR step, the commit
+    # and the canvas are not
+    assert program.calls == 2 * 3, program.calls
     for name, logits in reference.items():
         assert close(ours[name], logits), (name, (ours[name] - logits).abs().max(), logits.abs().max())
     for ours_k, reference_k in zip(keys_after(model), reference_keys, strict=True):
@@ -265,12 +264,14 @@ def test_the_default_is_off_where_the_layer_does_not_run_or_the_environment_says
         canvaslm.load(tiny_model_dir, compile="yes")
 
 
-def test_passes_of_one_shape_in_a_row_each_read_their_own_positions_and_mask(home):
+def test_passes_of_one_shape_in_a_row_each_read_their_own_positions_and_mask(home, monkeypatch):
     """A pass's rope and mask are laid out once for its layers (`LayerProgram._pass_inputs`): AR steps of the same
     shape, one after another at new positions over more keys (two rows, one padded: a mask each step), each match
     the eager layers' step; and a pass of the same shape with other positions and no mask (a step of another
     sequence) gets its own rope, not the last pass's (a tiny random model's attention barely reads positions, so
-    that is checked on the inputs themselves)."""
+    that is checked on the inputs themselves). The steps run on the packed program as on a CPU without AMX, where
+    the eager layers take one query through the matmuls in every row count (`one_query_sdpa_max_rows` 0)."""
+    monkeypatch.setattr(aot, "one_query_sdpa_max_rows", lambda device_type: 0)
     model = packed_model()
     compiled = packed_model()
     program = aot.compile_layers(compiled, home / "compiled", progress=False)
@@ -285,7 +286,7 @@ def test_passes_of_one_shape_in_a_row_each_read_their_own_positions_and_mask(hom
             reference, ours = (m(x, cache, torch.ones(2, 1, dtype=torch.bool))
                                for m, cache in zip((model, compiled), caches, strict=True))
             assert close(ours, reference), (step, (ours - reference).abs().max(), reference.abs().max())
-    assert program.calls == 2 * 4 * (one_query_sdpa_max_rows("cpu") >= 2)
+    assert program.calls == 2 * 4
     x = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
     for position in (3, 60, 3):
         rope = compiled._rope(torch.tensor([position]), torch.bfloat16)
