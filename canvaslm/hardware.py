@@ -98,7 +98,7 @@ def onednn_float32_pays(device: torch.device | str = "cpu") -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def packed_max_rows(mode: str, reordered: bool = False) -> int:
+def packed_max_rows(mode: str, reordered: bool = False, dense_program: bool = False) -> int:
     """Most rows a pass may have for a weight-only packed linear (`canvaslm.models.quant`) to beat the dense bf16
     weight. torch's int4/int8 CPU kernels cost ~linearly in rows, while the dense bf16 GEMM barely grows up to ~32
     rows, and with AMX tiles it is several times faster. 30 SmolLM2 layers' linears, one thread of a Xeon with
@@ -108,10 +108,16 @@ def packed_max_rows(mode: str, reordered: bool = False) -> int:
     (docs/performance.md). `reordered`: the dense weight is float32 reordered for oneDNN (`onednn_float32_pays`),
     which overtakes the packed kernels sooner. On the 2-core AVX2 EPYC, 2 threads: causal passes of `smol` at 4 /
     6 / 8 rows took 62 / 94 / 95 ms int4 against 80 / 86 / 92 reordered; SmolLM2's head at 3 / 4 rows 5.8 / 7.6 ms
-    int8 against 6.4 / 6.8."""
+    int8 against 6.4 / 6.8. `dense_program`: the dense weights run the compiled layer too (`canvaslm serve`:
+    `aot.compile_layers(..., dense=True)`), which overtakes the packed one sooner than the eager dense layers do. On
+    the 2-core AVX-512 EPYC without AMX, AR steps of `smol-ar` in one process (`runs/s44/ab_rows2.py`), ms packed /
+    dense library: 12 rows 26.6 / 41.6, 16 rows 40.0 / 54.0, 20 rows 50.0 / 61.5, 24 rows 72.7 / 60.2, 32 rows
+    71.6 / 62.9 (the eager layers: about even from 20 to 32 rows). On AMX CPUs not measured: as without it."""
     if reordered:
         return {"int4": 4, "int8": 3}[mode]
     amx = "amx_bf16" in cpu_flags()
+    if dense_program and not amx:
+        return {"int4": 20, "int8": 8}[mode]
     return {"int4": 8 if amx else 32, "int8": 4 if amx else 8}[mode]
 
 

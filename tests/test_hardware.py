@@ -45,8 +45,12 @@ def test_packed_weights_take_fewer_rows_where_amx_makes_the_dense_bf16_pass_chea
     amx = PackedWeight(weight, "int4")
     assert amx.takes(torch.randn(8, 64, dtype=torch.bfloat16)) and not amx.takes(torch.randn(16, 64))
     assert hardware.packed_max_rows("int8") == 4
+    assert hardware.packed_max_rows("int4", dense_program=True) == 8  # not measured beside the dense program
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     assert PackedWeight(weight, "int4").takes(torch.randn(32, 64)) and hardware.packed_max_rows("int8") == 8
+    # the dense weights' compiled layer (a server's) overtakes the packed one from 24 rows on the AVX-512 EPYC
+    assert hardware.packed_max_rows("int4", dense_program=True) == 20
+    assert hardware.packed_max_rows("int8", dense_program=True) == 8
 
 
 def test_float32_weights_are_reordered_for_onednn_on_avx2_cpus_not_made_by_intel(monkeypatch):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from canvaslm.errors import CanvasError
-from canvaslm.hardware import cpu_flags, one_query_sdpa_max_rows
+from canvaslm.hardware import cpu_flags, one_query_sdpa_max_rows, packed_max_rows
 from canvaslm.models.quant import DenseLinears, PackedWeight, forget_bound_layers, packed_product
 
 
@@ -377,5 +377,7 @@ def compile_layers(model: Any, folder: Path, progress: bool = True, retry_failed
     dense_binding = model._bind_dense() if dense else None
     if dense_binding is not None and kind_of(dense_binding.layers[0]) == "dense":
         model.dense_layer_program = LayerProgram.build(dense_binding.layers[0], dtype, folder, progress, retry_failed)
+        for weight in model._bind_packed().guards:  # passes the dense program now runs faster than the packed one
+            weight.max_rows = min(weight.max_rows, packed_max_rows(weight.mode, dense_program=True))
     forget_bound_layers(model)  # bound again, with the programs
     return model.layer_program

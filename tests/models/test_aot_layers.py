@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from canvaslm.errors import CanvasError
+from canvaslm.hardware import packed_max_rows as eager_max_rows
 from canvaslm.loading import load_model
 from canvaslm.models import aot
 from canvaslm.models.quant import PackedWeight, forget_bound_layers, quantize
@@ -326,7 +327,17 @@ def test_a_model_loaded_for_serving_binds_the_dense_program_too(home, tiny_model
 
     monkeypatch.setenv("CANVASLM_HOME", str(home))
     monkeypatch.delenv("CANVASLM_COMPILE_LAYERS")
+    # where the dense program overtakes the packed one sooner (`packed_max_rows(..., dense_program=True)`), the
+    # causal pass's packed weights of a served model stop there; a model for chat and generate keeps the eager rows
+    monkeypatch.setattr(aot, "packed_max_rows", lambda mode, dense_program=False: 3 if dense_program else 99)
     served = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto", large_batches=True)
     assert served.compiled == "layers" and served.network.dense_layer_program.kind == "dense"
+    assert all(w.max_rows == 3 for w in served.network._bind_packed().guards)
+    with torch.inference_mode():
+        cache = served.network.new_cache(1)
+        served.network(torch.tensor([[5, 6, 7, 8, 9]]), cache, torch.ones(1, 5, dtype=torch.bool))
+        served.network(torch.tensor([[10, 11, 12, 13]]), cache, torch.ones(1, 4, dtype=torch.bool))
+    assert served.network.dense_layer_program.calls == 2 and served.network.layer_program.calls == 0
     lm = canvaslm.load(tiny_model_dir, dtype=torch.bfloat16, quantize="int4", compile="auto")
     assert lm.compiled == "layers" and lm.network.dense_layer_program is None  # chat and generate: not built
+    assert all(w.max_rows == eager_max_rows(w.mode) for w in lm.network._bind_packed().guards)
