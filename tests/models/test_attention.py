@@ -131,12 +131,17 @@ def test_a_pass_mask_is_made_once_and_changes_no_output(dtype, monkeypatch):
             assert torch.equal(attend(q, k, v, made, scale=0.3), attend(q, k, v, mask, scale=0.3))
 
 
-def test_a_causal_pass_of_several_rows_lays_out_its_mask_once_not_in_every_layer():
+@pytest.mark.parametrize("fused_rows", [8, 0], ids=["one query fused (AMX)", "one query as matmuls"])
+def test_a_causal_pass_of_several_rows_lays_out_its_mask_once_not_in_every_layer(fused_rows, monkeypatch):
     """The encoder of a 4-token commit: its mask is repeated for the grouped rows once per pass (~35 us a layer of
-    SmolLM2 saved), and an AR step at batch 1 hands its layers no mask at all."""
+    SmolLM2 saved), and an AR step at batch 1 hands its layers no mask at all, whether one query goes through the
+    fused kernel (AMX CPUs) or the matmuls (`one_query_sdpa_max_rows`)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from canvaslm.models import cache as kv_cache
     from canvaslm.models import llama
+
+    monkeypatch.setattr(kv_cache, "one_query_sdpa_max_rows", lambda device_type: fused_rows)
 
     class Ops(TorchDispatchMode):
         def __init__(self) -> None:
@@ -144,7 +149,9 @@ def test_a_causal_pass_of_several_rows_lays_out_its_mask_once_not_in_every_layer
             self.names: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
+            masked = "scaled_dot_product" in str(func) and (len(args) > 3 and args[3] is not None
+                                                            or (kwargs or {}).get("attn_mask") is not None)
+            self.names.append(str(func) + (" with a mask" if masked else ""))
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
@@ -158,5 +165,6 @@ def test_a_causal_pass_of_several_rows_lays_out_its_mask_once_not_in_every_layer
             with Ops() as ops:
                 model.encode(torch.tensor(ids), cache, torch.ones(1, len(ids[0]), dtype=torch.bool))
             assert sum("aten.repeat" in name for name in ops.names) == (1 if len(ids[0]) > 1 else 0), ops.names
-            masked = [name for name in ops.names if "scaled_dot_product" in name or "where" in name]
-            assert masked and (len(ids[0]) > 1 or not any("where" in name for name in masked)), masked
+            attention = [name for name in ops.names if "scaled_dot_product" in name or "softmax" in name]
+            masking = [name for name in ops.names if "where" in name or "mask" in name]
+            assert attention and (len(ids[0]) > 1 or not masking), (attention, masking)
