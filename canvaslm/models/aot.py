@@ -142,9 +142,9 @@ class LayerProgram:
     or built there (`build`)."""
 
     def __init__(self, kind: str, libraries: dict[str, Callable[[list[Tensor]], list[Tensor]]], dtype: torch.dtype,
-                 groups: int, weights: tuple[tuple[Any, ...], ...]) -> None:
+                 groups: int, weights: tuple[tuple[Any, ...], ...], kv_shape: tuple[int, int]) -> None:
         self.kind, self.libraries, self.dtype, self.groups = kind, libraries, dtype, groups
-        self.kv_shape: tuple[int, int] | None = None  # (kv heads, head dim): an empty cache's keys, as none held
+        self.kv_shape = kv_shape  # (kv heads, head dim): an empty cache's keys, as none held
         self.weights = weights  # each weight's shape (and packed mode): the library was traced for them
         self.calls = 0  # passes' layers it ran (tests, `bench`)
         self._last: tuple | None = None  # the last pass's rope, mask and x's layout, and its inputs
@@ -174,7 +174,7 @@ class LayerProgram:
             return None
         inputs = self._pass_inputs(x, rope, mask, cache.length + x.shape[1])
         cached_k, cached_v = cache.keys[i], cache.values[i]
-        if cached_k is None and cache.length == 0 and self.kv_shape is not None:  # a prompt's first chunk
+        if cached_k is None and cache.length == 0:  # a prompt's first chunk
             kv_heads, dim = self.kv_shape
             cached_k = cached_v = x.new_empty(x.shape[0], kv_heads, 0, dim)
         if inputs is None or cached_k is None or cached_k.shape[2] != cache.length or cached_k.shape[0] != x.shape[0]:
@@ -263,9 +263,7 @@ class LayerProgram:
         failed.unlink(missing_ok=True)
         if missing and progress:
             print(f"canvaslm: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        program = cls(kind, libraries, dtype, heads // kv_heads, _shapes(layer))
-        program.kv_shape = (kv_heads, dim)
-        return program
+        return cls(kind, libraries, dtype, heads // kv_heads, _shapes(layer), (kv_heads, dim))
 
 
 def _first_line(path: Path) -> str:
@@ -381,11 +379,12 @@ def compile_layers(model: Any, folder: Path, progress: bool = True, retry_failed
         raise CanvasError(reason)
     dtype = model.embed_tokens.weight.dtype
     model._pass(canvas=False)  # traced on the causal pass's weights; the canvas pass's are bound where they fit
-    model.layer_program = LayerProgram.build(model._bind_packed().layers[0], dtype, folder, progress, retry_failed)
+    packed = model._bind_packed()
+    model.layer_program = LayerProgram.build(packed.layers[0], dtype, folder, progress, retry_failed)
     dense_binding = model._bind_dense() if dense else None
     if dense_binding is not None and kind_of(dense_binding.layers[0]) == "dense":
         model.dense_layer_program = LayerProgram.build(dense_binding.layers[0], dtype, folder, progress, retry_failed)
-        for weight in model._bind_packed().guards:  # passes the dense program now runs faster than the packed one
+        for weight in packed.guards:  # passes the dense program now runs faster than the packed one
             weight.max_rows = min(weight.max_rows, packed_max_rows(weight.mode, dense_program=True))
     forget_bound_layers(model)  # bound again, with the programs
     return model.layer_program
