@@ -114,11 +114,25 @@ def packed_max_rows(mode: str, reordered: bool = False, dense_program: bool = Fa
     dense library: 12 rows 26.6 / 41.6, 16 rows 40.0 / 54.0, 20 rows 50.0 / 61.5, 24 rows 72.7 / 60.2, 32 rows
     71.6 / 62.9 (the eager layers: about even from 20 to 32 rows). On AMX CPUs not measured: as without it."""
     if reordered:
-        return {"int4": 4, "int8": 3}[mode]
+        return {"int4": 4, "int8": 3, "q8_0": 3}[mode]
     amx = "amx_bf16" in cpu_flags()
     if dense_program and not amx:
-        return {"int4": 20, "int8": 8}[mode]
-    return {"int4": 8 if amx else 32, "int8": 4 if amx else 8}[mode]
+        return {"int4": 20, "int8": 8, "q8_0": 4}[mode]
+    return {"int4": 8 if amx else 32, "int8": 4 if amx else 8, "q8_0": 4}[mode]
+
+
+def head_mode() -> str:
+    """How `canvaslm.models.quant.quantize` packs the output head: "q8_0" (int8 in groups of 32, GGUF's Q8_0 grid,
+    as two int4 planes in one call of torch's int4 kernel) on CPUs with `avx512_bf16` and no AMX, else "int8" (one
+    scale per output channel, `torch._weight_int8pack_mm`). On the 2-core AVX-512 EPYC (Zen 4), SmolLM2's head
+    [49152, 576], 2 threads, median ms int8 / q8_0 / dense bfloat16 (`runs/s45/head3.py`): 1 row 2.96 / 2.01 / 6.42,
+    2 rows 3.47 / 2.52 / 6.49, 4 rows 3.90 / 3.36 / 5.84, 5 rows 8.47 / 7.21 / 6.69, 8 rows 7.90 / 6.79 / 6.28
+    (hence q8_0's 4 rows in `packed_max_rows`); and q8_0 keeps the GGUF's grid, where one scale a channel rounds it
+    again (KL from the float32 head over 118 positions of `smol-ar`: 4.0e-4 against 1.5e-3 nats). On the AMX Xeon
+    the int8 kernel read the head in 1.0 ms alone against 0.85 for one int4 plane (session 43), so two would not
+    pay there; on CPUs with AVX2 only it is not measured."""
+    flags = cpu_flags()
+    return "q8_0" if "avx512_bf16" in flags and "amx_bf16" not in flags else "int8"
 
 
 def one_query_sdpa_max_rows(device_type: str) -> int:

@@ -51,6 +51,10 @@ def test_packed_weights_take_fewer_rows_where_amx_makes_the_dense_bf16_pass_chea
     # the dense weights' compiled layer (a server's) overtakes the packed one from 24 rows on the AVX-512 EPYC
     assert hardware.packed_max_rows("int4", dense_program=True) == 20
     assert hardware.packed_max_rows("int8", dense_program=True) == 8
+    # the head as two int4 planes: ahead of the dense bfloat16 head up to 4 rows on the AVX-512 EPYC
+    assert hardware.head_mode() == "q8_0" and hardware.packed_max_rows("q8_0") == 4
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    assert hardware.head_mode() == "int8"  # the int8 kernel reads the head faster there (session 43)
 
 
 def test_float32_weights_are_reordered_for_onednn_on_avx2_cpus_not_made_by_intel(monkeypatch):

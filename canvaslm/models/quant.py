@@ -11,8 +11,11 @@ arithmetic-bound and the dense weight, which is kept, is faster: `canvaslm.hardw
 * int4: groups of 32 inputs share a scale and a zero point (asymmetric, like GGUF's Q4_1: w = (q - 8) * s + z).
   A Q4_1 checkpoint's weights already lie on such a grid, so packing them again loses only the rounding of s and z
   to bfloat16.
-* int8: one symmetric scale per output channel (`torch._weight_int8pack_mm`); used for the output head, whose
-  GGUF weights (Q8_0, groups of 32) would lose more at 4 bits.
+* int8: one symmetric scale per output channel (`torch._weight_int8pack_mm`).
+* q8_0: int8 in groups of 32 with one symmetric scale each (GGUF's Q8_0 grid), for the output head, whose GGUF
+  weights are Q8_0 and would lose more at 4 bits. It runs on the int4 kernel as two planes of 4 bits in one call (q =
+  16 h + l: the high nibbles' products and the low ones', added in float32), which on CPUs without AMX reads the
+  head faster than the int8 kernel and keeps the GGUF's grid (`canvaslm.hardware.head_mode` says where).
 
 `quantize(model, mode)` packs every nn.Linear of the decoder layers (adapters' frozen bases included; the merged
 canvas weights of canvas-only adapters only for passes of up to `SMALL_PASS_ROWS`, verified decoding's drafts and
@@ -33,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
-from canvaslm.hardware import onednn_float32_pays, packed_max_rows
+from canvaslm.hardware import head_mode, onednn_float32_pays, packed_max_rows
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
+PACKED_MODES = ("int4", "int8", "q8_0")
 GROUP_SIZE = 32
 # torch's int4 CPU kernel runs up to 4 rows at about the cost of one: a causal pass of SmolLM2 (bfloat16 + int4, 2
 # threads, 2-core AMD EPYC) took 20.4 / 20.0 / 21.1 / 22.3 ms at 1-4 rows, then 28.7 at 5. Verified decoding drafts
@@ -52,6 +56,15 @@ def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor,
     scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
     q = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
     return q.reshape(n, k), scales, low + 8 * scales
+
+
+def quantize_q8_0(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
+    """weight [N, K] -> (q [N, K] in -127..127, scales [N, K / g]) in float32 with w ≈ q * scale: per group, the
+    largest magnitude maps to ±127. A Q8_0 checkpoint's weights (held in bfloat16) get their own grid back."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scales = (groups.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return (groups / scales[..., None]).round().clamp(-127, 127).reshape(n, k), scales
 
 
 def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int = GROUP_SIZE) -> Tensor:
@@ -89,8 +102,8 @@ class PackedWeight:
     passes too large for the packed kernel (which then stops at `packed_max_rows(mode, reordered=True)` rows)."""
 
     def __init__(self, weight: Tensor, mode: str, max_rows: int | None = None, reordered: bool = False) -> None:
-        if mode not in ("int4", "int8"):
-            raise ValueError(f"mode must be int4 or int8, got {mode!r}")
+        if mode not in PACKED_MODES:
+            raise ValueError(f"mode must be one of {PACKED_MODES}, got {mode!r}")
         if not self.fits(weight, mode):
             raise ValueError(f"torch's {mode} kernel does not take a weight of shape {tuple(weight.shape)}")
         self.mode, self.out_features, self.in_features = mode, *weight.shape
@@ -103,6 +116,16 @@ class PackedWeight:
             self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             # [K / g, N, 2]: the kernel's layout of (scale, zero) pairs
             self.scales = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        elif mode == "q8_0":
+            q, scales = quantize_q8_0(weight)
+            high = torch.floor(q / 16)  # -8..7, and the low nibble 0..15: q = 16 high + low
+            planes = torch.cat([high + 8, q - 16 * high]).to(torch.int32)
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(planes, 1)
+            # the int4 kernel's w = (p - 8) s + z: the high plane with s = 16 scale, z = 0; the low with s = scale,
+            # z = 8 scale
+            steps = torch.cat([16 * scales, scales])
+            zeros = torch.cat([torch.zeros_like(scales), 8 * scales])
+            self.scales = torch.stack([steps, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         else:
             scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             self.packed = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -110,10 +133,11 @@ class PackedWeight:
 
     @staticmethod
     def fits(weight: Tensor, mode: str) -> bool:
-        """Whether torch's kernel takes this shape: int4, inputs in whole groups and outputs in multiples of 16;
-        int8, inputs in multiples of 16 (torch 2.13's kernel crashes on other widths instead of raising)."""
+        """Whether torch's kernel takes this shape: int4 (and q8_0, on it), inputs in whole groups and outputs in
+        multiples of 16; int8, inputs in multiples of 16 (torch 2.13's kernel crashes on other widths instead of
+        raising)."""
         out_features, in_features = weight.shape
-        if mode == "int4":
+        if mode in ("int4", "q8_0"):
             return in_features % GROUP_SIZE == 0 and out_features % 16 == 0
         return in_features % 16 == 0
 
@@ -121,31 +145,38 @@ class PackedWeight:
         """Whether x [..., K] is small enough (and on the CPU) for the packed kernel to beat the dense weight."""
         return x.device.type == "cpu" and x.numel() // self.in_features <= self.max_rows
 
-    def apply(self, x: Tensor) -> Tensor | None:
+    def apply(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
         """x @ W.T by the packed kernel where it takes x, else by the reordered dense weight where it takes x;
-        None: the caller's dense weight."""
+        None: the caller's dense weight. `dtype`: the packed kernel's output's (default x's)."""
         if self.takes(x):
-            return self(x)
+            return self(x, dtype)
         if self.reordered is not None and self.reordered.takes(x):
             return self.reordered(x)
         return None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """x [..., K] -> x @ W.T [..., N] in x's dtype."""
+    def __call__(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """x [..., K] -> x @ W.T [..., N] in `dtype` (default x's)."""
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.bfloat16:  # a cast only where one is needed: ~1 us a call saved, 5 calls a layer
             rows = rows.to(torch.bfloat16)
+        if not rows.is_contiguous():  # the int4 kernel refuses strided rows (a pass's last positions, [B, H])
+            rows = rows.contiguous()
         y = packed_product(rows, self.packed, self.scales, self.mode)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        dtype = dtype or x.dtype
+        if y.dtype != dtype:
+            y = y.to(dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def packed_product(rows: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
-    """rows [M, K] (bfloat16) @ W.T by torch's kernel for a weight packed in `mode` ("int4" or "int8"): what a
-    `PackedWeight` runs, and what the compiled layer (`canvaslm.models.aot`) traces with the weights as arguments."""
+    """rows [M, K] (bfloat16) @ W.T by torch's kernel for a weight packed in `mode` (`PACKED_MODES`): what a
+    `PackedWeight` runs, and what the compiled layer (`canvaslm.models.aot`) traces with the weights as arguments.
+    bfloat16, except q8_0's float32 (its two planes' sum, rounded once)."""
     if mode == "int4":
         return torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP_SIZE, scales)
+    if mode == "q8_0":
+        high, low = torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP_SIZE, scales).float().chunk(2, dim=-1)
+        return high + low
     return torch._weight_int8pack_mm(rows, packed, scales)
 
 
@@ -319,7 +350,7 @@ def causal_packed_weights(model: nn.Module) -> list[PackedWeight]:
 def head_logits(hidden: Tensor, weight: Tensor, packed: PackedWeight | None) -> Tensor:
     """hidden [..., H] @ weight.T through the packed head (or its reordered weight) when it takes this pass
     (float32 logits [..., V])."""
-    logits = None if packed is None else packed.apply(hidden)
+    logits = None if packed is None else packed.apply(hidden, torch.float32)
     if logits is not None:
         return logits.float()
     # as rows: a bfloat16 [B, 1, H] slice of a longer pass (the last position's hidden state) keeps its parent's
@@ -329,7 +360,7 @@ def head_logits(hidden: Tensor, weight: Tensor, packed: PackedWeight | None) -> 
 
 
 def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | None = None) -> list[str]:
-    """Pack the decoder layers' linears (int4 or int8) and the output head (int8) of `model` in place, for CPU
+    """Pack the decoder layers' linears (int4 or int8) and the output head (`head_mode()`) of `model` in place, for CPU
     inference; "none" does nothing. Returns the names of the packed linears. Linears whose shape torch's kernel
     does not take stay dense. `fuse`: the groups a layer's classes list in `FUSED` as one weight each (the same
     products bit for bit, in fewer kernel calls); False packs every linear alone (`canvaslm bench passes`'s
@@ -374,5 +405,6 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
             packed.append(f"{name}.canvas_weight")
     model.small_pass_rows = SMALL_PASS_ROWS if mode == "int4" else None  # the int4 kernel's small-pass path
     head = model.embed_tokens.weight if getattr(model, "lm_head", None) is None else model.lm_head.weight
-    model.packed_head = PackedWeight(head, "int8", reordered=reorder) if PackedWeight.fits(head, "int8") else None
+    modes = [m for m in dict.fromkeys((head_mode(), "int8")) if PackedWeight.fits(head, m)]
+    model.packed_head = PackedWeight(head, modes[0], reordered=reorder) if modes else None
     return packed

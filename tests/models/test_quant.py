@@ -4,18 +4,28 @@ kernel and large ones the dense weight, and a quantized model keeps its weights,
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from canvaslm import hardware
 from canvaslm.hardware import int4_pays, resolve_quantize
 from canvaslm.models import llama
 from canvaslm.models.lora import LoRALinear, apply_lora, cache_canvas_weights
-from canvaslm.models.quant import (GROUP_SIZE, SMALL_PASS_ROWS, PackedWeight, QuantizedLinear,
-                                   causal_packed_weights, dequantize_int4, quantize, quantize_int4)
+from canvaslm.models.quant import (
+    GROUP_SIZE,
+    SMALL_PASS_ROWS,
+    PackedWeight,
+    QuantizedLinear,
+    causal_packed_weights,
+    dequantize_int4,
+    quantize,
+    quantize_int4,
+    quantize_q8_0,
+)
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -37,7 +47,7 @@ def test_int4_packing_of_a_q4_1_weight_is_exact():
     assert torch.equal(dequantize_int4(q, scales, zeros), weight)
 
 
-@pytest.mark.parametrize("mode, tolerance", [("int4", 0.02), ("int8", 0.02)])
+@pytest.mark.parametrize("mode, tolerance", [("int4", 0.02), ("int8", 0.02), ("q8_0", 0.02)])
 def test_a_packed_weight_computes_the_product_it_stands_for(mode, tolerance):
     torch.manual_seed(0)
     weight = q4_1_weight(64, 96) if mode == "int4" else torch.randn(64, 96)
@@ -50,6 +60,47 @@ def test_a_packed_weight_computes_the_product_it_stands_for(mode, tolerance):
     assert (y - exact).abs().max() <= tolerance * exact.abs().max()
     # a transposed or misordered scale layout would be off by the output's whole scale
     assert not torch.allclose(y, x @ weight.flip(0).T, atol=0.5 * float(exact.abs().max()))
+
+
+def test_q8_0_keeps_the_gguf_grid_where_one_scale_a_channel_does_not():
+    """A head's groups differ in scale along a row; Q8_0 gives each group its own, and the two int4 planes that run
+    it must add up to that grid's product. Inputs weigh every group alike, so a group rounded away shows."""
+    g = torch.Generator().manual_seed(0)
+    out_features, groups = 48, 4
+    columns = 10.0 ** torch.linspace(0, -3, groups)  # each group's scale, three decades apart
+    d = (columns * (0.5 + 0.5 * torch.rand(out_features, groups, generator=g))).half().float()[..., None]
+    q = torch.randint(-127, 128, (out_features, groups, GROUP_SIZE), generator=g)
+    q[..., 0] = 127  # ggml's quantizer maps each group's largest magnitude to ±127
+    weight = (d * q).reshape(out_features, groups * GROUP_SIZE)
+    grid, scales = quantize_q8_0(weight)
+    assert torch.equal(grid.reshape_as(q), q.float()) and torch.equal(scales[..., None], d)
+    x = (torch.randn(6, groups, GROUP_SIZE, generator=g) / columns[:, None]).reshape(6, -1).bfloat16()
+    exact = x.double() @ weight.double().T
+    y = PackedWeight(weight, "q8_0")(x, torch.float32)
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    assert (y - exact).abs().max() <= 0.01 * exact.abs().max()  # the planes' and scales' bfloat16 roundings
+    per_channel = PackedWeight(weight, "int8")(x, torch.float32)
+    assert (per_channel - exact).abs().max() > 0.1 * exact.abs().max()  # the small groups, rounded away
+
+
+def test_the_head_is_packed_as_the_cpu_reads_it_fastest(monkeypatch):
+    """`head_mode`: q8_0 where two int4 planes beat the int8 kernel (AVX-512 BF16 without AMX), int8 elsewhere;
+    either way logits in float32, close to the dense head's, and past the packed rows the dense head itself."""
+    for flags, mode, rows in [({"avx512_bf16"}, "q8_0", 4), ({"avx512_bf16", "amx_bf16"}, "int8", 4),
+                              ({"avx2"}, "int8", 8)]:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
+        model = tiny_model()
+        quantize(model, "int4", reorder=False)
+        assert model.packed_head.mode == mode and model.packed_head.max_rows == rows
+        hidden = torch.randn(1, rows + 1, 64)
+        dense = F.linear(hidden, model.embed_tokens.weight)
+        logits = model.logits(hidden[:, :rows])
+        assert logits.dtype == torch.float32 and not torch.equal(logits, dense[:, :rows])  # the packed head ran
+        assert torch.allclose(logits, dense[:, :rows], atol=0.05 * float(dense.abs().max()))
+        assert torch.equal(model.logits(hidden), dense)
+        last = torch.randn(3, 7, 64).bfloat16()[:, -1]  # a bfloat16 pass's last positions: strided rows
+        assert torch.allclose(model.logits(last), F.linear(last.float(), model.embed_tokens.weight),
+                              atol=0.05 * float(dense.abs().max()))
 
 
 def tiny_model(model_type: str = "llama") -> llama.Model:
@@ -194,14 +245,15 @@ def test_linears_that_read_the_same_input_run_as_one_packed_weight_with_the_same
     kernel = "_weight_int4pack_mm_for_cpu" if mode == "int4" else "_weight_int8pack_mm"
     calls, original = [], getattr(torch, kernel)
     monkeypatch.setattr(torch, kernel, lambda *a: calls.append(1) or original(*a))
+    head = int({"int8": "int8", "q8_0": "int4"}[fused.packed_head.mode] == mode)  # one call of its kernel
     for step in (1, 4):
         calls.clear()
         a = last_logits(fused, ids, step)
-        fused_calls = len(calls) - 1 * (mode == "int8")  # the int8 head is one call too
+        fused_calls = len(calls) - head
         calls.clear()
         b = last_logits(alone, ids, step)
         assert torch.equal(a, b)
-        assert fused_calls == 2 * 4 and len(calls) - 1 * (mode == "int8") == 2 * 7
+        assert fused_calls == 2 * 4 and len(calls) - head == 2 * 7
 
 
 @torch.inference_mode()
