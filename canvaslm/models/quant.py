@@ -405,6 +405,6 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
             packed.append(f"{name}.canvas_weight")
     model.small_pass_rows = SMALL_PASS_ROWS if mode == "int4" else None  # the int4 kernel's small-pass path
     head = model.embed_tokens.weight if getattr(model, "lm_head", None) is None else model.lm_head.weight
-    modes = [m for m in dict.fromkeys((head_mode(), "int8")) if PackedWeight.fits(head, m)]
-    model.packed_head = PackedWeight(head, modes[0], reordered=reorder) if modes else None
+    mode = next((m for m in (head_mode(), "int8") if PackedWeight.fits(head, m)), None)
+    model.packed_head = None if mode is None else PackedWeight(head, mode, reordered=reorder)
     return packed
