@@ -34,6 +34,12 @@ def _cpuinfo(field: str) -> str | None:
     return None
 
 
+def cache_dir() -> Path:
+    """Where this machine keeps canvaslm's files (models, compiled layers and kernels): $CANVASLM_HOME, default
+    ~/.cache/canvaslm."""
+    return Path(os.environ.get("CANVASLM_HOME", Path.home() / ".cache" / "canvaslm"))
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The flags of the first processor in /proc/cpuinfo (empty where there is none)."""
@@ -112,16 +118,22 @@ def packed_max_rows(mode: str, reordered: bool = False, dense_program: bool = Fa
     `aot.compile_layers(..., dense=True)`), which overtakes the packed one sooner than the eager dense layers do. On
     the 2-core AVX-512 EPYC without AMX, AR steps of `smol-ar` in one process (`runs/s44/ab_rows2.py`), ms packed /
     dense library: 12 rows 26.6 / 41.6, 16 rows 40.0 / 54.0, 20 rows 50.0 / 61.5, 24 rows 72.7 / 60.2, 32 rows
-    71.6 / 62.9 (the eager layers: about even from 20 to 32 rows). On AMX CPUs not measured: as without it."""
+    71.6 / 62.9 (the eager layers: about even from 20 to 32 rows). On AMX CPUs not measured: as without it.
+    int4_vnni (our kernel, `canvaslm.models.cpu_kernels`) takes int4's rows: on the AVX-512 EPYC the 30 layers'
+    linears ran 2.65 / 4.00 / 6.62 / 11.95 / 22.59 / 44.07 ms at 1 / 4 / 8 / 16 / 32 / 64 rows against torch's
+    int4 4.10 / 6.54 / 11.54 / 21.54 / 41.44 / 81.72 and unfused dense bfloat16 15.48 / 17.46 / 19.45 / 22.99 /
+    30.73 / 48.42 (`runs/s46/bench_linears.py`), so its crossover lies past int4's; not measured beside the dense
+    program, whose 20 rows it keeps."""
     if reordered:
-        return {"int4": 4, "int8": 3, "q8_0": 3}[mode]
+        return {"int4": 4, "int4_vnni": 4, "int8": 3, "q8_0": 3, "q8_0_vnni": 3}[mode]
     amx = "amx_bf16" in cpu_flags()
     if dense_program and not amx:
-        return {"int4": 20, "int8": 8, "q8_0": 4}[mode]
-    return {"int4": 8 if amx else 32, "int8": 4 if amx else 8, "q8_0": 4}[mode]
+        return {"int4": 20, "int4_vnni": 20, "int8": 8, "q8_0": 4, "q8_0_vnni": 20}[mode]
+    return {"int4": 8 if amx else 32, "int4_vnni": 8 if amx else 32, "int8": 4 if amx else 8, "q8_0": 4,
+            "q8_0_vnni": 32}[mode]
 
 
-def head_mode() -> str:
+def head_mode(vnni: bool = False) -> str:
     """How `canvaslm.models.quant.quantize` packs the output head: "q8_0" (int8 in groups of 32, GGUF's Q8_0 grid,
     as two int4 planes in one call of torch's int4 kernel) on CPUs with `avx512_bf16` and no AMX, else "int8" (one
     scale per output channel, `torch._weight_int8pack_mm`). On the 2-core AVX-512 EPYC (Zen 4), SmolLM2's head
@@ -130,9 +142,17 @@ def head_mode() -> str:
     (hence q8_0's 4 rows in `packed_max_rows`); and q8_0 keeps the GGUF's grid, where one scale a channel rounds it
     again (KL from the float32 head over 118 positions of `smol-ar`: 4.0e-4 against 1.5e-3 nats). On the AMX Xeon
     the int8 kernel read the head in 1.0 ms alone against 0.85 for one int4 plane (session 43), so two would not
-    pay there; on CPUs with AVX2 only it is not measured."""
+    pay there; on CPUs with AVX2 only it is not measured. `vnni` (our kernel runs here, `cpu_kernels.load`):
+    "q8_0_vnni", the same grid on it, on CPUs without AMX (session 46, the same EPYC, the head alone and so in
+    cache: 0.36 / 0.70 / 1.32 / 2.87 / 5.39 ms at 1 / 4 / 8 / 16 / 32 rows against the planes' 1.63 / 2.88 / 5.82 /
+    11.43 / 22.72 and dense bfloat16's 3.28 / 3.87 / 4.35 / 5.36 / 7.53, hence its 32 rows; KL 2.2e-5 nats, its
+    float16 scales kept as the GGUF has them); on AMX CPUs not measured, so the int8 kernel stays there."""
     flags = cpu_flags()
-    return "q8_0" if "avx512_bf16" in flags and "amx_bf16" not in flags else "int8"
+    if "amx_bf16" in flags:
+        return "int8"
+    if vnni:
+        return "q8_0_vnni"
+    return "q8_0" if "avx512_bf16" in flags else "int8"
 
 
 def one_query_sdpa_max_rows(device_type: str) -> int:

@@ -55,6 +55,9 @@ def test_packed_weights_take_fewer_rows_where_amx_makes_the_dense_bf16_pass_chea
     assert hardware.head_mode() == "q8_0" and hardware.packed_max_rows("q8_0") == 4
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
     assert hardware.head_mode() == "int8"  # the int8 kernel reads the head faster there (session 43)
+    assert hardware.head_mode(vnni=True) == "int8"  # ours not measured there
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    assert hardware.head_mode(vnni=True) == "q8_0_vnni" and hardware.packed_max_rows("q8_0_vnni") == 32
 
 
 def test_float32_weights_are_reordered_for_onednn_on_avx2_cpus_not_made_by_intel(monkeypatch):

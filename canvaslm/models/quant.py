@@ -11,7 +11,11 @@ arithmetic-bound and the dense weight, which is kept, is faster: `canvaslm.hardw
 * int4: groups of 32 inputs share a scale and a zero point (asymmetric, like GGUF's Q4_1: w = (q - 8) * s + z).
   A Q4_1 checkpoint's weights already lie on such a grid, so packing them again loses only the rounding of s and z
   to bfloat16.
+* int4_vnni: int4's weights and grid on our own kernel (`canvaslm.models.cpu_kernels`), which splits the activations
+  into two int8 planes a group of 32 and multiplies in integers with AVX-512 VNNI, to float32's precision: where it
+  builds and runs, `quantize(model, "int4")` packs for it (`int4_mode`).
 * int8: one symmetric scale per output channel (`torch._weight_int8pack_mm`).
+* q8_0_vnni: the same grid on our own kernel (`canvaslm.models.cpu_kernels`), where it runs and the CPU has no AMX.
 * q8_0: int8 in groups of 32 with one symmetric scale each (GGUF's Q8_0 grid), for the output head, whose GGUF
   weights are Q8_0 and would lose more at 4 bits. It runs on the int4 kernel as two planes of 4 bits in one call (q =
   16 h + l: the high nibbles' products and the low ones', added in float32), which on CPUs without AMX reads the
@@ -37,9 +41,10 @@ from torch import Tensor, nn
 
 from canvaslm.errors import CheckpointError
 from canvaslm.hardware import head_mode, onednn_float32_pays, packed_max_rows
+from canvaslm.models import cpu_kernels
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
-PACKED_MODES = ("int4", "int8", "q8_0")
+PACKED_MODES = ("int4", "int4_vnni", "int8", "q8_0", "q8_0_vnni")
 GROUP_SIZE = 32
 # torch's int4 CPU kernel runs up to 4 rows at about the cost of one: a causal pass of SmolLM2 (bfloat16 + int4, 2
 # threads, 2-core AMD EPYC) took 20.4 / 20.0 / 21.1 / 22.3 ms at 1-4 rows, then 28.7 at 5. Verified decoding drafts
@@ -111,11 +116,19 @@ class PackedWeight:
         self.max_rows = packed_max_rows(mode, reordered) if max_rows is None else max_rows
         self.reordered = ReorderedWeight(weight) if reordered else None
         weight = weight.detach().to("cpu", torch.float32)
-        if mode == "int4":
+        if mode == "int4_vnni":
+            q, scales, zeros = quantize_int4(weight)
+            self.packed = cpu_kernels.pack(q, scales, zeros)
+            self.scales = torch.empty(0, dtype=torch.bfloat16)  # inside `packed`
+        elif mode == "int4":
             q, scales, zeros = quantize_int4(weight)
             self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             # [K / g, N, 2]: the kernel's layout of (scale, zero) pairs
             self.scales = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        elif mode == "q8_0_vnni":
+            q, scales = quantize_q8_0(weight)
+            self.packed = cpu_kernels.pack_q8_0(q, scales)
+            self.scales = torch.empty(0, dtype=torch.bfloat16)  # inside `packed`
         elif mode == "q8_0":
             q, scales = quantize_q8_0(weight)
             high = torch.floor(q / 16)  # -8..7, and the low nibble 0..15: q = 16 high + low
@@ -137,7 +150,7 @@ class PackedWeight:
         multiples of 16; int8, inputs in multiples of 16 (torch 2.13's kernel crashes on other widths instead of
         raising)."""
         out_features, in_features = weight.shape
-        if mode in ("int4", "q8_0"):
+        if mode in ("int4", "int4_vnni", "q8_0", "q8_0_vnni"):
             return in_features % GROUP_SIZE == 0 and out_features % 16 == 0
         return in_features % 16 == 0
 
@@ -171,9 +184,13 @@ class PackedWeight:
 def packed_product(rows: Tensor, packed: Tensor, scales: Tensor, mode: str) -> Tensor:
     """rows [M, K] (bfloat16) @ W.T by torch's kernel for a weight packed in `mode` (`PACKED_MODES`): what a
     `PackedWeight` runs, and what the compiled layer (`canvaslm.models.aot`) traces with the weights as arguments.
-    bfloat16, except q8_0's float32 (its two planes' sum, rounded once)."""
+    bfloat16, except q8_0's and q8_0_vnni's float32 (logits: q8_0's two planes' sum, rounded once)."""
     if mode == "int4":
         return torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP_SIZE, scales)
+    if mode == "int4_vnni":
+        return cpu_kernels.int4_vnni_mm(rows, packed)
+    if mode == "q8_0_vnni":
+        return cpu_kernels.q8_0_vnni_mm(rows, packed)
     if mode == "q8_0":
         high, low = torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP_SIZE, scales).float().chunk(2, dim=-1)
         return high + low
@@ -359,6 +376,12 @@ def head_logits(hidden: Tensor, weight: Tensor, packed: PackedWeight | None) -> 
     return F.linear(rows, weight).float().view(*hidden.shape[:-1], weight.shape[0])
 
 
+def int4_mode() -> str:
+    """How int4 weights are packed: "int4_vnni" where our kernel runs (`cpu_kernels.load`: AVX-512 VNNI, built here),
+    else "int4" (torch's kernel)."""
+    return "int4_vnni" if cpu_kernels.load() else "int4"
+
+
 def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | None = None) -> list[str]:
     """Pack the decoder layers' linears (int4 or int8) and the output head (`head_mode()`) of `model` in place, for CPU
     inference; "none" does nothing. Returns the names of the packed linears. Linears whose shape torch's kernel
@@ -377,6 +400,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
                               expected="--quantize none off the CPU")
     if reorder is None:
         reorder = onednn_float32_pays(device) and next(model.parameters()).dtype == torch.float32
+    kernel = int4_mode() if mode == "int4" else mode  # how the weights are packed
     packed, fused = [], set()
     for name, module in list(model.named_modules()):
         if not name.startswith("layers."):
@@ -385,7 +409,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
             names = FUSED_GROUPS[group]
             linears = [getattr(module, leaf) for leaf in names]
             if PackedWeight.fits(torch.cat([linear.weight for linear in linears]), mode):
-                module.__dict__["fused_" + group] = FusedLinears(linears, mode, reorder)  # not a submodule: no state
+                module.__dict__["fused_" + group] = FusedLinears(linears, kernel, reorder)  # not a submodule: no state
                 fused.update(f"{name}.{leaf}" for leaf in names)
                 packed += [f"{name}.{leaf}" for leaf in names]
     for name, module in list(model.named_modules()):
@@ -393,7 +417,7 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
             continue
         if type(module) is nn.Linear and name.startswith("layers.") and PackedWeight.fits(module.weight, mode):
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, QuantizedLinear.wrap(module, mode, reorder))
+            setattr(model.get_submodule(parent), leaf, QuantizedLinear.wrap(module, kernel, reorder))
             packed.append(name)
     for name, module in model.named_modules():
         # canvas-only adapters' merged canvas weights, for verified drafts only: a canvas of 16 rows cost the same
@@ -401,10 +425,11 @@ def quantize(model: nn.Module, mode: str, fuse: bool = True, reorder: bool | Non
         # weights off the GGUF's grid) while a 4-row draft runs in 21 ms instead of 36
         if getattr(module, "canvas_weight", None) is not None and PackedWeight.fits(module.canvas_weight, mode) \
                 and name not in fused:
-            module.canvas_packed = PackedWeight(module.canvas_weight, mode, max_rows=SMALL_PASS_ROWS, reordered=reorder)
+            module.canvas_packed = PackedWeight(module.canvas_weight, kernel, max_rows=SMALL_PASS_ROWS,
+                                                reordered=reorder)
             packed.append(f"{name}.canvas_weight")
     model.small_pass_rows = SMALL_PASS_ROWS if mode == "int4" else None  # the int4 kernel's small-pass path
     head = model.embed_tokens.weight if getattr(model, "lm_head", None) is None else model.lm_head.weight
-    mode = next((m for m in (head_mode(), "int8") if PackedWeight.fits(head, m)), None)
+    mode = next((m for m in (head_mode(cpu_kernels.load()), "int8") if PackedWeight.fits(head, m)), None)
     model.packed_head = None if mode is None else PackedWeight(head, mode, reordered=reorder)
     return packed

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from canvaslm import hardware
-from canvaslm.hardware import int4_pays, resolve_quantize
-from canvaslm.models import llama
+from canvaslm.hardware import cpu_flags, int4_pays, resolve_quantize
+from canvaslm.models import cpu_kernels, llama
 from canvaslm.models.lora import LoRALinear, apply_lora, cache_canvas_weights
 from canvaslm.models.quant import (
     GROUP_SIZE,
@@ -22,6 +22,7 @@ from canvaslm.models.quant import (
     QuantizedLinear,
     causal_packed_weights,
     dequantize_int4,
+    int4_mode,
     quantize,
     quantize_int4,
     quantize_q8_0,
@@ -84,11 +85,16 @@ def test_q8_0_keeps_the_gguf_grid_where_one_scale_a_channel_does_not():
 
 
 def test_the_head_is_packed_as_the_cpu_reads_it_fastest(monkeypatch):
-    """`head_mode`: q8_0 where two int4 planes beat the int8 kernel (AVX-512 BF16 without AMX), int8 elsewhere;
-    either way logits in float32, close to the dense head's, and past the packed rows the dense head itself."""
-    for flags, mode, rows in [({"avx512_bf16"}, "q8_0", 4), ({"avx512_bf16", "amx_bf16"}, "int8", 4),
-                              ({"avx2"}, "int8", 8)]:
-        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
+    """`head_mode`: q8_0_vnni where our kernel runs (AVX-512 VNNI) and the CPU has no AMX, else q8_0 where two
+    int4 planes beat the int8 kernel (AVX-512 BF16 without AMX), int8 elsewhere; either way logits in float32,
+    close to the dense head's, and past the packed rows the dense head itself."""
+    cases = [({"avx512_bf16"}, "q8_0", 4), ({"avx512_bf16", "amx_bf16", *cpu_kernels.NEEDS}, "int8", 4),
+             ({"avx2"}, "int8", 8)]
+    if all(flag in cpu_flags() for flag in cpu_kernels.NEEDS):  # the kernel runs on this CPU
+        cases.append(({"avx512_bf16", *cpu_kernels.NEEDS}, "q8_0_vnni", 32))
+    for flags, mode, rows in cases:
+        for module in (hardware, cpu_kernels):
+            monkeypatch.setattr(module, "cpu_flags", lambda flags=flags: frozenset(flags))
         model = tiny_model()
         quantize(model, "int4", reorder=False)
         assert model.packed_head.mode == mode and model.packed_head.max_rows == rows
@@ -163,9 +169,10 @@ def test_a_quantized_model_keeps_its_weights_and_follows_the_dense_one(mode):
 def test_canvas_adapters_keep_a_dense_canvas_pass_over_a_packed_causal_pass_and_pack_small_drafts():
     """A 16-token canvas runs the merged canvas weights dense (the canvas sampler's numerics stay); a pass of up to
     SMALL_PASS_ROWS canvas tokens (a verified draft) runs them packed, close to the dense product."""
-    model = adapted_tiny_model()  # 16 rows: the int8 head is dense too (packed_max_rows)
+    model = adapted_tiny_model()
     dense = copy.deepcopy(model)
     quantize(model, "int4", reorder=False)
+    model.packed_head = None  # the layers are what this is about (a q8_0_vnni head takes 16 rows too)
     adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     alone = ("o_proj", "down_proj")  # the others are packed in groups (FusedLinears)
     assert all(isinstance(m.base, QuantizedLinear) == (n.startswith("layers.") and n.endswith(alone))
@@ -242,10 +249,12 @@ def test_linears_that_read_the_same_input_run_as_one_packed_weight_with_the_same
     quantize(fused, mode, reorder=False)
     quantize(alone, mode, fuse=False, reorder=False)
     ids = torch.randint(2, 80, (1, 60), generator=torch.Generator().manual_seed(1))
-    kernel = "_weight_int4pack_mm_for_cpu" if mode == "int4" else "_weight_int8pack_mm"
-    calls, original = [], getattr(torch, kernel)
-    monkeypatch.setattr(torch, kernel, lambda *a: calls.append(1) or original(*a))
-    head = int({"int8": "int8", "q8_0": "int4"}[fused.packed_head.mode] == mode)  # one call of its kernel
+    body = int4_mode() if mode == "int4" else mode  # our kernel where it runs, else torch's
+    owner, kernel = (cpu_kernels, "int4_vnni_mm") if body == "int4_vnni" else \
+        (torch, "_weight_int4pack_mm_for_cpu" if mode == "int4" else "_weight_int8pack_mm")
+    calls, original = [], getattr(owner, kernel)
+    monkeypatch.setattr(owner, kernel, lambda *a: calls.append(1) or original(*a))
+    head = int({"int8": "int8", "q8_0": "int4"}.get(fused.packed_head.mode) == body)  # one call of its kernel
     for step in (1, 4):
         calls.clear()
         a = last_logits(fused, ids, step)
@@ -316,6 +325,7 @@ def test_reordered_weights_take_the_larger_passes_with_the_dense_products(monkey
     dense, plain = copy.deepcopy(model), copy.deepcopy(model)
     quantize(model, "int4", reorder=True)
     quantize(plain, "int4", reorder=False)
+    plain.packed_head = None  # a q8_0_vnni head takes the 16 canvas rows itself
     assert all(w.reordered is not None and w.max_rows == packed_max_rows(w.mode, reordered=True)
                for w in causal_packed_weights(model))
     assert all(w.reordered is None for w in causal_packed_weights(plain))
