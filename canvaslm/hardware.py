@@ -122,13 +122,14 @@ def packed_max_rows(mode: str, reordered: bool = False, dense_program: bool = Fa
     int4_vnni (our kernel, `canvaslm.models.cpu_kernels`) takes int4's rows: on the AVX-512 EPYC the 30 layers'
     linears ran 2.65 / 4.00 / 6.62 / 11.95 / 22.59 / 44.07 ms at 1 / 4 / 8 / 16 / 32 / 64 rows against torch's
     int4 4.10 / 6.54 / 11.54 / 21.54 / 41.44 / 81.72 and unfused dense bfloat16 15.48 / 17.46 / 19.45 / 22.99 /
-    30.73 / 48.42 (`runs/s46/bench_linears.py`), so its crossover lies past int4's; not measured beside the dense
-    program, whose 20 rows it keeps."""
+    30.73 / 48.42 (`runs/s46/bench_linears.py`), so its crossover lies past int4's; and beside the dense program,
+    AR steps of `smol-ar` as above, ms packed / dense library: 20 rows 31.8 / 50.8, 24 rows 45.4 / 56.0, 32 rows
+    46.5 / 65.8, so it keeps its 32 rows there too (the q8_0_vnni head as well: 5.4 against 7.5 ms at 32 rows)."""
     if reordered:
         return {"int4": 4, "int4_vnni": 4, "int8": 3, "q8_0": 3, "q8_0_vnni": 3}[mode]
     amx = "amx_bf16" in cpu_flags()
     if dense_program and not amx:
-        return {"int4": 20, "int4_vnni": 20, "int8": 8, "q8_0": 4, "q8_0_vnni": 20}[mode]
+        return {"int4": 20, "int4_vnni": 32, "int8": 8, "q8_0": 4, "q8_0_vnni": 32}[mode]
     return {"int4": 8 if amx else 32, "int4_vnni": 8 if amx else 32, "int8": 4 if amx else 8, "q8_0": 4,
             "q8_0_vnni": 32}[mode]
 

@@ -51,6 +51,8 @@ def test_packed_weights_take_fewer_rows_where_amx_makes_the_dense_bf16_pass_chea
     # the dense weights' compiled layer (a server's) overtakes the packed one from 24 rows on the AVX-512 EPYC
     assert hardware.packed_max_rows("int4", dense_program=True) == 20
     assert hardware.packed_max_rows("int8", dense_program=True) == 8
+    # our kernel stays ahead of the dense program up to 32 rows (session 46)
+    assert hardware.packed_max_rows("int4_vnni", dense_program=True) == 32
     # the head as two int4 planes: ahead of the dense bfloat16 head up to 4 rows on the AVX-512 EPYC
     assert hardware.head_mode() == "q8_0" and hardware.packed_max_rows("q8_0") == 4
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))

@@ -129,11 +129,13 @@ void quantize_rows(const at::BFloat16* x, int M, int K, int8_t* q, int8_t* res, 
 }
 
 template <bool kInt4>
-at::Tensor vnni_mm(const at::Tensor& x, const at::Tensor& packed, bool float_out) {
+at::Tensor vnni_mm(const at::Tensor& input, const at::Tensor& packed, bool float_out) {
   constexpr int kBytes = kInt4 ? kInt4Block : kQ8Block;
   const char* name = kInt4 ? "canvaslm::int4_vnni_mm" : "canvaslm::q8_0_vnni_mm";
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.device().is_cpu(), name,
-              ": x must be contiguous bfloat16 [M, K] on the CPU, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.device().is_cpu(), name,
+              ": x must be bfloat16 [M, K] on the CPU, got ", input.scalar_type(), " ", input.sizes(), " on ",
+              input.device());
+  const at::Tensor x = input.contiguous();  // a pass's last positions come strided; a no-op otherwise
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kBytes &&
                   packed.size(1) * kGroup == x.size(1) && packed.is_contiguous(),
               name, ": packed must be uint8 [N / 16, K / 32, ", kBytes, "] for K = ", x.size(1), ", got ",

@@ -139,10 +139,10 @@ def pack_q8_0(q: Tensor, scales: Tensor) -> Tensor:
 
 
 def int4_vnni_mm(rows: Tensor, packed: Tensor, float_out: bool = False) -> Tensor:
-    """rows [M, K] (contiguous bfloat16) @ W.T for W packed by `pack`: [M, N] in bfloat16, or float32."""
+    """rows [M, K] (bfloat16) @ W.T for W packed by `pack`: [M, N] in bfloat16, or float32."""
     return torch.ops.canvaslm.int4_vnni_mm(rows, packed, float_out)
 
 
 def q8_0_vnni_mm(rows: Tensor, packed: Tensor) -> Tensor:
-    """rows [M, K] (contiguous bfloat16) @ W.T for W packed by `pack_q8_0`: [M, N] in float32 (logits)."""
+    """rows [M, K] (bfloat16) @ W.T for W packed by `pack_q8_0`: [M, N] in float32 (logits)."""
     return torch.ops.canvaslm.q8_0_vnni_mm(rows, packed, True)

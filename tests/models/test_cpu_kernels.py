@@ -92,8 +92,11 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch():
 def test_bad_inputs_get_the_ops_own_error():
     assert cpu_kernels.load()
     packed = PackedWeight(q4_1_weight(16, 64), "int4_vnni").packed
-    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+    with pytest.raises(RuntimeError, match=r"x must be bfloat16 \[M, K\] on the CPU, got Float"):
         cpu_kernels.int4_vnni_mm(torch.randn(2, 64), packed)
+    strided = torch.randn(3, 2, 64).bfloat16()[:, -1]  # a pass's last positions
+    assert torch.equal(cpu_kernels.int4_vnni_mm(strided, packed),
+                       cpu_kernels.int4_vnni_mm(strided.contiguous(), packed))
     with pytest.raises(RuntimeError, match=r"packed must be uint8 \[N / 16, K / 32, 320\] for K = 96"):
         cpu_kernels.int4_vnni_mm(torch.randn(2, 96).bfloat16(), packed)
 
