@@ -2,8 +2,9 @@
 
 An eager pass runs ~40 small ops a layer around its products (norms, the rotation, the split of q/k/v, the gate,
 the residuals); on a 2-core CPU they cost about as much as the int4 products of a SmolLM2 pass. AOTInductor
-(torch.export + `torch._inductor.aoti_compile_and_package`) fuses them into a few C++ kernels around torch's own
-packed kernels and SDPA, and writes a shared library that loads in milliseconds. The weights are the function's
+(torch.export + `torch._inductor.aoti_compile_and_package`) fuses them into a few C++ kernels around the packed
+kernels (torch's own, or ours where the CPU runs them: `canvaslm.models.cpu_kernels`) and SDPA, and writes a shared
+library that loads in milliseconds. The weights are the function's
 arguments, so one program serves all layers, the causal pass and the canvas pass (whose merged weights are
 another packed set), any rows and any cache length: one build of ~20-50 s per model shape, kept in
 `$CANVASLM_HOME/compiled/` and reused by every later run. `torch.compile` of whole passes (`compile=True`) takes
