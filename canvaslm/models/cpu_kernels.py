@@ -31,7 +31,7 @@ from torch import Tensor
 from canvaslm.hardware import cache_dir, cpu_flags
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-GROUP, TILE, BLOCK = 32, 16, 320  # inputs a group, outputs a tile, bytes a (tile, group) block
+GROUP, TILE = 32, 16  # inputs a group, outputs a tile (`cpu_kernels.cpp`)
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # /proc/cpuinfo's names of what the kernel runs
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
 OFF = ("torch", "0", "off", "false", "no")  # $CANVASLM_INT4_KERNEL values that keep torch's kernel
